@@ -1,0 +1,279 @@
+"""The pinned known-good configuration of rainbow-tm (seed 004, commit fdf25b5, W&B run c643zifs).
+
+Every knob of the agent, the replay memory, the training loop and the environments lives here, in one
+readable place. The defaults ARE the known-good run; `tests/test_config_guard.py` fails if one drifts.
+
+Three invariants are structural, not merely values:
+- the target network is updated by a hard copy every `target_network_update_frequency` learn steps:
+  there is no `tau` field and no soft-update path anywhere;
+- the learning rate is constant: there is no scheduler field and no scheduler path anywhere;
+- epsilon is a pure function of the global environment step (`rainbow.epsilon_at`): nothing episode-based.
+
+A run departs from the pin only through `Config.with_overrides(...)` (the CLI's `--set key=value` goes
+through it), which validates each value and is listed as a "departure from the known-good config"
+wherever the run is recorded.
+
+This module imports nothing of ours: every other module may import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+# The 11 discrete actions, as tmrl [gas, brake, steer] vectors (steer -1 is full left).
+# Shared by the agent (index -> vector) and both environments: this is the one place they are defined.
+ACTIONS: tuple[tuple[str, tuple[float, float, float]], ...] = (
+    ("coast", (0.0, 0.0, 0.0)),
+    ("gas", (1.0, 0.0, 0.0)),
+    ("brake", (0.0, 1.0, 0.0)),
+    ("gas_full_left", (1.0, 0.0, -1.0)),
+    ("gas_full_right", (1.0, 0.0, 1.0)),
+    ("full_left", (0.0, 0.0, -1.0)),
+    ("full_right", (0.0, 0.0, 1.0)),
+    ("slight_left", (0.0, 0.0, -0.3)),
+    ("slight_right", (0.0, 0.0, 0.3)),
+    ("gas_brake_left", (1.0, 1.0, -1.0)),
+    ("gas_brake_right", (1.0, 1.0, 1.0)),
+)
+NUMBER_OF_ACTIONS = len(ACTIONS)
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message is one line naming the key."""
+
+
+@dataclass(frozen=True)
+class Config:
+    # GENERAL
+    training_steps: int = 10_000_000
+    # Hard copy of the online net into the target net every this many learn steps (seed 004: never soft).
+    target_network_update_frequency: int = 1500
+
+    # ALGORITHM FEATURES (each is read by the code: see rainbow.py and replay.py)
+    use_dueling: bool = True
+    use_prioritized_replay: bool = True
+    use_doubleDQN: bool = True  # noqa: N815 - the seed's spelling, kept so configs compare by name
+
+    # NETWORK ARCHITECTURE
+    img_x: int = 64
+    img_y: int = 64
+    conv_input: int = 4  # stacked frames
+    input_car_dim: int = 3  # speed, gear, rpm
+    car_feature_hidden_dim: int = 256
+    conv_hidden_image_variable: int = 4  # side of the last conv feature map (64 -> 32 -> 16 -> 8 -> 4)
+    hidden_dim: int = 128
+    noisy_std: float = 0.5
+    conv_channels_1: int = 8
+    conv_channels_2: int = 16
+    # Fixed scales dividing the raw car floats (tmrl units) so that each lands roughly in [0, 1]:
+    # speed in km/h (TrackMania tops out near 1000), gear 0..6, engine rpm up to ~11,000.
+    speed_scale: float = 1000.0
+    gear_scale: float = 6.0
+    rpm_scale: float = 10_000.0
+
+    # CHECKPOINT SETTINGS (frequency in episodes)
+    checkpoint: bool = True
+    checkpoint_dir: str = "checkpoints"
+    checkpoint_frequency: int = 10
+    keep_last_n_checkpoints: int = 3
+    resume_from_checkpoint: bool = True
+
+    # IQN
+    n_tau_train: int = 8
+    n_tau_action: int = 8
+    cosine_dim: int = 64
+    huber_kappa: float = 1.0
+
+    # OPTIMISATION (AdamW, constant learning rate: there is no scheduler)
+    learning_rate: float = 0.0001
+    gradient_clip_norm: float = 100.0
+    batch_size: int = 32
+    discount_factor: float = 0.997
+
+    # REPLAY MEMORY (training starts as soon as `batch_size` transitions are stored, as in the seed)
+    max_buffer_size: int = 100_000
+    alpha: float = 0.6
+    beta: float = 0.4
+    beta_increment: float = 0.001  # per learn step; reaches 1.0 after 600 learn steps (kept as pinned)
+    priority_epsilon: float = 1e-6  # keeps every stored transition drawable
+
+    # EXPLORATION: linear in the global step, 1.0 -> 0.01 by step 2.5M, 0.01 until 25M, 0 after
+    epsilon_start: float = 1.0
+    epsilon_end: float = 0.01
+    epsilon_decay_to: int = 2_500_000
+    epsilon_cutoff: int = 25_000_000
+
+    # ENVIRONMENT (TrackMania runs at 20 Hz; the embedded track keeps the same pace)
+    time_step_duration: float = 0.05
+    ep_max_length: int = 1000  # agent steps before an episode is truncated (not terminal)
+
+    # LOGGING
+    wandb_project: str = "rainbow-tm"
+    log_every_steps: int = 100
+
+    # ------------------------------------------------------------------------------------------------
+    @property
+    def output_dim(self) -> int:
+        return NUMBER_OF_ACTIONS
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            expected = _FIELD_TYPES[field.name]
+            _check_type(field.name, value, expected)
+            if expected is float:  # an int given for a float field is stored as the float it means
+                object.__setattr__(self, field.name, float(value))
+        for key, (check, requirement) in _RANGES.items():
+            if not check(getattr(self, key)):
+                raise ConfigError(f"{key}={getattr(self, key)!r} is out of range: must be {requirement}")
+        for message, holds in _relations(self):
+            if not holds:
+                raise ConfigError(message)
+
+    def with_overrides(self, **overrides: Any) -> Config:
+        """A copy with `overrides` applied; an unknown key, wrong type or bad range raises ConfigError."""
+        for key in overrides:
+            if key not in _FIELD_TYPES:
+                raise ConfigError(f"unknown config key {key!r} (see tm_config.py for the known keys)")
+        return dataclasses.replace(self, **overrides)
+
+    def with_assignments(self, assignments: list[str]) -> Config:
+        """Apply CLI-style `key=value` strings, converting each value to the field's type."""
+        overrides: dict[str, Any] = {}
+        for assignment in assignments:
+            key, sep, text = assignment.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise ConfigError(f"override {assignment!r} is not of the form key=value")
+            if key not in _FIELD_TYPES:
+                raise ConfigError(f"unknown config key {key!r} (see tm_config.py for the known keys)")
+            overrides[key] = _parse_value(key, text.strip(), _FIELD_TYPES[key])
+        return self.with_overrides(**overrides)
+
+    def departures(self) -> dict[str, dict[str, Any]]:
+        """The fields where this config differs from the pinned known-good one: {key: {pinned, used}}."""
+        pinned = Config()
+        return {
+            field.name: {"pinned": getattr(pinned, field.name), "used": getattr(self, field.name)}
+            for field in dataclasses.fields(self)
+            if getattr(self, field.name) != getattr(pinned, field.name)
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Config:
+        """Rebuild a config saved by `to_dict` (checkpoints); unknown keys raise ConfigError."""
+        return cls().with_overrides(**values)
+
+
+def describe_departures(config: Config) -> list[str]:
+    """One human-readable line per departure from the known-good config."""
+    return [f"{key}: {d['used']!r} (known-good {d['pinned']!r})" for key, d in config.departures().items()]
+
+
+# --- validation ------------------------------------------------------------------------------------
+_FIELD_TYPES: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}
+_FIELD_TYPES = {
+    name: {"int": int, "float": float, "bool": bool, "str": str}[str(t)] for name, t in _FIELD_TYPES.items()
+}
+
+
+def _check_type(key: str, value: Any, expected: type) -> None:
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{key}={value!r} has the wrong type: expected {expected.__name__}")
+    if expected is float and not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r} must be a finite number")
+
+
+def _parse_value(key: str, text: str, expected: type) -> Any:
+    try:
+        if expected is bool:
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if expected is int:
+            return int(text.replace("_", ""))
+        if expected is float:
+            return float(text.replace("_", ""))
+        return text
+    except ValueError:
+        raise ConfigError(f"{key}={text!r} has the wrong type: expected {expected.__name__}") from None
+
+
+def _positive(value: float) -> bool:
+    return value > 0
+
+
+def _unit(value: float) -> bool:
+    return 0.0 <= value <= 1.0
+
+
+_RANGES: dict[str, tuple[Any, str]] = {
+    "training_steps": (_positive, "> 0"),
+    "target_network_update_frequency": (_positive, ">= 1"),
+    "img_x": (lambda v: v == 64, "64 (the network's conv stack is built for 64x64 frames)"),
+    "img_y": (lambda v: v == 64, "64 (the network's conv stack is built for 64x64 frames)"),
+    "conv_input": (_positive, ">= 1"),
+    "input_car_dim": (lambda v: v == 3, "3 (speed, gear, rpm)"),
+    "car_feature_hidden_dim": (_positive, ">= 1"),
+    "conv_hidden_image_variable": (lambda v: v == 4, "4 (64 halved by four stride-2 convs)"),
+    "hidden_dim": (_positive, ">= 1"),
+    "noisy_std": (lambda v: v >= 0, ">= 0"),
+    "conv_channels_1": (_positive, ">= 1"),
+    "conv_channels_2": (_positive, ">= 1"),
+    "speed_scale": (_positive, "> 0"),
+    "gear_scale": (_positive, "> 0"),
+    "rpm_scale": (_positive, "> 0"),
+    "checkpoint_frequency": (_positive, ">= 1 episode"),
+    "keep_last_n_checkpoints": (_positive, ">= 1"),
+    "n_tau_train": (_positive, ">= 1"),
+    "n_tau_action": (_positive, ">= 1"),
+    "cosine_dim": (_positive, ">= 1"),
+    "huber_kappa": (_positive, "> 0"),
+    "learning_rate": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "gradient_clip_norm": (_positive, "> 0"),
+    "batch_size": (_positive, ">= 1"),
+    "discount_factor": (lambda v: 0 <= v < 1, "in [0, 1) (gamma >= 1 makes returns unbounded)"),
+    "max_buffer_size": (_positive, ">= 1"),
+    "alpha": (_unit, "in [0, 1]"),
+    "beta": (_unit, "in [0, 1]"),
+    "beta_increment": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "priority_epsilon": (_positive, "> 0"),
+    "epsilon_start": (_unit, "in [0, 1]"),
+    "epsilon_end": (_unit, "in [0, 1]"),
+    "epsilon_decay_to": (_positive, ">= 1 step"),
+    "epsilon_cutoff": (_positive, ">= 1 step"),
+    "time_step_duration": (_positive, "> 0 seconds"),
+    "ep_max_length": (_positive, ">= 1 step"),
+    "log_every_steps": (_positive, ">= 1"),
+    "wandb_project": (lambda v: bool(v.strip()), "a non-empty name"),
+    "checkpoint_dir": (lambda v: bool(v.strip()), "a non-empty path"),
+}
+
+
+def _relations(c: Config) -> list[tuple[str, bool]]:
+    return [
+        (
+            f"batch_size={c.batch_size} must not exceed max_buffer_size={c.max_buffer_size}",
+            c.batch_size <= c.max_buffer_size,
+        ),
+        (
+            f"epsilon_end={c.epsilon_end} must not exceed epsilon_start={c.epsilon_start}",
+            c.epsilon_end <= c.epsilon_start,
+        ),
+        (
+            f"epsilon_decay_to={c.epsilon_decay_to} must not exceed epsilon_cutoff={c.epsilon_cutoff}",
+            c.epsilon_decay_to <= c.epsilon_cutoff,
+        ),
+    ]
