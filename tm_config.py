@@ -99,6 +99,8 @@ class Config:
     beta: float = 0.4
     beta_increment: float = 0.001  # per learn step; reaches 1.0 after 600 learn steps (kept as pinned)
     priority_epsilon: float = 1e-6  # keeps every stored transition drawable
+    # Learn steps in a row whose loss or gradients are NaN/inf (each is skipped) before the run stops.
+    max_consecutive_nonfinite_steps: int = 100
 
     # EXPLORATION: linear in the global step, 1.0 -> 0.01 by step 2.5M, 0.01 until 25M, 0 after
     epsilon_start: float = 1.0
@@ -250,6 +252,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "beta": (_unit, "in [0, 1]"),
     "beta_increment": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "priority_epsilon": (_positive, "> 0"),
+    "max_consecutive_nonfinite_steps": (_positive, ">= 1"),
     "epsilon_start": (_unit, "in [0, 1]"),
     "epsilon_end": (_unit, "in [0, 1]"),
     "epsilon_decay_to": (_positive, ">= 1 step"),

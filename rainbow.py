@@ -1,0 +1,364 @@
+"""The Rainbow-IQN network and agent, read top to bottom.
+
+Network (the reference's shape, with its defects fixed; see shared/reference/original-code.md):
+    4x64x64 uint8 frames -> 4 stride-2 convs (ReLU between every pair, BatchNorm after the first three)
+                          -> 16x4x4 = 256 image features
+    speed, gear, rpm      -> divided by fixed scales -> Linear(3,256) LeakyReLU Linear(256,256) LeakyReLU
+    state = [image, car] (512) * relu(Linear(cos(pi * i * tau), i = 0..63))     one row per quantile tau
+    dueling NoisyLinear heads: V(512 -> 128 -> 1), A(512 -> 128 -> 11), Q_tau = V + A - mean(A)
+
+Agent: IQN quantile Huber loss (kappa 1) on 1-step Double-DQN targets, weighted by PER importance
+weights; AdamW with a constant learning rate; gradient-norm clip 100 (the norm is recorded);
+hard copy of the online net into the target net every 1500 learn steps; epsilon-greedy acting whose
+epsilon is a pure function of the global environment step.
+
+BatchNorm: the online net learns in train mode (batch statistics, running statistics updated by the
+current-state batch only). Acting, the Double-DQN argmax over next states and the target net all use
+eval mode (running statistics), so a single-frame batch never normalises by its own statistics and the
+target net's statistics stay frozen between hard copies.
+
+Noise: the online net draws new factorised-Gaussian noise at every learn step; the target net draws new
+noise at every target evaluation. Acting uses the online net's current noise (that is NoisyNet's
+exploration). `set_noise(False)` switches noise off for a deterministic, evaluation-only greedy policy.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812 - the usual torch alias
+from torch import nn
+
+from tm_config import ACTIONS, Config
+
+ACTION_VECTORS = np.array([vector for _, vector in ACTIONS], dtype=np.float32)  # (11, 3) [gas, brake, steer]
+
+
+def action_vector(action_index: int) -> np.ndarray:
+    """The tmrl [gas, brake, steer] vector of a discrete action (a copy the caller may modify)."""
+    return ACTION_VECTORS[action_index].copy()
+
+
+def epsilon_at(step: int, config: Config) -> float:
+    """Exploration rate at a global environment step: linear from epsilon_start at step 0 to epsilon_end
+    at `epsilon_decay_to`, held until `epsilon_cutoff`, 0 after. It depends on the step and nothing else."""
+    if step < 0:
+        raise ValueError(f"step={step} must be >= 0")
+    if step >= config.epsilon_cutoff:
+        return 0.0
+    if step >= config.epsilon_decay_to:
+        return config.epsilon_end
+    fraction = step / config.epsilon_decay_to
+    return config.epsilon_start + fraction * (config.epsilon_end - config.epsilon_start)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present; an explicit `cuda` without a GPU is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "--device cuda was asked for, but torch sees no CUDA GPU (use --device auto or cpu)"
+        )
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}: use auto, cpu or cuda")
+    return torch.device(name)
+
+
+# --- network ---------------------------------------------------------------------------------------
+class NoisyLinear(nn.Module):
+    """Linear layer with factorised Gaussian noise on weights and biases (Fortunato et al., 2018)."""
+
+    def __init__(self, in_features: int, out_features: int, std_init: float) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        bound = 1.0 / math.sqrt(in_features)
+        self.weight_mu = nn.Parameter(torch.empty(out_features, in_features).uniform_(-bound, bound))
+        self.weight_sigma = nn.Parameter(torch.full((out_features, in_features), std_init * bound))
+        self.bias_mu = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
+        self.bias_sigma = nn.Parameter(torch.full((out_features,), std_init * bound))
+        self.register_buffer("epsilon_in", torch.zeros(in_features))
+        self.register_buffer("epsilon_out", torch.zeros(out_features))
+        self.noise_enabled = True
+        self.reset_noise()
+
+    @staticmethod
+    def _scaled_noise(size: int, device: torch.device) -> torch.Tensor:
+        x = torch.randn(size, device=device)
+        return x.sign() * x.abs().sqrt()
+
+    @torch.no_grad()
+    def reset_noise(self) -> None:
+        self.epsilon_in.copy_(self._scaled_noise(self.in_features, self.epsilon_in.device))
+        self.epsilon_out.copy_(self._scaled_noise(self.out_features, self.epsilon_out.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.noise_enabled:
+            return F.linear(x, self.weight_mu, self.bias_mu)
+        weight = self.weight_mu + self.weight_sigma * torch.outer(self.epsilon_out, self.epsilon_in)
+        bias = self.bias_mu + self.bias_sigma * self.epsilon_out
+        return F.linear(x, weight, bias)
+
+
+class IQNNetwork(nn.Module):
+    """Maps (frames, car floats, taus) to quantile values of shape (batch, n_taus, n_actions)."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        c1, c2 = config.conv_channels_1, config.conv_channels_2
+        self.conv = nn.Sequential(
+            nn.Conv2d(config.conv_input, c1, 3, stride=2, padding=1),
+            nn.BatchNorm2d(c1),
+            nn.ReLU(),
+            nn.Conv2d(c1, c2, 3, stride=2, padding=1),
+            nn.BatchNorm2d(c2),
+            nn.ReLU(),
+            nn.Conv2d(c2, c2, 3, stride=2, padding=1),
+            nn.BatchNorm2d(c2),
+            nn.ReLU(),
+            nn.Conv2d(c2, c2, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+        )
+        image_features = c2 * config.conv_hidden_image_variable**2
+        self.car = nn.Sequential(
+            nn.Linear(config.input_car_dim, config.car_feature_hidden_dim),
+            nn.LeakyReLU(),
+            nn.Linear(config.car_feature_hidden_dim, config.car_feature_hidden_dim),
+            nn.LeakyReLU(),
+        )
+        state_dim = image_features + config.car_feature_hidden_dim
+        self.register_buffer(
+            "car_scale", torch.tensor([config.speed_scale, config.gear_scale, config.rpm_scale])
+        )
+        self.register_buffer(
+            "cosine_multipliers", math.pi * torch.arange(config.cosine_dim, dtype=torch.float32)
+        )
+        self.tau_embedding = nn.Linear(config.cosine_dim, state_dim)
+        self.use_dueling = config.use_dueling
+        std, hidden, n_actions = config.noisy_std, config.hidden_dim, config.output_dim
+        self.advantage_hidden = NoisyLinear(state_dim, hidden, std)
+        self.advantage_out = NoisyLinear(hidden, n_actions, std)
+        if self.use_dueling:
+            self.value_hidden = NoisyLinear(state_dim, hidden, std)
+            self.value_out = NoisyLinear(hidden, 1, std)
+
+    def noisy_layers(self) -> list[NoisyLinear]:
+        return [m for m in self.modules() if isinstance(m, NoisyLinear)]
+
+    def reset_noise(self) -> None:
+        for layer in self.noisy_layers():
+            layer.reset_noise()
+
+    def set_noise(self, enabled: bool) -> None:
+        for layer in self.noisy_layers():
+            layer.noise_enabled = enabled
+
+    def forward(self, frames: torch.Tensor, car: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
+        """frames uint8 (B,4,64,64), car raw floats (B,3), taus (B,N) in (0,1) -> (B,N,n_actions)."""
+        image = self.conv(frames.float() / 255.0)
+        state = torch.cat([image, self.car(car / self.car_scale)], dim=1)  # (B, 512)
+        cosines = torch.cos(taus.unsqueeze(-1) * self.cosine_multipliers)  # (B, N, cosine_dim)
+        embedded = state.unsqueeze(1) * F.relu(self.tau_embedding(cosines))  # (B, N, 512)
+        advantage = self.advantage_out(F.relu(self.advantage_hidden(embedded)))
+        if not self.use_dueling:
+            return advantage
+        value = self.value_out(F.relu(self.value_hidden(embedded)))
+        return value + advantage - advantage.mean(dim=-1, keepdim=True)
+
+
+# --- loss ------------------------------------------------------------------------------------------
+def quantile_huber_loss(
+    quantiles: torch.Tensor, taus: torch.Tensor, target_quantiles: torch.Tensor, kappa: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """IQN loss per sample. quantiles (B,N) at `taus` (B,N); target_quantiles (B,N').
+
+    rho(delta) = |tau - 1{delta < 0}| * Huber_kappa(delta) / kappa, with delta_ij = target_j - quantile_i,
+    summed over the online taus i and averaged over the target taus j. Returns (loss (B,), |delta| (B,N,N')).
+    """
+    delta = target_quantiles.unsqueeze(1) - quantiles.unsqueeze(2)  # (B, N, N')
+    abs_delta = delta.abs()
+    huber = torch.where(abs_delta <= kappa, 0.5 * delta.pow(2), kappa * (abs_delta - 0.5 * kappa))
+    weight = (taus.unsqueeze(2) - (delta.detach() < 0).float()).abs()
+    return (weight * huber / kappa).sum(dim=1).mean(dim=1), abs_delta.detach()
+
+
+# --- agent -----------------------------------------------------------------------------------------
+class RainbowAgent:
+    """Acts epsilon-greedily and learns from a `replay.PrioritizedReplay` (any object with its API)."""
+
+    def __init__(self, config: Config, replay: Any = None, device: str | torch.device = "cpu", seed: int = 0):
+        self.config = config
+        self.replay = replay
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        torch.manual_seed(seed)
+        self.online = IQNNetwork(config).to(self.device)
+        self.target = copy.deepcopy(self.online)
+        self.target.eval()
+        self.target.requires_grad_(False)
+        # Constant learning rate by design (seed 004): no scheduler exists anywhere in this project.
+        self.optimizer = torch.optim.AdamW(self.online.parameters(), lr=config.learning_rate)
+        self.rng = np.random.default_rng(seed)
+        self.learn_steps = 0
+        self.target_updates = 0
+        self.skipped_steps = 0  # learn steps whose loss or gradients were not finite
+        self.consecutive_skipped_steps = 0
+        self.epsilon = epsilon_at(0, config)
+
+    # acting ---------------------------------------------------------------------------------------
+    def act(self, frames: np.ndarray, car: np.ndarray, step: int) -> int:
+        """Epsilon-greedy action index at global environment step `step`."""
+        self.epsilon = epsilon_at(step, self.config)
+        if self.rng.random() < self.epsilon:
+            return int(self.rng.integers(self.config.output_dim))
+        return self.greedy_action(frames, car)
+
+    @torch.inference_mode()
+    def greedy_action(self, frames: np.ndarray, car: np.ndarray) -> int:
+        """argmax over the mean of `n_tau_action` quantiles, BatchNorm in eval mode."""
+        self.online.eval()
+        frames_t = torch.as_tensor(frames, device=self.device).unsqueeze(0)
+        car_t = torch.as_tensor(car, dtype=torch.float32, device=self.device).unsqueeze(0)
+        taus = torch.rand(1, self.config.n_tau_action, device=self.device)
+        q = self.online(frames_t, car_t, taus).mean(dim=1)
+        return int(q.argmax(dim=1).item())
+
+    # learning -------------------------------------------------------------------------------------
+    def _batch_to_device(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {key: torch.as_tensor(value, device=self.device) for key, value in batch.items()}
+
+    def train(self) -> dict[str, float]:
+        """One learn step on a prioritized batch; returns the step's metrics."""
+        cfg = self.config
+        batch_np = self.replay.sample(cfg.batch_size)
+        batch = self._batch_to_device({k: v for k, v in batch_np.items() if k != "indices"})
+        n_batch = cfg.batch_size
+
+        self.online.train()
+        self.online.reset_noise()
+        taus = torch.rand(n_batch, cfg.n_tau_train, device=self.device)
+        quantiles = self.online(batch["frames"], batch["car"], taus)  # (B, N, A)
+        taken = quantiles.gather(2, batch["action"].view(-1, 1, 1).expand(-1, cfg.n_tau_train, 1)).squeeze(2)
+
+        target_quantiles, _ = self.td_targets(batch)
+
+        per_sample, abs_delta = quantile_huber_loss(taken, taus, target_quantiles, cfg.huber_kappa)
+        loss = (batch["weights"] * per_sample).mean()
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.online.parameters(), cfg.gradient_clip_norm)
+
+        td_error = abs_delta.mean(dim=(1, 2))  # PER priority: mean |delta| over the N x N' pairs
+        q_mean_over_taus = quantiles.detach().mean(dim=1)
+        summary = torch.stack(
+            [
+                loss.detach(),
+                grad_norm,
+                q_mean_over_taus.mean(),
+                q_mean_over_taus.min(),
+                q_mean_over_taus.max(),
+                q_mean_over_taus.std(),
+                target_quantiles.mean(),
+                target_quantiles.max(),
+            ]
+        ).cpu()  # the one device sync of the step: metrics and priorities are needed on the host
+        td_error_np = td_error.cpu().numpy()
+        loss_v, grad_norm_v, q_mean, q_min, q_max, q_std, target_mean, target_max = summary.tolist()
+
+        finite = math.isfinite(loss_v) and math.isfinite(grad_norm_v) and bool(np.isfinite(td_error_np).all())
+        if finite:
+            self.optimizer.step()
+            self.replay.update_priorities(batch_np["indices"], td_error_np)
+            self.consecutive_skipped_steps = 0
+        else:
+            # Never let NaN/inf reach the weights or the optimizer's moments: drop this step's gradients.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self.consecutive_skipped_steps += 1
+
+        self.learn_steps += 1
+        if self.learn_steps % cfg.target_network_update_frequency == 0:
+            self.update_target_network()
+
+        return {
+            "loss": loss_v,
+            "grad_norm": grad_norm_v,
+            "q_mean": q_mean,
+            "q_min": q_min,
+            "q_max": q_max,
+            "q_std": q_std,
+            "target_q_mean": target_mean,
+            "target_q_max": target_max,
+            "td_error_mean": float(td_error_np.mean()),
+            "td_error_max": float(td_error_np.max()),
+            "max_priority": float(self.replay.max_priority),
+            "beta": float(self.replay.beta),
+            "epsilon": self.epsilon,
+            "learning_rate": self.optimizer.param_groups[0]["lr"],
+            "learn_step": self.learn_steps,
+            "skipped": 0.0 if finite else 1.0,
+            "skipped_total": self.skipped_steps,
+        }
+
+    @torch.no_grad()
+    def td_targets(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """1-step target quantiles (B, n_tau_train) and the next action chosen for each sample."""
+        cfg = self.config
+        n_batch = batch["reward"].shape[0]
+        self.target.reset_noise()
+        next_taus = torch.rand(n_batch, cfg.n_tau_train, device=self.device)
+        next_target = self.target(batch["next_frames"], batch["next_car"], next_taus)  # (B, N', A)
+        if cfg.use_doubleDQN:
+            # Double DQN: the online net chooses the next action, the target net evaluates it.
+            was_training = self.online.training
+            self.online.eval()
+            action_taus = torch.rand(n_batch, cfg.n_tau_action, device=self.device)
+            next_action = self.online(batch["next_frames"], batch["next_car"], action_taus).mean(1).argmax(1)
+            self.online.train(was_training)
+        else:
+            next_action = next_target.mean(dim=1).argmax(dim=1)
+        next_value = next_target.gather(2, next_action.view(-1, 1, 1).expand(-1, cfg.n_tau_train, 1)).squeeze(
+            2
+        )
+        # Only termination cuts the bootstrap: a truncated (time-limit) transition keeps its future.
+        not_done = 1.0 - batch["terminated"].unsqueeze(1)
+        return batch["reward"].unsqueeze(1) + cfg.discount_factor * not_done * next_value, next_action
+
+    def update_target_network(self) -> None:
+        """Hard copy: the target becomes the online net (weights and BatchNorm statistics), then frozen."""
+        self.target.load_state_dict(self.online.state_dict())
+        self.target.reset_noise()
+        self.target_updates += 1
+
+    # checkpoints ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "online": self.online.state_dict(),
+            "target": self.target.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "learn_steps": self.learn_steps,
+            "target_updates": self.target_updates,
+            "skipped_steps": self.skipped_steps,
+            "epsilon": self.epsilon,
+            "agent_rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.online.load_state_dict(state["online"])
+        self.target.load_state_dict(state["target"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.learn_steps = int(state["learn_steps"])
+        self.target_updates = int(state["target_updates"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.epsilon = float(state["epsilon"])
+        self.rng.bit_generator.state = state["agent_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])

@@ -1,0 +1,523 @@
+"""Prioritized replay memory with a uint8 frame store (numpy only: no networks, no environments).
+
+Two pieces:
+
+- `SumTree`: a binary sum tree over `capacity` leaves, updated and searched with one numpy operation per
+  tree level for a whole batch, so a learn step never loops in python over its samples.
+- `PrioritizedReplay`: proportional prioritized experience replay (Schaul et al. 2016) whose observations
+  are stacks of `stack` grayscale frames. Each frame is stored once, as uint8, in a ring of single frames;
+  a transition keeps only the absolute number `p` of its observation's newest frame, so
+
+      obs stack      = frames p - stack + 1 .. p        obs car floats  = car[p]
+      next-obs stack = frames p - stack + 2 .. p + 1    next car floats = car[p + 1]
+
+  and a (stack, 64, 64) observation costs one new frame per step instead of `stack`. Episodes are fed with
+  `start_episode` (the reset observation, all `stack` frames) followed by one `add` per env step (the newest
+  frame of the next observation). Because every episode begins with its own `stack` reset frames, a stack
+  never mixes frames of two episodes.
+
+Capacity. Transitions live in a ring of `capacity` slots and frames in a ring of
+`frame_capacity = capacity + capacity // 16 + 2 * stack` slots. An episode of L steps uses L + stack
+frames, so when the average episode is shorter than ~16 * stack steps (64 for the pinned stack of 4) the
+frame ring fills first: the oldest transitions are then evicted early and the effective capacity is about
+`frame_capacity * L / (L + stack)` for an average episode length L, slightly below `capacity` for episodes a
+little shorter than 64 steps (TrackMania episodes run to hundreds of steps: the pinned run keeps it all).
+
+Sampled `indices` are absolute transition numbers (the slot is `index % capacity`). Handing them back to
+`update_priorities` lets it recognise, exactly, a transition evicted since it was sampled: its number is
+below the oldest live one, so a stale update cannot resurrect an evicted or reused slot.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from tm_config import Config
+
+STATE_VERSION = 1
+
+
+class SumTree:
+    """A binary sum tree over `capacity` non-negative leaves, stored as one float64 array.
+
+    Node 1 is the root and node i has children 2i and 2i + 1. The leaves are padded up to a power of two
+    with zero leaves that are never written, so every leaf sits at the same depth: a batch of updates or
+    searches then moves through the tree together, one numpy operation per level. Internal nodes are
+    always recomputed from their two children (never adjusted by a delta), so no rounding error
+    accumulates: each internal node is exactly the float sum of its children, however long the run.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"SumTree capacity must be >= 1, got {capacity}")
+        self.capacity = int(capacity)
+        self.leaf_offset = 1 << (self.capacity - 1).bit_length()  # first leaf's node number
+        self.depth = self.leaf_offset.bit_length() - 1  # levels between the root and the leaves
+        self._nodes = np.zeros(2 * self.leaf_offset, dtype=np.float64)  # node 0 is unused
+
+    @property
+    def total(self) -> float:
+        return float(self._nodes[1])
+
+    @property
+    def nodes(self) -> np.ndarray:
+        """Read-only view of the whole tree (node 0 unused, root at 1, leaves from `leaf_offset`)."""
+        view = self._nodes.view()
+        view.flags.writeable = False
+        return view
+
+    @property
+    def leaf_priorities(self) -> np.ndarray:
+        """Read-only view of the `capacity` leaves."""
+        view = self._nodes[self.leaf_offset : self.leaf_offset + self.capacity]
+        view.flags.writeable = False
+        return view
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._nodes.nbytes)
+
+    def update(self, indices: np.ndarray, priorities: np.ndarray) -> None:
+        """Set leaves `indices` to `priorities`; for a repeated index the last write wins."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        priorities = np.asarray(priorities, dtype=np.float64).reshape(-1)
+        if indices.shape != priorities.shape:
+            raise ValueError(f"{indices.size} indices but {priorities.size} priorities")
+        if indices.size == 0:
+            return
+        if indices.min() < 0 or indices.max() >= self.capacity:
+            raise ValueError(f"leaf index out of range [0, {self.capacity})")
+        if not np.all(np.isfinite(priorities)) or priorities.min() < 0:
+            raise ValueError("priorities must be finite and >= 0")
+        if indices.size > 1:
+            # numpy leaves the winner of a repeated fancy-index assignment unspecified, so deduplicate:
+            # the first occurrence in the reversed batch is the last write.
+            indices, first_in_reversed = np.unique(indices[::-1], return_index=True)
+            priorities = priorities[::-1][first_in_reversed]
+        nodes = indices + self.leaf_offset
+        self._nodes[nodes] = priorities
+        # np.unique sorted the leaves, so shared parents are adjacent at every level.
+        for _ in range(self.depth):
+            nodes = nodes >> 1
+            if nodes.size > 1:
+                keep = np.empty(nodes.size, dtype=bool)
+                keep[0] = True
+                np.not_equal(nodes[1:], nodes[:-1], out=keep[1:])
+                nodes = nodes[keep]
+            self._nodes[nodes] = self._nodes[2 * nodes] + self._nodes[2 * nodes + 1]
+
+    def find(self, values: np.ndarray) -> np.ndarray:
+        """Leaf index for each prefix-sum value: the first leaf i with leaves[0] + ... + leaves[i] > value.
+
+        Values are clamped to [0, total). Rounding in the descent can still, at a segment edge, land on a
+        zero leaf (or a padding leaf); those are re-mapped to the nearest non-zero leaf on their left (on
+        their right if there is none), so a zero-priority leaf is never returned while any is non-zero.
+        """
+        total = self._nodes[1]
+        if not total > 0:
+            raise ValueError("cannot search a sum tree whose total priority is 0")
+        values = np.clip(np.asarray(values, dtype=np.float64).reshape(-1), 0.0, np.nextafter(total, 0.0))
+        nodes = np.ones(values.shape, dtype=np.int64)
+        for _ in range(self.depth):
+            left = self._nodes[2 * nodes]
+            go_right = values >= left
+            values = np.where(go_right, values - left, values)
+            nodes = 2 * nodes + go_right
+        leaves = nodes - self.leaf_offset
+        bad = (leaves >= self.capacity) | (self._nodes[nodes] <= 0)
+        if bad.any():
+            nonzero = np.flatnonzero(self.leaf_priorities > 0)
+            position = np.searchsorted(nonzero, leaves[bad], side="right") - 1
+            leaves[bad] = nonzero[np.maximum(position, 0)]
+        return leaves
+
+
+class PrioritizedReplay:
+    """Proportional prioritized replay of frame-stacked transitions; see the module docstring for layout.
+
+    Storage is allocated up front with np.zeros, so the operating system commits the frame ring's pages
+    as they are first written rather than at construction.
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        frame_shape: tuple[int, int] = (64, 64),
+        stack: int = 4,
+        car_dim: int = 3,
+        alpha: float = 0.6,
+        beta: float = 0.4,
+        beta_increment: float = 0.001,
+        priority_epsilon: float = 1e-6,
+        prioritized: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"replay capacity must be >= 1, got {capacity}")
+        if stack < 1:
+            raise ValueError(f"stack must be >= 1, got {stack}")
+        if alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {beta}")
+        if beta_increment < 0:
+            raise ValueError(f"beta_increment must be >= 0, got {beta_increment}")
+        if not priority_epsilon > 0:
+            raise ValueError(
+                f"priority_epsilon must be > 0 (keeps every transition drawable), got {priority_epsilon}"
+            )
+        self.capacity = int(capacity)
+        self.frame_shape = (int(frame_shape[0]), int(frame_shape[1]))
+        self.stack = int(stack)
+        self.car_dim = int(car_dim)
+        self.alpha = float(alpha)
+        self.beta_increment = float(beta_increment)
+        self.priority_epsilon = float(priority_epsilon)
+        self.prioritized = bool(prioritized)
+        # 1/16 spare frames absorb the `stack` reset frames of episodes >= 16 * stack steps long; 2 * stack
+        # more keep the open episode's current observation and the frame being written clear of them.
+        self.frame_capacity = self.capacity + self.capacity // 16 + 2 * self.stack
+
+        self.frames = np.zeros((self.frame_capacity, *self.frame_shape), dtype=np.uint8)
+        self.car = np.zeros((self.frame_capacity, self.car_dim), dtype=np.float32)
+        self.frame_index = np.zeros(
+            self.capacity, dtype=np.int64
+        )  # absolute number of the obs's newest frame
+        self.actions = np.zeros(self.capacity, dtype=np.uint8)
+        self.rewards = np.zeros(self.capacity, dtype=np.float32)
+        self.terminated = np.zeros(self.capacity, dtype=bool)
+        self.truncated = np.zeros(self.capacity, dtype=bool)  # kept for inspection; never bootstrapped on
+        self.tree = SumTree(self.capacity)
+
+        # Absolute (never wrapping) counters: slots are counter % ring size, so wrap-around is exact.
+        self._next_transition = 0  # transitions ever added
+        self._oldest_transition = 0  # oldest live transition; live ones are [oldest, next)
+        self._next_frame = 0  # frames ever written
+        self._episode_open = False
+        self._beta = float(beta)
+        self._max_priority = 1.0  # raw |td| + epsilon, before the alpha exponent
+        self._rng = np.random.default_rng(seed)
+
+    @classmethod
+    def from_config(cls, config: Config, seed: int) -> PrioritizedReplay:
+        return cls(
+            config.max_buffer_size,
+            frame_shape=(config.img_y, config.img_x),
+            stack=config.conv_input,
+            car_dim=config.input_car_dim,
+            alpha=config.alpha,
+            beta=config.beta,
+            beta_increment=config.beta_increment,
+            priority_epsilon=config.priority_epsilon,
+            prioritized=config.use_prioritized_replay,
+            seed=seed,
+        )
+
+    # --- sizes and read-only state -----------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._next_transition - self._oldest_transition
+
+    @property
+    def beta(self) -> float:
+        return self._beta
+
+    @property
+    def max_priority(self) -> float:
+        return self._max_priority
+
+    @property
+    def episode_open(self) -> bool:
+        return self._episode_open
+
+    @property
+    def transitions_added(self) -> int:
+        return self._next_transition
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (
+            self.frames,
+            self.car,
+            self.frame_index,
+            self.actions,
+            self.rewards,
+            self.terminated,
+            self.truncated,
+        )
+        return sum(int(a.nbytes) for a in arrays) + self.tree.nbytes
+
+    def bytes_per_transition(self) -> float:
+        return self.nbytes / self.capacity
+
+    # --- writing -----------------------------------------------------------------------------------
+    def start_episode(self, frames: np.ndarray, car: np.ndarray) -> None:
+        """Store the reset observation: all `stack` frames (oldest first) and its car floats."""
+        frames = self._check_frames(frames, (self.stack, *self.frame_shape), "start_episode frames")
+        car = self._check_car(car, "start_episode car")
+        first = self._next_frame
+        evicted = self._evict_for_frame(first + self.stack - 1)
+        if evicted.size:
+            self.tree.update(evicted, np.zeros(evicted.size))
+        slots = np.arange(first, first + self.stack) % self.frame_capacity
+        self.frames[slots] = frames
+        self.car[slots] = car  # only the newest slot is ever read; filling all keeps the ring tidy
+        self._next_frame += self.stack
+        self._episode_open = True
+
+    def add(
+        self,
+        action: int,
+        reward: float,
+        terminated: bool,
+        truncated: bool,
+        next_frame: np.ndarray,
+        next_car: np.ndarray,
+    ) -> None:
+        """Store one env step: its transition fields and the newest frame and car floats of the next obs."""
+        if not self._episode_open:
+            raise RuntimeError(
+                "add() called without an open episode: call start_episode() with the reset observation first "
+                "(also after a terminated or truncated step)"
+            )
+        if not 0 <= int(action) <= np.iinfo(self.actions.dtype).max:
+            raise ValueError(f"action {action} does not fit the stored uint8 action")
+        next_frame = self._check_frames(next_frame, self.frame_shape, "add next_frame")
+        next_car = self._check_car(next_car, "add next_car")
+
+        frame = self._next_frame
+        evicted = [self._evict_for_frame(frame)]
+        if len(self) == self.capacity:
+            evicted.append(np.array([self._evict_oldest()], dtype=np.int64))
+        frame_slot = frame % self.frame_capacity
+        self.frames[frame_slot] = next_frame
+        self.car[frame_slot] = next_car
+        self._next_frame += 1
+
+        slot = self._next_transition % self.capacity
+        self.frame_index[slot] = frame - 1  # frames are written in order, so the obs's newest is the last one
+        self.actions[slot] = int(action)
+        self.rewards[slot] = reward
+        self.terminated[slot] = bool(terminated)
+        self.truncated[slot] = bool(truncated)
+        self._next_transition += 1
+        # One tree update for the evictions and the new transition; the new one comes last, so it wins
+        # when count-based eviction freed exactly its slot.
+        indices = np.concatenate([*evicted, [slot]])
+        priorities = np.zeros(indices.size)
+        priorities[-1] = self._max_priority**self.alpha
+        self.tree.update(indices, priorities)
+        if terminated or truncated:
+            self._episode_open = False
+
+    def _evict_oldest(self) -> int:
+        slot = self._oldest_transition % self.capacity
+        self._oldest_transition += 1
+        return slot
+
+    def _evict_for_frame(self, frame: int) -> np.ndarray:
+        """Evict the oldest transitions whose stacks reach `frame - frame_capacity`, about to be overwritten.
+
+        Returns their slots; the caller zeroes their priorities. Live transitions' frame numbers increase
+        with their age order, so the evicted ones are a prefix of the live range.
+        """
+        overwritten = frame - self.frame_capacity
+        slots = []
+        while (
+            len(self)
+            and self.frame_index[self._oldest_transition % self.capacity] - self.stack + 1 <= overwritten
+        ):
+            slots.append(self._evict_oldest())
+        return np.asarray(slots, dtype=np.int64)
+
+    def _check_frames(self, frames: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
+        frames = np.asarray(frames)
+        if frames.dtype != np.uint8 or frames.shape != shape:
+            raise ValueError(f"{what} must be uint8 of shape {shape}, got {frames.dtype} {frames.shape}")
+        return frames
+
+    def _check_car(self, car: np.ndarray, what: str) -> np.ndarray:
+        car = np.asarray(car, dtype=np.float32)
+        if car.shape != (self.car_dim,):
+            raise ValueError(f"{what} must have shape ({self.car_dim},), got {car.shape}")
+        return car
+
+    # --- sampling ----------------------------------------------------------------------------------
+    def sample(self, batch_size: int) -> dict[str, np.ndarray]:
+        """Draw a batch; `indices` are absolute transition numbers to hand back to `update_priorities`."""
+        live = len(self)
+        if live == 0:
+            raise ValueError("cannot sample from an empty replay memory")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if self.prioritized:
+            # Stratified: one uniform draw in each of batch_size equal slices of the total priority mass.
+            total = self.tree.total
+            values = (np.arange(batch_size) + self._rng.random(batch_size)) * (total / batch_size)
+            slots = self.tree.find(values)
+            probabilities = self.tree.leaf_priorities[slots] / total
+            weights = (live * probabilities) ** -self._beta
+            weights /= weights.max()
+            # Live transitions fill the `live` slots from the oldest one on, so a slot fixes its number.
+            oldest_slot = self._oldest_transition % self.capacity
+            indices = self._oldest_transition + (slots - oldest_slot) % self.capacity
+        else:
+            indices = self._rng.integers(self._oldest_transition, self._next_transition, size=batch_size)
+            slots = indices % self.capacity
+            weights = np.ones(batch_size)
+        self._beta = min(1.0, self._beta + self.beta_increment)
+
+        newest = self.frame_index[slots]
+        offsets = np.arange(1 - self.stack, 1)
+        stack_frames = (newest[:, None] + offsets) % self.frame_capacity  # (B, stack)
+        next_stack_frames = (newest[:, None] + offsets + 1) % self.frame_capacity
+        return {
+            "frames": self.frames[stack_frames],
+            "car": self.car[newest % self.frame_capacity],
+            "action": self.actions[slots].astype(np.int64),
+            "reward": self.rewards[slots],
+            "next_frames": self.frames[next_stack_frames],
+            "next_car": self.car[(newest + 1) % self.frame_capacity],
+            "terminated": self.terminated[slots].astype(np.float32),
+            "weights": weights.astype(np.float32),
+            "indices": indices.astype(np.int64),
+        }
+
+    def update_priorities(self, indices: np.ndarray, td_errors: np.ndarray) -> None:
+        """Set priorities (|td| + epsilon) ** alpha for sampled `indices`; evicted ones are skipped."""
+        if not self.prioritized:
+            return
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        raw = np.abs(np.asarray(td_errors, dtype=np.float64).reshape(-1)) + self.priority_epsilon
+        if indices.shape != raw.shape:
+            raise ValueError(f"{indices.size} indices but {raw.size} td errors")
+        if not np.all(np.isfinite(raw)):
+            raise ValueError("td errors must be finite (a NaN or inf priority would poison the sum tree)")
+        live = (indices >= self._oldest_transition) & (indices < self._next_transition)
+        if not live.any():
+            return
+        raw = raw[live]
+        self.tree.update(indices[live] % self.capacity, raw**self.alpha)
+        self._max_priority = max(self._max_priority, float(raw.max()))
+
+    # --- checkpointing -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly. The arrays are the live storage, not copies: serialise the
+        dict before the next `add`, `sample` or `update_priorities`."""
+        return {
+            "version": STATE_VERSION,
+            "capacity": self.capacity,
+            "frame_capacity": self.frame_capacity,
+            "frame_shape": self.frame_shape,
+            "stack": self.stack,
+            "car_dim": self.car_dim,
+            "alpha": self.alpha,
+            "beta_increment": self.beta_increment,
+            "priority_epsilon": self.priority_epsilon,
+            "prioritized": self.prioritized,
+            "frames": self.frames,
+            "car": self.car,
+            "frame_index": self.frame_index,
+            "actions": self.actions,
+            "rewards": self.rewards,
+            "terminated": self.terminated,
+            "truncated": self.truncated,
+            "tree": self.tree._nodes,
+            "next_transition": self._next_transition,
+            "oldest_transition": self._oldest_transition,
+            "next_frame": self._next_frame,
+            "episode_open": self._episode_open,
+            "beta": self._beta,
+            "max_priority": self._max_priority,
+            "rng_state": copy.deepcopy(self._rng.bit_generator.state),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` output exactly (storage, counters, beta, max priority, generator).
+
+        Raises ValueError if the state was saved by a memory of another shape. alpha must match too, since
+        the stored priorities were raised to it; beta_increment and priority_epsilon come from this memory's
+        own (current) settings. Call `check_consistency()` afterwards to verify the invariants.
+        """
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"replay state version {state.get('version')!r} is not {STATE_VERSION}")
+        missing = [key for key in self.state_dict() if key not in state]
+        if missing:
+            raise ValueError(f"replay state is missing {', '.join(missing)}")
+        structure = {
+            "capacity": self.capacity,
+            "frame_capacity": self.frame_capacity,
+            "frame_shape": self.frame_shape,
+            "stack": self.stack,
+            "car_dim": self.car_dim,
+            "alpha": self.alpha,
+        }
+        for key, expected in structure.items():
+            saved = tuple(state[key]) if key == "frame_shape" else state[key]
+            if saved != expected:
+                raise ValueError(f"replay state has {key}={saved!r} but this memory has {key}={expected!r}")
+        arrays = {
+            "frames": self.frames,
+            "car": self.car,
+            "frame_index": self.frame_index,
+            "actions": self.actions,
+            "rewards": self.rewards,
+            "terminated": self.terminated,
+            "truncated": self.truncated,
+            "tree": self.tree._nodes,
+        }
+        for key, target in arrays.items():
+            saved = np.asarray(state[key])
+            if saved.shape != target.shape or saved.dtype != target.dtype:
+                raise ValueError(
+                    f"replay state array {key!r} is {saved.dtype}{saved.shape}, "
+                    f"expected {target.dtype}{target.shape}"
+                )
+        for key, target in arrays.items():
+            np.copyto(target, state[key])
+        self._next_transition = int(state["next_transition"])
+        self._oldest_transition = int(state["oldest_transition"])
+        self._next_frame = int(state["next_frame"])
+        self._episode_open = bool(state["episode_open"])
+        self._beta = float(state["beta"])
+        self._max_priority = float(state["max_priority"])
+        self._rng.bit_generator.state = copy.deepcopy(state["rng_state"])
+
+    def check_consistency(self) -> None:
+        """Raise ValueError (one line) if an internal invariant is broken, e.g. after loading a checkpoint."""
+        oldest, added, live = self._oldest_transition, self._next_transition, len(self)
+        if not 0 <= oldest <= added or live > self.capacity:
+            raise ValueError(
+                f"replay counters are broken: oldest={oldest}, added={added}, capacity={self.capacity}"
+            )
+        nodes = self.tree._nodes
+        if not np.all(np.isfinite(nodes)) or nodes.min() < 0:
+            raise ValueError("replay sum tree holds a negative or non-finite priority")
+        parents = np.arange(1, self.tree.leaf_offset)
+        if not np.array_equal(nodes[parents], nodes[2 * parents] + nodes[2 * parents + 1]):
+            raise ValueError(
+                "replay sum tree is inconsistent: an internal node differs from the sum of its children"
+            )
+        leaves = self.tree.leaf_priorities
+        if nodes[self.tree.leaf_offset + self.capacity :].any():
+            raise ValueError("replay sum tree has priority on a padding leaf")
+        live_slots = np.arange(oldest, added) % self.capacity
+        nonzero = int(np.count_nonzero(leaves))
+        if nonzero != live or not np.all(leaves[live_slots] > 0):
+            raise ValueError(f"replay has {live} live transitions but {nonzero} non-zero priorities")
+        if live:
+            newest = self.frame_index[live_slots]
+            if np.any(np.diff(newest) <= 0):
+                raise ValueError("replay frame references do not increase with transition age")
+            if (
+                newest[0] - self.stack + 1 < self._next_frame - self.frame_capacity
+                or newest[-1] + 1 >= self._next_frame
+            ):
+                raise ValueError(
+                    f"replay frame references [{newest[0] - self.stack + 1}, {newest[-1] + 1}] fall outside "
+                    f"the stored frames [{self._next_frame - self.frame_capacity}, {self._next_frame - 1}]"
+                )

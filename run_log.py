@@ -1,0 +1,135 @@
+"""Where a run's metrics go: a local JSONL file in the run folder, and Weights & Biases.
+
+The JSONL file is the run's own record (compare_runs.py reads it); W&B is a mirror for dashboards.
+W&B runs offline when no API key is configured, and a W&B failure never stops training: it is reported
+once and the run continues with the JSONL file alone.
+
+Each JSONL line is one record: {"kind": "step" | "episode" | "event" | "run", "step": global step, ...}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as strings so a bad value is recorded rather than lost."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """All complete records of a metrics file (a half-written last line from a crash is ignored)."""
+    records = []
+    with open(path, encoding="utf-8") as file:
+        for line in file:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def truncate_after_step(path: Path, step: int) -> int:
+    """On resume, drop records written after the checkpoint's step (that work is being redone)."""
+    if not path.exists():
+        return 0
+    records = read_jsonl(path)
+    kept = [r for r in records if r.get("step", 0) <= step]
+    temp = path.with_name(path.name + ".tmp")
+    with open(temp, "w", encoding="utf-8") as file:
+        for record in kept:
+            file.write(json.dumps(record) + "\n")
+    os.replace(temp, path)
+    return len(records) - len(kept)
+
+
+class RunLog:
+    """Writes every record to the JSONL file and, when enabled, to W&B."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+        self.wandb_run: Any = None
+        self.wandb_note = "W&B disabled"
+
+    # W&B ------------------------------------------------------------------------------------------
+    def start_wandb(
+        self,
+        project: str,
+        run_name: str,
+        run_id: str | None,
+        config: dict[str, Any],
+        departures: dict[str, Any],
+    ) -> str | None:
+        """Start (or resume) the W&B run; returns its id, or None if W&B is unavailable."""
+        try:
+            import wandb
+        except ImportError:
+            self.wandb_note = "W&B not installed: metrics go to the JSONL file only"
+            return None
+        offline = not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "online"
+        mode = "offline" if offline else os.environ.get("WANDB_MODE", "online")
+        try:
+            self.wandb_run = wandb.init(
+                project=project,
+                name=run_name,
+                id=run_id,
+                resume="allow",
+                mode=mode,
+                dir=str(self.path.parent),
+                config={**config, "departures_from_known_good": departures},
+                settings=wandb.Settings(silent=True, console="off"),
+            )
+        except Exception as error:  # unreachable server, bad key, broken install: never fatal
+            self.wandb_note = f"W&B unavailable ({type(error).__name__}: {str(error)[:120]}); JSONL only"
+            self.wandb_run = None
+            return None
+        if offline:
+            self.wandb_note = (
+                f"W&B offline (no WANDB_API_KEY): files in {Path(self.wandb_run.dir).parent}; "
+                "upload later with `wandb sync`"
+            )
+        else:
+            self.wandb_note = f"W&B online: {self.wandb_run.url}"
+        return self.wandb_run.id
+
+    def _to_wandb(self, record: dict[str, Any]) -> None:
+        if self.wandb_run is None:
+            return
+        kind = record["kind"]
+        payload = {f"{kind}/{k}": v for k, v in record.items() if k not in ("kind", "step", "time")}
+        try:
+            self.wandb_run.log(payload, step=int(record["step"]))
+            if kind == "event" and record.get("level") == "red_flag":
+                self.wandb_run.summary[f"red_flag/{record.get('name', 'unknown')}"] = record.get(
+                    "message", ""
+                )
+        except Exception as error:
+            self.wandb_note = f"W&B stopped logging ({type(error).__name__}); JSONL only"
+            self.wandb_run = None
+
+    # records --------------------------------------------------------------------------------------
+    def write(self, kind: str, step: int, **values: Any) -> None:
+        record = {"kind": kind, "step": step, "time": round(time.time(), 3)}
+        record.update({key: _clean(value) for key, value in values.items()})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        self._to_wandb(record)
+
+    def close(self) -> None:
+        self._file.close()
+        if self.wandb_run is not None:
+            with contextlib.suppress(Exception):  # a failing upload must not fail the run's end
+                self.wandb_run.finish()
+            self.wandb_run = None
