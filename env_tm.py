@@ -1,0 +1,391 @@
+"""rainbow-tm: train the Rainbow-IQN agent on TrackMania 2020 (through tmrl) or on the embedded track.
+
+    python env_tm.py                          # TrackMania if the game answers, else the embedded track
+    python env_tm.py --env embedded --steps 200000 --run-name try1
+    python env_tm.py --set batch_size=64      # a departure from the known-good config, recorded as such
+    python env_tm.py --help
+
+The loop, as pinned by the known-good run (seed 004): one environment step, then one learn step once a
+batch is stored; the target net is a hard copy of the online net every 1500 learn steps; epsilon is a
+function of the global step, which (like the episode count) carries across resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from checkpoints import CheckpointError, CheckpointStore
+from rainbow import ACTION_VECTORS, RainbowAgent, epsilon_at, resolve_device
+from replay import PrioritizedReplay
+from run_log import RunLog, truncate_after_step
+from tm_config import Config, ConfigError, describe_departures
+
+# Config keys that fix the shapes of the networks and the replay memory: a checkpoint made with other
+# values cannot be loaded into this run.
+SHAPE_KEYS = (
+    "img_x", "img_y", "conv_input", "input_car_dim", "car_feature_hidden_dim", "conv_hidden_image_variable",
+    "hidden_dim", "conv_channels_1", "conv_channels_2", "cosine_dim", "use_dueling", "max_buffer_size",
+)  # fmt: skip
+EXIT_OK, EXIT_ERROR, EXIT_GAME, EXIT_INTERRUPTED = 0, 1, 3, 130
+
+
+class ObservationError(ValueError):
+    """An observation that does not have the TM20FULL layout; one line naming the problem."""
+
+
+class TrainingStoppedError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite learn steps); one line saying why."""
+
+
+# --- command line ----------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Train the Rainbow-IQN agent on TrackMania 2020 (tmrl) or on the embedded track.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--env",
+        choices=["auto", "trackmania", "embedded"],
+        default="auto",
+        help="auto: TrackMania when tmrl is installed and the game answers, else the embedded track",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="train until this global step (default: config)"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--run-name", default=None, help="checkpoints/<run-name>/ (default: <env>-seed<seed>)"
+    )
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--resume", dest="resume", action="store_true", default=None, help="resume if possible"
+    )
+    resume.add_argument("--fresh", dest="resume", action="store_false", help="ignore existing checkpoints")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (repeatable); logged as a departure from the known-good config",
+    )
+    parser.add_argument("--no-wandb", action="store_true", help="log to the local JSONL file only")
+    parser.add_argument("--wandb-project", default=None, help="W&B project (default: config wandb_project)")
+    parser.add_argument("--checkpoint-root", default=None, help="folder of run folders (default: config)")
+    args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    return args
+
+
+# --- environments ----------------------------------------------------------------------------------
+def build_environment(choice: str, config: Config, seed: int) -> tuple[Any, str]:
+    """Returns (env, name). `auto` falls back to the embedded track and says why in one line."""
+    if choice in ("auto", "trackmania"):
+        import trackmania
+
+        reason = trackmania.check_tmrl_available()
+        if reason is None:
+            return trackmania.make_trackmania_env(config), "trackmania"
+        if choice == "trackmania":
+            raise trackmania.TrackManiaSetupError(f"--env trackmania: {reason}")
+        print(f"TrackMania not used: {reason}. Training on the embedded track instead.", flush=True)
+    from embedded_track import make_embedded_track
+
+    return make_embedded_track(config, seed=seed), "embedded"
+
+
+def split_observation(obs: Any, config: Config) -> tuple[np.ndarray, np.ndarray]:
+    """TM20FULL tuple (speed, gear, rpm, images, act1, act2) -> (frames uint8 (4,64,64), car float32 (3,)).
+    The agent uses speed, gear, rpm and the images; the action history is not an input (as pinned)."""
+    if not isinstance(obs, (tuple, list)) or len(obs) != 6:
+        kind = f"{type(obs).__name__} of length {len(obs)}" if hasattr(obs, "__len__") else type(obs).__name__
+        raise ObservationError(f"observation must be the 6-part TM20FULL tuple, got a {kind}")
+    speed, gear, rpm, images = obs[0], obs[1], obs[2], obs[3]
+    frames = np.asarray(images)
+    expected = (config.conv_input, config.img_y, config.img_x)
+    if frames.shape != expected:
+        raise ObservationError(f"observation images have shape {frames.shape}, expected {expected}")
+    if frames.dtype != np.uint8:
+        frames = np.clip(frames, 0, 255).astype(np.uint8)
+    car = np.array([np.ravel(speed)[0], np.ravel(gear)[0], np.ravel(rpm)[0]], dtype=np.float32)
+    if not np.isfinite(car).all():
+        raise ObservationError(f"observation speed/gear/rpm are not finite: {car.tolist()}")
+    return frames, car
+
+
+# --- progress on the terminal ----------------------------------------------------------------------
+class Progress:
+    """A live status line: rewritten in place on a terminal, one line every 30 s otherwise."""
+
+    def __init__(self, total_steps: int) -> None:
+        self.total_steps = total_steps
+        self.interactive = sys.stdout.isatty()
+        self.interval = 1.0 if self.interactive else 30.0
+        self.last_print = 0.0
+        self.window_start = (time.perf_counter(), 0)
+        self.steps_per_second = 0.0
+
+    def rate(self, step: int) -> float:
+        now = time.perf_counter()
+        start_time, start_step = self.window_start
+        if now - start_time >= 2.0:
+            self.steps_per_second = (step - start_step) / (now - start_time)
+            self.window_start = (now, step)
+        return self.steps_per_second
+
+    def show(self, step: int, text: str, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self.last_print < self.interval:
+            return
+        self.last_print = now
+        line = f"step {step:,}/{self.total_steps:,} ({100 * step / self.total_steps:.1f}%) | {text}"
+        if self.interactive:
+            print("\r" + line[:150].ljust(150), end="", flush=True)
+        else:
+            print(line, flush=True)
+
+    def message(self, text: str) -> None:
+        """A permanent line (an event), not overwritten by the status line."""
+        print(("\n" if self.interactive else "") + text, flush=True)
+
+
+# --- run state -------------------------------------------------------------------------------------
+@dataclass
+class RunState:
+    step: int = 0  # global environment steps, across resumes
+    episode: int = 0  # completed episodes, across resumes
+    best_interval_reward: float = -math.inf
+    interval_rewards: list[float] = field(default_factory=list)
+    wandb_run_id: str | None = None
+
+
+def collect_state(agent: RainbowAgent, replay: PrioritizedReplay, run: RunState, config: Config) -> dict:
+    return {
+        "config": config.to_dict(),
+        "departures": config.departures(),
+        "step": run.step,
+        "episode": run.episode,
+        "epsilon": epsilon_at(run.step, config),
+        "beta": replay.beta,
+        "best_interval_reward": run.best_interval_reward,
+        "wandb_run_id": run.wandb_run_id,
+        "agent": agent.state_dict(),
+        "replay": replay.state_dict(),
+        "python_rng": random.getstate(),
+        "numpy_rng": np.random.get_state(),
+    }
+
+
+def validate_checkpoint(config: Config):
+    """A checker for CheckpointStore.load_newest_good: shapes must match this run's config."""
+
+    def check(state: dict, path: Path) -> None:
+        try:
+            saved = Config.from_dict(state["config"])
+        except (ConfigError, KeyError, TypeError) as error:
+            raise CheckpointError(f"checkpoint {path} has an unusable config: {error}") from None
+        mismatched = [k for k in SHAPE_KEYS if getattr(saved, k) != getattr(config, k)]
+        if mismatched:
+            details = ", ".join(
+                f"{k}={getattr(saved, k)!r} (run: {getattr(config, k)!r})" for k in mismatched
+            )
+            raise CheckpointError(f"checkpoint {path} was made with an incompatible config: {details}")
+
+    return check
+
+
+def restore(state: dict, agent: RainbowAgent, replay: PrioritizedReplay, path: Path) -> RunState:
+    try:
+        agent.load_state_dict(state["agent"])
+        replay.load_state_dict(state["replay"])
+        replay.check_consistency()
+    except (KeyError, RuntimeError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"checkpoint {path} does not match this version of rainbow-tm: {first_line}"
+        ) from None
+    random.setstate(state["python_rng"])
+    np.random.set_state(state["numpy_rng"])
+    return RunState(
+        step=int(state["step"]),
+        episode=int(state["episode"]),
+        best_interval_reward=float(state["best_interval_reward"]),
+        wandb_run_id=state.get("wandb_run_id"),
+    )
+
+
+def fmt(value: float | None, spec: str = ".3g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+# --- training --------------------------------------------------------------------------------------
+def train(args: argparse.Namespace) -> int:
+    config = Config().with_assignments(args.overrides)
+    total_steps = args.steps if args.steps is not None else config.training_steps
+    device = resolve_device(args.device)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    env, env_name = build_environment(args.env, config, args.seed)
+    run_name = args.run_name or f"{env_name}-seed{args.seed}"
+    run_dir = Path(args.checkpoint_root or config.checkpoint_dir) / run_name
+    store = CheckpointStore(run_dir, config.keep_last_n_checkpoints)
+    replay = PrioritizedReplay.from_config(config, seed=args.seed)
+    agent = RainbowAgent(config, replay, device=device, seed=args.seed)
+    if config.checkpoint:
+        # Two checkpoints may briefly coexist with the files kept: ask for room for the rotation first.
+        store.check_writable(needed_bytes=(config.keep_last_n_checkpoints + 2) * (replay.nbytes + 50 * 2**20))
+    progress = Progress(total_steps)
+
+    run = RunState()
+    resume = config.resume_from_checkpoint if args.resume is None else args.resume
+    if resume and config.checkpoint:
+        store.remove_temporaries()
+        loaded = store.load_newest_good(validate_checkpoint(config))
+        if loaded is not None:
+            for line in loaded.skipped:
+                progress.message(f"skipped: {line}")
+            if loaded.skipped:
+                progress.message(f"falling back to the newest good checkpoint: {loaded.path.name}")
+            run = restore(loaded.state, agent, replay, loaded.path)
+            dropped = truncate_after_step(run_dir / "metrics.jsonl", run.step)
+            progress.message(
+                f"resumed {run_name} from {loaded.path.name}: step {run.step:,}, episode {run.episode:,}"
+                + (f" ({dropped} log records after that step dropped)" if dropped else "")
+            )
+
+    log = RunLog(run_dir)
+    if not args.no_wandb:
+        project = args.wandb_project or config.wandb_project
+        run.wandb_run_id = log.start_wandb(
+            project, run_name, run.wandb_run_id, config.to_dict(), config.departures()
+        )
+    departures = describe_departures(config)
+    progress.message(f"run {run_name} on {env_name}, device {device.type}; checkpoints in {run_dir}")
+    progress.message(
+        "departures from the known-good config: " + ("; ".join(departures) if departures else "none")
+    )
+    progress.message(log.wandb_note)
+    log.write(
+        "run", run.step, event="start", env=env_name, device=device.type, departures=config.departures()
+    )
+
+    def save(is_periodic: bool) -> None:
+        if not config.checkpoint:
+            return
+        state = collect_state(agent, replay, run, config)
+        if is_periodic:
+            interval_mean = float(np.mean(run.interval_rewards)) if run.interval_rewards else -math.inf
+            is_best = interval_mean > run.best_interval_reward
+            if is_best:
+                run.best_interval_reward = interval_mean
+                state["best_interval_reward"] = interval_mean
+            store.save(state, run.episode, run.step, is_best)
+            run.interval_rewards.clear()
+        else:
+            store.save_latest_only(state)
+
+    last_metrics: dict[str, float] = {}
+    episode_reward, episode_length, episode_start = 0.0, 0, time.perf_counter()
+    try:
+        obs, _ = env.reset(seed=args.seed + run.episode)
+        frames, car = split_observation(obs, config)
+        replay.start_episode(frames, car)
+        while run.step < total_steps:
+            action = agent.act(frames, car, run.step)
+            obs, reward, terminated, truncated, _ = env.step(ACTION_VECTORS[action].copy())
+            next_frames, next_car = split_observation(obs, config)
+            reward = float(reward)
+            replay.add(action, reward, bool(terminated), bool(truncated), next_frames[-1], next_car)
+            run.step += 1
+            episode_reward += reward
+            episode_length += 1
+            frames, car = next_frames, next_car
+
+            if len(replay) >= config.batch_size:
+                last_metrics = agent.train()
+                if agent.consecutive_skipped_steps >= config.max_consecutive_nonfinite_steps:
+                    raise TrainingStoppedError(
+                        f"{agent.consecutive_skipped_steps} learn steps in a row had a non-finite loss or "
+                        f"gradient (all skipped, weights untouched); last checkpoint: {store.latest_path}"
+                    )
+                if last_metrics["skipped"]:
+                    log.write("event", run.step, level="warning", name="nonfinite_step_skipped")
+                if agent.learn_steps % config.log_every_steps == 0:
+                    log.write("step", run.step, steps_per_second=progress.rate(run.step), **last_metrics)
+
+            progress.show(
+                run.step,
+                f"{progress.rate(run.step):.1f} steps/s | ep {run.episode + 1} | R {episode_reward:.1f} | "
+                f"eps {agent.epsilon:.3f} | loss {fmt(last_metrics.get('loss'))} | "
+                f"Q {fmt(last_metrics.get('q_mean'))}",
+            )
+
+            if terminated or truncated:
+                run.episode += 1
+                run.interval_rewards.append(episode_reward)
+                log.write(
+                    "episode",
+                    run.step,
+                    episode=run.episode,
+                    reward=episode_reward,
+                    length=episode_length,
+                    terminated=bool(terminated),
+                    epsilon=agent.epsilon,
+                    beta=replay.beta,
+                    seconds=time.perf_counter() - episode_start,
+                    q_mean=last_metrics.get("q_mean"),
+                    loss=last_metrics.get("loss"),
+                )
+                if run.episode % config.checkpoint_frequency == 0:
+                    save(is_periodic=True)
+                episode_reward, episode_length, episode_start = 0.0, 0, time.perf_counter()
+                obs, _ = env.reset(seed=args.seed + run.episode)
+                frames, car = split_observation(obs, config)
+                replay.start_episode(frames, car)
+        save(is_periodic=False)
+        progress.message(
+            f"done: {run.step:,} steps, {run.episode:,} episodes; latest checkpoint {store.latest_path}"
+        )
+        log.write("run", run.step, event="finished", episodes=run.episode)
+        return EXIT_OK
+    except KeyboardInterrupt:
+        save(is_periodic=False)
+        progress.message(f"interrupted at step {run.step:,}: saved {store.latest_path}; resume with --resume")
+        log.write("run", run.step, event="interrupted")
+        return EXIT_INTERRUPTED
+    finally:
+        log.close()
+        env.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except (ConfigError, CheckpointError, ObservationError, TrainingStoppedError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as error:
+        # Environment setup errors (missing game, plugin, TmrlData) carry their fix in one line.
+        if type(error).__name__ in ("TrackManiaSetupError", "GameNotRespondingError"):
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_GAME
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
