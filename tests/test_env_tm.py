@@ -1,0 +1,218 @@
+"""env_tm.py end to end on the embedded track: train, kill, resume; plus its bad-input paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+import env_tm
+from checkpoints import load_checkpoint
+from run_log import read_jsonl
+from tm_config import Config
+
+FAST = [
+    "conv_channels_1=4",
+    "conv_channels_2=4",
+    "car_feature_hidden_dim=16",
+    "cosine_dim=8",
+    "hidden_dim=8",
+    "batch_size=4",
+    "max_buffer_size=512",
+    "ep_max_length=40",
+    "checkpoint_frequency=1",
+    "log_every_steps=10",
+]
+
+
+def command(root: Path, steps: int, *extra: str) -> list[str]:
+    args = [sys.executable, str(ROOT / "env_tm.py"), "--env", "embedded", "--steps", str(steps)]
+    args += ["--checkpoint-root", str(root), "--run-name", "e2e", "--device", "cpu", *extra]
+    for assignment in FAST:
+        args += ["--set", assignment]
+    return args
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    env.pop("WANDB_API_KEY", None)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def episodes_logged(path: Path) -> int:
+    if not path.exists():
+        return 0
+    return sum(1 for record in read_jsonl(path) if record["kind"] == "episode")
+
+
+def test_train_kill_resume_keeps_step_continuity_rotation_and_metrics(tmp_path):
+    run_dir = tmp_path / "e2e"
+    metrics = run_dir / "metrics.jsonl"
+    first = subprocess.Popen(
+        command(tmp_path, 400, "--fresh", "--no-wandb"),
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while episodes_logged(metrics) < 5 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert first.poll() is None, f"training ended before it could be killed:\n{first.stdout.read()}"
+    first.kill()  # SIGKILL on POSIX, TerminateProcess on Windows: no chance to clean up
+    first_output = first.communicate()[0]
+    assert "departures from the known-good config: " in first_output and "ep_max_length: 40" in first_output
+
+    periodic = sorted(run_dir.glob("ckpt_ep*_step*.pt"))
+    assert 1 <= len(periodic) <= 3, f"keep the last 3 checkpoints, found {[p.name for p in periodic]}"
+    killed_at = load_checkpoint(run_dir / "latest.pt")
+    assert killed_at["step"] % 40 == 0 and killed_at["episode"] == killed_at["step"] // 40
+    assert killed_at["step"] >= 120
+
+    second = subprocess.run(
+        command(tmp_path, 400, "--resume", "--no-wandb"),
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"from latest.pt: step {killed_at['step']:,}, episode {killed_at['episode']:,}" in second.stdout
+
+    final = load_checkpoint(run_dir / "latest.pt")
+    assert final["step"] == 400 and final["episode"] == 10
+    assert final["agent"]["learn_steps"] == 400 - 4 + 1, "one learn step per env step once a batch is stored"
+    assert len(sorted(run_dir.glob("ckpt_ep*_step*.pt"))) == 3
+    assert [p.name for p in sorted(run_dir.glob("ckpt_ep*_step*.pt"))] == [
+        "ckpt_ep0000008_step0000000320.pt",
+        "ckpt_ep0000009_step0000000360.pt",
+        "ckpt_ep0000010_step0000000400.pt",
+    ]
+    assert (run_dir / "best.pt").exists()
+    assert not list(run_dir.glob("*.tmp"))
+
+    records = read_jsonl(metrics)
+    episodes = [r for r in records if r["kind"] == "episode"]
+    assert [r["episode"] for r in episodes] == list(range(1, 11)), "each episode logged exactly once"
+    assert [r["step"] for r in episodes] == [40 * i for i in range(1, 11)]
+    steps = [r for r in records if r["kind"] == "step"]
+    assert steps and all(np.isfinite(r["loss"]) and r["learning_rate"] == 0.0001 for r in steps)
+    assert [r["step"] for r in steps] == sorted({r["step"] for r in steps}), "no step logged twice"
+    epsilons = [r["epsilon"] for r in episodes]
+    assert epsilons == sorted(epsilons, reverse=True) and epsilons[0] < 1.0
+    starts = [r for r in records if r["kind"] == "run" and r["event"] == "start"]
+    assert [r["step"] for r in starts] == [0, killed_at["step"]]
+
+
+def test_offline_wandb_run_is_resumed_with_the_same_id(tmp_path):
+    first = subprocess.run(
+        command(tmp_path, 40, "--fresh"), env=child_env(), capture_output=True, text=True, timeout=300
+    )
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "W&B offline (no WANDB_API_KEY)" in first.stdout and "wandb sync" in first.stdout
+    run_id = load_checkpoint(tmp_path / "e2e" / "latest.pt")["wandb_run_id"]
+    assert run_id
+    offline_runs = list((tmp_path / "e2e" / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert offline_runs, "W&B wrote its offline files in the run folder"
+
+    second = subprocess.run(
+        command(tmp_path, 80, "--resume"), env=child_env(), capture_output=True, text=True, timeout=300
+    )
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert load_checkpoint(tmp_path / "e2e" / "latest.pt")["wandb_run_id"] == run_id
+    config_file = next((tmp_path / "e2e" / "wandb").glob(f"offline-run-*-{run_id}/files/config.yaml"), None)
+    if config_file is not None:
+        assert "departures_from_known_good" in config_file.read_text()
+
+
+# --- bad input: one line each --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("foo=1", "unknown config key 'foo'"),
+        ("batch_size=many", "batch_size='many' has the wrong type: expected int"),
+        ("discount_factor=1.0", "discount_factor=1.0 is out of range"),
+        ("batch_size=1000", "batch_size=1000 must not exceed max_buffer_size=512"),
+    ],
+)
+def test_bad_overrides_fail_with_one_line(tmp_path, capsys, assignment, message):
+    code = env_tm.main(
+        ["--env", "embedded", "--steps", "10", "--checkpoint-root", str(tmp_path), "--no-wandb"]
+        + sum((["--set", a] for a in ["max_buffer_size=512", assignment]), [])
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == env_tm.EXIT_ERROR
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_help_lists_every_option():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "env_tm.py"), "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0
+    for option in ["--env", "--steps", "--device", "--seed", "--run-name", "--resume", "--fresh", "--set"]:
+        assert option in result.stdout
+    assert "--no-wandb" in result.stdout
+
+
+def observation(images: np.ndarray) -> tuple:
+    one = np.array([1.0], np.float32)
+    zeros = np.zeros(3, np.float32)
+    return (one * 120, one * 3, one * 5000, images, zeros, zeros)
+
+
+def test_split_observation_takes_speed_gear_rpm_and_frames():
+    frames, car = env_tm.split_observation(observation(np.full((4, 64, 64), 7, np.uint8)), Config())
+    assert frames.shape == (4, 64, 64) and frames.dtype == np.uint8 and frames[0, 0, 0] == 7
+    assert car.tolist() == [120.0, 3.0, 5000.0] and car.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    ("obs", "message"),
+    [
+        (observation(np.zeros((1, 64, 64), np.uint8)), "images have shape (1, 64, 64), expected (4, 64, 64)"),
+        (observation(np.zeros((4, 96, 96, 3), np.uint8)), "expected (4, 64, 64)"),
+        (observation(np.zeros((4, 64, 64), np.uint8))[:4], "6-part TM20FULL tuple, got a tuple of length 4"),
+        (np.zeros(10), "6-part TM20FULL tuple"),
+    ],
+)
+def test_wrong_observation_shape_is_named_in_one_line(obs, message):
+    with pytest.raises(env_tm.ObservationError, match=None) as error:
+        env_tm.split_observation(obs, Config())
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_non_finite_car_floats_are_rejected():
+    obs = list(observation(np.zeros((4, 64, 64), np.uint8)))
+    obs[0] = np.array([np.nan], np.float32)
+    with pytest.raises(env_tm.ObservationError, match="not finite"):
+        env_tm.split_observation(tuple(obs), Config())
+
+
+def test_metrics_records_are_valid_json_lines(tmp_path):
+    code = env_tm.main(
+        [
+            "--env",
+            "embedded",
+            "--steps",
+            "50",
+            "--checkpoint-root",
+            str(tmp_path),
+            "--run-name",
+            "j",
+            "--no-wandb",
+        ]
+        + sum((["--set", a] for a in FAST), [])
+    )
+    assert code == env_tm.EXIT_OK
+    lines = (tmp_path / "j" / "metrics.jsonl").read_text().splitlines()
+    kinds = [json.loads(line)["kind"] for line in lines]
+    assert kinds[0] == "run" and kinds[-1] == "run" and "episode" in kinds and "step" in kinds
