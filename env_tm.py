@@ -29,6 +29,13 @@ from rainbow import ACTION_VECTORS, RainbowAgent, epsilon_at, resolve_device
 from replay import PrioritizedReplay
 from run_log import RunLog, truncate_after_step
 from tm_config import Config, ConfigError, describe_departures
+# trackmania.py imports tmrl lazily (it installs only on Windows): importing it here costs nothing.
+from trackmania import (
+    GameNotRespondingError,
+    TrackManiaSetupError,
+    check_tmrl_available,
+    make_trackmania_env,
+)
 
 # Config keys that fix the shapes of the networks and the replay memory: a checkpoint made with other
 # values cannot be loaded into this run.
@@ -93,13 +100,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_environment(choice: str, config: Config, seed: int) -> tuple[Any, str]:
     """Returns (env, name). `auto` falls back to the embedded track and says why in one line."""
     if choice in ("auto", "trackmania"):
-        import trackmania
-
-        reason = trackmania.check_tmrl_available()
+        reason = check_tmrl_available(config)
         if reason is None:
-            return trackmania.make_trackmania_env(config), "trackmania"
+            return make_trackmania_env(config), "trackmania"
         if choice == "trackmania":
-            raise trackmania.TrackManiaSetupError(f"--env trackmania: {reason}")
+            raise TrackManiaSetupError(f"--env trackmania: {reason}")
         print(f"TrackMania not used: {reason}. Training on the embedded track instead.", flush=True)
     from embedded_track import make_embedded_track
 
@@ -317,15 +322,21 @@ def train(args: argparse.Namespace) -> int:
 
             if len(replay) >= config.batch_size:
                 last_metrics = agent.train()
+                if last_metrics["skipped"]:
+                    log.write("event", run.step, level="warning", name="nonfinite_step_skipped")
                 if agent.consecutive_skipped_steps >= config.max_consecutive_nonfinite_steps:
                     raise TrainingStoppedError(
                         f"{agent.consecutive_skipped_steps} learn steps in a row had a non-finite loss or "
                         f"gradient (all skipped, weights untouched); last checkpoint: {store.latest_path}"
                     )
-                if last_metrics["skipped"]:
-                    log.write("event", run.step, level="warning", name="nonfinite_step_skipped")
                 if agent.learn_steps % config.log_every_steps == 0:
-                    log.write("step", run.step, steps_per_second=progress.rate(run.step), **last_metrics)
+                    log.write(
+                        "step",
+                        run.step,
+                        steps_per_second=progress.rate(run.step),
+                        time_step_timeouts=getattr(env, "time_step_timeouts", 0),
+                        **last_metrics,
+                    )
 
             progress.show(
                 run.step,
@@ -362,6 +373,11 @@ def train(args: argparse.Namespace) -> int:
         )
         log.write("run", run.step, event="finished", episodes=run.episode)
         return EXIT_OK
+    except GameNotRespondingError:
+        save(is_periodic=False)
+        progress.message(f"the game stopped answering at step {run.step:,}: saved {store.latest_path}")
+        log.write("run", run.step, event="game_not_responding")
+        raise
     except KeyboardInterrupt:
         save(is_periodic=False)
         progress.message(f"interrupted at step {run.step:,}: saved {store.latest_path}; resume with --resume")
@@ -379,12 +395,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, ObservationError, TrainingStoppedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
-    except Exception as error:
-        # Environment setup errors (missing game, plugin, TmrlData) carry their fix in one line.
-        if type(error).__name__ in ("TrackManiaSetupError", "GameNotRespondingError"):
-            print(f"error: {error}", file=sys.stderr)
-            return EXIT_GAME
-        raise
+    except (TrackManiaSetupError, GameNotRespondingError) as error:
+        # A missing game, plugin or TmrlData, or a game that stopped answering: the message says what to do.
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_GAME
 
 
 if __name__ == "__main__":

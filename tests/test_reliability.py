@@ -1,0 +1,254 @@
+"""Reliability as a user meets it: kills mid-run and mid-write, damaged checkpoints, NaNs, a dead game."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import time
+from collections import namedtuple
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from test_env_tm import child_env
+
+import env_tm
+from checkpoints import load_checkpoint
+from replay import PrioritizedReplay
+from run_log import read_jsonl
+from tm_config import Config
+from trackmania import GameNotRespondingError
+
+EPISODE = 20  # steps per (truncated) episode; one checkpoint per episode
+CRASH_SETTINGS = [
+    "conv_channels_1=4",
+    "conv_channels_2=4",
+    "car_feature_hidden_dim=16",
+    "cosine_dim=8",
+    "hidden_dim=8",
+    "batch_size=4",
+    "max_buffer_size=4096",  # ~18 MB of replay per checkpoint: writes last long enough to be hit
+    f"ep_max_length={EPISODE}",
+    "checkpoint_frequency=1",
+    "log_every_steps=5",
+]
+
+
+def run_args(root: Path, steps: int, *extra: str, settings: list[str] = CRASH_SETTINGS) -> list[str]:
+    args = ["--env", "embedded", "--steps", str(steps), "--checkpoint-root", str(root), "--run-name", "r"]
+    args += ["--device", "cpu", "--no-wandb", *extra]
+    for assignment in settings:
+        args += ["--set", assignment]
+    return args
+
+
+def latest_logged_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return max((r["step"] for r in read_jsonl(path)), default=0) if path.exists() else 0
+
+
+def run_starts(run_dir: Path) -> int:
+    """How many processes have started training in this run folder (one "start" record each)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return sum(1 for r in read_jsonl(path) if r["kind"] == "run" and r.get("event") == "start")
+
+
+def test_twenty_sigkills_including_mid_write_lose_at_most_one_interval(tmp_path):
+    run_dir = tmp_path / "r"
+    chooser = random.Random(1234)
+    previous_checkpoint_step = 0
+    writes_hit = 0
+    for cycle in range(20):
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "env_tm.py"), *run_args(tmp_path, 10**6, "--resume")],
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        # Half the kills land while a checkpoint file is being written, half at a random moment.
+        during_write = cycle % 2 == 0
+        delay = chooser.uniform(0.3, 2.5)
+        started = None
+        deadline = time.monotonic() + 120
+        while process.poll() is None and time.monotonic() < deadline:
+            if started is None and run_starts(run_dir) > cycle:
+                started = time.monotonic()  # this process has resumed and is training
+            if started is not None:
+                if during_write and list(run_dir.glob("*.tmp")):
+                    writes_hit += 1
+                    break
+                if not during_write and time.monotonic() - started > delay:
+                    break
+            time.sleep(0.001 if during_write else 0.02)
+        assert process.poll() is None, f"cycle {cycle}: the run ended by itself:\n{process.stdout.read()}"
+        process.kill()
+        output = process.communicate()[0]
+
+        resumed = f"from latest.pt: step {previous_checkpoint_step:,},"
+        assert previous_checkpoint_step == 0 or resumed in output, f"cycle {cycle}:\n{output}"
+        assert "skipped:" not in output, f"cycle {cycle}: a checkpoint was damaged by the kill:\n{output}"
+        # A kill during the very first write leaves no checkpoint at all: the run restarts from step 0.
+        latest = run_dir / "latest.pt"
+        checkpoint = load_checkpoint(latest) if latest.exists() else {"step": 0}
+        assert checkpoint["step"] >= previous_checkpoint_step, "the step counter went backwards"
+        lost = latest_logged_step(run_dir) - checkpoint["step"]
+        assert lost <= EPISODE, f"cycle {cycle}: {lost} steps of work lost, more than one checkpoint interval"
+        previous_checkpoint_step = checkpoint["step"]
+
+    assert writes_hit >= 5, f"only {writes_hit} kills landed during a checkpoint write"
+    assert previous_checkpoint_step >= 10 * EPISODE
+    # The replay memory that comes back is consistent, and matches the step count.
+    final = load_checkpoint(run_dir / "latest.pt")
+    config = Config.from_dict(final["config"])
+    replay = PrioritizedReplay.from_config(config, seed=0)
+    replay.load_state_dict(final["replay"])
+    replay.check_consistency()
+    assert len(replay) == min(final["step"], config.max_buffer_size)
+    assert final["episode"] == final["step"] // EPISODE
+
+
+def train_briefly(tmp_path: Path, steps: int = 3 * EPISODE) -> Path:
+    assert env_tm.main(run_args(tmp_path, steps, "--fresh")) == env_tm.EXIT_OK
+    return tmp_path / "r"
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_newest_good_one(tmp_path, capsys):
+    run_dir = train_briefly(tmp_path)
+    latest = run_dir / "latest.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])  # a truncated file, as a full disk would leave
+    capsys.readouterr()
+    assert env_tm.main(run_args(tmp_path, 4 * EPISODE, "--resume")) == env_tm.EXIT_OK
+    out = capsys.readouterr().out
+    assert f"skipped: checkpoint {latest} is unreadable (truncated or corrupt)" in out
+    assert "falling back to the newest good checkpoint: ckpt_ep0000003_step0000000060.pt" in out
+    assert load_checkpoint(latest)["step"] == 4 * EPISODE
+
+
+def test_checkpoint_of_an_incompatible_config_is_refused_in_one_line(tmp_path, capsys):
+    train_briefly(tmp_path)
+    capsys.readouterr()
+    settings = [s for s in CRASH_SETTINGS if not s.startswith("hidden_dim")] + ["hidden_dim=16"]
+    code = env_tm.main(run_args(tmp_path, 4 * EPISODE, "--resume", settings=settings))
+    err = capsys.readouterr().err.strip()
+    assert code == env_tm.EXIT_ERROR and "\n" not in err
+    assert "incompatible config: hidden_dim=8 (run: 16)" in err and "(use --fresh to start over)" in err
+
+
+def test_unwritable_checkpoint_folder_fails_before_training(tmp_path, capsys):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    code = env_tm.main(run_args(blocker, 10, "--fresh"))
+    err = capsys.readouterr().err.strip()
+    assert code == env_tm.EXIT_ERROR and "\n" not in err
+    assert err.startswith("error: checkpoint folder") and "is not writable" in err
+
+
+def test_full_disk_fails_before_training(tmp_path, capsys, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("checkpoints.shutil.disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))
+    code = env_tm.main(run_args(tmp_path, 10, "--fresh"))
+    err = capsys.readouterr().err.strip()
+    assert code == env_tm.EXIT_ERROR and "not enough free disk space" in err and "\n" not in err
+    assert not list((tmp_path / "r").glob("*.pt")), "nothing was trained or written"
+
+
+class PoisonedRewards:
+    """The embedded track, but every reward is NaN (a broken reward function)."""
+
+    def __init__(self, env):
+        self.env = env
+
+    def reset(self, **kwargs):
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        obs, _, terminated, truncated, info = self.env.step(action)
+        return obs, float("nan"), terminated, truncated, info
+
+    def close(self):
+        self.env.close()
+
+
+def test_consecutive_non_finite_learn_steps_stop_the_run_with_a_clear_message(tmp_path, capsys, monkeypatch):
+    real_build = env_tm.build_environment
+    monkeypatch.setattr(
+        env_tm, "build_environment", lambda *a: (PoisonedRewards(real_build(*a)[0]), "embedded")
+    )
+    settings = CRASH_SETTINGS + ["max_consecutive_nonfinite_steps=5"]
+    code = env_tm.main(run_args(tmp_path, 200, "--fresh", settings=settings))
+    err = capsys.readouterr().err.strip()
+    assert code == env_tm.EXIT_ERROR and "\n" not in err
+    assert "5 learn steps in a row had a non-finite loss or gradient" in err
+    events = [r for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if r["kind"] == "event"]
+    assert [e["name"] for e in events] == ["nonfinite_step_skipped"] * 5
+    assert events[0]["step"] == 4, "the first learn step (4 transitions stored) was already skipped"
+
+
+class DyingGame:
+    """An env whose game stops answering after a few steps, as trackmania.TrackManiaEnv reports it."""
+
+    def __init__(self, env, steps_before_death: int):
+        self.env, self.remaining = env, steps_before_death
+
+    def reset(self, **kwargs):
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        self.remaining -= 1
+        if self.remaining < 0:
+            raise GameNotRespondingError(
+                "the game did not answer step() within 10 s: check that TrackMania is running, its window "
+                "is visible and the OpenPlanet plugin 'TMRL Grab Data' is loaded"
+            )
+        return self.env.step(action)
+
+    def close(self):
+        self.env.close()
+
+
+def test_a_game_that_stops_answering_ends_with_advice_after_saving(tmp_path, capsys, monkeypatch):
+    real_build = env_tm.build_environment
+    monkeypatch.setattr(
+        env_tm, "build_environment", lambda *a: (DyingGame(real_build(*a)[0], 30), "trackmania")
+    )
+    code = env_tm.main(run_args(tmp_path, 200, "--fresh"))
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert code == env_tm.EXIT_GAME and "\n" not in err
+    assert "OpenPlanet plugin 'TMRL Grab Data'" in err
+    saved = load_checkpoint(tmp_path / "r" / "latest.pt")
+    assert saved["step"] == 30, "the work up to the failure was saved"
+    assert "the game stopped answering at step 30" in captured.out
+
+
+@pytest.mark.parametrize("steps", ["0", "-5"])
+def test_nonpositive_steps_is_a_usage_error(steps, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        env_tm.parse_args(["--steps", steps])
+    assert exit_info.value.code == 2
+    assert "--steps must be >= 1" in capsys.readouterr().err
+
+
+def test_wrong_observation_from_the_env_is_named(tmp_path, capsys, monkeypatch):
+    class SmallFrames:
+        def __init__(self, env):
+            self.env = env
+
+        def reset(self, **kwargs):
+            obs, info = self.env.reset(**kwargs)
+            return (*obs[:3], np.asarray(obs[3])[:1], *obs[4:]), info
+
+        def close(self):
+            self.env.close()
+
+    real_build = env_tm.build_environment
+    monkeypatch.setattr(env_tm, "build_environment", lambda *a: (SmallFrames(real_build(*a)[0]), "embedded"))
+    code = env_tm.main(run_args(tmp_path, 10, "--fresh"))
+    err = capsys.readouterr().err.strip()
+    assert code == env_tm.EXIT_ERROR
+    assert err == "error: observation images have shape (1, 64, 64), expected (4, 64, 64)"
