@@ -29,8 +29,7 @@ from rainbow import ACTION_VECTORS, RainbowAgent, epsilon_at, resolve_device
 from replay import PrioritizedReplay
 from run_log import RunLog, truncate_after_step
 from tm_config import Config, ConfigError, describe_departures
-# trackmania.py imports tmrl lazily (it installs only on Windows): importing it here costs nothing.
-from trackmania import (
+from trackmania import (  # imports tmrl lazily (Windows-only): importing this module costs nothing
     GameNotRespondingError,
     TrackManiaSetupError,
     check_tmrl_available,
