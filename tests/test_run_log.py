@@ -1,0 +1,108 @@
+"""run_log.py: the JSONL record, truncation on resume, and W&B failures that never stop training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import run_log
+from run_log import RunLog, read_jsonl, truncate_after_step
+
+
+def test_records_are_one_json_object_per_line_with_non_finite_values_kept(tmp_path):
+    log = RunLog(tmp_path)
+    log.write("step", 10, loss=float("nan"), q_mean=1.5)
+    log.write("episode", 20, reward=float("-inf"), episode=1)
+    log.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    first, second = (json.loads(line) for line in lines)
+    assert (
+        first["kind"] == "step" and first["step"] == 10 and first["loss"] == "nan" and first["q_mean"] == 1.5
+    )
+    assert second["reward"] == "-inf" and second["episode"] == 1
+
+
+def test_a_half_written_last_line_is_ignored(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "step", "step": 1}\n{"kind": "step", "st')
+    assert read_jsonl(path) == [{"kind": "step", "step": 1}]
+
+
+def test_truncate_after_step_drops_work_that_is_being_redone(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"kind": "step", "step": s}) + "\n" for s in (10, 20, 30, 40)))
+    assert truncate_after_step(path, 20) == 2
+    assert [r["step"] for r in read_jsonl(path)] == [10, 20]
+    assert truncate_after_step(tmp_path / "missing.jsonl", 5) == 0
+
+
+class FakeWandb:
+    """Mimics the parts of the wandb module RunLog uses: init() -> run with log/summary/finish/dir/id."""
+
+    class Settings:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    def __init__(self, fail_init=False, fail_log=False):
+        self.fail_init, self.fail_log, self.logged, self.init_kwargs = fail_init, fail_log, [], None
+
+    def init(self, **kwargs):
+        if self.fail_init:
+            raise ConnectionError("api.wandb.ai unreachable")
+        self.init_kwargs = kwargs
+        outer = self
+
+        class Run:
+            id = kwargs.get("id") or "abc123"
+            dir = str(kwargs["dir"]) + "/wandb/offline-run-x/files"
+            url = "https://wandb.ai/x"
+            summary: dict = {}
+
+            def log(self, payload, step):
+                if outer.fail_log:
+                    raise OSError("disk full")
+                outer.logged.append((step, payload))
+
+            def finish(self):
+                pass
+
+        return Run()
+
+
+def test_wandb_offline_without_api_key_and_same_id_on_resume(tmp_path, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(__import__("sys").modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    log = RunLog(tmp_path)
+    run_id = log.start_wandb(
+        "proj", "run", "resume-me", {"lr": 1e-4}, {"batch_size": {"pinned": 32, "used": 64}}
+    )
+    assert run_id == "resume-me"
+    assert fake.init_kwargs["mode"] == "offline" and fake.init_kwargs["resume"] == "allow"
+    assert fake.init_kwargs["config"]["departures_from_known_good"] == {
+        "batch_size": {"pinned": 32, "used": 64}
+    }
+    assert "W&B offline (no WANDB_API_KEY)" in log.wandb_note and "wandb sync" in log.wandb_note
+    log.write("episode", 40, reward=3.0)
+    log.write("event", 41, level="red_flag", name="q_negative", message="Q -12 < -10")
+    assert fake.logged[0] == (40, {"episode/reward": 3.0})
+    log.close()
+
+
+@pytest.mark.parametrize("failure", ["init", "log"])
+def test_wandb_failure_is_reported_once_and_jsonl_continues(tmp_path, monkeypatch, failure):
+    fake = FakeWandb(fail_init=failure == "init", fail_log=failure == "log")
+    monkeypatch.setitem(__import__("sys").modules, "wandb", fake)
+    log = RunLog(tmp_path)
+    log.start_wandb("proj", "run", None, {}, {})
+    log.write("step", 1, loss=1.0)
+    log.write("step", 2, loss=0.5)
+    log.close()
+    assert "JSONL only" in log.wandb_note
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_metrics_file_name_is_stable():
+    assert run_log.METRICS_FILE == "metrics.jsonl"
