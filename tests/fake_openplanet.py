@@ -1,0 +1,372 @@
+"""A fake TrackMania for the tests: every part of the game that tmrl touches, and no part of tmrl.
+
+- `FakeOpenPlanet`: a loopback TCP server speaking the protocol of the OpenPlanet plugin "TMRL Grab Data".
+  Like the plugin, it serves one client at a time and, while one is connected, sends a frame of 11
+  little-endian float32 (speed, distance, x, y, z, steer, gas, brake, finished, gear, rpm) once per "game
+  frame", whether or not the client reads; when the client leaves, it listens again. It can be frozen
+  (connection kept, nothing sent: a hung game).
+- `FakeScreen`: the game window as tmrl's `WindowInterface` sees it; `screenshot()` returns BGRA uint8
+  (height, width, 4) like the Windows capture, a picture that changes at every capture unless frozen.
+- `ControlRecorder`: the keyboard, the mouse and (through a fake `vgamepad` module) the virtual gamepad;
+  it records what tmrl sends, and pressing "respawn" puts the fake car back at the start.
+- `write_tmrl_data`: a TmrlData folder (config.json with tmrl's documented defaults, reward trajectory).
+- `install_fake_game`: points tmrl's module attributes at the fakes (tmrl must be imported first).
+- `block_internet`: any connection beyond loopback raises.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pickle
+import socket
+import struct
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+FRAME = struct.Struct("<11f")
+FIELDS = ("speed", "distance", "x", "y", "z", "steer", "gas", "brake", "finished", "gear", "rpm")
+GAMEPAD_A = 0x1000  # the buttons tmrl presses (XUSB codes): A closes the finish pop-up, B respawns
+GAMEPAD_B = 0x2000
+
+
+class FakeOpenPlanet:
+    """The telemetry server of the "TMRL Grab Data" plugin, on 127.0.0.1 and a free port."""
+
+    def __init__(self, frame_interval: float = 0.005, **state: float) -> None:
+        self.frame_interval = frame_interval  # 200 "game frames" per second
+        self.state = dict.fromkeys(FIELDS, 0.0)
+        self.set_state(gear=1.0, rpm=1000.0, **state)
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._sending = threading.Event()
+        self._sending.set()
+        self._closed = threading.Event()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._server.settimeout(0.1)  # lets close() stop the accept loop
+        self.port: int = self._server.getsockname()[1]
+        threading.Thread(target=self._serve, name="fake openplanet", daemon=True).start()
+
+    def set_state(self, **fields: float) -> None:
+        unknown = set(fields) - set(FIELDS)
+        if unknown:
+            raise KeyError(f"the plugin sends no {sorted(unknown)}")
+        self.state.update({name: float(value) for name, value in fields.items()})
+
+    def respawn(self) -> None:
+        """What the game does when tmrl presses "respawn": the car is back, still, at the start."""
+        self.set_state(speed=0.0, distance=0.0, x=0.0, y=0.0, z=0.0, finished=0.0)
+
+    def freeze(self) -> None:
+        self._sending.clear()
+
+    def frame(self) -> bytes:
+        return FRAME.pack(*(self.state[name] for name in FIELDS))
+
+    def close(self) -> None:
+        self._closed.set()
+        self._server.close()
+
+    def _serve(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            except OSError:  # closed
+                return
+            self.connections += 1
+            with client:
+                while not self._closed.is_set():
+                    if self._sending.is_set():
+                        try:
+                            client.sendall(self.frame())
+                        except OSError:  # the client left: listen again, as the plugin does
+                            break
+                    time.sleep(self.frame_interval)
+
+
+class FakeScreen:
+    """The game window; `window_interface_class()` gives the class that replaces tmrl's WindowInterface."""
+
+    def __init__(self) -> None:
+        self.frozen = False  # the same picture at every capture
+        self.delay = 0.0  # seconds each capture takes (a PC too slow for 20 Hz)
+        self.error: str | None = None  # the window is gone: captures raise like tmrl's Windows capture
+        self.captures = 0
+        self.window_names: list[str] = []
+        self.resizes: list[tuple[int, int, int, int]] = []
+        self.size = (0, 0)  # (width, height), set by move_and_resize
+
+    def window_interface_class(self, default_width: int, default_height: int) -> type:
+        screen = self
+
+        class FakeWindowInterface:
+            def __init__(self, window_name: str) -> None:
+                screen.window_names.append(window_name)
+
+            def move_and_resize(
+                self, x: int = 1, y: int = 0, w: int = default_width, h: int = default_height
+            ):
+                screen.resizes.append((x, y, w, h))
+                screen.size = (w, h)
+
+            def screenshot(self) -> np.ndarray:
+                return screen.capture()
+
+        return FakeWindowInterface
+
+    def capture(self) -> np.ndarray:
+        if self.error is not None:
+            raise AssertionError(self.error)
+        if self.delay:
+            time.sleep(self.delay)
+        if not self.frozen:
+            self.captures += 1
+        width, height = self.size
+        # Diagonal stripes that move at every capture, so every downscaled grayscale frame differs.
+        stripes = (np.add.outer(np.arange(height), np.arange(width)) * 4 + self.captures * 16) % 256
+        image = np.empty((height, width, 4), dtype=np.uint8)
+        image[..., 0] = stripes  # B
+        image[..., 1] = 255 - stripes  # G
+        image[..., 2] = stripes // 2  # R
+        image[..., 3] = 255  # A
+        return image
+
+
+class ControlRecorder:
+    """The keyboard, mouse and virtual gamepad, recording every control tmrl sends as a tuple in `events`."""
+
+    def __init__(self, on_respawn: Any = None) -> None:
+        self.events: list[tuple] = []
+        self.on_respawn = on_respawn
+
+    def _respawn(self) -> None:
+        if self.on_respawn is not None:
+            self.on_respawn()
+
+    # tmrl.custom.tm.utils.control_keyboard
+    def apply_control(self, action: list[str], window_id: Any = None) -> None:
+        self.events.append(("keys", sorted(action)))
+
+    def keyres(self) -> None:
+        self.events.append(("respawn key",))
+        self._respawn()
+
+    # tmrl.custom.tm.utils.control_mouse
+    def mouse_close_finish_pop_up_tm20(self, small_window: bool = False) -> None:
+        self.events.append(("click pop-up",))
+
+    def vgamepad_module(self) -> types.ModuleType:
+        """A stand-in for the `vgamepad` package, whose VX360Gamepad records into this recorder."""
+        recorder = self
+
+        class VX360Gamepad:
+            def right_trigger_float(self, value_float: float) -> None:
+                recorder.events.append(("right_trigger_float", float(value_float)))
+
+            def left_trigger_float(self, value_float: float) -> None:
+                recorder.events.append(("left_trigger_float", float(value_float)))
+
+            def left_joystick_float(self, x_value_float: float, y_value_float: float) -> None:
+                recorder.events.append(("left_joystick_float", float(x_value_float), float(y_value_float)))
+
+            def press_button(self, button: int) -> None:
+                recorder.events.append(("press_button", int(button)))
+                if button == GAMEPAD_B:
+                    recorder._respawn()
+
+            def release_button(self, button: int) -> None:
+                recorder.events.append(("release_button", int(button)))
+
+            def reset(self) -> None:
+                recorder.events.append(("reset",))
+
+            def update(self) -> None:
+                pass
+
+        module = types.ModuleType("vgamepad")
+        module.VX360Gamepad = VX360Gamepad
+        return module
+
+
+# tmrl's documented config.json (its reference guide) for the screenshot environment, with local-only
+# networking and placeholder credentials.
+TMRL_CONFIG: dict[str, Any] = {
+    "RUN_NAME": "rainbow_tm_test",
+    "RESET_TRAINING": False,
+    "BUFFERS_MAXLEN": 500000,
+    "RW_MAX_SAMPLES_PER_EPISODE": 1000,
+    "CUDA_TRAINING": False,
+    "CUDA_INFERENCE": False,
+    "VIRTUAL_GAMEPAD": True,
+    "LOCALHOST_WORKER": True,
+    "LOCALHOST_TRAINER": True,
+    "PUBLIC_IP_SERVER": "127.0.0.1",
+    "PASSWORD": "not-a-secret",
+    "TLS": False,
+    "TLS_HOSTNAME": "default",
+    "TLS_CREDENTIALS_DIRECTORY": "",
+    "NB_WORKERS": -1,
+    "WANDB_PROJECT": "tmrl",
+    "WANDB_ENTITY": "tmrl",
+    "WANDB_KEY": "tmrl-public-key",
+    "PORT": 55555,
+    "LOCAL_PORT_SERVER": 55556,
+    "LOCAL_PORT_TRAINER": 55557,
+    "LOCAL_PORT_WORKER": 55558,
+    "BUFFER_SIZE": 536870912,
+    "HEADER_SIZE": 12,
+    "MAX_EPOCHS": 10000,
+    "ROUNDS_PER_EPOCH": 100,
+    "TRAINING_STEPS_PER_ROUND": 200,
+    "MAX_TRAINING_STEPS_PER_ENVIRONMENT_STEP": 4.0,
+    "ENVIRONMENT_STEPS_BEFORE_TRAINING": 1000,
+    "UPDATE_MODEL_INTERVAL": 200,
+    "UPDATE_BUFFER_INTERVAL": 200,
+    "SAVE_MODEL_EVERY": 0,
+    "MEMORY_SIZE": 1000000,
+    "BATCH_SIZE": 256,
+    "ALG": {
+        "ALGORITHM": "SAC",
+        "LEARN_ENTROPY_COEF": False,
+        "LR_ACTOR": 0.00001,
+        "LR_CRITIC": 0.00005,
+        "LR_ENTROPY": 0.0003,
+        "GAMMA": 0.995,
+        "POLYAK": 0.995,
+        "TARGET_ENTROPY": -0.5,
+        "ALPHA": 0.01,
+        "REDQ_N": 10,
+        "REDQ_M": 2,
+        "REDQ_Q_UPDATES_PER_POLICY_UPDATE": 20,
+        "OPTIMIZER_ACTOR": "adam",
+        "OPTIMIZER_CRITIC": "adam",
+        "BETAS_ACTOR": [0.997, 0.997],
+        "BETAS_CRITIC": [0.997, 0.997],
+        "L2_ACTOR": 0.0,
+        "L2_CRITIC": 0.0,
+    },
+    "ENV": {
+        "RTGYM_INTERFACE": "TM20FULL",
+        "WINDOW_WIDTH": 256,
+        "WINDOW_HEIGHT": 128,
+        "IMG_WIDTH": 64,
+        "IMG_HEIGHT": 64,
+        "IMG_GRAYSCALE": True,
+        "SLEEP_TIME_AT_RESET": 1.5,
+        "IMG_HIST_LEN": 4,
+        "RTGYM_CONFIG": {
+            "time_step_duration": 0.05,
+            "start_obs_capture": 0.04,
+            "time_step_timeout_factor": 1.0,
+            "act_buf_len": 2,
+            "benchmark": False,
+            "wait_on_done": True,
+            "ep_max_length": 1000,
+            "interface_kwargs": {"save_replays": False},
+        },
+        "REWARD_CONFIG": {
+            "END_OF_TRACK": 100.0,
+            "CONSTANT_PENALTY": 0.0,
+            "CHECK_FORWARD": 500,
+            "CHECK_BACKWARD": 10,
+            "FAILURE_COUNTDOWN": 10,
+            "MIN_STEPS": 70,
+            "MAX_STRAY": 100.0,
+        },
+    },
+    "__VERSION__": "0.6.0",
+}
+
+
+def reward_trajectory(length_m: float = 100.0) -> np.ndarray:
+    """A straight track along x, as `python -m tmrl --record-reward` stores it: one point every 0.1 m."""
+    points = np.zeros((int(round(length_m * 10)) + 1, 3))
+    points[:, 0] = np.linspace(0.0, length_m, len(points))
+    return points
+
+
+def write_tmrl_data(
+    home: Path,
+    changes: dict[str, Any] | None = None,
+    remove: tuple[str, ...] = (),
+    reward: bool = True,
+) -> Path:
+    """Create `home`/TmrlData as `python -m tmrl --install` would; `changes`/`remove` use dotted keys."""
+    values = json.loads(json.dumps(TMRL_CONFIG))
+    for dotted, value in (changes or {}).items():
+        *parents, last = dotted.split(".")
+        tree = values
+        for part in parents:
+            tree = tree[part]
+        tree[last] = value
+    for dotted in remove:
+        *parents, last = dotted.split(".")
+        tree = values
+        for part in parents:
+            tree = tree[part]
+        del tree[last]
+    folder = home / "TmrlData"
+    for sub in ("checkpoints", "config", "dataset", "reward", "weights"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    (folder / "config" / "config.json").write_text(json.dumps(values, indent=2), encoding="utf-8")
+    if reward:
+        with (folder / "reward" / "reward.pkl").open("wb") as file:
+            pickle.dump(reward_trajectory(), file)
+    return folder
+
+
+def install_fake_game(
+    monkeypatch: pytest.MonkeyPatch, port: int, screen: FakeScreen, recorder: ControlRecorder
+) -> None:
+    """Point tmrl's TrackMania interface at the fakes; only the game is replaced, tmrl's code runs as is."""
+    import tmrl.config.config_constants as cfg
+    from tmrl.custom.tm import tm_gym_interfaces
+    from tmrl.custom.tm.utils.tools import TM2020OpenPlanetClient
+
+    window_class = screen.window_interface_class(cfg.WINDOW_WIDTH, cfg.WINDOW_HEIGHT)
+    monkeypatch.setattr(tm_gym_interfaces, "WindowInterface", window_class)
+    # tmrl's real client, connecting to the fake plugin's port instead of 9000.
+    client = functools.partial(TM2020OpenPlanetClient, port=port)
+    monkeypatch.setattr(tm_gym_interfaces, "TM2020OpenPlanetClient", client)
+    monkeypatch.setattr(tm_gym_interfaces, "apply_control", recorder.apply_control)
+    monkeypatch.setattr(tm_gym_interfaces, "keyres", recorder.keyres)
+    monkeypatch.setattr(
+        tm_gym_interfaces, "mouse_close_finish_pop_up_tm20", recorder.mouse_close_finish_pop_up_tm20
+    )
+    monkeypatch.setitem(sys.modules, "vgamepad", recorder.vgamepad_module())
+
+
+_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+def block_internet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every connection or name lookup beyond loopback raise, so a test cannot download anything."""
+
+    def guarded(method: Any) -> Any:
+        @functools.wraps(method)
+        def connect(sock: socket.socket, address: Any, *args: Any) -> Any:
+            if isinstance(address, tuple) and address[0] not in _LOOPBACK:
+                raise OSError(f"tests must not use the network (tried {address})")
+            return method(sock, address, *args)
+
+        return connect
+
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host not in _LOOPBACK and host is not None:
+            raise OSError(f"tests must not use the network (tried to resolve {host})")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded(socket.socket.connect))
+    monkeypatch.setattr(socket.socket, "connect_ex", guarded(socket.socket.connect_ex))
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)

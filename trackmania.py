@@ -1,0 +1,706 @@
+"""TrackMania 2020 through tmrl, as a validated Gymnasium env bounded by watchdogs.
+
+The game runs on Windows with the OpenPlanet plugin "TMRL Grab Data". tmrl's `TM2020Interface` grabs the
+game window, reads the car's telemetry from the plugin over TCP, computes the reward from a recorded
+trajectory and drives with a virtual gamepad; rtgym paces it at a fixed 20 Hz in a worker thread.
+
+What this module adds around tmrl, and why:
+- tmrl reads ~/TmrlData/config/config.json as soon as it is imported, and downloads its resources from the
+  internet when that folder is missing. We check the folder and every value of config.json that matters
+  BEFORE importing tmrl, so a wrong setup ends in one readable line instead of a download or a KeyError.
+- the rtgym configuration (20 Hz, frame stack, action buffer, episode length) is built from our pinned
+  `Config`, never taken from config.json.
+- rtgym runs tmrl in a worker thread: an exception there makes reset()/step() hang forever (Linux) or
+  silently repeat the last observation (Windows). `TrackManiaEnv` records those exceptions, bounds every
+  call with a watchdog and notices a frozen picture, and raises `GameNotRespondingError` saying what to check.
+- rtgym's "Time-step timed out" warnings (the PC could not keep 20 Hz) are counted per env.
+
+tmrl is a Windows-only dependency: it is imported lazily, inside functions, never at module import.
+
+Windows setup (from tmrl's install guide):
+  1. install TrackMania 2020 and Openplanet (it needs the Visual C++ runtime);
+  2. `pip install tmrl` (accept the virtual gamepad driver it installs), then `python -m tmrl --install`;
+  3. check that `OpenplanetNext/Plugins` holds `TMRL_GrabData.op` (else copy `TmrlData/resources/Plugins`);
+  4. start a map, press F3, Developer > (Re)load plugin > TMRL Grab Data, F3 again; game in windowed mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import pickle
+import platform
+import socket
+import struct
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+import gymnasium
+import numpy as np
+
+from tm_config import Config
+
+logger = logging.getLogger(__name__)
+
+# --- the OpenPlanet plugin's protocol ------------------------------------------------------------------
+# The "TMRL Grab Data" plugin listens here (tmrl's TM2020OpenPlanetClient connects to the same address)
+# and, once a client is connected, sends one frame per game frame:
+# speed, distance, x, y, z, steer, gas, brake, finished, gear, rpm as little-endian float32.
+OPENPLANET_HOST = "127.0.0.1"
+OPENPLANET_PORT = 9000
+OPENPLANET_FRAME = struct.Struct("<11f")
+# The plugin serves one client at a time and only notices that our probe left when its next write fails;
+# this gives it time to listen again before tmrl's own client connects.
+PLUGIN_RELISTEN_DELAY = 0.25
+
+# --- pinned environment settings (tmrl's defaults for its screenshot pipeline) --------------------------
+WINDOW_WIDTH = 256  # tmrl resizes the game window to 256x128 before capturing it
+WINDOW_HEIGHT = 128
+ACT_BUF_LEN = 2  # the observation ends with the last two actions (the real-time delay makes them state)
+# Observations are captured this long before the end of each time-step: late enough to be fresh, early
+# enough for the screenshot and its resize (about 10 ms) to finish inside the step (0.04 s at 20 Hz).
+OBS_CAPTURE_MARGIN = 0.01
+# A time-step may overrun by at most this many time-steps before rtgym drops it and warns "timed out".
+TIME_STEP_TIMEOUT_FACTOR = 1.0
+SLEEP_TIME_AT_RESET = 1.5  # seconds tmrl waits after a respawn, for the start countdown
+REWARD_CONFIG = {
+    "END_OF_TRACK": 100.0,
+    "CONSTANT_PENALTY": 0.0,
+    "CHECK_FORWARD": 500,
+    "CHECK_BACKWARD": 10,
+    "FAILURE_COUNTDOWN": 10,
+    "MIN_STEPS": 70,
+    "MAX_STRAY": 100.0,
+}
+MIN_TMRL_CONFIG_VERSION = (0, 6, 0)  # tmrl refuses older config.json files
+
+# --- watchdog defaults ---------------------------------------------------------------------------------
+DEFAULT_STEP_TIMEOUT = 10.0  # seconds; a step normally takes 0.05 s, or ~0.6 s when the episode ends
+DEFAULT_RESET_TIMEOUT = 60.0  # seconds; a reset waits SLEEP_TIME_AT_RESET and may first connect to the game
+DEFAULT_MAX_IDENTICAL_FRAMES = 100  # 5 s at 20 Hz of an unchanged picture while the car reports moving
+MOVING_SPEED = 1.0  # above this reported speed the picture must change from one step to the next
+_POLL_INTERVAL = 0.1  # how often a waiting call checks whether tmrl's worker thread has failed
+_TIMEOUT_WARNING_PREFIX = "Time-step timed out"
+
+_GAME_CHECKS = (
+    "check that TrackMania is running with a map loaded, that its window is visible, not minimised and in "
+    f"windowed mode (tmrl resizes it to {WINDOW_WIDTH}x{WINDOW_HEIGHT}), and that the OpenPlanet plugin "
+    "'TMRL Grab Data' is loaded "
+    "(F3 > Developer > (Re)load plugin > TMRL Grab Data)"
+)
+_INSTALL_HINT = (
+    "on the Windows PC with TrackMania run `pip install tmrl` then `python -m tmrl --install`, "
+    "and load the OpenPlanet plugin 'TMRL Grab Data'"
+)
+
+
+class TrackManiaError(RuntimeError):
+    """Base of the errors below; every message is one line."""
+
+
+class TrackManiaSetupError(TrackManiaError):
+    """tmrl, TmrlData or config.json is missing or does not match rainbow-tm's pinned settings."""
+
+
+class GameNotRespondingError(TrackManiaError):
+    """The game, its window or the OpenPlanet plugin stopped answering."""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+# --- setup checks (no tmrl import) ----------------------------------------------------------------------
+def tmrl_data_folder() -> Path:
+    """Where tmrl keeps its data: it uses `Path.home()` too (HOME, or USERPROFILE on Windows)."""
+    return Path.home() / "TmrlData"
+
+
+# Keys tmrl reads from config.json while it is imported (tmrl/config/config_constants.py and
+# config_objects.py) or when it builds its interface (the reward settings): a missing one would be a
+# KeyError in the middle of the import, or in rtgym's worker thread.
+# fmt: off
+_TMRL_IMPORT_KEYS = (
+    "__VERSION__", "RUN_NAME", "BUFFERS_MAXLEN", "RW_MAX_SAMPLES_PER_EPISODE", "CUDA_TRAINING",
+    "CUDA_INFERENCE", "VIRTUAL_GAMEPAD", "LOCALHOST_WORKER", "LOCALHOST_TRAINER", "PUBLIC_IP_SERVER",
+    "SAVE_MODEL_EVERY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_KEY", "PORT", "LOCAL_PORT_SERVER",
+    "LOCAL_PORT_TRAINER", "LOCAL_PORT_WORKER", "PASSWORD", "TLS", "TLS_CREDENTIALS_DIRECTORY",
+    "TLS_HOSTNAME", "NB_WORKERS", "BUFFER_SIZE", "HEADER_SIZE", "MEMORY_SIZE", "BATCH_SIZE", "MAX_EPOCHS",
+    "ROUNDS_PER_EPOCH", "TRAINING_STEPS_PER_ROUND", "UPDATE_MODEL_INTERVAL", "UPDATE_BUFFER_INTERVAL",
+    "MAX_TRAINING_STEPS_PER_ENVIRONMENT_STEP", "ENVIRONMENT_STEPS_BEFORE_TRAINING", "ALG.ALGORITHM",
+    "ALG.LR_ACTOR", "ALG.LR_CRITIC", "ALG.LR_ENTROPY", "ALG.GAMMA", "ALG.POLYAK", "ALG.LEARN_ENTROPY_COEF",
+    "ALG.TARGET_ENTROPY", "ALG.ALPHA", "ALG.OPTIMIZER_ACTOR", "ALG.OPTIMIZER_CRITIC", "ENV.RTGYM_INTERFACE",
+    "ENV.WINDOW_WIDTH", "ENV.WINDOW_HEIGHT", "ENV.SLEEP_TIME_AT_RESET", "ENV.IMG_HIST_LEN",
+    "ENV.RTGYM_CONFIG.act_buf_len",
+    *(f"ENV.REWARD_CONFIG.{key}" for key in REWARD_CONFIG),
+)
+# fmt: on
+
+# Keys tmrl reads only when present, with the default it uses otherwise.
+_TMRL_OPTIONAL_DEFAULTS = {"ENV.IMG_GRAYSCALE": False, "ENV.IMG_WIDTH": 64, "ENV.IMG_HEIGHT": 64}
+
+
+def _pinned_tmrl_values(config: Config) -> list[tuple[str, Any, str]]:
+    """(key, value rainbow-tm needs, why) for the config.json values that must agree with our settings.
+
+    The window size, the pause after a respawn and the reward settings are read by tmrl while it runs, so
+    they decide what the agent sees and earns. The image settings are not used by our env (we pass our
+    own), but tmrl's own tools (`python -m tmrl --check-environment`, `--record-reward`) read them: keeping
+    them equal means the setup the user checks with tmrl is the one the agent gets.
+    """
+    env_reason = "so that tmrl's --check-environment shows what the agent sees"
+    reward_reason = "tmrl computes the reward with it"
+    return [
+        ("ALG.ALGORITHM", "SAC", "tmrl refuses to import with anything else for screenshots"),
+        ("ENV.RTGYM_INTERFACE", "TM20FULL", "the agent drives from screenshots, not LIDAR"),
+        ("ENV.WINDOW_WIDTH", WINDOW_WIDTH, "tmrl resizes the game window to it"),
+        ("ENV.WINDOW_HEIGHT", WINDOW_HEIGHT, "tmrl resizes the game window to it"),
+        ("ENV.IMG_WIDTH", config.img_x, env_reason),
+        ("ENV.IMG_HEIGHT", config.img_y, env_reason),
+        ("ENV.IMG_GRAYSCALE", True, env_reason),
+        ("ENV.IMG_HIST_LEN", config.conv_input, env_reason),
+        ("ENV.SLEEP_TIME_AT_RESET", SLEEP_TIME_AT_RESET, "tmrl waits this long after each respawn"),
+        *((f"ENV.REWARD_CONFIG.{key}", value, reward_reason) for key, value in REWARD_CONFIG.items()),
+    ]
+
+
+_MISSING = object()
+
+
+def _lookup(tree: Any, dotted_key: str) -> Any:
+    for part in dotted_key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _MISSING
+        tree = tree[part]
+    return tree
+
+
+def _same_value(actual: Any, expected: Any) -> bool:
+    if isinstance(expected, bool) or isinstance(actual, bool):
+        return actual is expected
+    if isinstance(expected, int | float):
+        return isinstance(actual, int | float) and math.isclose(actual, expected, rel_tol=1e-9, abs_tol=1e-12)
+    return actual == expected
+
+
+def _parse_version(text: Any) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(part) for part in str(text).split("."))
+    except ValueError:
+        return None
+
+
+def validate_tmrl_config(values: dict[str, Any], config: Config, path: Path | str = "config.json") -> None:
+    """Raise TrackManiaSetupError (one line naming the key) unless tmrl's config.json suits rainbow-tm."""
+    regenerate = "delete the TmrlData folder and run `python -m tmrl --install` to regenerate it"
+    if not isinstance(values, dict):
+        raise TrackManiaSetupError(f"{path} does not hold a JSON object: {regenerate}")
+    for key in _TMRL_IMPORT_KEYS:
+        if _lookup(values, key) is _MISSING:
+            raise TrackManiaSetupError(f"{path} has no {key} (tmrl needs it): {regenerate}")
+    version = _parse_version(values["__VERSION__"])
+    if version is None or version < MIN_TMRL_CONFIG_VERSION:
+        minimum = ".".join(map(str, MIN_TMRL_CONFIG_VERSION))
+        raise TrackManiaSetupError(
+            f"{path} has __VERSION__ {values['__VERSION__']!r}, older than tmrl's {minimum}: {regenerate}"
+        )
+    for key, expected, why in _pinned_tmrl_values(config):
+        actual = _lookup(values, key)
+        if actual is _MISSING:  # only optional keys can be missing here: the required ones were checked
+            actual = _TMRL_OPTIONAL_DEFAULTS[key]
+            shown = f"missing (so tmrl uses {json.dumps(actual)})"
+        else:
+            shown = json.dumps(actual)
+        if not _same_value(actual, expected):
+            raise TrackManiaSetupError(
+                f"{path}: {key} is {shown} but rainbow-tm needs {json.dumps(expected)} ({why}); edit it"
+            )
+
+
+def load_tmrl_config(folder: Path) -> dict[str, Any]:
+    """Read TmrlData/config/config.json ourselves (json + pathlib), so that tmrl is not imported for it."""
+    path = folder / "config" / "config.json"
+    if not path.is_file():
+        raise TrackManiaSetupError(
+            f"{path} is missing: delete the TmrlData folder, then `python -m tmrl --install` regenerates it"
+        )
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise TrackManiaSetupError(_one_line(f"cannot read {path}: {error}")) from error
+    except json.JSONDecodeError as error:
+        raise TrackManiaSetupError(
+            f"{path} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); "
+            "fix it or regenerate it with `python -m tmrl --install` after deleting TmrlData"
+        ) from error
+
+
+def _check_reward_trajectory(folder: Path) -> None:
+    # Without this file tmrl silently falls back to a dummy trajectory that never pays any reward.
+    path = folder / "reward" / "reward.pkl"
+    record = (
+        "record one on your track with `python -m tmrl --record-reward` (or run `python -m tmrl --install`)"
+    )
+    if not path.is_file():
+        raise TrackManiaSetupError(f"no reward trajectory at {path}: {record}")
+    try:
+        with path.open("rb") as file:
+            points = np.asarray(pickle.load(file), dtype=np.float64)
+    except Exception as error:  # a damaged pickle can raise nearly anything
+        message = _one_line(f"cannot read the reward trajectory {path} ({error}): {record}")
+        raise TrackManiaSetupError(message) from error
+    if points.ndim != 2 or points.shape[1] != 3 or len(points) < 2:
+        raise TrackManiaSetupError(
+            f"the reward trajectory {path} holds an array of shape {points.shape}, not (N >= 2, 3): {record}"
+        )
+
+
+def check_tmrl_setup(config: Config | None = None, *, allow_non_windows: bool = False) -> None:
+    """Everything that can be checked without tmrl or the game; raises TrackManiaSetupError (one line)."""
+    config = config or Config()
+    system = platform.system()
+    if system != "Windows" and not allow_non_windows:
+        raise TrackManiaSetupError(
+            f"TrackMania needs Windows (the game, OpenPlanet, tmrl's window capture and virtual gamepad); "
+            f"this is {system or 'an unknown system'}"
+        )
+    if find_spec("tmrl") is None:
+        raise TrackManiaSetupError(f"tmrl is not installed: {_INSTALL_HINT}")
+    folder = tmrl_data_folder()
+    if not folder.is_dir():
+        # Importing tmrl now would make it download its resources: tell the user to do it knowingly.
+        raise TrackManiaSetupError(f"no TmrlData folder at {folder}: {_INSTALL_HINT}")
+    validate_tmrl_config(load_tmrl_config(folder), config, folder / "config" / "config.json")
+    _check_reward_trajectory(folder)
+    if system == "Windows" and find_spec("vgamepad") is None:
+        raise TrackManiaSetupError(
+            "vgamepad (tmrl's virtual gamepad) is not installed: run `pip install tmrl`"
+        )
+
+
+def probe_openplanet(timeout: float = 1.0) -> None:
+    """Connect to the plugin and read one telemetry frame; raise GameNotRespondingError if that fails."""
+    address = f"{OPENPLANET_HOST}:{OPENPLANET_PORT}"
+    connected = False
+    try:
+        with socket.create_connection((OPENPLANET_HOST, OPENPLANET_PORT), timeout=timeout) as sock:
+            connected = True
+            received = b""
+            deadline = time.monotonic() + timeout
+            while len(received) < OPENPLANET_FRAME.size:
+                sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+                chunk = sock.recv(OPENPLANET_FRAME.size - len(received))
+                if not chunk:
+                    raise ConnectionResetError("connection closed")
+                received += chunk
+    except OSError as error:  # refused, timed out (TimeoutError is an OSError) or reset
+        if not connected:
+            raise GameNotRespondingError(
+                f"nothing answers on {address} (the OpenPlanet plugin 'TMRL Grab Data'): {_GAME_CHECKS}"
+            ) from error
+        raise GameNotRespondingError(
+            f"something listens on {address} but sent no TrackMania telemetry within {timeout:g} s "
+            f"({type(error).__name__}): load a map so the plugin sends data, and make sure no other program "
+            f"uses port {OPENPLANET_PORT}"
+        ) from error
+    time.sleep(PLUGIN_RELISTEN_DELAY)
+
+
+def check_tmrl_available(config: Config | None = None, *, allow_non_windows: bool = False) -> str | None:
+    """None if TrackMania can be used now, else the reason in one line (tmrl, TmrlData, config, game).
+
+    Nothing is downloaded and rtgym is not started; tmrl is not even imported. The last check opens a short
+    TCP connection to the OpenPlanet plugin, so the game must be running with a map loaded.
+    """
+    try:
+        check_tmrl_setup(config, allow_non_windows=allow_non_windows)
+        probe_openplanet()
+    except TrackManiaError as error:
+        return _one_line(str(error))
+    return None
+
+
+# --- building the env -----------------------------------------------------------------------------------
+def _rtgym_id() -> str:
+    # The implementation tmrl itself picks (config_constants.RTGYM_VERSION): one thread per time-step on
+    # Windows, where tmrl's pipeline is proven with it; one persistent worker thread elsewhere.
+    return "real-time-gym-v1" if platform.system() == "Windows" else "real-time-gym-ts-v1"
+
+
+def _import_tmrl_interfaces() -> Any:
+    """Import tmrl's TrackMania interfaces module, undoing tmrl's import-time side effects on our process."""
+    # tmrl exports config.json's WANDB_KEY (by default the key of tmrl's public W&B project) into the
+    # environment when imported, which would send our W&B runs there.
+    wandb_key = os.environ.get("WANDB_API_KEY")
+    # tmrl calls logging.basicConfig(stdout, INFO) when imported; basicConfig does nothing while the root
+    # logger has a handler, so a temporary one keeps the application's logging as it was.
+    root_logger = logging.getLogger()
+    guard = logging.NullHandler()
+    root_logger.addHandler(guard)
+    try:
+        from tmrl.custom.tm import tm_gym_interfaces
+    except Exception as error:
+        raise TrackManiaSetupError(
+            _one_line(f"importing tmrl failed ({type(error).__name__}: {error}); {_INSTALL_HINT}")
+        ) from error
+    finally:
+        root_logger.removeHandler(guard)
+        if wandb_key is None:
+            os.environ.pop("WANDB_API_KEY", None)
+        else:
+            os.environ["WANDB_API_KEY"] = wandb_key
+    return tm_gym_interfaces
+
+
+class _InterfaceErrors:
+    """The first exception raised by tmrl's interface inside rtgym's worker thread, or None."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.first: tuple[str, BaseException] | None = None
+
+    @contextlib.contextmanager
+    def recording(self, where: str) -> Iterator[None]:
+        try:
+            yield
+        except BaseException as error:
+            with self._lock:
+                if self.first is None:
+                    self.first = (where, error)
+            raise
+
+
+def _guarded_interface(base: type) -> type:
+    """tmrl's interface class, unchanged except that its exceptions are also recorded in `errors`."""
+
+    class GuardedTM2020Interface(base):
+        def __init__(self, *args: Any, errors: _InterfaceErrors, **kwargs: Any) -> None:
+            self._errors = errors
+            with errors.recording("creating the interface"):
+                super().__init__(*args, **kwargs)
+
+        def reset(self, seed: Any = None, options: Any = None) -> Any:
+            with self._errors.recording("resetting the race"):
+                return super().reset(seed=seed, options=options)
+
+        def send_control(self, control: Any) -> None:
+            with self._errors.recording("sending controls"):
+                super().send_control(control)
+
+        def get_obs_rew_terminated_info(self) -> Any:
+            with self._errors.recording("capturing an observation"):
+                return super().get_obs_rew_terminated_info()
+
+        def wait(self) -> None:
+            with self._errors.recording("respawning at the end of the episode"):
+                super().wait()
+
+    return GuardedTM2020Interface
+
+
+def build_rtgym_config(config: Config, interface: Any, interface_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """rtgym's configuration from our pinned settings (config.json's RTGYM_CONFIG is ignored on purpose)."""
+    from rtgym import DEFAULT_CONFIG_DICT
+
+    rtgym_config = dict(DEFAULT_CONFIG_DICT)
+    rtgym_config.update(
+        interface=interface,
+        interface_args=(),
+        interface_kwargs=interface_kwargs,
+        # 20 Hz: the pace the agent was trained at (and the embedded track keeps).
+        time_step_duration=config.time_step_duration,
+        start_obs_capture=round(max(config.time_step_duration - OBS_CAPTURE_MARGIN, 0.0), 6),
+        time_step_timeout_factor=TIME_STEP_TIMEOUT_FACTOR,
+        # rtgym truncates (not terminates) after this many steps.
+        ep_max_length=config.ep_max_length,
+        act_in_obs=True,
+        act_buf_len=ACT_BUF_LEN,
+        # Each episode starts from an all-zero action history, as rtgym requires when wait() is used.
+        reset_act_buf=True,
+        last_act_on_reset=False,
+        benchmark=False,
+        # At the end of an episode tmrl releases the controls and respawns the car, and rtgym pauses its
+        # clock so that the pause until the next reset() is not reported as a timed-out step.
+        wait_on_done=True,
+    )
+    return rtgym_config
+
+
+def make_trackmania_env(
+    config: Config,
+    *,
+    gamepad: bool | None = None,
+    allow_non_windows: bool = False,
+    step_timeout: float = DEFAULT_STEP_TIMEOUT,
+    reset_timeout: float = DEFAULT_RESET_TIMEOUT,
+    max_identical_frames: int = DEFAULT_MAX_IDENTICAL_FRAMES,
+) -> TrackManiaEnv:
+    """The TrackMania env: observations (speed, gear, rpm, images uint8 (4, 64, 64), act1, act2).
+
+    Checks the setup and the game first (TrackManiaSetupError / GameNotRespondingError, one line), then
+    builds tmrl's TM2020Interface under rtgym from our pinned settings. `gamepad` defaults to the virtual
+    gamepad on Windows (analog steering) and to the keyboard elsewhere.
+    """
+    check_tmrl_setup(config, allow_non_windows=allow_non_windows)
+    probe_openplanet()
+    if gamepad is None:
+        gamepad = platform.system() == "Windows"
+    tm_gym_interfaces = _import_tmrl_interfaces()
+    import rtgym  # noqa: F401 - registers rtgym's env ids with gymnasium
+
+    errors = _InterfaceErrors()
+    interface_kwargs = {
+        "img_hist_len": config.conv_input,
+        "gamepad": gamepad,
+        "save_replays": False,
+        "grayscale": True,
+        "resize_to": (config.img_x, config.img_y),  # cv2 order: (width, height)
+        "errors": errors,
+    }
+    rtgym_config = build_rtgym_config(
+        config, _guarded_interface(tm_gym_interfaces.TM2020Interface), interface_kwargs
+    )
+    env = _bounded_call(
+        lambda: gymnasium.make(_rtgym_id(), config=rtgym_config, disable_env_checker=True),
+        timeout=reset_timeout,
+        errors=errors,
+        what="creating the environment",
+    )
+    return TrackManiaEnv(
+        env,
+        errors=errors,
+        step_timeout=step_timeout,
+        reset_timeout=reset_timeout,
+        max_identical_frames=max_identical_frames,
+    )
+
+
+# --- watchdog -------------------------------------------------------------------------------------------
+def _interface_failure(first: tuple[str, BaseException], what: str) -> GameNotRespondingError:
+    where, error = first
+    message = _one_line(f"tmrl failed while {where} ({type(error).__name__}: {error}) during {what}")
+    failure = GameNotRespondingError(f"{message}: {_GAME_CHECKS}")
+    failure.__cause__ = error
+    return failure
+
+
+def _bounded_call(
+    fn: Callable[[], Any], *, timeout: float, errors: _InterfaceErrors | None, what: str
+) -> Any:
+    """Run fn() in a daemon thread and wait at most `timeout` s, failing early if tmrl's thread failed.
+
+    rtgym waits without a timeout for its worker thread, so a failure there would otherwise block forever.
+    """
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as error:
+            outcome["error"] = error
+
+    worker = threading.Thread(target=run, name=f"trackmania {what}", daemon=True)
+    worker.start()
+    deadline = time.monotonic() + timeout
+    while True:
+        worker.join(min(_POLL_INTERVAL, max(deadline - time.monotonic(), 0.0)))
+        if not worker.is_alive():
+            break
+        if errors is not None and errors.first is not None:
+            raise _interface_failure(errors.first, what)
+        if time.monotonic() >= deadline:
+            raise GameNotRespondingError(
+                f"TrackMania did not answer within {timeout:g} s during {what}: {_GAME_CHECKS}"
+            )
+    # With rtgym's per-step threads (Windows) a failed capture is not an exception: the next step() just
+    # returns the previous observation again.
+    if errors is not None and errors.first is not None:
+        raise _interface_failure(errors.first, what)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+# rtgym envs whose worker thread may be stuck: kept alive here because rtgym's __del__ joins that thread
+# and would block whoever drops the last reference.
+_ABANDONED_ENVS: list[gymnasium.Env] = []
+
+
+class _CountingWarnings:
+    """Stands in for the `warnings` module inside rtgym's env module, to count timed-out time-steps.
+
+    rtgym reports them only through warnings.warn() from its worker thread, and what happens to a warning
+    depends on process-wide filters (shown once, ignored, or raised by -W error), so we count at the call.
+    Everything is delegated to the real module, so the warnings are still shown as before.
+    """
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self.envs: weakref.WeakSet[TrackManiaEnv] = weakref.WeakSet()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def warn(
+        self, message: Any, category: Any = None, stacklevel: int = 1, *args: Any, **kwargs: Any
+    ) -> None:
+        if str(message).startswith(_TIMEOUT_WARNING_PREFIX):
+            for env in list(self.envs):
+                env._note_timeout_from(threading.current_thread())
+        # One more stack level, so that the warning still points at rtgym's line, not at this one.
+        self._real.warn(message, category, stacklevel + 1, *args, **kwargs)
+
+
+def _timeout_counting() -> _CountingWarnings:
+    from rtgym.envs import real_time_env
+
+    if not isinstance(real_time_env.warnings, _CountingWarnings):
+        real_time_env.warnings = _CountingWarnings(real_time_env.warnings)
+    return real_time_env.warnings
+
+
+def clip_action(action: Any) -> np.ndarray:
+    """[gas, brake, steer] as float32 (3,) clipped into [-1, 1]; tmrl's gamepad code asserts that range."""
+    array = np.asarray(action, dtype=np.float32)
+    if array.shape != (3,):
+        raise ValueError(f"a TrackMania action is [gas, brake, steer], got shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"a TrackMania action must be finite, got {array.tolist()}")
+    return np.clip(array, -1.0, 1.0)
+
+
+class TrackManiaEnv(gymnasium.Wrapper):
+    """rtgym's TrackMania env with clipped actions, bounded calls and frozen-picture detection.
+
+    - step() clips the action into [-1, 1] (float32 (3,)) before it reaches tmrl;
+    - reset() and step() fail with GameNotRespondingError after `reset_timeout` / `step_timeout` seconds,
+      or as soon as tmrl raised in rtgym's worker thread; the env is unusable afterwards;
+    - `max_identical_frames` consecutive steps with an unchanged newest frame while the car reports a
+      speed above MOVING_SPEED raise GameNotRespondingError (a hidden, minimised or paused game);
+    - `time_step_timeouts` counts rtgym's "Time-step timed out" warnings for this env (the PC could not
+      keep the pace).
+    """
+
+    def __init__(
+        self,
+        env: gymnasium.Env,
+        *,
+        errors: _InterfaceErrors | None = None,
+        step_timeout: float = DEFAULT_STEP_TIMEOUT,
+        reset_timeout: float = DEFAULT_RESET_TIMEOUT,
+        max_identical_frames: int = DEFAULT_MAX_IDENTICAL_FRAMES,
+    ) -> None:
+        super().__init__(env)
+        if step_timeout <= 0 or reset_timeout <= 0 or max_identical_frames < 1:
+            raise ValueError("step_timeout and reset_timeout must be > 0, max_identical_frames >= 1")
+        self.step_timeout = step_timeout
+        self.reset_timeout = reset_timeout
+        self.max_identical_frames = max_identical_frames
+        self._errors = errors
+        self._failure: GameNotRespondingError | None = None
+        self._previous_frame: np.ndarray | None = None
+        self._identical_frames = 0
+        self._timeouts = 0
+        self._controls_held = False  # an episode is running: controls may be pressed in the game
+        # rtgym declares the images as float boxes; they are uint8 frames.
+        spaces = list(env.observation_space.spaces)
+        spaces[3] = gymnasium.spaces.Box(0, 255, spaces[3].shape, np.uint8)
+        self.observation_space = gymnasium.spaces.Tuple(spaces)
+        _timeout_counting().envs.add(self)
+
+    @property
+    def time_step_timeouts(self) -> int:
+        """How many of this env's time-steps rtgym reported as timed out."""
+        return self._timeouts
+
+    def _note_timeout_from(self, thread: threading.Thread) -> None:
+        # rtgym keeps its current worker thread in `_at_thread`: that tells which env the warning is about.
+        if getattr(self.env.unwrapped, "_at_thread", None) is thread:
+            self._timeouts += 1
+
+    def _bounded(self, what: str, fn: Callable[[], Any], timeout: float) -> Any:
+        if self._failure is not None:
+            # tmrl's telemetry client cannot be closed and keeps the plugin's only connection: a new env in
+            # this process would not get any data, hence "restart".
+            raise GameNotRespondingError(
+                f"the TrackMania env failed earlier; fix the game, then restart the program: {self._failure}"
+            )
+        try:
+            return _bounded_call(fn, timeout=timeout, errors=self._errors, what=what)
+        except GameNotRespondingError as failure:
+            self._fail(failure)
+            raise
+
+    def _fail(self, failure: GameNotRespondingError) -> None:
+        self._failure = failure
+        _ABANDONED_ENVS.append(self.env)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
+        obs, info = self._bounded(
+            "reset", lambda: self.env.reset(seed=seed, options=options), self.reset_timeout
+        )
+        _check_layout(obs, self.observation_space.spaces[3].shape)
+        self._previous_frame = obs[3][-1]
+        self._identical_frames = 0
+        self._controls_held = True
+        return obs, info
+
+    def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict]:
+        clipped = clip_action(action)
+        obs, reward, terminated, truncated, info = self._bounded(
+            "step", lambda: self.env.step(clipped), self.step_timeout
+        )
+        # At the end of an episode rtgym already called tmrl's wait(), which released the controls.
+        self._controls_held = not (terminated or truncated)
+        self._watch_frames(obs)
+        return obs, reward, terminated, truncated, info
+
+    def _watch_frames(self, obs: Any) -> None:
+        frame, speed = obs[3][-1], float(obs[0][0])
+        if (
+            self._previous_frame is not None
+            and speed > MOVING_SPEED
+            and np.array_equal(frame, self._previous_frame)
+        ):
+            self._identical_frames += 1
+        else:
+            self._identical_frames = 0
+        self._previous_frame = frame
+        if self._identical_frames >= self.max_identical_frames:
+            failure = GameNotRespondingError(
+                f"the game picture has not changed for {self._identical_frames} steps while the car reports "
+                f"speed {speed:.1f} (a frozen capture or a paused game): {_GAME_CHECKS}"
+            )
+            self._fail(failure)
+            raise failure
+
+    def close(self) -> None:
+        # wait() releases the controls (a held virtual pedal would keep the car going) and respawns it.
+        if self._failure is None and self._controls_held:
+            self._controls_held = False
+            try:
+                self._bounded("close", self.env.unwrapped.wait, self.step_timeout)
+            except GameNotRespondingError as failure:
+                logger.warning("could not release the TrackMania controls on close: %s", failure)
+        super().close()
+
+
+def _check_layout(obs: Any, image_shape: tuple[int, ...]) -> None:
+    """The agent relies on (speed (1,), gear (1,), rpm (1,), images uint8, act1 (3,), act2 (3,))."""
+    expected = [((1,), "float32")] * 3 + [(image_shape, "uint8")] + [((3,), "float32")] * ACT_BUF_LEN
+    actual = [
+        (getattr(part, "shape", None), str(getattr(part, "dtype", type(part).__name__))) for part in obs
+    ]
+    if actual != expected:
+        raise TrackManiaSetupError(
+            f"tmrl/rtgym returned observations laid out as {actual}, not {expected} (speed, gear, rpm, "
+            "images, act1, act2): install the tmrl and rtgym versions of the requirements"
+        )
