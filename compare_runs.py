@@ -1,0 +1,903 @@
+"""Compare training runs with each other and with the reference run's envelope (W&B run c643zifs).
+
+    python compare_runs.py checkpoints/try1 checkpoints/try2
+    python compare_runs.py checkpoints/try1/metrics.jsonl my-entity/rainbow-tm/c643zifs --out cmp.png
+    python compare_runs.py checkpoints/try1 --envelope ../shared/reference/c643zifs-envelope.json --x step
+
+A RUN is one of our run folders (holding metrics.jsonl), a metrics.jsonl file, or a W&B run path
+`entity/project/run_id` (also `wandb:entity/project/run_id` or a wandb.ai run URL), read with
+`wandb.Api()` when W&B credentials are configured. A run that cannot be read gets a one-line error and
+the others are still compared.
+
+Every run becomes per-episode series (episode, steps, reward, Q mean, loss, epsilon). The script prints
+the config departures between the runs, checks each run against the envelope phase by phase and against
+the seed's four red flags, and draws the curves over the envelope's bands in a PNG.
+
+Exit code: 0 when every run passes every check that had data, 1 when a check failed or a run could not
+be read, 2 on usage errors (bad arguments, unreadable envelope file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import health
+from run_log import METRICS_FILE, read_jsonl
+from tm_config import Config
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+# The reference envelope, typed out from shared/reference/c643zifs-envelope.json (reference data, kept
+# here so the script works from any checkout); `--envelope PATH` reads another one.
+DEFAULT_ENVELOPE: dict[str, Any] = {
+    "run": "c643zifs",
+    "source": "seed 004_*.txt, sections 'Expected Training Performance', 'Monitoring Checklist', 'Red Flags'",
+    "x_axis": "episode",
+    "phases": [
+        {
+            "episodes": [0, 500],
+            "q_values": {"from": 0, "to": 20, "min_allowed": 0},
+            "loss": {"from": 6, "to": 3},
+            "epsilon": {"from": 1.0, "to": 0.95},
+            "episode_reward": {"low": 0, "high": 50},
+        },
+        {
+            "episodes": [500, 1500],
+            "q_values": {"from": 20, "to": 40},
+            "loss": {"low": 1, "high": 2},
+            "epsilon": {"from": 0.95, "to": 0.85},
+            "episode_reward": {"low": 50, "high": 100, "trend": "rising"},
+        },
+        {
+            "episodes": [1500, 2500],
+            "q_values": {"from": 40, "to": 50},
+            "loss": {"around": 1.0},
+            "epsilon": {"from": 0.85, "to": 0.75},
+            "episode_reward": {"low": 100, "high": 150},
+        },
+    ],
+    "red_flags": [
+        {"id": "q_negative", "rule": "mean Q-value below -10 at any time"},
+        {"id": "loss_spike", "rule": "loss above 10 after episode 500"},
+        {"id": "reward_decline", "rule": "episode reward trending down over 500 or more episodes"},
+        {"id": "early_exploitation", "rule": "epsilon below 0.5 before episode 10000"},
+    ],
+    "failed_run": {
+        "config": "soft target update tau=0.002 every step; CosineAnnealingLR 1e-3 -> 5e-5 over 5000 "
+        "episodes; epsilon 0.9 -> 0.01 over 1000 episodes",
+        "trajectory": [
+            {"episodes": [0, 200], "q": [0, 5], "loss": [6, 4]},
+            {"episodes": [200, 400], "q": [5, 10], "loss": [4, 3]},
+            {"episodes": [400, 500], "q": [10, -100], "loss": [3, 6]},
+            {"episodes": [500, 600], "q": [-100, -1000], "loss": [6, 15]},
+            {"episodes": [600, 700], "q": [-1000, -40000], "loss": [15, 30]},
+        ],
+    },
+    "caveat": "Figures are as the seed reports them; its epsilon numbers contradict the original code (which "
+    "reached epsilon 0.2 near 200k steps). Use them as an envelope, not ground truth.",
+}
+SHARED_ENVELOPE = Path(__file__).resolve().parent.parent / "shared" / "reference" / "c643zifs-envelope.json"
+
+# --- tolerances ------------------------------------------------------------------------------------
+# The envelope is weak evidence (its own caveat: the seed's figures were never verified, and its epsilon
+# numbers contradict the code), and it was measured on TrackMania: a check FAILS only on a clear
+# contradiction, never on a near miss.
+# Single episodes are far noisier than the envelope's phase descriptions: levels are judged on a trailing
+# 25-episode mean, and a phase with fewer than 20 episodes of a metric is NO DATA.
+SMOOTH_EPISODES = 25
+MIN_PHASE_EPISODES = 20
+# A band [low, high] is widened on each side by max(absolute, relative x the band's largest magnitude).
+TOLERANCES: dict[str, tuple[float, float]] = {
+    "q_values": (10.0, 0.25),  # Q [0, 20] -> [-10, 30]; [40, 50] -> [27.5, 62.5]
+    "loss": (1.0, 0.5),  # loss [3, 6] -> [0, 9]; [1, 2] -> [0, 3]; ~1 -> [0, 2]
+    "epsilon": (0.1, 0.0),  # the seed's epsilon figures are its weakest: +-0.1
+    "episode_reward": (25.0, 0.5),  # reward [50, 100] -> [0, 150]: tracks and reward shaping differ
+}
+# "min_allowed" (no negative Q in episodes 0-500): the smoothed Q may dip to min_allowed - 5, half way
+# to the -10 red flag, since a freshly initialised net starts near but not exactly at 0.
+Q_MIN_TOLERANCE = 5.0
+# Per-episode losses are single learn steps: the loss_spike red flag uses a 10-episode mean.
+LOSS_SPIKE_EPISODES = 10
+# reward_decline slides health.reward_trend's 500-episode window along the run in 50-episode strides.
+REWARD_DECLINE_STRIDE = 50
+
+# envelope metric -> our series name, and the plot's panel titles
+METRICS = {"episode_reward": "reward", "q_values": "q_mean", "loss": "loss", "epsilon": "epsilon"}
+TITLES = {"episode_reward": "episode reward", "q_values": "Q mean", "loss": "loss", "epsilon": "epsilon"}
+SERIES = ("reward", "q_mean", "loss", "epsilon")
+
+
+class RunLoadError(Exception):
+    """A run that cannot be read; the message is one line saying why and how to fix it."""
+
+
+class UsageError(Exception):
+    """A bad command line or envelope file (exit code 2)."""
+
+
+# --- normalised runs -------------------------------------------------------------------------------
+@dataclass
+class RunSeries:
+    """One run as per-episode arrays (NaN where a metric has no value for an episode)."""
+
+    label: str
+    source: str
+    episode: np.ndarray
+    step: np.ndarray
+    reward: np.ndarray
+    q_mean: np.ndarray
+    loss: np.ndarray
+    epsilon: np.ndarray
+    nonfinite: dict[str, int] = field(default_factory=dict)  # NaN/inf values recorded, per metric
+    config: dict[str, Any] = field(default_factory=dict)
+    red_flags: list[str] | None = None  # red-flag events of our JSONL runs; None when not available
+
+    def metric(self, name: str) -> np.ndarray:
+        return getattr(self, name)
+
+    @property
+    def episodes(self) -> int:
+        return len(self.episode)
+
+
+def _norm(key: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", key.lower()).strip("_")
+
+
+# Column names seen in W&B runs (ours mirror the JSONL as "episode/reward", "step/loss", ...), normalised
+# by _norm, in order of preference; then a loose match on the name's words.
+KEY_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "episode": ("episode", "episode_episode", "episodes", "episode_number", "episode_num", "episode_idx",
+                "episode_index", "episode_count", "num_episodes", "train_episode", "ep"),
+    "step": ("global_step", "env_step", "env_steps", "total_steps", "total_step", "timesteps", "timestep",
+             "steps", "step"),
+    "reward": ("episode_reward", "reward", "episode_return", "ep_reward", "ep_return", "total_reward",
+               "episode_total_reward", "train_episode_reward", "train_reward", "episodic_return",
+               "charts_episodic_return", "return", "rewards"),
+    "q_mean": ("q_mean", "episode_q_mean", "mean_q", "q_value", "q_values", "avg_q", "average_q",
+               "mean_q_value", "avg_q_value", "mean_greedy_q", "greedy_q", "step_q_mean", "train_q_mean",
+               "q"),
+    "loss": ("loss", "episode_loss", "step_loss", "train_loss", "mean_loss", "avg_loss", "td_loss",
+             "losses_td_loss", "iqn_loss"),
+    "epsilon": ("epsilon", "episode_epsilon", "step_epsilon", "train_epsilon", "exploration_rate",
+                "exploration_epsilon", "charts_epsilon", "eps"),
+}  # fmt: skip
+_LOOSE_EXCLUDE = {"min", "max", "std", "target", "best", "component", "components", "actor", "critic"}
+
+
+def _loose_match(canonical: str, words: list[str]) -> bool:
+    if _LOOSE_EXCLUDE.intersection(words):
+        return False
+    if canonical == "reward":
+        return ("reward" in words or "return" in words) and "step" not in words
+    if canonical == "q_mean":
+        return "q" in words and "loss" not in words
+    if canonical == "loss":
+        return "loss" in words
+    if canonical == "epsilon":
+        return "epsilon" in words
+    return False
+
+
+def detect_keys(keys: Iterable[str]) -> dict[str, str | None]:
+    """Map our series names (and 'episode', 'step') to the columns of a foreign run."""
+    by_norm: dict[str, str] = {}
+    for key in sorted(keys):
+        by_norm.setdefault(_norm(key), key)
+    chosen: dict[str, str | None] = {}
+    for canonical, candidates in KEY_CANDIDATES.items():
+        taken = set(chosen.values())
+        found = next((by_norm[c] for c in candidates if c in by_norm and by_norm[c] not in taken), None)
+        if found is None and canonical not in ("episode", "step"):
+            found = next(
+                (
+                    raw
+                    for norm, raw in sorted(by_norm.items())
+                    if raw not in taken
+                    and not raw.startswith("_")
+                    and _loose_match(canonical, norm.split("_"))
+                ),
+                None,
+            )
+        chosen[canonical] = found
+    return chosen
+
+
+def _mean_finite(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def episode_series(rows: Sequence[dict[str, Any]], keys: dict[str, str | None]) -> dict[str, Any]:
+    """Per-episode arrays from rows logged per episode or per step.
+
+    Episodes are the distinct values of the episode column when there is one (several rows of one
+    episode: the reward is the episode's last value, a running total; Q, loss and epsilon are averaged),
+    else the rows that carry a reward, numbered 1, 2, ... A metric missing from an episode's rows is
+    interpolated by step from the rows that have it (never extrapolated past them).
+    """
+    get = {name: keys.get(name) for name in ("episode", "step", *SERIES)}
+    nonfinite = dict.fromkeys(SERIES, 0)
+    for row in rows:
+        for name in SERIES:
+            value = health.to_float(row.get(get[name])) if get[name] else None
+            if value is not None and not math.isfinite(value):
+                nonfinite[name] += 1
+
+    def value(row: dict[str, Any], name: str) -> float | None:
+        key = get[name]
+        return health.to_float(row.get(key)) if key else None
+
+    groups: dict[float, list[dict[str, Any]]] = {}
+    if get["episode"]:
+        for row in rows:
+            episode = value(row, "episode")
+            if episode is not None and math.isfinite(episode):
+                groups.setdefault(episode, []).append(row)
+    elif get["reward"]:
+        ordinal = 0
+        for row in rows:
+            if value(row, "reward") is not None:
+                ordinal += 1
+                groups[float(ordinal)] = [row]
+
+    order = sorted(groups)
+    out: dict[str, Any] = {"episode": np.asarray(order, dtype=np.float64), "nonfinite": nonfinite}
+    steps = []
+    for episode in order:
+        found = [v for row in groups[episode] if (v := value(row, "step")) is not None and math.isfinite(v)]
+        steps.append(max(found) if found else math.nan)
+    out["step"] = np.asarray(steps, dtype=np.float64)
+    for name in SERIES:
+        column = []
+        for episode in order:
+            found = [v for row in groups[episode] if (v := value(row, name)) is not None]
+            if not found:
+                column.append(math.nan)
+            elif name == "reward":
+                column.append(found[-1] if math.isfinite(found[-1]) else math.nan)
+            else:
+                column.append(_mean_finite(found))
+        values = np.asarray(column, dtype=np.float64)
+        # Interpolate what the episode rows lack from every row with this metric and a step.
+        source = sorted(
+            (s, v)
+            for row in rows
+            if (s := value(row, "step")) is not None
+            and (v := value(row, name)) is not None
+            and math.isfinite(s)
+            and math.isfinite(v)
+        )
+        holes = np.isnan(values) & np.isfinite(out["step"])
+        if source and holes.any() and name != "reward":
+            xs, ys = np.asarray(source).T
+            inside = holes & (out["step"] >= xs[0]) & (out["step"] <= xs[-1])
+            values[inside] = np.interp(out["step"][inside], xs, ys)
+        out[name] = values
+    return out
+
+
+def _label_for(file: Path) -> str:
+    """A run's name: its folder's (resolved, so `metrics.jsonl` in the current folder has one too)."""
+    return file.resolve().parent.name or file.stem
+
+
+def load_jsonl_run(path: Path) -> RunSeries:
+    """One of our runs: a folder holding metrics.jsonl, or the file itself."""
+    file = path / METRICS_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise RunLoadError(f"{path}: no {METRICS_FILE} in this folder")
+    try:
+        records = read_jsonl(file)
+    except (OSError, UnicodeDecodeError) as error:
+        raise RunLoadError(f"{file}: cannot be read ({type(error).__name__}: {error})") from None
+    rows = []
+    for record in records:
+        kind = record.get("kind")
+        if kind == "episode":
+            rows.append({k: record.get(k) for k in ("step", "episode", *SERIES)})
+        elif kind == "step":  # no episode key: these only fill what episode records lack
+            rows.append({k: record.get(k) for k in ("step", "q_mean", "loss", "epsilon")})
+    identity: dict[str, str | None] = {name: name for name in ("episode", "step", *SERIES)}
+    series = episode_series(rows, identity)
+    config = health.config_from_records(records)
+    flags = [str(r.get("name")) for r in records if r.get("kind") == "event" and r.get("level") == "red_flag"]
+    return RunSeries(
+        label=_label_for(file),
+        source=str(file),
+        episode=series["episode"],
+        step=series["step"],
+        reward=series["reward"],
+        q_mean=series["q_mean"],
+        loss=series["loss"],
+        epsilon=series["epsilon"],
+        nonfinite=series["nonfinite"],
+        config=config.to_dict(),
+        red_flags=flags,
+    )
+
+
+# --- W&B -------------------------------------------------------------------------------------------
+WANDB_PATH = re.compile(r"^(?:wandb:)?([\w.\-]+)/([\w.\-]+)/(?:runs/)?([\w\-]+)$")
+WANDB_URL = re.compile(r"^https?://[^/]*wandb[^/]*/([\w.\-]+)/([\w.\-]+)/runs/([\w\-]+)")
+
+
+def parse_wandb_path(spec: str) -> str | None:
+    """entity/project/run_id for a W&B run reference, else None."""
+    match = WANDB_URL.match(spec) or WANDB_PATH.match(spec)
+    return "/".join(match.groups()) if match else None
+
+
+def _netrc_paths() -> list[Path]:
+    if os.environ.get("NETRC"):
+        return [Path(os.environ["NETRC"])]
+    home = Path.home()
+    return [home / ".netrc", home / "_netrc"]  # _netrc is the Windows spelling
+
+
+def wandb_offline_reason() -> str | None:
+    """Why W&B cannot be read without prompting, or None when credentials are configured. Only the
+    presence of a key is looked at: an interactive login prompt must never block this script."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "disabled", "dryrun"):
+        return f"WANDB_MODE={mode}; unset it (and set WANDB_API_KEY or run `wandb login`) to read W&B runs"
+    if os.environ.get("WANDB_API_KEY"):
+        return None
+    import netrc
+
+    base = os.environ.get("WANDB_BASE_URL", "")
+    host = re.sub(r"^https?://", "", base).split("/")[0].split(":")[0]
+    for path in _netrc_paths():
+        try:
+            machines = netrc.netrc(str(path)).hosts
+        except (OSError, netrc.NetrcParseError):
+            continue
+        if any("wandb" in machine or (host and machine == host) for machine in machines):
+            return None
+    return "no WANDB_API_KEY and no `wandb login`; set WANDB_API_KEY or run `wandb login`, then retry"
+
+
+def _plain_config(config: Any) -> dict[str, Any]:
+    """run.config as {key: value}: some API versions wrap values as {"value": ..., "desc": ...}."""
+    try:
+        items = dict(config).items()
+    except (TypeError, ValueError):
+        return {}
+    out = {}
+    for key, value in items:
+        if str(key).startswith("_") or key == "departures_from_known_good":
+            continue
+        if isinstance(value, dict) and "value" in value and set(value) <= {"value", "desc"}:
+            value = value["value"]
+        out[str(key)] = value
+    return out
+
+
+def load_wandb_run(path: str) -> RunSeries:
+    """A W&B run's history through the public API (network); one-line RunLoadError when impossible."""
+    reason = wandb_offline_reason()
+    if reason:
+        raise RunLoadError(f"{path}: W&B is offline ({reason})")
+    try:
+        import wandb
+    except ImportError:
+        raise RunLoadError(f"{path}: W&B is not installed (pip install wandb)") from None
+    try:
+        run = wandb.Api(timeout=30).run(path)
+        try:
+            rows = [dict(row) for row in run.scan_history(page_size=1000)]
+        except AttributeError:  # an API without scan_history
+            rows = [dict(row) for row in run.history(samples=1_000_000, pandas=False)]
+        config = _plain_config(getattr(run, "config", {}) or {})
+        label = str(getattr(run, "name", None) or getattr(run, "id", None) or path.rsplit("/", 1)[-1])
+    except Exception as error:  # network, permissions, missing run: one line, the others still compare
+        first_line = (str(error).strip().splitlines() or [""])[0][:160]
+        raise RunLoadError(
+            f"{path}: cannot read the W&B run ({type(error).__name__}: {first_line})"
+        ) from None
+    all_keys = {key for row in rows for key in row}
+    series = episode_series(rows, detect_keys(all_keys))
+    return RunSeries(
+        label=label,
+        source=f"wandb:{path}",
+        episode=series["episode"],
+        step=series["step"],
+        reward=series["reward"],
+        q_mean=series["q_mean"],
+        loss=series["loss"],
+        epsilon=series["epsilon"],
+        nonfinite=series["nonfinite"],
+        config=config,
+        red_flags=None,
+    )
+
+
+def load_run(spec: str) -> RunSeries:
+    """A run folder, a metrics.jsonl file or a W&B run path; RunLoadError (one line) otherwise."""
+    path = Path(spec)
+    if path.exists():
+        return load_jsonl_run(path)
+    wandb_path = parse_wandb_path(spec)
+    if wandb_path and not spec.endswith(".jsonl"):
+        return load_wandb_run(wandb_path)
+    raise RunLoadError(
+        f"{spec}: not found (expected a run folder, a {METRICS_FILE} file or entity/project/run_id)"
+    )
+
+
+# --- config departures -----------------------------------------------------------------------------
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=0.0)
+    return a == b
+
+
+def config_table(runs: Sequence[RunSeries]) -> list[str]:
+    """Lines of a table of the config keys whose values differ between the runs or from the pin."""
+    pinned = Config().to_dict()
+    labels = ["known-good", *(run.label for run in runs)]
+    rows: list[list[str]] = []
+    only_one: dict[str, list[str]] = {}
+    for key in sorted(set(pinned).union(*(run.config for run in runs))):
+        values = [pinned.get(key, None)] + [run.config.get(key, None) for run in runs]
+        has = [key in pinned] + [key in run.config for run in runs]
+        present = [v for v, recorded in zip(values, has, strict=True) if recorded]
+        if len(present) < 2:
+            owner = next(run.label for run in runs if key in run.config)
+            only_one.setdefault(owner, []).append(key)
+            continue
+        if all(_same(present[0], v) for v in present[1:]):
+            continue
+        cells = [repr(v) if recorded else "-" for v, recorded in zip(values, has, strict=True)]
+        rows.append([key, *cells])
+    lines = ["Config departures (keys whose values differ between the runs or from the known-good config):"]
+    if rows:
+        header = ["key", *labels]
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        for row in [header, *rows]:
+            lines.append(
+                "  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            )
+    else:
+        lines.append("  none: every run uses the known-good values")
+    for owner, keys in only_one.items():
+        shown = ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+        lines.append(f"  recorded only by {owner}: {shown}")
+    return lines
+
+
+# --- checks ----------------------------------------------------------------------------------------
+PASS, FAIL, NO_DATA = "PASS", "FAIL", "NO DATA"
+
+
+@dataclass(frozen=True)
+class Check:
+    scope: str  # "episodes 0-500" or "whole run"
+    name: str
+    status: str  # PASS, FAIL or NO DATA
+    measured: str
+    expected: str
+
+
+def rolling_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over the last `window` entries, NaN entries skipped; NaN where all are NaN."""
+    finite = np.isfinite(values)
+    sums = np.concatenate([[0.0], np.cumsum(np.where(finite, values, 0.0))])
+    counts = np.concatenate([[0], np.cumsum(finite)])
+    index = np.arange(1, len(values) + 1)
+    start = np.maximum(index - window, 0)
+    count = counts[index] - counts[start]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, (sums[index] - sums[start]) / np.maximum(count, 1), np.nan)
+
+
+def _band(spec: dict[str, Any]) -> tuple[float, float] | None:
+    if "from" in spec and "to" in spec:
+        return min(spec["from"], spec["to"]), max(spec["from"], spec["to"])
+    if "low" in spec or "high" in spec:
+        return spec.get("low", -math.inf), spec.get("high", math.inf)
+    if "around" in spec:
+        return spec["around"], spec["around"]
+    return None
+
+
+def _tolerance(metric: str, band: tuple[float, float]) -> float:
+    absolute, relative = TOLERANCES.get(metric, (0.0, 0.0))
+    magnitude = max(abs(v) for v in band if math.isfinite(v)) if any(map(math.isfinite, band)) else 0.0
+    return max(absolute, relative * magnitude)
+
+
+def _describe(spec: dict[str, Any], tol: float) -> str:
+    if "from" in spec and "to" in spec:
+        text = f"{spec['from']:g} -> {spec['to']:g}"
+    elif "around" in spec:
+        text = f"~{spec['around']:g}"
+    else:
+        text = f"[{spec.get('low', -math.inf):g}, {spec.get('high', math.inf):g}]"
+    return f"{text} +-{tol:.3g}"
+
+
+def _fitted_change(x: np.ndarray, y: np.ndarray) -> float:
+    """Least-squares change of y across the span of x."""
+    if len(x) < 3 or np.ptp(x) == 0:
+        return 0.0
+    slope = np.polyfit(x, y, 1)[0]
+    return float(slope * np.ptp(x))
+
+
+def phase_checks(run: RunSeries, phase: dict[str, Any]) -> list[Check]:
+    lo, hi = phase["episodes"]
+    scope = f"episodes {lo}-{hi}"
+    in_phase = (run.episode >= lo) & (run.episode < hi)
+    checks: list[Check] = []
+    for metric, series_name in METRICS.items():
+        spec = phase.get(metric)
+        band = _band(spec) if isinstance(spec, dict) else None
+        if band is None:
+            continue
+        tol = _tolerance(metric, band)
+        raw = run.metric(series_name)
+        smooth = rolling_mean(raw, SMOOTH_EPISODES)[in_phase]
+        have = np.isfinite(raw[in_phase])
+        name = metric  # checks are named in the envelope's words: q_values_level, loss_trend, ...
+        enough = int(have.sum()) >= MIN_PHASE_EPISODES
+        no_data = f"{int(have.sum())} episodes with {TITLES[metric]} in this phase (< {MIN_PHASE_EPISODES})"
+
+        # level: where the smoothed metric sits in the phase
+        expected = _describe(spec, tol)
+        if not enough:
+            checks.append(Check(scope, f"{name}_level", NO_DATA, no_data, expected))
+        else:
+            median = float(np.nanmedian(smooth))
+            ok = band[0] - tol <= median <= band[1] + tol
+            checks.append(
+                Check(scope, f"{name}_level", PASS if ok else FAIL, f"median {median:.4g}", expected)
+            )
+
+        # trend: only where the envelope expects a change larger than the tolerance, or says "rising"
+        direction = 0.0
+        if "from" in spec and "to" in spec and abs(spec["to"] - spec["from"]) > tol:
+            direction = math.copysign(1.0, spec["to"] - spec["from"])
+        if spec.get("trend") == "rising":
+            direction = 1.0
+        if direction:
+            word = "rising" if direction > 0 else "falling"
+            expected = (
+                f"{word}: change over the phase {'>=' if direction > 0 else '<='} {-direction * tol:+.3g}"
+            )
+            if not enough:
+                checks.append(Check(scope, f"{name}_trend", NO_DATA, no_data, expected))
+            else:
+                change = _fitted_change(run.episode[in_phase][have], raw[in_phase][have])
+                ok = direction * change >= -tol
+                checks.append(
+                    Check(
+                        scope, f"{name}_trend", PASS if ok else FAIL, f"fitted change {change:+.4g}", expected
+                    )
+                )
+
+        # floor: "min_allowed" (no negative Q early on)
+        if "min_allowed" in spec:
+            floor = spec["min_allowed"] - Q_MIN_TOLERANCE
+            expected = f"{SMOOTH_EPISODES}-episode mean >= {floor:g} (min_allowed {spec['min_allowed']:g})"
+            if not enough:
+                checks.append(Check(scope, f"{name}_min", NO_DATA, no_data, expected))
+            else:
+                i = int(np.nanargmin(smooth))
+                lowest, at = float(smooth[i]), int(run.episode[in_phase][i])
+                checks.append(
+                    Check(
+                        scope,
+                        f"{name}_min",
+                        PASS if lowest >= floor else FAIL,
+                        f"min {lowest:.4g} at episode {at:,}",
+                        expected,
+                    )
+                )
+    return checks
+
+
+def red_flag_checks(run: RunSeries) -> list[Check]:
+    """The envelope's four red flags over the whole run, with health.py's thresholds."""
+    scope, checks = "whole run", []
+    episodes = run.episode
+
+    q = run.q_mean
+    expected = f"mean Q >= {health.Q_NEGATIVE_THRESHOLD:g} at every episode"
+    if not np.isfinite(q).any():
+        checks.append(Check(scope, "q_negative", NO_DATA, "no Q data", expected))
+    else:
+        i = int(np.nanargmin(q))
+        below = np.flatnonzero(q < health.Q_NEGATIVE_THRESHOLD)
+        if below.size:
+            first = int(episodes[below[0]])
+            measured = f"{q[below[0]]:.4g} at episode {first:,} (lowest {q[i]:.4g})"
+            checks.append(Check(scope, "q_negative", FAIL, measured, expected))
+        else:
+            measured = f"lowest {q[i]:.4g} at episode {int(episodes[i]):,}"
+            checks.append(Check(scope, "q_negative", PASS, measured, expected))
+
+    after = health.LOSS_SPIKE_AFTER_EPISODE
+    expected = (
+        f"{LOSS_SPIKE_EPISODES}-episode mean loss <= {health.LOSS_SPIKE_THRESHOLD:g} after episode {after}"
+    )
+    late = episodes >= after
+    smooth = rolling_mean(run.loss, LOSS_SPIKE_EPISODES)
+    if not np.isfinite(run.loss[late]).any():
+        why = "no loss data" if not np.isfinite(run.loss).any() else f"no loss data after episode {after}"
+        checks.append(Check(scope, "loss_spike", NO_DATA, why, expected))
+    else:
+        over = np.flatnonzero(late & (smooth > health.LOSS_SPIKE_THRESHOLD))
+        peak = float(np.nanmax(smooth[late]))
+        if over.size:
+            measured = f"{smooth[over[0]]:.4g} at episode {int(episodes[over[0]]):,} (peak {peak:.4g})"
+            checks.append(Check(scope, "loss_spike", FAIL, measured, expected))
+        else:
+            checks.append(Check(scope, "loss_spike", PASS, f"peak {peak:.4g}", expected))
+
+    window = health.REWARD_DECLINE_WINDOW
+    expected = f"no {window}-episode window with t <= {health.REWARD_DECLINE_T:g} and last 100 < first 100"
+    have = np.isfinite(run.reward)
+    rewards, reward_episodes = run.reward[have], episodes[have]
+    if len(rewards) < window:
+        checks.append(
+            Check(scope, "reward_decline", NO_DATA, f"{len(rewards)} episodes (< {window})", expected)
+        )
+    else:
+        ends = list(range(window, len(rewards) + 1, REWARD_DECLINE_STRIDE))
+        if ends[-1] != len(rewards):
+            ends.append(len(rewards))
+        hit = None
+        for end in ends:
+            trend = health.reward_trend(rewards[end - window : end])
+            if trend.declining:
+                hit = (end, trend)
+                break
+        if hit:
+            end, trend = hit
+            measured = (
+                f"episodes {int(reward_episodes[end - window]):,}-{int(reward_episodes[end - 1]):,}: "
+                f"slope {trend.slope:.3g}/ep (t={trend.t_stat:.1f}), "
+                f"first-100 mean {trend.head_mean:.4g} -> last-100 {trend.tail_mean:.4g}"
+            )
+            checks.append(Check(scope, "reward_decline", FAIL, measured, expected))
+        else:
+            checks.append(
+                Check(scope, "reward_decline", PASS, f"{len(ends)} windows, none declining", expected)
+            )
+
+    eps = run.epsilon
+    limit, before = health.EARLY_EXPLOITATION_EPSILON, health.EARLY_EXPLOITATION_BEFORE_EPISODE
+    expected = f"epsilon >= {limit:g} before episode {before:,}"
+    if not np.isfinite(eps).any():
+        checks.append(Check(scope, "early_exploitation", NO_DATA, "no epsilon data", expected))
+    else:
+        low = np.flatnonzero((eps < limit) & (episodes < before))
+        if low.size:
+            measured = f"{eps[low[0]]:.3g} at episode {int(episodes[low[0]]):,}"
+            checks.append(Check(scope, "early_exploitation", FAIL, measured, expected))
+        else:
+            checks.append(Check(scope, "early_exploitation", PASS, f"lowest {np.nanmin(eps):.3g}", expected))
+
+    bad = {name: count for name, count in run.nonfinite.items() if count}
+    measured = ", ".join(f"{count} {name}" for name, count in bad.items()) if bad else "none"
+    checks.append(Check(scope, "metrics_finite", FAIL if bad else PASS, f"non-finite: {measured}", "none"))
+
+    if run.red_flags is not None:
+        fatal = sorted({name for name in run.red_flags if name in health.FATAL_FLAGS})
+        measured = ("raised: " + ", ".join(fatal)) if fatal else f"{len(run.red_flags)} recorded, none fatal"
+        checks.append(
+            Check(scope, "recorded_red_flags", FAIL if fatal else PASS, measured, "no fatal red flag")
+        )
+    return checks
+
+
+def check_run(run: RunSeries, envelope: dict[str, Any]) -> list[Check]:
+    checks = []
+    for phase in envelope.get("phases", []):
+        checks += phase_checks(run, phase)
+    return checks + red_flag_checks(run)
+
+
+def format_checks(run: RunSeries, checks: Sequence[Check]) -> list[str]:
+    header = ("scope", "check", "status", "measured", "expected")
+    rows = [(c.scope, c.name, c.status, c.measured, c.expected) for c in checks]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    lines = [f"{run.label}  ({run.source}; {run.episodes:,} episodes)"]
+    for row in [header, *rows]:
+        lines.append(
+            "  " + "  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
+        )
+    return lines
+
+
+def load_envelope(path: str | None) -> dict[str, Any]:
+    if path is None:
+        return DEFAULT_ENVELOPE
+    file = Path(path)
+    try:
+        envelope = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(
+            f"--envelope {file}: no such file (the reference copy is {SHARED_ENVELOPE})"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"--envelope {file}: not a readable JSON file ({error})") from None
+    if not isinstance(envelope, dict) or not isinstance(envelope.get("phases"), list):
+        raise UsageError(f"--envelope {file}: no 'phases' list (see {SHARED_ENVELOPE} for the format)")
+    return envelope
+
+
+# --- plot ------------------------------------------------------------------------------------------
+def _plot_window(n: int) -> int:
+    return max(1, min(50, n // 40))
+
+
+def plot_runs(
+    runs: Sequence[RunSeries], envelope: dict[str, Any], out: Path, x_axis: str = "episode"
+) -> Path:
+    """One panel per metric: each run's smoothed curve over the envelope's per-phase bands."""
+    from matplotlib.figure import Figure  # no pyplot: no display, no global state
+
+    figure = Figure(figsize=(13, 8.5), dpi=100)
+    # fixed margins: a constrained layout would double the drawing time for the same picture
+    figure.subplots_adjust(left=0.06, right=0.985, bottom=0.065, top=0.915, wspace=0.16, hspace=0.3)
+    axes = figure.subplots(2, 2).ravel()
+    colors = [f"C{i}" for i in range(10)]
+    phases = envelope.get("phases", []) if x_axis == "episode" else []
+    for ax, (metric, series_name) in zip(axes, METRICS.items(), strict=True):
+        missing = []
+        envelope_peak = 0.0
+        for k, phase in enumerate(phases):
+            spec = phase.get(metric)
+            band = _band(spec) if isinstance(spec, dict) else None
+            if band is None:
+                continue
+            lo, hi = phase["episodes"]
+            tol = _tolerance(metric, band)
+            low, high = band
+            envelope_peak = max([envelope_peak, *(abs(v) for v in band if math.isfinite(v))])
+            first = k == 0
+            band_label = f"envelope ({envelope.get('run', 'reference')})" if first else None
+            tolerance_label = "tolerance" if first else None
+            ax.fill_between(
+                [lo, hi], low - tol, high + tol, color="green", alpha=0.08, lw=0, label=tolerance_label
+            )
+            ax.fill_between([lo, hi], low, high, color="green", alpha=0.22, lw=0, label=band_label)
+            if "from" in spec and "to" in spec:
+                ax.plot([lo, hi], [spec["from"], spec["to"]], color="green", ls="--", lw=1)
+            if "min_allowed" in spec:
+                ax.hlines(spec["min_allowed"], lo, hi, color="darkred", ls=":", lw=1)
+        data_peak = 0.0
+        for i, run in enumerate(runs):
+            y = run.metric(series_name)
+            x = run.episode if x_axis == "episode" else run.step
+            ok = np.isfinite(y) & np.isfinite(x)
+            if not ok.any():
+                missing.append(run.label)
+                continue
+            smooth = rolling_mean(y[ok], _plot_window(int(ok.sum())))
+            ax.plot(x[ok], smooth, color=colors[i % 10], lw=1.4, label=run.label)
+            data_peak = max(data_peak, float(np.nanmax(np.abs(smooth))))
+        thresholds = {
+            "q_values": health.Q_NEGATIVE_THRESHOLD,
+            "loss": health.LOSS_SPIKE_THRESHOLD,
+            "epsilon": health.EARLY_EXPLOITATION_EPSILON,
+        }
+        if metric in thresholds:
+            ax.axhline(thresholds[metric], color="red", ls=":", lw=1, label="red-flag threshold")
+        if envelope_peak and data_peak > 20 * envelope_peak:  # a diverged run would flatten the envelope
+            ax.set_yscale("symlog", linthresh=max(envelope_peak, 1.0))
+        title = TITLES[metric] + (" (symlog)" if ax.get_yscale() == "symlog" else "")
+        if missing:
+            title += "  |  no data: " + ", ".join(missing)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("episode" if x_axis == "episode" else "environment step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    note = "" if x_axis == "episode" else " (envelope is per episode: not drawn against steps)"
+    figure.suptitle(
+        f"{' vs '.join(r.label for r in runs)} against the {envelope.get('run', 'reference')} envelope{note}",
+        fontsize=11,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out)
+    return out
+
+
+# --- command line ----------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Compare runs with each other and with the c643zifs reference envelope.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "runs", nargs="+", metavar="RUN", help="run folder, metrics.jsonl file, or W&B entity/project/run_id"
+    )
+    parser.add_argument(
+        "--envelope",
+        default=None,
+        help=f"envelope JSON (default: the built-in copy of {SHARED_ENVELOPE.name})",
+    )
+    parser.add_argument("--out", default="comparison.png", help="PNG to write")
+    parser.add_argument("--x", choices=["episode", "step"], default="episode", help="x axis of the plot")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as exit_:  # argparse has printed the usage error
+        return EXIT_USAGE if exit_.code else EXIT_OK
+    try:
+        envelope = load_envelope(args.envelope)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+    runs: list[RunSeries] = []
+    errors: list[str] = []
+    for spec in args.runs:
+        try:
+            runs.append(load_run(spec))
+        except RunLoadError as error:
+            errors.append(str(error))
+    seen: dict[str, int] = {}
+    for run in runs:  # two runs with the same folder name need distinct labels
+        seen[run.label] = seen.get(run.label, 0) + 1
+        if seen[run.label] > 1:
+            run.label = f"{run.label}#{seen[run.label]}"
+
+    print("Runs:")
+    for run in runs:
+        steps = int(np.nanmax(run.step)) if np.isfinite(run.step).any() else 0
+        print(f"  {run.label}: {run.source} ({run.episodes:,} episodes, {steps:,} steps)")
+    for error in errors:
+        print(f"  error: {error}")
+    if not runs:
+        print("nothing to compare: no run could be read")
+        return EXIT_FAILED
+
+    print()
+    print("\n".join(config_table(runs)))
+    print()
+    print(
+        f"Envelope {envelope.get('run', '?')} (weak evidence: a check fails only on a clear contradiction; "
+        f"levels on a {SMOOTH_EPISODES}-episode mean):"
+    )
+    summary, all_pass = [], True
+    for run in runs:
+        checks = check_run(run, envelope)
+        print("\n".join(format_checks(run, checks)))
+        print()
+        failed = [f"{c.name} ({c.scope})" for c in checks if c.status == FAIL]
+        counts = {s: sum(c.status == s for c in checks) for s in (PASS, FAIL, NO_DATA)}
+        verdict = "FAIL" if failed else "PASS"
+        all_pass = all_pass and not failed
+        line = (
+            f"  {run.label}: {verdict} ({counts[PASS]} pass, {counts[FAIL]} fail, {counts[NO_DATA]} no data)"
+        )
+        summary.append(line + (": " + "; ".join(failed) if failed else ""))
+    print("Summary:")
+    print("\n".join(summary))
+    for error in errors:
+        print(f"  not compared: {error}")
+
+    out = plot_runs(runs, envelope, Path(args.out), args.x)
+    print(f"Plot: {out}")
+    return EXIT_OK if all_pass and not errors else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

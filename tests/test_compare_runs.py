@@ -1,0 +1,430 @@
+"""compare_runs.py: synthetic runs in our JSONL format (and a mocked W&B run) through the CLI's main()."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import compare_runs
+from compare_runs import DEFAULT_ENVELOPE, FAIL, NO_DATA, PASS, check_run, load_run, main
+from health import epsilon_schedule
+from tm_config import Config
+
+CONFIG = Config()
+FAILED_RUN = DEFAULT_ENVELOPE["failed_run"]["trajectory"]
+
+
+def piecewise(episode: np.ndarray, segments: list[tuple[float, float, float, float]]) -> np.ndarray:
+    """Linear pieces (episode_from, episode_to, value_from, value_to), held at the ends."""
+    xs = [segments[0][0]] + [s[1] for s in segments]
+    ys = [segments[0][2]] + [s[3] for s in segments]
+    return np.interp(episode, xs, ys)
+
+
+def write_run(
+    folder: Path,
+    episodes: dict[str, np.ndarray],
+    departures: dict[str, Any] | None = None,
+    steps: list[dict[str, Any]] | None = None,
+    events: list[dict[str, Any]] | None = None,
+) -> Path:
+    """A metrics.jsonl as env_tm.py writes it: run, episode, step and event records; NaN as "nan"."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, (float, np.floating)):
+            return float(value) if math.isfinite(value) else str(float(value))
+        if isinstance(value, np.integer):
+            return int(value)
+        return value
+
+    folder.mkdir(parents=True, exist_ok=True)
+    records: list[dict[str, Any]] = [
+        {"kind": "run", "step": 0, "event": "start", "env": "embedded", "departures": departures or {}}
+    ]
+    for i in range(len(episodes["episode"])):
+        record = {"kind": "episode", "length": 250, "terminated": True, "beta": 1.0, "seconds": 12.5}
+        record.update({key: clean(values[i]) for key, values in episodes.items()})
+        records.append(record)
+    records += steps or []
+    records += events or []
+    with open(folder / "metrics.jsonl", "w", encoding="utf-8") as file:
+        for record in records:
+            file.write(json.dumps(record) + "\n")
+    return folder
+
+
+def healthy_episodes(n: int = 2500, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inside the c643zifs envelope: 252-step episodes put the pinned step schedule's epsilon at 0.95,
+    0.85, 0.75 at episodes 500, 1500, 2500, as the seed reports."""
+    rng = np.random.default_rng(seed)
+    episode = np.arange(1, n + 1)
+    step = 252 * episode
+    q = piecewise(episode, [(0, 500, 0, 20), (500, 1500, 20, 40), (1500, 2500, 40, 50)]) + rng.normal(0, 1, n)
+    loss = piecewise(episode, [(0, 500, 6, 3), (500, 1500, 2, 1.5), (1500, 2500, 1.2, 1.0)])
+    reward = piecewise(episode, [(0, 500, 10, 40), (500, 1500, 50, 100), (1500, 2500, 100, 140)])
+    return {
+        "episode": episode,
+        "step": step,
+        "reward": reward + rng.normal(0, 10, n),
+        "q_mean": q,
+        "loss": loss + rng.normal(0, 0.3, n),
+        "epsilon": np.array([epsilon_schedule(int(s) - 1, CONFIG) for s in step]),
+    }
+
+
+def failed_episodes(seed: int = 0) -> dict[str, np.ndarray]:
+    """The seed's failed run (soft updates + cosine scheduler): envelope.failed_run.trajectory for Q and
+    loss, epsilon 0.9 -> 0.01 over 1000 episodes, rewards falling apart after Q collapses."""
+    rng = np.random.default_rng(seed)
+    episode = np.arange(1, 701)
+    q = piecewise(episode, [(*t["episodes"], *t["q"]) for t in FAILED_RUN])
+    loss = piecewise(episode, [(*t["episodes"], *t["loss"]) for t in FAILED_RUN])
+    reward = piecewise(episode, [(0, 400, 10, 60), (400, 700, 60, 5)])
+    return {
+        "episode": episode,
+        "step": 150 * episode,
+        "reward": reward + rng.normal(0, 8, 700),
+        "q_mean": q,
+        "loss": loss + rng.normal(0, 0.2, 700),
+        "epsilon": np.maximum(0.01, 0.9 - 0.89 * episode / 1000),
+    }
+
+
+FAILED_DEPARTURES = {"learning_rate": {"pinned": 0.0001, "used": 0.001}}
+
+
+@pytest.fixture
+def no_plot(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """For tests about the report: skip drawing (about 1 s a plot); the PNG has tests of its own."""
+    drawn: list[Path] = []
+
+    def record(runs: Any, envelope: Any, out: Path, x_axis: str = "episode") -> Path:
+        drawn.append(out)
+        return out
+
+    monkeypatch.setattr(compare_runs, "plot_runs", record)
+    return drawn
+
+
+def by_name(checks: list[compare_runs.Check]) -> dict[tuple[str, str], str]:
+    return {(c.scope, c.name): c.status for c in checks}
+
+
+def read_png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+# --- the envelope ----------------------------------------------------------------------------------
+def test_default_envelope_is_the_shared_reference() -> None:
+    shared = compare_runs.SHARED_ENVELOPE
+    if not shared.is_file():
+        pytest.skip(f"{shared} is not in this checkout")
+    assert json.loads(shared.read_text(encoding="utf-8")) == DEFAULT_ENVELOPE
+
+
+def test_a_run_inside_the_envelope_passes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_plot: list[Path]
+) -> None:
+    run = write_run(tmp_path / "healthy", healthy_episodes())
+    checks = check_run(load_run(str(run)), DEFAULT_ENVELOPE)
+    assert [c for c in checks if c.status != PASS] == []
+    assert len(checks) >= 20
+    out = tmp_path / "healthy.png"
+    assert main([str(run), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "healthy: PASS" in text and "none: every run uses the known-good values" in text
+    assert no_plot == [out] and f"Plot: {out}" in text
+
+
+def test_the_seeds_failed_run_fails_for_the_right_reasons(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_plot: list[Path]
+) -> None:
+    run = write_run(tmp_path / "soft-updates", failed_episodes(), FAILED_DEPARTURES)
+    status = by_name(check_run(load_run(str(run / "metrics.jsonl")), DEFAULT_ENVELOPE))
+    whole = "whole run"
+    assert status[(whole, "q_negative")] == FAIL
+    assert status[(whole, "loss_spike")] == FAIL
+    assert status[(whole, "early_exploitation")] == FAIL
+    assert status[(whole, "reward_decline")] == FAIL
+    assert status[("episodes 0-500", "q_values_min")] == FAIL  # went negative before episode 500
+    assert status[("episodes 0-500", "q_values_trend")] == FAIL  # 10 -> -100 over episodes 400-500
+    assert status[("episodes 500-1500", "q_values_level")] == FAIL
+    assert status[("episodes 500-1500", "epsilon_level")] == FAIL
+    assert status[("episodes 1500-2500", "q_values_level")] == NO_DATA  # the run ended at episode 700
+    assert status[("episodes 0-500", "loss_level")] == PASS  # the early loss looked fine
+
+    assert main([str(run), "--out", str(tmp_path / "failed.png")]) == 1
+    text = capsys.readouterr().out
+    assert "soft-updates: FAIL" in text
+    for reason in ("q_negative (whole run)", "loss_spike (whole run)", "early_exploitation (whole run)"):
+        assert reason in text
+    assert "at episode" in text  # the evidence: where the flag first tripped
+
+
+def test_healthy_vs_failed_prints_departures_and_draws_one_png(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    healthy = write_run(tmp_path / "healthy", healthy_episodes())
+    failed = write_run(tmp_path / "soft-updates", failed_episodes(), FAILED_DEPARTURES)
+    out = tmp_path / "plots" / "comparison.png"
+    assert main([str(healthy), str(failed), "--out", str(out)]) == 1
+    text = capsys.readouterr().out
+    table = text[text.index("Config departures") : text.index("Envelope")]
+    row = next(line for line in table.splitlines() if line.strip().startswith("learning_rate"))
+    assert row.split()[1:] == ["0.0001", "0.0001", "0.001"]  # known-good, healthy, soft-updates
+    assert "healthy: PASS" in text and "soft-updates: FAIL" in text
+    width, height = read_png_size(out)
+    assert (width, height) == (1300, 850)
+    assert out.stat().st_size > 20_000  # curves and bands, not a blank canvas
+
+
+def test_different_lengths_and_a_missing_metric(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    long = write_run(tmp_path / "long", healthy_episodes(2500))
+    short_episodes = healthy_episodes(300, seed=1)
+    short = write_run(tmp_path / "short", {k: v for k, v in short_episodes.items() if k != "loss"})
+    out = tmp_path / "mixed.png"
+    assert main([str(long), str(short), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "NO DATA" in text and "no loss data" in text
+    status = by_name(check_run(load_run(str(short)), DEFAULT_ENVELOPE))
+    assert status[("episodes 0-500", "loss_level")] == NO_DATA
+    assert status[("whole run", "loss_spike")] == NO_DATA
+    assert status[("whole run", "reward_decline")] == NO_DATA  # 300 episodes < the 500-episode window
+    assert status[("episodes 0-500", "q_values_level")] == PASS
+    assert read_png_size(out)[0] > 0
+
+
+def test_nan_values_in_a_run_are_reported_not_crashed_on(tmp_path: Path) -> None:
+    episodes = healthy_episodes(600)
+    episodes["loss"][550] = np.nan
+    episodes["q_mean"][560] = -np.inf
+    status = by_name(check_run(load_run(str(write_run(tmp_path / "nan", episodes))), DEFAULT_ENVELOPE))
+    assert status[("whole run", "metrics_finite")] == FAIL
+
+
+def test_step_records_fill_what_episode_records_lack(tmp_path: Path) -> None:
+    episodes = {"episode": np.arange(1, 11), "step": 100 * np.arange(1, 11), "reward": np.ones(10)}
+    steps = [
+        {"kind": "step", "step": s, "q_mean": s / 100.0, "loss": 2.0, "epsilon": 0.9} for s in (150, 550, 950)
+    ]
+    run = load_run(str(write_run(tmp_path / "per-step", episodes, steps=steps)))
+    assert np.isnan(run.q_mean[0])  # before the first step record: not extrapolated
+    assert run.q_mean[1] == pytest.approx(2.0) and run.q_mean[8] == pytest.approx(9.0)
+    assert np.isnan(run.q_mean[9])
+
+
+def test_a_run_without_episodes_is_all_no_data(tmp_path: Path) -> None:
+    run = load_run(str(write_run(tmp_path / "empty", {"episode": np.arange(0)})))
+    statuses = {c.status for c in check_run(run, DEFAULT_ENVELOPE) if c.name != "metrics_finite"}
+    assert run.episodes == 0 and statuses <= {NO_DATA, PASS}
+    assert {c.status for c in check_run(run, DEFAULT_ENVELOPE) if c.scope != "whole run"} == {NO_DATA}
+
+
+def test_recorded_fatal_red_flags_fail_the_run(tmp_path: Path) -> None:
+    events = [
+        {"kind": "event", "step": 9, "level": "red_flag", "name": "observations_frozen", "message": "x"}
+    ]
+    run = load_run(str(write_run(tmp_path / "frozen", healthy_episodes(100), events=events)))
+    checks = {c.name: c for c in check_run(run, DEFAULT_ENVELOPE)}
+    assert checks["recorded_red_flags"].status == FAIL
+    assert "observations_frozen" in checks["recorded_red_flags"].measured
+
+
+def test_plot_against_steps(tmp_path: Path) -> None:
+    run = load_run(str(write_run(tmp_path / "r", healthy_episodes(400))))
+    out = compare_runs.plot_runs([run], DEFAULT_ENVELOPE, tmp_path / "steps.png", x_axis="step")
+    assert read_png_size(out) == (1300, 850)
+
+
+# --- usage errors ----------------------------------------------------------------------------------
+def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = write_run(tmp_path / "r", healthy_episodes(50))
+    assert main([]) == 2
+    assert main([str(run), "--x", "time"]) == 2
+    assert main([str(run), "--envelope", str(tmp_path / "missing.json")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{}", encoding="utf-8")
+    assert main([str(run), "--envelope", str(tmp_path / "bad.json")]) == 2
+
+
+def test_envelope_from_a_file(tmp_path: Path, no_plot: list[Path]) -> None:
+    envelope = json.loads(json.dumps(DEFAULT_ENVELOPE))
+    envelope["phases"] = envelope["phases"][:1]
+    path = tmp_path / "envelope.json"
+    path.write_text(json.dumps(envelope), encoding="utf-8")
+    run = write_run(tmp_path / "r", healthy_episodes(600))
+    assert main([str(run), "--envelope", str(path), "--out", str(tmp_path / "e.png")]) == 0
+
+
+def test_a_missing_run_is_one_line_and_the_others_still_compare(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_plot: list[Path]
+) -> None:
+    run = write_run(tmp_path / "r", healthy_episodes(600))
+    missing = tmp_path / "nothing" / "metrics.jsonl"
+    assert main([str(run), str(missing), "--out", str(tmp_path / "m.png")]) == 1
+    text = capsys.readouterr().out
+    assert f"error: {missing}: not found" in text and "r: PASS" in text
+
+
+# --- W&B -------------------------------------------------------------------------------------------
+class FakeRun:
+    """The slice of wandb.apis.public.Run that compare_runs uses: config, name, id, scan_history, history."""
+
+    def __init__(self, rows: list[dict[str, Any]], config: dict[str, Any]) -> None:
+        self._rows = rows
+        self.config = config
+        self.name = "c643zifs-name"
+        self.id = "c643zifs"
+
+    def scan_history(self, keys: list[str] | None = None, page_size: int = 1000, **_: Any):
+        return iter([dict(row) for row in self._rows])
+
+    def history(self, samples: int = 500, keys: list[str] | None = None, pandas: bool = True, **_: Any):
+        return [dict(row) for row in self._rows][:samples]
+
+
+class FakeApi:
+    calls: list[str] = []
+
+    def __init__(self, *_: Any, **__: Any) -> None:
+        pass
+
+    def run(self, path: str) -> FakeRun:
+        FakeApi.calls.append(path)
+        rows: list[dict[str, Any]] = []
+        for episode in range(1, 601):  # the seed's code logged once per episode, W&B adds _step etc.
+            rows.append(
+                {
+                    "_step": 2 * episode,
+                    "_runtime": 1.0 * episode,
+                    "Episode": episode,
+                    "Episode Reward": 20.0 + 0.05 * episode,
+                    "Mean Q": 0.03 * episode,
+                    "Epsilon": 1.0 - 0.0001 * episode,
+                    "Learning Rate": 1e-4,
+                }
+            )
+            rows.append({"_step": 2 * episode + 1, "Loss": 5.0 - 0.004 * episode})  # logged separately
+        config = {"learning_rate": {"value": 0.0001, "desc": None}, "batch_size": 32, "_wandb": {"x": 1}}
+        return FakeRun(rows, config)
+
+
+@pytest.fixture
+def online_wandb(monkeypatch: pytest.MonkeyPatch) -> type[FakeApi]:
+    import wandb
+
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # fake: the Api is mocked, nothing goes out
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    FakeApi.calls = []
+    return FakeApi
+
+
+def test_wandb_run_is_read_and_normalised(online_wandb: type[FakeApi]) -> None:
+    run = load_run("my-entity/rainbow-tm/c643zifs")
+    assert online_wandb.calls == ["my-entity/rainbow-tm/c643zifs"]
+    assert run.label == "c643zifs-name" and run.source == "wandb:my-entity/rainbow-tm/c643zifs"
+    assert run.episodes == 600 and run.episode[0] == 1 and run.episode[-1] == 600
+    assert run.reward[0] == pytest.approx(20.05) and run.q_mean[99] == pytest.approx(3.0)
+    assert run.epsilon[-1] == pytest.approx(0.94)
+    # loss rows carry no episode: interpolated at each episode's _step from the neighbouring loss rows
+    assert run.loss[9] == pytest.approx(5.0 - 0.004 * 9.5)
+    assert run.config == {"learning_rate": 0.0001, "batch_size": 32}
+    assert run.red_flags is None
+
+
+def test_wandb_and_jsonl_runs_compare_together(
+    online_wandb: type[FakeApi], tmp_path: Path, capsys: pytest.CaptureFixture[str], no_plot: list[Path]
+) -> None:
+    ours = write_run(tmp_path / "ours", healthy_episodes(600), {"batch_size": {"pinned": 32, "used": 64}})
+    url = "https://wandb.ai/my-entity/rainbow-tm/runs/c643zifs?workspace=user"
+    code = main([str(ours), url, "--out", str(tmp_path / "w.png")])
+    text = capsys.readouterr().out
+    assert online_wandb.calls == ["my-entity/rainbow-tm/c643zifs"]
+    row = next(line for line in text.splitlines() if line.strip().startswith("batch_size"))
+    assert row.split()[1:] == ["32", "64", "32"]
+    assert "c643zifs-name" in text and code in (0, 1)
+
+
+def test_offline_wandb_is_one_line_and_never_calls_the_api(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_plot: list[Path]
+) -> None:
+    import wandb
+
+    def no_network(*_: Any, **__: Any) -> None:
+        raise AssertionError("wandb.Api() must not be called when W&B is offline")
+
+    monkeypatch.setattr(wandb, "Api", no_network)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    with pytest.raises(compare_runs.RunLoadError, match=r"W&B is offline .*wandb login"):
+        load_run("my-entity/rainbow-tm/c643zifs")
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    ours = write_run(tmp_path / "ours", healthy_episodes(600))
+    assert main([str(ours), "my-entity/rainbow-tm/c643zifs", "--out", str(tmp_path / "o.png")]) == 1
+    text = capsys.readouterr().out
+    errors = [line for line in text.splitlines() if "c643zifs: W&B is offline" in line]
+    assert len(errors) == 2  # listed with the runs, and again under the summary
+    assert "WANDB_MODE=offline" in errors[0] and "ours: PASS" in text
+
+
+def test_wandb_errors_are_one_line(online_wandb: type[FakeApi], monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: FakeApi, path: str) -> FakeRun:
+        raise ValueError("Could not find run <Run my-entity/rainbow-tm/nope>\nsecond line")
+
+    monkeypatch.setattr(FakeApi, "run", broken)
+    with pytest.raises(compare_runs.RunLoadError) as error:
+        load_run("my-entity/rainbow-tm/nope")
+    assert "\n" not in str(error.value) and "ValueError: Could not find run" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("ent/proj/abc123", "ent/proj/abc123"),
+        ("wandb:ent/proj/abc123", "ent/proj/abc123"),
+        ("ent/proj/runs/abc123", "ent/proj/abc123"),
+        ("https://wandb.ai/ent/my-proj/runs/abc123?nw=1", "ent/my-proj/abc123"),
+        ("checkpoints/run", None),
+        ("a/b/c/d", None),
+    ],
+)
+def test_parse_wandb_path(spec: str, expected: str | None) -> None:
+    assert compare_runs.parse_wandb_path(spec) == expected
+
+
+def test_detect_keys_maps_common_names() -> None:
+    keys = compare_runs.detect_keys(
+        [
+            "_step",
+            "_runtime",
+            "episode/episode",
+            "episode/reward",
+            "episode/q_mean",
+            "step/loss",
+            "step/epsilon",
+        ]
+    )
+    assert keys == {
+        "episode": "episode/episode",
+        "step": "_step",
+        "reward": "episode/reward",
+        "q_mean": "episode/q_mean",
+        "loss": "step/loss",
+        "epsilon": "step/epsilon",
+    }
+    loose = compare_runs.detect_keys(["train/avg_reward_per_episode", "charts/q_value_greedy", "losses/iqn"])
+    assert loose["reward"] == "train/avg_reward_per_episode" and loose["q_mean"] == "charts/q_value_greedy"
+    assert loose["loss"] is None and loose["episode"] is None

@@ -1,0 +1,400 @@
+"""health.py: every red flag fires on a crafted stream (once, with its evidence) and never on a healthy
+run; diagnose() says GO on a healthy diagnostic run and NO-GO, for the right reasons, on a diverging one."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import health
+from health import Criterion, HealthMonitor, RedFlag, diagnose, epsilon_schedule, format_table, verdict
+from run_log import RunLog, read_jsonl
+from tm_config import Config
+
+CONFIG = Config()
+
+
+def metrics(i: int = 0, **overrides: Any) -> dict[str, Any]:
+    """One healthy learn step's metrics (the keys RainbowAgent.train() returns), varying with i."""
+    wobble = math.sin(0.7 * i)
+    values = {
+        "loss": 4.0 + 0.5 * wobble,
+        "grad_norm": 3.0 + wobble,
+        "q_mean": 5.0 + 0.01 * i + 0.1 * wobble,
+        "q_min": 1.0 + 0.01 * i,
+        "q_max": 9.0 + 0.01 * i,
+        "q_std": 1.5,
+        "target_q_mean": 5.0 + 0.01 * i,
+        "target_q_max": 9.5 + 0.01 * i,
+        "td_error_mean": 1.0,
+        "td_error_max": 3.0,
+        "max_priority": 3.0,
+        "beta": 1.0,
+        "epsilon": 0.99,
+        "learning_rate": 1e-4,
+        "learn_step": i + 1,
+        "skipped": 0.0,
+        "skipped_total": 0,
+    }
+    values.update(overrides)
+    return values
+
+
+def feed(
+    monitor: HealthMonitor, stream: list[dict[str, Any]], episode: int = 1, start: int = 0
+) -> list[RedFlag]:
+    fired: list[RedFlag] = []
+    for i, m in enumerate(stream):
+        fired += monitor.observe_learn_step(m, step=start + i, episode=episode)
+    return fired
+
+
+def run_healthy(
+    reward_shape: str, seed: int, episodes: int = 1100, learn_steps_per_episode: int = 12
+) -> HealthMonitor:
+    """A healthy run end to end: Q rising 0 -> 20, loss 6 -> 3 with noise, grad norm 1-5, epsilon on the
+    pinned schedule, per-step rewards around +1 whose episode totals are noisy and flat or rising."""
+    rng = np.random.default_rng(seed)
+    monitor = HealthMonitor(CONFIG)
+    pool = rng.integers(0, 256, (7, 4, 64, 64), dtype=np.uint8)  # successive frames always differ
+    total = episodes * learn_steps_per_episode
+    noise = rng.normal(0.0, 1.0, (total, 3))
+    step = 0
+    for episode in range(episodes):
+        target = 10.0 + (10.0 * episode / episodes if reward_shape == "rising" else 0.0)
+        episode_reward = 0.0
+        for _ in range(learn_steps_per_episode):
+            reward = target / learn_steps_per_episode + 0.3 * noise[step, 0]
+            episode_reward += reward
+            monitor.observe_reward(reward)
+            assert monitor.observe_frames(pool[step % 7], step, episode) == []
+            progress = step / total
+            q_mean = 20.0 * progress + 0.3 * noise[step, 1]
+            m = metrics(
+                step,
+                loss=max(0.1, 6.0 - 3.0 * progress + 0.8 * noise[step, 2]),
+                grad_norm=float(np.clip(3.0 + noise[step, 1], 1.0, 5.0)),
+                q_mean=q_mean,
+                q_min=q_mean - 3.0,
+                q_max=q_mean + 3.0,
+                epsilon=epsilon_schedule(step, CONFIG),
+            )
+            assert monitor.observe_learn_step(m, step, episode) == [], monitor.history
+            step += 1
+        flags = monitor.observe_episode(
+            episode_reward, learn_steps_per_episode, epsilon_schedule(step, CONFIG), step, episode + 1
+        )
+        assert flags == [], flags
+    return monitor
+
+
+# --- healthy runs raise nothing --------------------------------------------------------------------
+@pytest.mark.parametrize(("reward_shape", "seed"), [("flat", 0), ("flat", 1), ("flat", 2), ("rising", 3)])
+def test_a_healthy_run_raises_no_flag(reward_shape: str, seed: int) -> None:
+    monitor = run_healthy(reward_shape, seed)
+    assert monitor.history == []
+    assert monitor.active == {}
+    assert monitor.max_abs_reward > 0  # observe_reward tracked the rewards
+
+
+def test_epsilon_schedule_is_rainbows() -> None:
+    from rainbow import epsilon_at
+
+    for step in [0, 1, 999, 1_250_000, 2_499_999, 2_500_000, 10_000_000, 24_999_999, 25_000_000, 30_000_000]:
+        assert epsilon_schedule(step, CONFIG) == epsilon_at(step, CONFIG), step
+
+
+# --- each flag: fires on its stream, once, with the evidence ---------------------------------------
+def only(fired: list[RedFlag], name: str) -> RedFlag:
+    assert [f.name for f in fired] == [name], [f.message for f in fired]
+    return fired[0]
+
+
+def test_nonfinite_loss_fires_once_then_rearms() -> None:
+    monitor = HealthMonitor(CONFIG)
+    stream = [metrics(i) for i in range(10)] + [metrics(i, loss=math.nan, skipped=1.0) for i in range(10, 15)]
+    flag = only(feed(monitor, stream, episode=3, start=100), "nonfinite_loss")
+    assert (flag.step, flag.episode) == (110, 3)
+    assert "loss=nan" in flag.message and "skipped" in flag.message
+    assert "nonfinite_loss" in monitor.active
+    # 100 clean learn steps re-arm it; the next bad step fires again
+    assert feed(monitor, [metrics(i) for i in range(100)], start=200) == []
+    assert "nonfinite_loss" not in monitor.active
+    again = only(feed(monitor, [metrics(0, loss=math.inf)], start=400), "nonfinite_loss")
+    assert again.step == 400 and "loss=inf" in again.message
+    assert [f.name for f in monitor.history] == ["nonfinite_loss", "nonfinite_loss"]
+
+
+def test_nonfinite_loss_fires_on_a_skipped_step_with_a_finite_loss() -> None:
+    flag = only(feed(HealthMonitor(CONFIG), [metrics(0, skipped=1.0, grad_norm=math.nan)]), "nonfinite_loss")
+    assert "grad_norm=nan" in flag.message
+
+
+def test_nonfinite_weights() -> None:
+    monitor = HealthMonitor(CONFIG)
+    assert feed(monitor, [metrics(i, weights_finite=1) for i in range(5)]) == []
+    flag = only(feed(monitor, [metrics(5, weights_finite=0)] * 3, start=5), "nonfinite_weights")
+    assert flag.step == 5 and "weights_finite=0" in flag.message
+
+
+def test_grad_norm_zero_after_100_exact_zeros() -> None:
+    monitor = HealthMonitor(CONFIG)
+    assert feed(monitor, [metrics(i, grad_norm=0.0) for i in range(99)]) == []
+    flag = only(
+        feed(monitor, [metrics(i, grad_norm=0.0) for i in range(99, 300)], start=99), "grad_norm_zero"
+    )
+    assert flag.step == 99 and "exactly 0 for 100 learn steps" in flag.message and "seed 003" in flag.message
+
+
+def test_grad_norm_never_recorded_is_flagged_as_such() -> None:
+    stream = [{k: v for k, v in metrics(i).items() if k != "grad_norm"} for i in range(120)]
+    flag = only(feed(HealthMonitor(CONFIG), stream), "grad_norm_zero")
+    assert "not recorded" in flag.message
+
+
+def test_grad_norm_small_but_nonzero_is_healthy() -> None:
+    assert feed(HealthMonitor(CONFIG), [metrics(i, grad_norm=1e-6) for i in range(300)]) == []
+
+
+def test_grad_norm_exploding_above_ten_times_the_clip() -> None:
+    monitor = HealthMonitor(CONFIG)
+    assert feed(monitor, [metrics(0, grad_norm=999.0)]) == []  # clipped hard, but within 10x of 100
+    flag = only(
+        feed(monitor, [metrics(i, grad_norm=5000.0) for i in range(20)], start=7), "grad_norm_exploding"
+    )
+    assert flag.value == 5000 and flag.threshold == 1000 and flag.step == 7
+    assert "5000" in flag.message and "1000" in flag.message
+
+
+def test_q_negative() -> None:
+    monitor = HealthMonitor(CONFIG)
+    assert feed(monitor, [metrics(0, q_mean=-9.9)]) == []
+    flag = only(
+        feed(monitor, [metrics(i, q_mean=-12.5) for i in range(50)], episode=42, start=1), "q_negative"
+    )
+    assert (flag.step, flag.episode, flag.value) == (1, 42, -12.5)
+    assert "-12.5" in flag.message and "-10" in flag.message
+
+
+def test_q_out_of_bounds_needs_a_reward_and_uses_the_largest() -> None:
+    monitor = HealthMonitor(CONFIG)
+    big_q = [metrics(i, q_max=500.0) for i in range(10)]
+    assert feed(monitor, big_q) == []  # no reward seen yet: no bound to compare with
+    for reward in (0.5, -1.0, 0.2):
+        monitor.observe_reward(reward)
+    assert monitor.max_abs_reward == 1.0
+    flag = only(feed(monitor, big_q, start=10), "q_out_of_bounds")
+    assert flag.value == 500.0 and flag.threshold == pytest.approx(1.0 / (1 - 0.997))
+    assert "no discounted return can be that large" in flag.message and "333" in flag.message
+
+
+def test_q_out_of_bounds_with_a_given_reward_bound() -> None:
+    monitor = HealthMonitor(CONFIG, max_abs_reward=10.0)
+    monitor.observe_reward(1000.0)  # a given bound is not widened by what is observed
+    assert feed(monitor, [metrics(0, q_min=-3000.0)]) == []  # 3000 < 10 / 0.003 = 3333
+    assert only(feed(monitor, [metrics(1, q_min=-4000.0)]), "q_out_of_bounds").value == 4000.0
+
+
+def test_loss_spike_only_after_episode_500_and_not_on_one_spike() -> None:
+    assert feed(HealthMonitor(CONFIG), [metrics(i, loss=12.0) for i in range(200)], episode=499) == []
+    monitor = HealthMonitor(CONFIG)
+    one_spike = [metrics(i, loss=1000.0 if i == 150 else 3.0) for i in range(300)]
+    assert feed(monitor, one_spike, episode=800) == []
+    rising = [metrics(i, loss=3.0) for i in range(100)] + [metrics(i, loss=15.0) for i in range(100, 400)]
+    flag = only(feed(monitor, rising, episode=600, start=1000), "loss_spike")
+    assert flag.episode == 600 and flag.value == 15.0
+    assert 1000 + 150 <= flag.step <= 1000 + 160  # once more than half of the last 100 steps are above 10
+    assert "median loss over the last 100 learn steps" in flag.message and "after episode 500" in flag.message
+
+
+def test_head_frozen_zero_initialised_output() -> None:
+    dead = [metrics(i, q_mean=0.0, q_min=0.0, q_max=0.0, q_std=0.0) for i in range(250)]
+    flag = only(feed(HealthMonitor(CONFIG), dead, start=10), "head_frozen")
+    assert flag.step == 10 + 99 and "q_std=0" in flag.message and "seed 003" in flag.message
+
+
+def test_head_frozen_saturated_output_with_some_spread() -> None:
+    saturated = [metrics(i, q_mean=0.9, q_std=0.2) for i in range(150)]  # seed 000: pinned at the bound
+    flag = only(feed(HealthMonitor(CONFIG), saturated), "head_frozen")
+    assert "q_mean=0.9" in flag.message
+
+
+def test_observations_frozen() -> None:
+    monitor = HealthMonitor(CONFIG)
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (4, 64, 64), dtype=np.uint8)
+    fired = []
+    for step in range(250):
+        fired += monitor.observe_frames(frames, step, episode=5)  # the same buffer, unchanged
+    flag = only(fired, "observations_frozen")
+    assert (flag.step, flag.episode) == (100, 5)
+    assert "byte-identical for 100 consecutive steps" in flag.message
+    # the buffer is reused by the caller: a change in place counts as a new frame and clears the flag
+    frames[-1, 0, 0] ^= 1
+    assert monitor.observe_frames(frames, 250, 5) == []
+    assert "observations_frozen" not in monitor.active
+    fired = []
+    for step in range(251, 400):
+        fired += monitor.observe_frames(frames, step, episode=6)
+    assert only(fired, "observations_frozen").step == 350
+
+
+def test_early_exploitation() -> None:
+    monitor = HealthMonitor(CONFIG)
+    assert monitor.observe_episode(10.0, 100, 0.9, step=10_000, episode=100) == []
+    flag = only(monitor.observe_episode(10.0, 100, 0.45, step=20_000, episode=101), "early_exploitation")
+    assert (flag.step, flag.episode) == (20_000, 101)
+    assert "0.450" in flag.message and "10,000" in flag.message and "average 198 steps" in flag.message
+    assert monitor.observe_episode(10.0, 100, 0.44, step=20_100, episode=102) == []  # once
+    late = HealthMonitor(CONFIG)
+    assert late.observe_episode(10.0, 100, 0.3, step=2_000_000, episode=10_001) == []
+
+
+def test_reward_decline_fires_once_and_not_on_a_flat_run() -> None:
+    rng = np.random.default_rng(0)
+    monitor = HealthMonitor(CONFIG)
+    fired = []
+    for episode in range(1, 701):
+        reward = (100.0 if episode <= 200 else 100.0 - 0.15 * (episode - 200)) + rng.normal(0, 15)
+        fired += monitor.observe_episode(reward, 200, 0.9, step=200 * episode, episode=episode)
+    flag = only(fired, "reward_decline")
+    assert 500 <= flag.episode <= 700 and flag.value < 0
+    assert "last 500 episodes" in flag.message and "t=" in flag.message and "< first 100" in flag.message
+    flat = HealthMonitor(CONFIG)
+    for episode in range(1, 3001):
+        assert flat.observe_episode(50 + rng.normal(0, 20), 200, 0.9, 200 * episode, episode) == []
+
+
+def test_reward_trend_statistics() -> None:
+    falling = health.reward_trend(list(np.linspace(100, 0, 500)))
+    assert falling.declining and falling.slope == pytest.approx(-100 / 499) and falling.t_stat < -1e6
+    assert not health.reward_trend(list(np.linspace(0, 100, 500))).declining
+    assert not health.reward_trend([1.0, 2.0]).declining  # too short to say anything
+
+
+def test_red_flag_event_round_trips_through_the_run_log(tmp_path: Path) -> None:
+    monitor = HealthMonitor(CONFIG)
+    flag = only(feed(monitor, [metrics(0, loss=math.nan, skipped=1.0)]), "nonfinite_loss")
+    log = RunLog(tmp_path)
+    log.write("event", flag.step, **flag.as_event())
+    log.close()
+    (record,) = read_jsonl(tmp_path / "metrics.jsonl")
+    assert record["kind"] == "event" and record["level"] == "red_flag" and record["name"] == "nonfinite_loss"
+    assert record["value"] == "nan" and record["message"] == flag.message
+
+
+# --- diagnose: go / no-go --------------------------------------------------------------------------
+def diagnostic_records(steps: int = 5000, diverge: bool = False) -> list[dict[str, Any]]:
+    """Records shaped like env_tm.py's JSONL for a diagnostic run (step records every 100 learn steps)."""
+    records: list[dict[str, Any]] = [{"kind": "run", "step": 0, "event": "start", "departures": {}}]
+    rng = np.random.default_rng(1)
+    first_learn = CONFIG.batch_size  # learning starts once a batch is stored
+    for learn_step in range(100, steps + 1, 100):
+        step = learn_step + first_learn
+        progress = learn_step / steps
+        q = 2.0 * progress + 0.1 * rng.normal()
+        loss = 5.0 - progress + 0.2 * rng.normal()
+        if diverge and progress > 0.5:
+            q = -1000.0 * (progress - 0.5) * 2
+            loss = 3.0 + 12.0 * (progress - 0.5) * 2
+        epsilon = epsilon_schedule(step - 1, CONFIG)  # the loop records the epsilon of step - 1's action
+        values = metrics(learn_step, loss=loss, q_mean=q, q_min=q - 2, q_max=q + 2, epsilon=epsilon)
+        values["learn_step"] = learn_step
+        records.append({"kind": "step", "step": step, **values, "max_abs_reward": 1.0})
+        if learn_step % 500 == 0:
+            episode = {"episode": learn_step // 500, "reward": 150.0, "length": 500, "terminated": False}
+            episode.update(epsilon=epsilon, beta=1.0, seconds=25.0, q_mean=q, loss=loss)
+            records.append({"kind": "episode", "step": step, **episode})
+    if diverge:
+        records[-10]["loss"] = "nan"  # run_log writes NaN as a string
+        records.append(
+            {"kind": "event", "step": steps, "level": "red_flag", "name": "q_negative", "message": "..."}
+        )
+    records.append({"kind": "run", "step": steps, "event": "finished"})
+    return records
+
+
+def failed(criteria: list[Criterion]) -> set[str]:
+    return {c.name for c in criteria if not c.passed}
+
+
+def test_diagnose_says_go_on_a_healthy_run() -> None:
+    criteria = diagnose(diagnostic_records(), CONFIG)
+    assert failed(criteria) == set(), format_table(criteria)
+    assert verdict(criteria)
+    table = format_table(criteria)
+    assert table.splitlines()[-1] == f"GO: all {len(criteria)} criteria passed"
+    assert all(line.startswith("PASS") for line in table.splitlines()[1:-1])
+
+
+def test_diagnose_says_no_go_on_a_diverging_run() -> None:
+    criteria = diagnose(diagnostic_records(diverge=True), CONFIG)
+    assert not verdict(criteria)
+    assert failed(criteria) == {
+        "loss_finite",
+        "q_not_negative",
+        "q_within_return_bound",
+        "loss_not_exploding",
+        "no_fatal_red_flags",
+    }, format_table(criteria)
+    by_name = {c.name: c for c in criteria}
+    assert "-1000" in by_name["q_not_negative"].measured
+    assert "max |Q| 1002 " in by_name["q_within_return_bound"].measured  # q_min = q - 2
+    assert "bound 333.3" in by_name["q_within_return_bound"].measured
+    assert "q_negative" in by_name["no_fatal_red_flags"].measured
+    last = format_table(criteria).splitlines()[-1]
+    assert last.startswith("NO-GO: 5 of ") and "q_not_negative" in last
+
+
+def test_diagnose_catches_the_silent_failures() -> None:
+    records = diagnostic_records()
+    for r in records:
+        if r["kind"] == "step":
+            r["grad_norm"] = 0.0  # seed 003: computed, never recorded
+            r["q_mean"], r["q_std"] = 0.0, 0.0  # seed 003: zero-initialised head
+            r["epsilon"] = 0.5  # an epsilon not on the pinned schedule
+            r["learning_rate"] = 5e-5 if r["step"] > 3000 else 1e-4  # a scheduler
+    records.append({"kind": "event", "step": 4000, "level": "red_flag", "name": "observations_frozen"})
+    assert failed(diagnose(records, CONFIG)) == {
+        "grad_norm_nonzero",
+        "q_changes",
+        "epsilon_on_schedule",
+        "learning_rate_constant",
+        "observations_not_frozen",
+        "no_fatal_red_flags",
+    }
+
+
+def test_diagnose_without_learning_is_no_go() -> None:
+    records = [{"kind": "run", "step": 0, "event": "start", "departures": {}}]
+    names = failed(diagnose(records, CONFIG))
+    assert {"learning_happened", "loss_finite", "grad_norm_nonzero", "q_changes"} <= names
+
+
+def test_diagnose_bounds_q_by_episode_rewards_without_max_abs_reward() -> None:
+    records = diagnostic_records()
+    for r in records:
+        r.pop("max_abs_reward", None)
+    by_name = {c.name: c for c in diagnose(records, CONFIG)}
+    assert by_name["q_within_return_bound"].passed
+    assert "max|r| 150: the largest |episode reward|" in by_name["q_within_return_bound"].measured
+
+
+def test_config_from_records_applies_departures() -> None:
+    records = [{"kind": "run", "departures": {"epsilon_decay_to": {"pinned": 2_500_000, "used": 1000}}}]
+    assert health.config_from_records(records).epsilon_decay_to == 1000
+    assert health.config_from_records([]) == Config()
+    assert health.config_from_records([{"kind": "run", "departures": {"nope": {"used": 1}}}]) == Config()
+
+
+def test_flags_fire_once_each_in_a_mixed_divergence() -> None:
+    monitor = HealthMonitor(CONFIG)
+    monitor.observe_reward(1.0)
+    stream = [metrics(i, q_mean=-50.0 * i, q_min=-60.0 * i, q_max=0.0, loss=20.0) for i in range(400)]
+    fired = feed(monitor, stream, episode=700)
+    assert Counter(f.name for f in fired) == {"q_negative": 1, "q_out_of_bounds": 1, "loss_spike": 1}
