@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from checkpoints import CheckpointError, CheckpointStore
+from health import DIAG_MIN_LEARN_STEPS, FATAL_FLAGS, HealthMonitor, RedFlag, diagnose, format_table, verdict
 from rainbow import ACTION_VECTORS, RainbowAgent, epsilon_at, resolve_device
 from replay import PrioritizedReplay
-from run_log import RunLog, truncate_after_step
+from run_log import METRICS_FILE, RunLog, read_jsonl, truncate_after_step
 from tm_config import Config, ConfigError, describe_departures
 from trackmania import (  # imports tmrl lazily (Windows-only): importing this module costs nothing
     GameNotRespondingError,
@@ -42,11 +43,17 @@ SHAPE_KEYS = (
     "img_x", "img_y", "conv_input", "input_car_dim", "car_feature_hidden_dim", "conv_hidden_image_variable",
     "hidden_dim", "conv_channels_1", "conv_channels_2", "cosine_dim", "use_dueling", "max_buffer_size",
 )  # fmt: skip
-EXIT_OK, EXIT_ERROR, EXIT_GAME, EXIT_INTERRUPTED = 0, 1, 3, 130
+EXIT_OK, EXIT_ERROR, EXIT_GAME, EXIT_RED_FLAG, EXIT_NO_GO, EXIT_INTERRUPTED = 0, 1, 3, 4, 5, 130
+MAX_ROLLBACKS = 3  # --on-red-flag rollback: then the run stops, as a failure that keeps coming back is real
+DIAGNOSE_DEFAULT_STEPS = 5_000
 
 
 class ObservationError(ValueError):
     """An observation that does not have the TM20FULL layout; one line naming the problem."""
+
+
+class RedFlagStopError(RuntimeError):
+    """A fatal red flag under --on-red-flag stop (or rollback with nothing left to roll back to)."""
 
 
 class TrainingStoppedError(RuntimeError):
@@ -87,6 +94,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="override a config value (repeatable); logged as a departure from the known-good config",
     )
     parser.add_argument("--no-wandb", action="store_true", help="log to the local JSONL file only")
+    parser.add_argument(
+        "--on-red-flag",
+        choices=["warn", "stop", "rollback"],
+        default="warn",
+        help="on a fatal red flag (diverging Q, NaN, dead gradients, frozen game): report it, stop the run, "
+        "or restore the last checkpoint taken before it and continue",
+    )
+    parser.add_argument(
+        "--diagnose",
+        type=int,
+        nargs="?",
+        const=DIAGNOSE_DEFAULT_STEPS,
+        default=None,
+        metavar="N",
+        help=f"go/no-go: train N steps from scratch (default {DIAGNOSE_DEFAULT_STEPS:,}), print a table of "
+        "health criteria and exit non-zero on a no-go",
+    )
     parser.add_argument("--wandb-project", default=None, help="W&B project (default: config wandb_project)")
     parser.add_argument("--checkpoint-root", default=None, help="folder of run folders (default: config)")
     args = parser.parse_args(argv)
@@ -235,20 +259,51 @@ def fmt(value: float | None, spec: str = ".3g") -> str:
 
 
 # --- training --------------------------------------------------------------------------------------
-def train(args: argparse.Namespace) -> int:
+@dataclass
+class TrainResult:
+    exit_code: int
+    run_dir: Path
+    config: Config
+
+
+def reseed_after_rollback(agent: RainbowAgent, seed: int, rollbacks: int) -> None:
+    """A restored checkpoint carries its random streams: replaying them would replay the same failure."""
+    fresh = seed + 7919 * rollbacks
+    random.seed(fresh)
+    np.random.seed(fresh % 2**32)
+    torch.manual_seed(fresh)
+    agent.rng = np.random.default_rng(fresh)
+
+
+def weights_finite(agent: RainbowAgent) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in agent.online.parameters())
+
+
+def train(args: argparse.Namespace) -> TrainResult:
     config = Config().with_assignments(args.overrides)
     total_steps = args.steps if args.steps is not None else config.training_steps
+    shortest_diagnosis = DIAG_MIN_LEARN_STEPS + config.batch_size
+    if args.diagnose is not None and total_steps < shortest_diagnosis:
+        raise ConfigError(
+            f"--diagnose {total_steps} is too short: the go/no-go criteria need at least "
+            f"{shortest_diagnosis:,} steps ({DIAG_MIN_LEARN_STEPS:,} learn steps)"
+        )
     device = resolve_device(args.device)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
 
     env, env_name = build_environment(args.env, config, args.seed)
-    run_name = args.run_name or f"{env_name}-seed{args.seed}"
+    default_name = (
+        f"{env_name}-diagnose-seed{args.seed}" if args.diagnose is not None else f"{env_name}-seed{args.seed}"
+    )
+    run_name = args.run_name or default_name
     run_dir = Path(args.checkpoint_root or config.checkpoint_dir) / run_name
+    metrics_path = run_dir / METRICS_FILE
     store = CheckpointStore(run_dir, config.keep_last_n_checkpoints)
     replay = PrioritizedReplay.from_config(config, seed=args.seed)
     agent = RainbowAgent(config, replay, device=device, seed=args.seed)
+    monitor = HealthMonitor(config)
     if config.checkpoint:
         # Two checkpoints may briefly coexist with the files kept: ask for room for the rotation first.
         store.check_writable(needed_bytes=(config.keep_last_n_checkpoints + 2) * (replay.nbytes + 50 * 2**20))
@@ -256,6 +311,9 @@ def train(args: argparse.Namespace) -> int:
 
     run = RunState()
     resume = config.resume_from_checkpoint if args.resume is None else args.resume
+    if args.diagnose is not None:
+        resume = False  # a diagnostic run judges a fresh start
+        metrics_path.unlink(missing_ok=True)
     if resume and config.checkpoint:
         store.remove_temporaries()
         loaded = store.load_newest_good(validate_checkpoint(config))
@@ -265,7 +323,7 @@ def train(args: argparse.Namespace) -> int:
             if loaded.skipped:
                 progress.message(f"falling back to the newest good checkpoint: {loaded.path.name}")
             run = restore(loaded.state, agent, replay, loaded.path)
-            dropped = truncate_after_step(run_dir / "metrics.jsonl", run.step)
+            dropped = truncate_after_step(metrics_path, run.step)
             progress.message(
                 f"resumed {run_name} from {loaded.path.name}: step {run.step:,}, episode {run.episode:,}"
                 + (f" ({dropped} log records after that step dropped)" if dropped else "")
@@ -302,9 +360,53 @@ def train(args: argparse.Namespace) -> int:
         else:
             store.save_latest_only(state)
 
+    rollbacks = 0
+
+    def handle(flags: list[RedFlag]) -> bool:
+        """Report red flags; returns True when the run was rolled back to its last checkpoint."""
+        nonlocal run, monitor, rollbacks
+        acted = False
+        for flag in flags:
+            progress.message(f"RED FLAG {flag.name}: {flag.message}")
+            log.write("event", flag.step, **flag.as_event())
+            log.alert(f"red flag: {flag.name}", flag.message)
+            if acted or flag.name not in FATAL_FLAGS or args.on_red_flag == "warn":
+                continue
+            if args.on_red_flag == "stop":
+                raise RedFlagStopError(
+                    f"stopped on red flag {flag.name} at step {flag.step:,} (--on-red-flag stop): "
+                    f"{flag.message}; last good checkpoint: {store.latest_path}"
+                )
+            loaded = store.load_newest_good(validate_checkpoint(config)) if config.checkpoint else None
+            if loaded is None or rollbacks >= MAX_ROLLBACKS:
+                why = (
+                    "no checkpoint to roll back to"
+                    if loaded is None
+                    else f"{MAX_ROLLBACKS} rollbacks already"
+                )
+                raise RedFlagStopError(
+                    f"stopped on red flag {flag.name} at step {flag.step:,} ({why}): {flag.message}"
+                )
+            rollbacks += 1
+            wandb_run_id = run.wandb_run_id
+            run = restore(loaded.state, agent, replay, loaded.path)
+            run.wandb_run_id = wandb_run_id
+            reseed_after_rollback(agent, args.seed, rollbacks)
+            monitor = HealthMonitor(config)
+            log.truncate_after_step(run.step)
+            log.write(
+                "event", run.step, level="rollback", name=flag.name, from_step=flag.step, rollbacks=rollbacks
+            )
+            progress.message(
+                f"rolled back to {loaded.path.name} (step {run.step:,}, episode {run.episode:,}); "
+                f"rollback {rollbacks} of at most {MAX_ROLLBACKS}"
+            )
+            acted = True
+        return acted
+
     last_metrics: dict[str, float] = {}
-    episode_reward, episode_length, episode_start = 0.0, 0, time.perf_counter()
     try:
+        episode_reward, episode_length, episode_start = 0.0, 0, time.perf_counter()
         obs, _ = env.reset(seed=args.seed + run.episode)
         frames, car = split_observation(obs, config)
         replay.start_episode(frames, car)
@@ -318,6 +420,8 @@ def train(args: argparse.Namespace) -> int:
             episode_reward += reward
             episode_length += 1
             frames, car = next_frames, next_car
+            monitor.observe_reward(reward)
+            flags = monitor.observe_frames(next_frames, run.step, run.episode)
 
             if len(replay) >= config.batch_size:
                 last_metrics = agent.train()
@@ -329,13 +433,17 @@ def train(args: argparse.Namespace) -> int:
                         f"gradient (all skipped, weights untouched); last checkpoint: {store.latest_path}"
                     )
                 if agent.learn_steps % config.log_every_steps == 0:
+                    last_metrics["weights_finite"] = float(weights_finite(agent))
                     log.write(
                         "step",
                         run.step,
                         steps_per_second=progress.rate(run.step),
                         time_step_timeouts=getattr(env, "time_step_timeouts", 0),
+                        max_abs_reward=monitor.max_abs_reward,
                         **last_metrics,
                     )
+                flags += monitor.observe_learn_step(last_metrics, run.step, run.episode)
+                last_metrics.pop("weights_finite", None)
 
             progress.show(
                 run.step,
@@ -344,7 +452,8 @@ def train(args: argparse.Namespace) -> int:
                 f"Q {fmt(last_metrics.get('q_mean'))}",
             )
 
-            if terminated or truncated:
+            episode_over = terminated or truncated
+            if episode_over:
                 run.episode += 1
                 run.interval_rewards.append(episode_reward)
                 log.write(
@@ -360,8 +469,13 @@ def train(args: argparse.Namespace) -> int:
                     q_mean=last_metrics.get("q_mean"),
                     loss=last_metrics.get("loss"),
                 )
-                if run.episode % config.checkpoint_frequency == 0:
-                    save(is_periodic=True)
+                flags += monitor.observe_episode(
+                    episode_reward, episode_length, agent.epsilon, run.step, run.episode
+                )
+            rolled_back = handle(flags) if flags else False
+            if episode_over and not rolled_back and run.episode % config.checkpoint_frequency == 0:
+                save(is_periodic=True)
+            if episode_over or rolled_back:
                 episode_reward, episode_length, episode_start = 0.0, 0, time.perf_counter()
                 obs, _ = env.reset(seed=args.seed + run.episode)
                 frames, car = split_observation(obs, config)
@@ -371,7 +485,7 @@ def train(args: argparse.Namespace) -> int:
             f"done: {run.step:,} steps, {run.episode:,} episodes; latest checkpoint {store.latest_path}"
         )
         log.write("run", run.step, event="finished", episodes=run.episode)
-        return EXIT_OK
+        return TrainResult(EXIT_OK, run_dir, config)
     except GameNotRespondingError:
         save(is_periodic=False)
         progress.message(f"the game stopped answering at step {run.step:,}: saved {store.latest_path}")
@@ -381,19 +495,34 @@ def train(args: argparse.Namespace) -> int:
         save(is_periodic=False)
         progress.message(f"interrupted at step {run.step:,}: saved {store.latest_path}; resume with --resume")
         log.write("run", run.step, event="interrupted")
-        return EXIT_INTERRUPTED
+        return TrainResult(EXIT_INTERRUPTED, run_dir, config)
     finally:
         log.close()
         env.close()
 
 
+def report_diagnosis(result: TrainResult) -> int:
+    """The go/no-go table of a finished diagnostic run; non-zero exit on a no-go."""
+    criteria = diagnose(read_jsonl(result.run_dir / METRICS_FILE), result.config)
+    print(format_table(criteria), flush=True)
+    return EXIT_OK if verdict(criteria) else EXIT_NO_GO
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.diagnose is not None:
+        args.steps = args.diagnose
     try:
-        return train(args)
+        result = train(args)
+        if args.diagnose is not None and result.exit_code == EXIT_OK:
+            return report_diagnosis(result)
+        return result.exit_code
     except (ConfigError, CheckpointError, ObservationError, TrainingStoppedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
+    except RedFlagStopError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_RED_FLAG
     except (TrackManiaSetupError, GameNotRespondingError) as error:
         # A missing game, plugin or TmrlData, or a game that stopped answering: the message says what to do.
         print(f"error: {error}", file=sys.stderr)

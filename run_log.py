@@ -40,11 +40,12 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def truncate_after_step(path: Path, step: int) -> int:
-    """On resume, drop records written after the checkpoint's step (that work is being redone)."""
+    """On resume or rollback, drop records written after the checkpoint's step (that work is redone).
+    Events (red flags, rollbacks) are kept whatever their step: they are the run's history."""
     if not path.exists():
         return 0
     records = read_jsonl(path)
-    kept = [r for r in records if r.get("step", 0) <= step]
+    kept = [r for r in records if r.get("step", 0) <= step or r.get("kind") == "event"]
     temp = path.with_name(path.name + ".tmp")
     with open(temp, "w", encoding="utf-8") as file:
         for record in kept:
@@ -118,6 +119,20 @@ class RunLog:
         except Exception as error:
             self.wandb_note = f"W&B stopped logging ({type(error).__name__}); JSONL only"
             self.wandb_run = None
+
+    def truncate_after_step(self, step: int) -> int:
+        """`truncate_after_step` on this log's own file, which it holds open for appending."""
+        self._file.close()
+        dropped = truncate_after_step(self.path, step)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+        return dropped
+
+    def alert(self, title: str, text: str) -> None:
+        """A W&B alert (email/Slack when the user set them up); silently nothing when offline."""
+        if self.wandb_run is None:
+            return
+        with contextlib.suppress(Exception):  # offline runs cannot send alerts; the JSONL has the event
+            self.wandb_run.alert(title=title, text=text)
 
     # records --------------------------------------------------------------------------------------
     def write(self, kind: str, step: int, **values: Any) -> None:

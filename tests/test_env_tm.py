@@ -216,3 +216,95 @@ def test_metrics_records_are_valid_json_lines(tmp_path):
     lines = (tmp_path / "j" / "metrics.jsonl").read_text().splitlines()
     kinds = [json.loads(line)["kind"] for line in lines]
     assert kinds[0] == "run" and kinds[-1] == "run" and "episode" in kinds and "step" in kinds
+
+
+# --- run health: red flags, --on-red-flag, --diagnose ----------------------------------------------------
+def craft_metrics(monkeypatch, rewrite):
+    """Wrap RainbowAgent.train so that `rewrite(metrics, learn_step)` can fake a diverging run."""
+    original = env_tm.RainbowAgent.train
+
+    def train(self):
+        metrics = original(self)
+        rewrite(metrics, self.learn_steps)
+        return metrics
+
+    monkeypatch.setattr(env_tm.RainbowAgent, "train", train)
+
+
+def health_args(tmp_path: Path, steps: int, *extra: str) -> list[str]:
+    args = ["--env", "embedded", "--steps", str(steps), "--checkpoint-root", str(tmp_path), "--run-name", "h"]
+    args += ["--no-wandb", "--fresh", *extra]
+    return args + sum((["--set", a] for a in FAST), [])
+
+
+def collapse_q_after(step: int):
+    def rewrite(metrics, learn_step):
+        if learn_step >= step:
+            metrics["q_mean"] = -50.0 - (learn_step - step)
+
+    return rewrite
+
+
+def test_red_flag_is_reported_with_its_evidence_and_training_goes_on_by_default(
+    tmp_path, capsys, monkeypatch
+):
+    craft_metrics(monkeypatch, collapse_q_after(100))
+    assert env_tm.main(health_args(tmp_path, 160)) == env_tm.EXIT_OK
+    out = capsys.readouterr().out
+    assert out.count("RED FLAG q_negative") == 1, "a flag is raised once, not every step"
+    flags = [r for r in read_jsonl(tmp_path / "h" / "metrics.jsonl") if r.get("level") == "red_flag"]
+    assert [(f["name"], f["value"]) for f in flags] == [("q_negative", -50.0)]
+    assert flags[0]["step"] == 100 + 3, "the flag carries the env step of the learn step that raised it"
+
+
+def test_on_red_flag_stop_ends_the_run_and_keeps_the_good_checkpoint(tmp_path, capsys, monkeypatch):
+    craft_metrics(monkeypatch, collapse_q_after(150))
+    code = env_tm.main(health_args(tmp_path, 400, "--on-red-flag", "stop"))
+    err = capsys.readouterr().err.strip()
+    assert code == env_tm.EXIT_RED_FLAG and "\n" not in err
+    assert "stopped on red flag q_negative at step 153 (--on-red-flag stop)" in err
+    assert load_checkpoint(tmp_path / "h" / "latest.pt")["step"] == 120, "the checkpoint before the flag"
+
+
+def test_on_red_flag_rollback_restores_the_last_checkpoint_and_continues(tmp_path, capsys, monkeypatch):
+    poisoned = {"left": 1}
+
+    def rewrite(metrics, learn_step):
+        if learn_step == 150 and poisoned["left"]:
+            poisoned["left"] -= 1
+            metrics["loss"] = float("nan")
+            metrics["grad_norm"] = 1e9  # an exploding gradient: fatal
+
+    craft_metrics(monkeypatch, rewrite)
+    assert env_tm.main(health_args(tmp_path, 240, "--on-red-flag", "rollback")) == env_tm.EXIT_OK
+    out = capsys.readouterr().out
+    assert "RED FLAG grad_norm_exploding" in out
+    assert "rolled back to latest.pt (step 120, episode 3); rollback 1 of at most 3" in out
+    records = read_jsonl(tmp_path / "h" / "metrics.jsonl")
+    rollbacks = [r for r in records if r.get("level") == "rollback"]
+    assert [(r["step"], r["from_step"]) for r in rollbacks] == [(120, 153)]
+    episodes = [r["episode"] for r in records if r["kind"] == "episode"]
+    assert episodes == list(range(1, 7)), "episodes after the checkpoint were redone, not double counted"
+    assert load_checkpoint(tmp_path / "h" / "latest.pt")["step"] == 240
+
+
+def test_diagnose_says_no_go_on_a_diverging_run(tmp_path, capsys, monkeypatch):
+    def rewrite(metrics, learn_step):
+        if learn_step > 400:
+            metrics["q_mean"] = -(learn_step - 400) * 2.0
+            metrics["q_min"] = metrics["q_mean"] - 1
+            metrics["loss"] = metrics["loss"] + (learn_step - 400) / 10.0
+
+    craft_metrics(monkeypatch, rewrite)
+    code = env_tm.main(health_args(tmp_path, 50, "--diagnose", "1004"))  # --diagnose N sets the steps
+    out = capsys.readouterr().out
+    assert code == env_tm.EXIT_NO_GO
+    assert "NO-GO" in out
+    failed = {line.split()[1] for line in out.splitlines() if line.startswith("FAIL")}
+    assert {"q_not_negative", "loss_not_exploding"} <= failed, out
+
+
+def test_diagnose_refuses_a_run_too_short_to_judge(tmp_path, capsys):
+    code = env_tm.main(health_args(tmp_path, 50, "--diagnose", "200"))
+    err = capsys.readouterr().err
+    assert code == env_tm.EXIT_ERROR and "--diagnose 200 is too short" in err

@@ -32,8 +32,12 @@ def test_a_half_written_last_line_is_ignored(tmp_path):
 def test_truncate_after_step_drops_work_that_is_being_redone(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"kind": "step", "step": s}) + "\n" for s in (10, 20, 30, 40)))
+    with open(path, "a") as file:
+        file.write(
+            json.dumps({"kind": "event", "step": 35, "level": "red_flag", "name": "q_negative"}) + "\n"
+        )
     assert truncate_after_step(path, 20) == 2
-    assert [r["step"] for r in read_jsonl(path)] == [10, 20]
+    assert [(r["kind"], r["step"]) for r in read_jsonl(path)] == [("step", 10), ("step", 20), ("event", 35)]
     assert truncate_after_step(tmp_path / "missing.jsonl", 5) == 0
 
 
@@ -102,6 +106,16 @@ def test_wandb_failure_is_reported_once_and_jsonl_continues(tmp_path, monkeypatc
     log.close()
     assert "JSONL only" in log.wandb_note
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_log_truncation_keeps_writing_to_the_same_file(tmp_path):
+    log = RunLog(tmp_path)
+    for step in (10, 20, 30):
+        log.write("step", step)
+    assert log.truncate_after_step(15) == 2
+    log.write("event", 15, level="rollback")
+    log.close()
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [10, 15]
 
 
 def test_metrics_file_name_is_stable():
