@@ -445,11 +445,12 @@ def train(args: argparse.Namespace) -> TrainResult:
                 flags += monitor.observe_learn_step(last_metrics, run.step, run.episode)
                 last_metrics.pop("weights_finite", None)
 
+            timeouts = getattr(env, "time_step_timeouts", 0)  # TrackMania only: the PC missed 20 Hz
             progress.show(
                 run.step,
                 f"{progress.rate(run.step):.1f} steps/s | ep {run.episode + 1} | R {episode_reward:.1f} | "
                 f"eps {agent.epsilon:.3f} | loss {fmt(last_metrics.get('loss'))} | "
-                f"Q {fmt(last_metrics.get('q_mean'))}",
+                f"Q {fmt(last_metrics.get('q_mean'))}" + (f" | timeouts {timeouts}" if timeouts else ""),
             )
 
             episode_over = terminated or truncated
