@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from checkpoints import CheckpointError, CheckpointStore
+from checkpoints import CheckpointError, CheckpointStore, load_checkpoint
 from health import DIAG_MIN_LEARN_STEPS, FATAL_FLAGS, HealthMonitor, RedFlag, diagnose, format_table, verdict
 from rainbow import ACTION_VECTORS, RainbowAgent, epsilon_at, resolve_device
 from replay import PrioritizedReplay
@@ -44,6 +46,7 @@ SHAPE_KEYS = (
     "hidden_dim", "conv_channels_1", "conv_channels_2", "cosine_dim", "use_dueling", "max_buffer_size",
 )  # fmt: skip
 EXIT_OK, EXIT_ERROR, EXIT_GAME, EXIT_RED_FLAG, EXIT_NO_GO, EXIT_INTERRUPTED = 0, 1, 3, 4, 5, 130
+MAX_FAILED_SAVES = 3  # checkpoint writes in a row that may fail (disk full, file locked) before stopping
 MAX_ROLLBACKS = 3  # --on-red-flag rollback: then the run stops, as a failure that keeps coming back is real
 DIAGNOSE_DEFAULT_STEPS = 5_000
 
@@ -120,18 +123,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --- environments ----------------------------------------------------------------------------------
-def build_environment(choice: str, config: Config, seed: int) -> tuple[Any, str]:
-    """Returns (env, name). `auto` falls back to the embedded track and says why in one line."""
-    if choice in ("auto", "trackmania"):
-        reason = check_tmrl_available(config)
-        if reason is None:
-            return make_trackmania_env(config), "trackmania"
-        if choice == "trackmania":
-            raise TrackManiaSetupError(f"--env trackmania: {reason}")
-        print(f"TrackMania not used: {reason}. Training on the embedded track instead.", flush=True)
-    from embedded_track import make_embedded_track
+def choose_environment(choice: str, config: Config) -> str:
+    """`trackmania` or `embedded`. `auto` falls back to the embedded track and says why in one line."""
+    if choice == "embedded":
+        return "embedded"
+    reason = check_tmrl_available(config)
+    if reason is None:
+        return "trackmania"
+    if choice == "trackmania":
+        raise TrackManiaSetupError(f"--env trackmania: {reason}")
+    print(f"TrackMania not used: {reason}. Training on the embedded track instead.", flush=True)
+    return "embedded"
 
-    return make_embedded_track(config, seed=seed), "embedded"
+
+def build_environment(name: str, config: Config, seed: int) -> Any:
+    if name == "trackmania":
+        return make_trackmania_env(config)
+    from embedded_track import make_embedded_track  # imports gymnasium's Box2D only when used
+
+    return make_embedded_track(config, seed=seed)
 
 
 def split_observation(obs: Any, config: Config) -> tuple[np.ndarray, np.ndarray]:
@@ -145,12 +155,20 @@ def split_observation(obs: Any, config: Config) -> tuple[np.ndarray, np.ndarray]
     expected = (config.conv_input, config.img_y, config.img_x)
     if frames.shape != expected:
         raise ObservationError(f"observation images have shape {frames.shape}, expected {expected}")
-    if frames.dtype != np.uint8:
-        frames = np.clip(frames, 0, 255).astype(np.uint8)
+    if frames.dtype != np.uint8:  # a float image in [0, 1] would silently turn black if converted
+        raise ObservationError(f"observation images are {frames.dtype}, expected uint8 grayscale (0-255)")
     car = np.array([np.ravel(speed)[0], np.ravel(gear)[0], np.ravel(rpm)[0]], dtype=np.float32)
     if not np.isfinite(car).all():
         raise ObservationError(f"observation speed/gear/rpm are not finite: {car.tolist()}")
     return frames, car
+
+
+def checked_reward(reward: Any, step: int) -> float:
+    value = float(reward)
+    if not math.isfinite(value):
+        # Stored, it would be drawn at max priority forever and poison every batch it lands in.
+        raise ObservationError(f"the environment returned a non-finite reward ({value}) at step {step:,}")
+    return value
 
 
 # --- progress on the terminal ----------------------------------------------------------------------
@@ -162,7 +180,11 @@ class Progress:
         self.interactive = sys.stdout.isatty()
         self.interval = 1.0 if self.interactive else 30.0
         self.last_print = 0.0
-        self.window_start = (time.perf_counter(), 0)
+        self.restart_rate(0)
+
+    def restart_rate(self, step: int) -> None:
+        """Measure steps/s from here (after a resume or a rollback the step count jumps)."""
+        self.window_start = (time.perf_counter(), step)
         self.steps_per_second = 0.0
 
     def rate(self, step: int) -> float:
@@ -189,7 +211,7 @@ class Progress:
         print(("\n" if self.interactive else "") + text, flush=True)
 
 
-# --- run state -------------------------------------------------------------------------------------
+# --- run state and checkpoints -------------------------------------------------------------------
 @dataclass
 class RunState:
     step: int = 0  # global environment steps, across resumes
@@ -205,6 +227,8 @@ def collect_state(agent: RainbowAgent, replay: PrioritizedReplay, run: RunState,
         "departures": config.departures(),
         "step": run.step,
         "episode": run.episode,
+        # epsilon and beta are restored from the step and the replay memory; kept here for people reading
+        # a checkpoint (and the original's checkpoints carried them).
         "epsilon": epsilon_at(run.step, config),
         "beta": replay.beta,
         "best_interval_reward": run.best_interval_reward,
@@ -216,46 +240,127 @@ def collect_state(agent: RainbowAgent, replay: PrioritizedReplay, run: RunState,
     }
 
 
-def validate_checkpoint(config: Config):
-    """A checker for CheckpointStore.load_newest_good: shapes must match this run's config."""
-
-    def check(state: dict, path: Path) -> None:
-        try:
-            saved = Config.from_dict(state["config"])
-        except (ConfigError, KeyError, TypeError) as error:
-            raise CheckpointError(f"checkpoint {path} has an unusable config: {error}") from None
-        mismatched = [k for k in SHAPE_KEYS if getattr(saved, k) != getattr(config, k)]
-        if mismatched:
-            details = ", ".join(
-                f"{k}={getattr(saved, k)!r} (run: {getattr(config, k)!r})" for k in mismatched
-            )
-            raise CheckpointError(f"checkpoint {path} was made with an incompatible config: {details}")
-
-    return check
+def resume_config(state: dict, overrides: list[str], path: Path) -> Config:
+    """A resumed run keeps its checkpoint's config; only explicit --set values change it, and never a
+    value that fixes the shape of the networks or the replay memory."""
+    try:
+        saved = Config.from_dict(state["config"])
+    except (ConfigError, KeyError, TypeError) as error:
+        raise CheckpointError(f"checkpoint {path} has an unusable config: {error}") from None
+    config = saved.with_assignments(overrides)
+    mismatched = [k for k in SHAPE_KEYS if getattr(saved, k) != getattr(config, k)]
+    if mismatched:
+        details = ", ".join(f"{k}={getattr(saved, k)!r} (run: {getattr(config, k)!r})" for k in mismatched)
+        raise CheckpointError(f"checkpoint {path} was made with an incompatible config: {details}")
+    return config
 
 
 def restore(state: dict, agent: RainbowAgent, replay: PrioritizedReplay, path: Path) -> RunState:
+    """Load a checkpoint into `agent` and `replay`; anything that does not fit is a CheckpointError."""
     try:
         agent.load_state_dict(state["agent"])
         replay.load_state_dict(state["replay"])
         replay.check_consistency()
-    except (KeyError, RuntimeError, ValueError) as error:
+        for group in agent.optimizer.param_groups:  # the optimizer state carries the lr it was saved with
+            group["lr"] = agent.config.learning_rate
+        run = RunState(
+            step=int(state["step"]),
+            episode=int(state["episode"]),
+            best_interval_reward=float(state["best_interval_reward"]),
+            wandb_run_id=state.get("wandb_run_id"),
+        )
+        random.setstate(state["python_rng"])
+        np.random.set_state(state["numpy_rng"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as error:
         first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be restored: {first_line}") from None
+    return run
+
+
+@dataclass
+class Learner:
+    config: Config
+    agent: RainbowAgent
+    replay: PrioritizedReplay
+    run: RunState
+
+
+def stream_seeds(seed: int) -> tuple[int, int]:
+    """Independent seeds for the agent and the replay memory (the same int would give equal streams)."""
+    agent_seed, replay_seed = np.random.SeedSequence(seed).generate_state(2)
+    return int(agent_seed), int(replay_seed)
+
+
+def new_learner(config: Config, seed: int, device: torch.device) -> Learner:
+    agent_seed, replay_seed = stream_seeds(seed)
+    replay = PrioritizedReplay.from_config(config, seed=replay_seed)
+    return Learner(config, RainbowAgent(config, replay, device=device, seed=agent_seed), replay, RunState())
+
+
+def resume_learner(
+    store: CheckpointStore, overrides: list[str], seed: int, device: torch.device, candidates: list[Path]
+) -> tuple[Learner, Path, list[str]] | None:
+    """The newest candidate checkpoint that loads and restores, with one line per candidate skipped."""
+    skipped = []
+    for path in candidates:
+        try:
+            state = load_checkpoint(path)
+            config = resume_config(state, overrides, path)
+            learner = new_learner(config, seed, device)
+            learner.run = restore(state, learner.agent, learner.replay, path)
+            return learner, path, skipped
+        except CheckpointError as error:
+            skipped.append(str(error))
+    if skipped:
         raise CheckpointError(
-            f"checkpoint {path} does not match this version of rainbow-tm: {first_line}"
-        ) from None
-    random.setstate(state["python_rng"])
-    np.random.set_state(state["numpy_rng"])
-    return RunState(
-        step=int(state["step"]),
-        episode=int(state["episode"]),
-        best_interval_reward=float(state["best_interval_reward"]),
-        wandb_run_id=state.get("wandb_run_id"),
-    )
+            f"no usable checkpoint in {store.run_dir}: " + "; ".join(skipped) + " (use --fresh to start over)"
+        )
+    return None
+
+
+def move_aside(run_dir: Path) -> Path | None:
+    """--fresh never mixes a new run into an old run's folder: the old one is renamed, not deleted."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return None
+    target = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    suffix = 1
+    while target.exists():
+        target = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}")
+        suffix += 1
+    run_dir.rename(target)
+    return target
+
+
+def weights_finite(agent: RainbowAgent) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in agent.online.parameters())
 
 
 def fmt(value: float | None, spec: str = ".3g") -> str:
     return "-" if value is None else format(value, spec)
+
+
+class StopRequest:
+    """Ctrl+C asks the loop to stop at the end of the current step (never in the middle of a replay or
+    optimizer update, which a checkpoint would then capture half-done); a second Ctrl+C aborts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl+C again to abort without saving)", flush=True)
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 # --- training --------------------------------------------------------------------------------------
@@ -266,77 +371,73 @@ class TrainResult:
     config: Config
 
 
-def reseed_after_rollback(agent: RainbowAgent, seed: int, rollbacks: int) -> None:
-    """A restored checkpoint carries its random streams: replaying them would replay the same failure."""
-    fresh = seed + 7919 * rollbacks
-    random.seed(fresh)
-    np.random.seed(fresh % 2**32)
-    torch.manual_seed(fresh)
-    agent.rng = np.random.default_rng(fresh)
-
-
-def weights_finite(agent: RainbowAgent) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in agent.online.parameters())
-
-
 def train(args: argparse.Namespace) -> TrainResult:
-    config = Config().with_assignments(args.overrides)
+    requested = Config().with_assignments(args.overrides)
+    device = resolve_device(args.device)
+    env_name = choose_environment(args.env, requested)
+    diagnosing = args.diagnose is not None
+    run_name = args.run_name or f"{env_name}{'-diagnose' if diagnosing else ''}-seed{args.seed}"
+    run_dir = Path(args.checkpoint_root or requested.checkpoint_dir) / run_name
+    store = CheckpointStore(run_dir, requested.keep_last_n_checkpoints)
+    random.seed(args.seed)
+    np.random.seed(args.seed % 2**32)
+    torch.manual_seed(args.seed)
+
+    # Resume (the checkpoint's config, plus explicit --set changes) or start fresh.
+    resume = requested.resume_from_checkpoint if args.resume is None else args.resume
+    resume = resume and requested.checkpoint and not diagnosing  # a diagnosis judges a fresh start
+    notes: list[str] = []
+    learner = None
+    if resume:
+        store.remove_temporaries()
+        found = resume_learner(store, args.overrides, args.seed, device, list(store.candidates()))
+        if found is not None:
+            learner, path, skipped = found
+            notes += [f"skipped: {line}" for line in skipped]
+            if skipped:
+                notes.append(f"falling back to the newest good checkpoint: {path.name}")
+            dropped = truncate_after_step(run_dir / METRICS_FILE, learner.run.step)
+            run = learner.run
+            notes.append(
+                f"resumed {run_name} from {path.name}: step {run.step:,}, episode {run.episode:,}"
+                + (f" ({dropped} log records after that step dropped)" if dropped else "")
+            )
+        elif args.resume:
+            raise CheckpointError(f"--resume: no checkpoint in {run_dir} (drop --resume to start fresh)")
+        else:
+            notes.append(f"no checkpoint in {run_dir}: starting fresh")
+    else:
+        moved = move_aside(run_dir)
+        if moved is not None:
+            notes.append(f"--fresh: the previous contents of {run_dir} were moved to {moved}")
+    if learner is None:
+        learner = new_learner(requested, args.seed, device)
+    config, agent, replay = learner.config, learner.agent, learner.replay
+    run = learner.run
     total_steps = args.steps if args.steps is not None else config.training_steps
     shortest_diagnosis = DIAG_MIN_LEARN_STEPS + config.batch_size
-    if args.diagnose is not None and total_steps < shortest_diagnosis:
+    if diagnosing and total_steps < shortest_diagnosis:
         raise ConfigError(
             f"--diagnose {total_steps} is too short: the go/no-go criteria need at least "
             f"{shortest_diagnosis:,} steps ({DIAG_MIN_LEARN_STEPS:,} learn steps)"
         )
-    device = resolve_device(args.device)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-
-    env, env_name = build_environment(args.env, config, args.seed)
-    default_name = (
-        f"{env_name}-diagnose-seed{args.seed}" if args.diagnose is not None else f"{env_name}-seed{args.seed}"
-    )
-    run_name = args.run_name or default_name
-    run_dir = Path(args.checkpoint_root or config.checkpoint_dir) / run_name
-    metrics_path = run_dir / METRICS_FILE
-    store = CheckpointStore(run_dir, config.keep_last_n_checkpoints)
-    replay = PrioritizedReplay.from_config(config, seed=args.seed)
-    agent = RainbowAgent(config, replay, device=device, seed=args.seed)
-    monitor = HealthMonitor(config)
     if config.checkpoint:
         # Two checkpoints may briefly coexist with the files kept: ask for room for the rotation first.
         store.check_writable(needed_bytes=(config.keep_last_n_checkpoints + 2) * (replay.nbytes + 50 * 2**20))
-    progress = Progress(total_steps)
 
-    run = RunState()
-    resume = config.resume_from_checkpoint if args.resume is None else args.resume
-    if args.diagnose is not None:
-        resume = False  # a diagnostic run judges a fresh start
-        metrics_path.unlink(missing_ok=True)
-    if resume and config.checkpoint:
-        store.remove_temporaries()
-        loaded = store.load_newest_good(validate_checkpoint(config))
-        if loaded is not None:
-            for line in loaded.skipped:
-                progress.message(f"skipped: {line}")
-            if loaded.skipped:
-                progress.message(f"falling back to the newest good checkpoint: {loaded.path.name}")
-            run = restore(loaded.state, agent, replay, loaded.path)
-            dropped = truncate_after_step(metrics_path, run.step)
-            progress.message(
-                f"resumed {run_name} from {loaded.path.name}: step {run.step:,}, episode {run.episode:,}"
-                + (f" ({dropped} log records after that step dropped)" if dropped else "")
-            )
-
+    env = build_environment(env_name, config, args.seed)
     log = RunLog(run_dir)
+    progress = Progress(total_steps)
+    progress.restart_rate(run.step)
     if not args.no_wandb:
         project = args.wandb_project or config.wandb_project
         run.wandb_run_id = log.start_wandb(
             project, run_name, run.wandb_run_id, config.to_dict(), config.departures()
         )
-    departures = describe_departures(config)
+    for note in notes:
+        progress.message(note)
     progress.message(f"run {run_name} on {env_name}, device {device.type}; checkpoints in {run_dir}")
+    departures = describe_departures(config)
     progress.message(
         "departures from the known-good config: " + ("; ".join(departures) if departures else "none")
     )
@@ -345,83 +446,134 @@ def train(args: argparse.Namespace) -> TrainResult:
         "run", run.step, event="start", env=env_name, device=device.type, departures=config.departures()
     )
 
-    def save(is_periodic: bool) -> None:
+    def new_monitor() -> HealthMonitor:
+        monitor = HealthMonitor(config)
+        if len(replay):  # a resumed or rolled-back run already knows its reward range
+            monitor.observe_reward(float(np.nanmax(replay.rewards)))
+            monitor.observe_reward(float(np.nanmin(replay.rewards)))
+        return monitor
+
+    monitor = new_monitor()
+    failed_saves = 0
+
+    def save(is_periodic: bool) -> str:
+        """Write a checkpoint; a failed write is reported and training goes on (3 in a row stop it)."""
+        nonlocal failed_saves
         if not config.checkpoint:
-            return
+            return "checkpoints are off (checkpoint=False)"
         state = collect_state(agent, replay, run, config)
-        if is_periodic:
-            interval_mean = float(np.mean(run.interval_rewards)) if run.interval_rewards else -math.inf
-            is_best = interval_mean > run.best_interval_reward
-            if is_best:
-                run.best_interval_reward = interval_mean
-                state["best_interval_reward"] = interval_mean
-            store.save(state, run.episode, run.step, is_best)
-            run.interval_rewards.clear()
-        else:
-            store.save_latest_only(state)
+        try:
+            if is_periodic:
+                interval_mean = float(np.mean(run.interval_rewards)) if run.interval_rewards else -math.inf
+                is_best = interval_mean > run.best_interval_reward
+                if is_best:
+                    state["best_interval_reward"] = interval_mean
+                store.save(state, run.episode, run.step, is_best)
+                if is_best:
+                    run.best_interval_reward = interval_mean
+                run.interval_rewards.clear()
+            else:
+                store.save_latest_only(state)
+        except OSError as error:
+            failed_saves += 1
+            reason = error.strerror or str(error)
+            message = f"checkpoint at step {run.step:,} failed ({reason}); the previous one is intact"
+            progress.message(message)
+            log.write("event", run.step, level="warning", name="checkpoint_failed", message=message)
+            if failed_saves >= MAX_FAILED_SAVES:
+                raise TrainingStoppedError(
+                    f"{failed_saves} checkpoints in a row could not be written to {run_dir} "
+                    f"({error.strerror or error}): free disk space, then resume"
+                ) from None
+            return f"checkpoint failed, the last good one is {store.latest_path}"
+        failed_saves = 0
+        return f"saved {store.latest_path}"
 
     rollbacks = 0
 
-    def handle(flags: list[RedFlag]) -> bool:
-        """Report red flags; returns True when the run was rolled back to its last checkpoint."""
+    def roll_back(flag: RedFlag) -> None:
+        """Restore the checkpoint before the flag (an older one at each further rollback)."""
         nonlocal run, monitor, rollbacks
-        acted = False
+        if rollbacks >= MAX_ROLLBACKS:
+            raise RedFlagStopError(
+                f"stopped on red flag {flag.name} at step {flag.step:,} ({MAX_ROLLBACKS} rollbacks already): "
+                f"{flag.message}"
+            )
+        older_first = list(reversed(store.periodic()))[rollbacks:] if config.checkpoint else []
+        found = None
+        for path in older_first:
+            try:
+                state = load_checkpoint(path)
+                restored = restore(state, agent, replay, path)
+            except CheckpointError:
+                continue
+            found = (path, restored)
+            break
+        if found is None:
+            raise RedFlagStopError(
+                f"stopped on red flag {flag.name} at step {flag.step:,} (no checkpoint to roll back to): "
+                f"{flag.message}"
+            )
+        path, restored = found
+        rollbacks += 1
+        restored.wandb_run_id = run.wandb_run_id
+        run = restored
+        # The checkpoint carries its random streams: replaying them would replay the same failure.
+        agent_seed, replay_seed = stream_seeds(args.seed + 7919 * rollbacks)
+        agent.rng = np.random.default_rng(agent_seed)
+        replay.reseed(replay_seed)
+        monitor = new_monitor()
+        progress.restart_rate(run.step)
+        log.truncate_after_step(run.step)
+        log.write(
+            "event", run.step, level="rollback", name=flag.name, from_step=flag.step, rollbacks=rollbacks
+        )
+        progress.message(
+            f"rolled back to {path.name} (step {run.step:,}, episode {run.episode:,}); "
+            f"rollback {rollbacks} of at most {MAX_ROLLBACKS}"
+        )
+
+    def handle(flags: list[RedFlag]) -> bool:
+        """Report red flags; returns True when the run was rolled back to a checkpoint."""
+        rolled_back = False
         for flag in flags:
             progress.message(f"RED FLAG {flag.name}: {flag.message}")
             log.write("event", flag.step, **flag.as_event())
             log.alert(f"red flag: {flag.name}", flag.message)
-            if acted or flag.name not in FATAL_FLAGS or args.on_red_flag == "warn":
+            if rolled_back or flag.name not in FATAL_FLAGS or args.on_red_flag == "warn":
                 continue
             if args.on_red_flag == "stop":
                 raise RedFlagStopError(
                     f"stopped on red flag {flag.name} at step {flag.step:,} (--on-red-flag stop): "
                     f"{flag.message}; last good checkpoint: {store.latest_path}"
                 )
-            loaded = store.load_newest_good(validate_checkpoint(config)) if config.checkpoint else None
-            if loaded is None or rollbacks >= MAX_ROLLBACKS:
-                why = (
-                    "no checkpoint to roll back to"
-                    if loaded is None
-                    else f"{MAX_ROLLBACKS} rollbacks already"
-                )
-                raise RedFlagStopError(
-                    f"stopped on red flag {flag.name} at step {flag.step:,} ({why}): {flag.message}"
-                )
-            rollbacks += 1
-            wandb_run_id = run.wandb_run_id
-            run = restore(loaded.state, agent, replay, loaded.path)
-            run.wandb_run_id = wandb_run_id
-            reseed_after_rollback(agent, args.seed, rollbacks)
-            monitor = HealthMonitor(config)
-            log.truncate_after_step(run.step)
-            log.write(
-                "event", run.step, level="rollback", name=flag.name, from_step=flag.step, rollbacks=rollbacks
-            )
-            progress.message(
-                f"rolled back to {loaded.path.name} (step {run.step:,}, episode {run.episode:,}); "
-                f"rollback {rollbacks} of at most {MAX_ROLLBACKS}"
-            )
-            acted = True
-        return acted
+            roll_back(flag)
+            rolled_back = True
+        return rolled_back
+
+    def env_seed() -> int:
+        return args.seed * 1_000_003 + run.episode  # distinct tracks per (seed, episode) pair
 
     last_metrics: dict[str, float] = {}
+    stop = StopRequest()
+    stop.install()
     try:
         episode_reward, episode_length, episode_start = 0.0, 0, time.perf_counter()
-        obs, _ = env.reset(seed=args.seed + run.episode)
+        obs, _ = env.reset(seed=env_seed())
         frames, car = split_observation(obs, config)
         replay.start_episode(frames, car)
-        while run.step < total_steps:
+        while run.step < total_steps and not stop.requested:
             action = agent.act(frames, car, run.step)
             obs, reward, terminated, truncated, _ = env.step(ACTION_VECTORS[action].copy())
             next_frames, next_car = split_observation(obs, config)
-            reward = float(reward)
+            reward = checked_reward(reward, run.step)
             replay.add(action, reward, bool(terminated), bool(truncated), next_frames[-1], next_car)
             run.step += 1
             episode_reward += reward
             episode_length += 1
             frames, car = next_frames, next_car
             monitor.observe_reward(reward)
-            flags = monitor.observe_frames(next_frames, run.step, run.episode)
+            flags = monitor.observe_frames(next_frames, run.step, run.episode, speed=float(next_car[0]))
 
             if len(replay) >= config.batch_size:
                 last_metrics = agent.train()
@@ -440,6 +592,7 @@ def train(args: argparse.Namespace) -> TrainResult:
                         steps_per_second=progress.rate(run.step),
                         time_step_timeouts=getattr(env, "time_step_timeouts", 0),
                         max_abs_reward=monitor.max_abs_reward,
+                        min_reward=monitor.min_reward,
                         **last_metrics,
                     )
                 flags += monitor.observe_learn_step(last_metrics, run.step, run.episode)
@@ -478,26 +631,30 @@ def train(args: argparse.Namespace) -> TrainResult:
                 save(is_periodic=True)
             if episode_over or rolled_back:
                 episode_reward, episode_length, episode_start = 0.0, 0, time.perf_counter()
-                obs, _ = env.reset(seed=args.seed + run.episode)
+                obs, _ = env.reset(seed=env_seed())
                 frames, car = split_observation(obs, config)
                 replay.start_episode(frames, car)
-        save(is_periodic=False)
-        progress.message(
-            f"done: {run.step:,} steps, {run.episode:,} episodes; latest checkpoint {store.latest_path}"
-        )
+        saved = save(is_periodic=False)
+        if stop.requested:
+            progress.message(f"stopped at step {run.step:,} (Ctrl+C): {saved}; run again to resume")
+            log.write("run", run.step, event="interrupted")
+            return TrainResult(EXIT_INTERRUPTED, run_dir, config)
+        progress.message(f"done: {run.step:,} steps, {run.episode:,} episodes; {saved}")
         log.write("run", run.step, event="finished", episodes=run.episode)
         return TrainResult(EXIT_OK, run_dir, config)
     except GameNotRespondingError:
-        save(is_periodic=False)
-        progress.message(f"the game stopped answering at step {run.step:,}: saved {store.latest_path}")
+        saved = save(is_periodic=False)
+        progress.message(f"the game stopped answering at step {run.step:,}: {saved}")
         log.write("run", run.step, event="game_not_responding")
         raise
-    except KeyboardInterrupt:
-        save(is_periodic=False)
-        progress.message(f"interrupted at step {run.step:,}: saved {store.latest_path}; resume with --resume")
-        log.write("run", run.step, event="interrupted")
+    except KeyboardInterrupt:  # the second Ctrl+C: no save, the state may be mid-update
+        progress.message(
+            f"aborted at step {run.step:,} without saving; the last checkpoint is {store.latest_path}"
+        )
+        log.write("run", run.step, event="aborted")
         return TrainResult(EXIT_INTERRUPTED, run_dir, config)
     finally:
+        stop.uninstall()
         log.close()
         env.close()
 
@@ -528,6 +685,9 @@ def main(argv: list[str] | None = None) -> int:
         # A missing game, plugin or TmrlData, or a game that stopped answering: the message says what to do.
         print(f"error: {error}", file=sys.stderr)
         return EXIT_GAME
+    except OSError as error:  # e.g. the checkpoint folder vanished or a file is locked by another program
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -31,7 +31,10 @@ import numpy as np
 from tm_config import Config, ConfigError
 
 # --- thresholds ------------------------------------------------------------------------------------
-# Seed 004, "Red Flags (Stop and Debug)": Q-values go negative below -10.
+# Seed 004, "Red Flags (Stop and Debug)": Q-values go negative below -10. That rule assumes TrackMania's
+# rewards, which are never negative (tmrl's constant penalty is 0); where a step can cost reward (the
+# embedded track pays -0.25 per step), an honest Q can sit far below -10, so the floor moves down by the
+# most negative return possible: q_floor = -10 + min(0, min reward) / (1 - gamma).
 Q_NEGATIVE_THRESHOLD = -10.0
 # Seed 004: loss spikes above 10 after episode 500. One learn step's loss is one batch of 32 and can
 # spike alone in a healthy run, so the monitor compares the MEDIAN of the last 100 learn steps: it
@@ -58,8 +61,10 @@ GRAD_EXPLODING_FACTOR = 10.0
 # layers and fresh batches, q_std == 0 or an exactly repeated q_mean for 100 learn steps is a dead head.
 HEAD_FROZEN_STEPS = 100
 # The game stopped sending frames (paused, minimised, disconnected): the newest frame repeats
-# byte for byte. 100 steps is 5 s of play at 20 Hz; TrackMania's on-screen timer changes every step.
+# byte for byte. 100 steps is 5 s of play at 20 Hz. A car standing still may legitimately show the same
+# picture, so frames only count while the car reports a speed above MOVING_SPEED (km/h).
 FROZEN_FRAME_STEPS = 100
+MOVING_SPEED = 1.0
 # A fired flag re-arms once its condition has been clear this many observations in a row: without it, a
 # value hovering around a threshold would print a flag every other step.
 CLEAR_AFTER_LEARN_STEPS = 100
@@ -100,6 +105,11 @@ def epsilon_schedule(step: int, config: Config) -> float:
     return config.epsilon_start + (step / config.epsilon_decay_to) * (
         config.epsilon_end - config.epsilon_start
     )
+
+
+def q_floor(min_reward: float, config: Config) -> float:
+    """The lowest mean Q that is not a red flag, given the most negative reward seen."""
+    return Q_NEGATIVE_THRESHOLD + min(0.0, min_reward) / (1.0 - config.discount_factor)
 
 
 def to_float(value: Any) -> float | None:
@@ -219,6 +229,7 @@ class HealthMonitor:
         self.config = config
         self.reward_bound_given = max_abs_reward is not None
         self.max_abs_reward = abs(max_abs_reward) if max_abs_reward is not None else 0.0
+        self.min_reward = 0.0  # the most negative reward seen (0 until one is): moves the q_negative floor
         self.frozen_frame_steps = frozen_frame_steps
         self.grad_zero_steps = grad_zero_steps
         self.head_frozen_steps = head_frozen_steps
@@ -256,16 +267,21 @@ class HealthMonitor:
 
     # observations ---------------------------------------------------------------------------------
     def observe_reward(self, reward: float) -> None:
-        """Every environment step: track the largest reward magnitude (bounds what |Q| can be)."""
+        """Every environment step: track the reward range (it bounds what Q can be)."""
+        if reward < self.min_reward and math.isfinite(reward):
+            self.min_reward = reward
         if not self.reward_bound_given:
             magnitude = abs(reward)
             if magnitude > self.max_abs_reward and math.isfinite(magnitude):
                 self.max_abs_reward = magnitude
 
-    def observe_frames(self, frames: np.ndarray, step: int, episode: int) -> list[RedFlag]:
-        """Every environment step: frames (4,64,64) uint8, newest last."""
+    def observe_frames(
+        self, frames: np.ndarray, step: int, episode: int, speed: float | None = None
+    ) -> list[RedFlag]:
+        """Every environment step: frames (4,64,64) uint8, newest last, and the car's speed if known."""
         newest = frames[-1]
-        if self._last_frame is not None and np.array_equal(newest, self._last_frame):
+        moving = speed is None or speed > MOVING_SPEED
+        if moving and self._last_frame is not None and np.array_equal(newest, self._last_frame):
             self._same_frames += 1
         else:
             self._same_frames = 0
@@ -377,18 +393,19 @@ class HealthMonitor:
             ),
         )
 
-        # q_negative: the seed's first red flag
+        # q_negative: the seed's first red flag (its floor moved by negative rewards, see q_floor)
+        floor = q_floor(self.min_reward, cfg)
         check(
             "q_negative",
-            q_mean is not None and q_mean < Q_NEGATIVE_THRESHOLD,
+            q_mean is not None and q_mean < floor,
             lambda: RedFlag(
                 "q_negative",
-                f"mean Q {_g(q_mean)} < {Q_NEGATIVE_THRESHOLD:g} at step {step} (episode {episode}): "
+                f"mean Q {_g(q_mean)} < {floor:g} at step {step} (episode {episode}): "
                 "Q-values are collapsing (seed 004 red flag; its failed soft-update run went to -40,000)",
                 q_mean,
                 step,
                 episode,
-                Q_NEGATIVE_THRESHOLD,
+                floor,
             ),
         )
 
@@ -599,11 +616,13 @@ def diagnose(records: list[dict[str, Any]], config: Config) -> list[Criterion]:
     add("q_finite", *_all_finite(q_all, "Q"), "q_mean, q_min, q_max finite in every record")
     finite_q_means = [(s, v) for s, v in q_means if math.isfinite(v)]
     lowest = min(finite_q_means, key=lambda sv: sv[1], default=None)
+    min_rewards = [v for _, v in _values(steps, "min_reward") if math.isfinite(v)]
+    floor = q_floor(min(min_rewards, default=0.0), config)
     add(
         "q_not_negative",
-        lowest is not None and lowest[1] >= Q_NEGATIVE_THRESHOLD,
+        lowest is not None and lowest[1] >= floor,
         "no Q recorded" if lowest is None else f"lowest mean Q {lowest[1]:.4g} at step {lowest[0]:,}",
-        f"mean Q >= {Q_NEGATIVE_THRESHOLD:g} (seed 004 red flag)",
+        f"mean Q >= {floor:g} (seed 004: -10, lowered by negative rewards)",
     )
     recorded_bound = [v for _, v in _values(steps, "max_abs_reward") if math.isfinite(v)]
     episode_rewards = [abs(v) for _, v in _values(episodes, "reward") if math.isfinite(v)]

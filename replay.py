@@ -387,6 +387,10 @@ class PrioritizedReplay:
             "indices": indices.astype(np.int64),
         }
 
+    def reseed(self, seed: int) -> None:
+        """A new sampling stream (after a rollback, the restored stream would repeat the same draws)."""
+        self._rng = np.random.default_rng(seed)
+
     def update_priorities(self, indices: np.ndarray, td_errors: np.ndarray) -> None:
         """Set priorities (|td| + epsilon) ** alpha for sampled `indices`; evicted ones are skipped."""
         if not self.prioritized:

@@ -15,6 +15,7 @@ from conftest import ROOT
 
 import env_tm
 from checkpoints import load_checkpoint
+from run_log import METRICS_FILE as METRICS
 from run_log import read_jsonl
 from tm_config import Config
 
@@ -238,9 +239,10 @@ def health_args(tmp_path: Path, steps: int, *extra: str) -> list[str]:
 
 
 def collapse_q_after(step: int):
+    # Far below any floor the embedded track's negative rewards allow (-10 + min reward / (1 - gamma)).
     def rewrite(metrics, learn_step):
         if learn_step >= step:
-            metrics["q_mean"] = -50.0 - (learn_step - step)
+            metrics["q_mean"] = -1e6 - (learn_step - step)
 
     return rewrite
 
@@ -253,7 +255,7 @@ def test_red_flag_is_reported_with_its_evidence_and_training_goes_on_by_default(
     out = capsys.readouterr().out
     assert out.count("RED FLAG q_negative") == 1, "a flag is raised once, not every step"
     flags = [r for r in read_jsonl(tmp_path / "h" / "metrics.jsonl") if r.get("level") == "red_flag"]
-    assert [(f["name"], f["value"]) for f in flags] == [("q_negative", -50.0)]
+    assert [(f["name"], f["value"]) for f in flags if f["name"] == "q_negative"] == [("q_negative", -1e6)]
     assert flags[0]["step"] == 100 + 3, "the flag carries the env step of the learn step that raised it"
 
 
@@ -279,7 +281,10 @@ def test_on_red_flag_rollback_restores_the_last_checkpoint_and_continues(tmp_pat
     assert env_tm.main(health_args(tmp_path, 240, "--on-red-flag", "rollback")) == env_tm.EXIT_OK
     out = capsys.readouterr().out
     assert "RED FLAG grad_norm_exploding" in out
-    assert "rolled back to latest.pt (step 120, episode 3); rollback 1 of at most 3" in out
+    assert (
+        "rolled back to ckpt_ep0000003_step0000000120.pt (step 120, episode 3); rollback 1 of at most 3"
+        in out
+    )
     records = read_jsonl(tmp_path / "h" / "metrics.jsonl")
     rollbacks = [r for r in records if r.get("level") == "rollback"]
     assert [(r["step"], r["from_step"]) for r in rollbacks] == [(120, 153)]
@@ -291,7 +296,7 @@ def test_on_red_flag_rollback_restores_the_last_checkpoint_and_continues(tmp_pat
 def test_diagnose_says_no_go_on_a_diverging_run(tmp_path, capsys, monkeypatch):
     def rewrite(metrics, learn_step):
         if learn_step > 400:
-            metrics["q_mean"] = -(learn_step - 400) * 2.0
+            metrics["q_mean"] = -1e5 * (learn_step - 400)
             metrics["q_min"] = metrics["q_mean"] - 1
             metrics["loss"] = metrics["loss"] + (learn_step - 400) / 10.0
 
@@ -308,3 +313,43 @@ def test_diagnose_refuses_a_run_too_short_to_judge(tmp_path, capsys):
     code = env_tm.main(health_args(tmp_path, 50, "--diagnose", "200"))
     err = capsys.readouterr().err
     assert code == env_tm.EXIT_ERROR and "--diagnose 200 is too short" in err
+
+
+# --- resume semantics ------------------------------------------------------------------------------
+def run_quietly(tmp_path: Path, steps: int, *extra: str, sets: list[str] = FAST) -> int:
+    args = ["--env", "embedded", "--steps", str(steps), "--checkpoint-root", str(tmp_path), "--run-name", "q"]
+    return env_tm.main(args + ["--no-wandb", *extra] + sum((["--set", a] for a in sets), []))
+
+
+def test_fresh_moves_an_old_run_aside_instead_of_mixing_into_it(tmp_path, capsys):
+    assert run_quietly(tmp_path, 80, "--fresh") == env_tm.EXIT_OK
+    assert run_quietly(tmp_path, 40, "--fresh") == env_tm.EXIT_OK
+    out = capsys.readouterr().out
+    assert f"--fresh: the previous contents of {tmp_path / 'q'} were moved to" in out
+    old = [p for p in tmp_path.iterdir() if p.name.startswith("q.replaced-")]
+    assert len(old) == 1 and (old[0] / "ckpt_ep0000002_step0000000080.pt").exists()
+    assert [p.name for p in sorted((tmp_path / "q").glob("ckpt_*.pt"))] == [
+        "ckpt_ep0000001_step0000000040.pt"
+    ]
+    episodes = [r["episode"] for r in read_jsonl(tmp_path / "q" / METRICS) if r["kind"] == "episode"]
+    assert episodes == [1]
+
+
+def test_resume_keeps_the_checkpoints_config_and_applies_only_explicit_changes(tmp_path, capsys):
+    first = [*FAST, "target_network_update_frequency=500"]
+    assert run_quietly(tmp_path, 40, "--fresh", sets=first) == env_tm.EXIT_OK
+    # Resumed without the first run's --set, with a new learning rate.
+    assert run_quietly(tmp_path, 80, sets=["learning_rate=0.0003"]) == env_tm.EXIT_OK
+    out = capsys.readouterr().out
+    assert "resumed q from latest.pt: step 40, episode 1" in out
+    assert "target_network_update_frequency: 500 (known-good 1500)" in out.split("resumed q")[1]
+    state = load_checkpoint(tmp_path / "q" / "latest.pt")
+    assert state["config"]["target_network_update_frequency"] == 500
+    assert state["config"]["learning_rate"] == 0.0003
+    assert {g["lr"] for g in state["agent"]["optimizer"]["param_groups"]} == {0.0003}, "the optimizer follows"
+
+
+def test_explicit_resume_without_a_checkpoint_is_an_error(tmp_path, capsys):
+    assert run_quietly(tmp_path, 10, "--resume") == env_tm.EXIT_ERROR
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --resume: no checkpoint in {tmp_path / 'q'} (drop --resume to start fresh)"

@@ -398,3 +398,27 @@ def test_flags_fire_once_each_in_a_mixed_divergence() -> None:
     stream = [metrics(i, q_mean=-50.0 * i, q_min=-60.0 * i, q_max=0.0, loss=20.0) for i in range(400)]
     fired = feed(monitor, stream, episode=700)
     assert Counter(f.name for f in fired) == {"q_negative": 1, "q_out_of_bounds": 1, "loss_spike": 1}
+
+
+def test_a_car_standing_still_does_not_count_as_frozen_observations() -> None:
+    monitor = HealthMonitor(Config())
+    still = np.full((4, 64, 64), 90, np.uint8)
+    fired = [f for step in range(300) for f in monitor.observe_frames(still, step, 0, speed=0.0)]
+    assert fired == [], "same picture while stopped is normal"
+    moving = [f for step in range(300, 450) for f in monitor.observe_frames(still, step, 0, speed=80.0)]
+    assert [f.name for f in moving] == ["observations_frozen"], "same picture at 80 km/h is a frozen game"
+
+
+def test_q_floor_moves_down_with_negative_rewards_only() -> None:
+    config = Config()
+    assert health.q_floor(0.0, config) == -10.0
+    assert health.q_floor(5.0, config) == -10.0, "TrackMania's non-negative rewards keep the seed's -10"
+    assert health.q_floor(-0.25, config) == pytest.approx(-10.0 - 0.25 / 0.003)
+    monitor = HealthMonitor(config)
+    monitor.observe_reward(-0.25)
+    base = {"loss": 1.0, "grad_norm": 1.0, "q_std": 1.0, "q_min": -60.0, "q_max": 0.0, "skipped": 0.0}
+    assert not [
+        f for f in monitor.observe_learn_step({**base, "q_mean": -50.0}, 1, 0) if f.name == "q_negative"
+    ]
+    fired = monitor.observe_learn_step({**base, "q_mean": -200.0}, 2, 0)
+    assert "q_negative" in [f.name for f in fired]

@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT
 from test_env_tm import child_env
 
+import checkpoints
 import env_tm
 from checkpoints import load_checkpoint
 from replay import PrioritizedReplay
@@ -157,7 +158,7 @@ def test_full_disk_fails_before_training(tmp_path, capsys, monkeypatch):
     assert not list((tmp_path / "r").glob("*.pt")), "nothing was trained or written"
 
 
-class PoisonedRewards:
+class NaNRewards:
     """The embedded track, but every reward is NaN (a broken reward function)."""
 
     def __init__(self, env):
@@ -174,11 +175,24 @@ class PoisonedRewards:
         self.env.close()
 
 
-def test_consecutive_non_finite_learn_steps_stop_the_run_with_a_clear_message(tmp_path, capsys, monkeypatch):
+def test_a_non_finite_reward_from_the_environment_is_named(tmp_path, capsys, monkeypatch):
     real_build = env_tm.build_environment
-    monkeypatch.setattr(
-        env_tm, "build_environment", lambda *a: (PoisonedRewards(real_build(*a)[0]), "embedded")
-    )
+    monkeypatch.setattr(env_tm, "build_environment", lambda *a: NaNRewards(real_build(*a)))
+    code = env_tm.main(run_args(tmp_path, 50, "--fresh"))
+    err = capsys.readouterr().err.strip()
+    assert code == env_tm.EXIT_ERROR
+    assert err == "error: the environment returned a non-finite reward (nan) at step 0"
+
+
+def test_consecutive_non_finite_learn_steps_stop_the_run_with_a_clear_message(tmp_path, capsys, monkeypatch):
+    real_sample = PrioritizedReplay.sample
+
+    def poisoned_sample(self, batch_size):  # every batch carries a NaN: every learn step is non-finite
+        batch = real_sample(self, batch_size)
+        batch["reward"][0] = np.nan
+        return batch
+
+    monkeypatch.setattr(PrioritizedReplay, "sample", poisoned_sample)
     settings = CRASH_SETTINGS + ["max_consecutive_nonfinite_steps=5"]
     code = env_tm.main(run_args(tmp_path, 200, "--fresh", settings=settings))
     err = capsys.readouterr().err.strip()
@@ -216,9 +230,7 @@ class DyingGame:
 
 def test_a_game_that_stops_answering_ends_with_advice_after_saving(tmp_path, capsys, monkeypatch):
     real_build = env_tm.build_environment
-    monkeypatch.setattr(
-        env_tm, "build_environment", lambda *a: (DyingGame(real_build(*a)[0], 30), "trackmania")
-    )
+    monkeypatch.setattr(env_tm, "build_environment", lambda *a: DyingGame(real_build(*a), 30))
     code = env_tm.main(run_args(tmp_path, 200, "--fresh"))
     captured = capsys.readouterr()
     err = captured.err.strip()
@@ -226,7 +238,7 @@ def test_a_game_that_stops_answering_ends_with_advice_after_saving(tmp_path, cap
     assert "OpenPlanet plugin 'TMRL Grab Data'" in err
     saved = load_checkpoint(tmp_path / "r" / "latest.pt")
     assert saved["step"] == 30, "the work up to the failure was saved"
-    assert "the game stopped answering at step 30" in captured.out
+    assert f"the game stopped answering at step 30: saved {tmp_path / 'r' / 'latest.pt'}" in captured.out
 
 
 @pytest.mark.parametrize("steps", ["0", "-5"])
@@ -250,8 +262,79 @@ def test_wrong_observation_from_the_env_is_named(tmp_path, capsys, monkeypatch):
             self.env.close()
 
     real_build = env_tm.build_environment
-    monkeypatch.setattr(env_tm, "build_environment", lambda *a: (SmallFrames(real_build(*a)[0]), "embedded"))
+    monkeypatch.setattr(env_tm, "build_environment", lambda *a: SmallFrames(real_build(*a)))
     code = env_tm.main(run_args(tmp_path, 10, "--fresh"))
     err = capsys.readouterr().err.strip()
     assert code == env_tm.EXIT_ERROR
     assert err == "error: observation images have shape (1, 64, 64), expected (4, 64, 64)"
+
+
+def test_a_failed_checkpoint_write_is_reported_and_training_goes_on(tmp_path, capsys, monkeypatch):
+    real_save = checkpoints.atomic_torch_save
+    calls = {"n": 0}
+
+    def flaky_save(state, path):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second periodic checkpoint hits a full disk
+            raise OSError(28, "No space left on device")
+        real_save(state, path)
+
+    monkeypatch.setattr(checkpoints, "atomic_torch_save", flaky_save)
+    assert env_tm.main(run_args(tmp_path, 4 * EPISODE, "--fresh")) == env_tm.EXIT_OK
+    out = capsys.readouterr().out
+    assert "checkpoint at step 40 failed (No space left on device); the previous one is intact" in out
+    events = [r for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if r.get("name") == "checkpoint_failed"]
+    assert [e["step"] for e in events] == [40]
+    assert load_checkpoint(tmp_path / "r" / "latest.pt")["step"] == 4 * EPISODE
+
+
+def test_checkpoints_that_keep_failing_stop_the_run_in_one_line(tmp_path, capsys, monkeypatch):
+    def full_disk(state, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints, "atomic_torch_save", full_disk)
+    code = env_tm.main(run_args(tmp_path, 10 * EPISODE, "--fresh"))
+    err = capsys.readouterr().err.strip()
+    assert code == env_tm.EXIT_ERROR and "\n" not in err
+    assert "3 checkpoints in a row could not be written" in err and "No space left on device" in err
+
+
+def test_a_checkpoint_that_reads_but_cannot_be_restored_falls_back(tmp_path, capsys):
+    run_dir = train_briefly(tmp_path)
+    state = load_checkpoint(run_dir / "latest.pt")
+    state["replay"]["tree"] = np.full_like(state["replay"]["tree"], 7.0)  # a sum tree that does not add up
+    stored = {"format_version": checkpoints.FORMAT_VERSION, **checkpoints.to_storable(state)}
+    checkpoints.atomic_torch_save(stored, run_dir / "latest.pt")
+    capsys.readouterr()
+    assert env_tm.main(run_args(tmp_path, 4 * EPISODE)) == env_tm.EXIT_OK
+    out = capsys.readouterr().out
+    assert f"skipped: checkpoint {run_dir / 'latest.pt'} cannot be restored" in out
+    assert "falling back to the newest good checkpoint: ckpt_ep0000003_step0000000060.pt" in out
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signal delivery to a child process")
+def test_ctrl_c_stops_at_a_step_boundary_and_saves(tmp_path):
+    import signal
+
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "env_tm.py"), *run_args(tmp_path, 10**6, "--fresh")],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while latest_logged_step(tmp_path / "r") < 2 * EPISODE and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == env_tm.EXIT_INTERRUPTED, output
+    assert "Traceback" not in output
+    stopped = [line for line in output.splitlines() if line.startswith("stopped at step")]
+    assert len(stopped) == 1 and "(Ctrl+C): saved" in stopped[0], output
+    step = int(stopped[0].split()[3].rstrip(":").replace(",", ""))
+    saved = load_checkpoint(tmp_path / "r" / "latest.pt")
+    assert saved["step"] == step
+    replay = PrioritizedReplay.from_config(Config.from_dict(saved["config"]), seed=0)
+    replay.load_state_dict(saved["replay"])
+    replay.check_consistency()
