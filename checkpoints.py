@@ -3,7 +3,8 @@
 A run folder `checkpoints/<run-name>/` holds
     ckpt_ep<episode>_step<step>.pt    the last `keep_last_n_checkpoints` periodic checkpoints
     latest.pt                         the newest checkpoint (a hard link where the filesystem allows)
-    best.pt                           the checkpoint of the best episode reward so far
+    best.pt                           the checkpoint after the best checkpoint interval so far (highest mean
+                                      episode reward over the episodes since the previous checkpoint)
 Every file is written to a temporary name, flushed to disk, then renamed over its final name, so a crash
 or a kill in the middle of a write never leaves a broken `latest.pt`: at worst an orphan `*.tmp`, which
 the next start removes.
@@ -78,6 +79,18 @@ def atomic_torch_save(state: dict[str, Any], path: Path) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename durable on POSIX (the folder entry itself); Windows has no folder handles for this."""
+    if os.name != "posix":
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _link_or_copy(source: Path, destination: Path) -> None:
@@ -88,7 +101,10 @@ def _link_or_copy(source: Path, destination: Path) -> None:
         os.link(source, temp)
     except OSError:  # e.g. FAT32 or a network share without hard links
         shutil.copyfile(source, temp)
+        with open(temp, "rb+") as file:
+            os.fsync(file.fileno())
     os.replace(temp, destination)
+    _fsync_folder(destination.parent)
 
 
 class CheckpointStore:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 import health
-from run_log import METRICS_FILE, read_jsonl
+from run_log import METRICS_FILE, read_jsonl, wandb_logged_in
 from tm_config import Config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -339,32 +339,14 @@ def parse_wandb_path(spec: str) -> str | None:
     return "/".join(match.groups()) if match else None
 
 
-def _netrc_paths() -> list[Path]:
-    if os.environ.get("NETRC"):
-        return [Path(os.environ["NETRC"])]
-    home = Path.home()
-    return [home / ".netrc", home / "_netrc"]  # _netrc is the Windows spelling
-
-
 def wandb_offline_reason() -> str | None:
     """Why W&B cannot be read without prompting, or None when credentials are configured. Only the
     presence of a key is looked at: an interactive login prompt must never block this script."""
     mode = os.environ.get("WANDB_MODE", "").lower()
     if mode in ("offline", "disabled", "dryrun"):
         return f"WANDB_MODE={mode}; unset it (and set WANDB_API_KEY or run `wandb login`) to read W&B runs"
-    if os.environ.get("WANDB_API_KEY"):
+    if wandb_logged_in():
         return None
-    import netrc
-
-    base = os.environ.get("WANDB_BASE_URL", "")
-    host = re.sub(r"^https?://", "", base).split("/")[0].split(":")[0]
-    for path in _netrc_paths():
-        try:
-            machines = netrc.netrc(str(path)).hosts
-        except (OSError, netrc.NetrcParseError):
-            continue
-        if any("wandb" in machine or (host and machine == host) for machine in machines):
-            return None
     return "no WANDB_API_KEY and no `wandb login`; set WANDB_API_KEY or run `wandb login`, then retry"
 
 

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,26 @@ def truncate_after_step(path: Path, step: int) -> int:
     return len(records) - len(kept)
 
 
+def wandb_logged_in() -> bool:
+    """True when W&B credentials exist: WANDB_API_KEY, or the netrc entry that `wandb login` writes."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+
+    base = os.environ.get("WANDB_BASE_URL", "")
+    host = re.sub(r"^https?://", "", base).split("/")[0].split(":")[0]
+    home = Path.home()
+    paths = [Path(os.environ["NETRC"])] if os.environ.get("NETRC") else [home / ".netrc", home / "_netrc"]
+    for path in paths:  # _netrc is the Windows spelling
+        try:
+            machines = netrc.netrc(str(path)).hosts
+        except (OSError, netrc.NetrcParseError):
+            continue
+        if any("wandb" in machine or (host and machine == host) for machine in machines):
+            return True
+    return False
+
+
 class RunLog:
     """Writes every record to the JSONL file and, when enabled, to W&B."""
 
@@ -79,8 +100,8 @@ class RunLog:
         except ImportError:
             self.wandb_note = "W&B not installed: metrics go to the JSONL file only"
             return None
-        offline = not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "online"
-        mode = "offline" if offline else os.environ.get("WANDB_MODE", "online")
+        mode = os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
+        offline = mode in ("offline", "dryrun")
         try:
             self.wandb_run = wandb.init(
                 project=project,
@@ -97,10 +118,11 @@ class RunLog:
             self.wandb_run = None
             return None
         if offline:
-            self.wandb_note = (
-                f"W&B offline (no WANDB_API_KEY): files in {Path(self.wandb_run.dir).parent}; "
-                "upload later with `wandb sync`"
+            why = (
+                f"WANDB_MODE={mode}" if os.environ.get("WANDB_MODE") else "no WANDB_API_KEY or `wandb login`"
             )
+            where = Path(self.wandb_run.dir).parent
+            self.wandb_note = f"W&B offline ({why}): files in {where}; upload later with `wandb sync`"
         else:
             self.wandb_note = f"W&B online: {self.wandb_run.url}"
         return self.wandb_run.id

@@ -160,13 +160,16 @@ def test_noise_changes_between_resets_and_is_off_when_disabled():
 
 def test_every_learn_step_resamples_online_noise_and_target_noise():
     agent = make_agent(small_config())
-    online_before = [layer.epsilon_in.clone() for layer in agent.online.noisy_layers()]
-    target_before = [layer.epsilon_in.clone() for layer in agent.target.noisy_layers()]
+
+    def noise(net):
+        return [(layer.epsilon_in.clone(), layer.epsilon_out.clone()) for layer in net.noisy_layers()]
+
+    online_before, target_before = noise(agent.online), noise(agent.target)
     agent.train()
-    for before, layer in zip(online_before, agent.online.noisy_layers(), strict=True):
-        assert not torch.equal(before, layer.epsilon_in)
-    for before, layer in zip(target_before, agent.target.noisy_layers(), strict=True):
-        assert not torch.equal(before, layer.epsilon_in)
+    for (eps_in, eps_out), (new_in, new_out) in zip(online_before, noise(agent.online), strict=True):
+        assert not torch.equal(eps_in, new_in) and not torch.equal(eps_out, new_out)
+    for (eps_in, eps_out), (new_in, new_out) in zip(target_before, noise(agent.target), strict=True):
+        assert not torch.equal(eps_in, new_in) and not torch.equal(eps_out, new_out)
 
 
 def test_set_noise_false_gives_a_deterministic_greedy_policy():
@@ -242,10 +245,17 @@ def test_without_double_dqn_the_target_net_chooses():
 def test_truncation_bootstraps_and_termination_does_not():
     agent, batch = _rigged_agent(use_double=True)
     batch["reward"] = torch.tensor([1.0, 1.0, 2.0, 2.0])
-    batch["terminated"] = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    batch["terminated"] = torch.tensor([1.0, 0.0, 1.0, 0.0])  # rows 1 and 3: truncated or running
+    torch.manual_seed(7)
     targets, _ = agent.td_targets(batch)
-    assert torch.all(targets[0] == 1.0) and torch.all(targets[2] == 2.0)
-    assert not torch.allclose(targets[1], torch.ones_like(targets[1]))
+    torch.manual_seed(7)
+    agent.target.reset_noise()
+    taus = torch.rand(4, agent.config.n_tau_train)
+    q_next = agent.target(batch["next_frames"], batch["next_car"], taus)[:, :, 3]
+    torch.testing.assert_close(targets[0], torch.ones(agent.config.n_tau_train))
+    torch.testing.assert_close(targets[2], torch.full((agent.config.n_tau_train,), 2.0))
+    torch.testing.assert_close(targets[1], 1.0 + 0.997 * q_next[1])
+    torch.testing.assert_close(targets[3], 2.0 + 0.997 * q_next[3])
 
 
 # --- learning ------------------------------------------------------------------------------------

@@ -79,6 +79,7 @@ def test_wandb_offline_without_api_key_and_same_id_on_resume(tmp_path, monkeypat
     monkeypatch.setitem(__import__("sys").modules, "wandb", fake)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     log = RunLog(tmp_path)
     run_id = log.start_wandb(
         "proj", "run", "resume-me", {"lr": 1e-4}, {"batch_size": {"pinned": 32, "used": 64}}
@@ -88,7 +89,9 @@ def test_wandb_offline_without_api_key_and_same_id_on_resume(tmp_path, monkeypat
     assert fake.init_kwargs["config"]["departures_from_known_good"] == {
         "batch_size": {"pinned": 32, "used": 64}
     }
-    assert "W&B offline (no WANDB_API_KEY)" in log.wandb_note and "wandb sync" in log.wandb_note
+    assert (
+        "W&B offline (no WANDB_API_KEY or `wandb login`)" in log.wandb_note and "wandb sync" in log.wandb_note
+    )
     log.write("episode", 40, reward=3.0)
     log.write("event", 41, level="red_flag", name="q_negative", message="Q -12 < -10")
     assert fake.logged[0] == (40, {"episode/reward": 3.0})
@@ -116,6 +119,17 @@ def test_log_truncation_keeps_writing_to_the_same_file(tmp_path):
     log.write("event", 15, level="rollback")
     log.close()
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [10, 15]
+
+
+def test_wandb_login_through_netrc_counts_as_logged_in(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    netrc_file = tmp_path / "netrc"
+    netrc_file.write_text("machine api.wandb.ai\n  login user\n  password secret\n")
+    netrc_file.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    assert run_log.wandb_logged_in()
+    monkeypatch.setenv("NETRC", str(tmp_path / "missing"))
+    assert not run_log.wandb_logged_in()
 
 
 def test_metrics_file_name_is_stable():

@@ -271,7 +271,7 @@ def test_driving_through_tmrl_and_rtgym(tmp_path: Path, rtgym_id: str) -> None:
     assert result["action_in_obs"] == [0.699999988079071, 1.0, -1.0]
     assert ["keys", ["b", "f", "l"]] in result["events_after_clip"]
     # A capture slower than the time-step makes rtgym warn, and each warning is counted.
-    assert result["timeouts_before_slow"] <= 2
+    assert result["timeouts_before_slow"] <= 5  # a loaded 2-core CI machine may miss a step or two
     assert result["timeouts_after_slow"] - result["timeouts_before_slow"] >= 4
     assert "Time-step timed out" in result["stderr"]  # still shown, not swallowed
     # Truncated (not terminated) at Config.ep_max_length, then tmrl respawned the car (wait_on_done).
