@@ -72,7 +72,7 @@ from gymnasium import spaces
 from gymnasium.envs.box2d import car_racing
 from numpy.typing import ArrayLike
 
-from tm_config import Config
+from tm_config import Config, clip_action
 
 SECONDS_PER_STEP = 0.05  # TrackMania's 20 Hz
 IMAGE_SIZE = 64
@@ -118,20 +118,6 @@ def ticks_for_step(step_index: int, per_step: Fraction = Fraction(5, 2)) -> int:
     """Physics ticks of agent step `step_index` (from 0): floor(per_step * (k + 1)) - floor(per_step * k)."""
     p, q = per_step.numerator, per_step.denominator
     return (p * (step_index + 1)) // q - (p * step_index) // q
-
-
-def clip_action(action: ArrayLike) -> np.ndarray:
-    """A tmrl action as float32 (3,) clipped into [-1, 1]; a wrong shape or a NaN raises ValueError.
-
-    Out-of-range values are clipped rather than refused, as the game's inputs saturate; a NaN means the
-    caller is broken, and silently clipping it would hide that.
-    """
-    a = np.asarray(action, dtype=np.float64)
-    if a.shape != (3,):
-        raise ValueError(f"action must have shape (3,) = [gas, brake, steer], got shape {a.shape}")
-    if np.isnan(a).any():
-        raise ValueError(f"action contains NaN: {a.tolist()}")
-    return np.clip(a, -1.0, 1.0).astype(np.float32)
 
 
 def to_car_racing_action(action: ArrayLike) -> np.ndarray:

@@ -13,7 +13,7 @@ A run departs from the pin only through `Config.with_overrides(...)` (the CLI's 
 through it), which validates each value and is listed as a "departure from the known-good config"
 wherever the run is recorded.
 
-This module imports nothing of ours: every other module may import it.
+This module imports nothing of ours (numpy only): every other module may import it.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 # The 11 discrete actions, as tmrl [gas, brake, steer] vectors (steer -1 is full left).
 # Shared by the agent (index -> vector) and both environments: this is the one place they are defined.
@@ -39,6 +41,20 @@ ACTIONS: tuple[tuple[str, tuple[float, float, float]], ...] = (
     ("gas_brake_right", (1.0, 1.0, 1.0)),
 )
 NUMBER_OF_ACTIONS = len(ACTIONS)
+
+
+def clip_action(action: Any) -> np.ndarray:
+    """[gas, brake, steer] as float32 (3,) clipped into [-1, 1], as both environments take it.
+
+    Out-of-range values are clipped (the game's inputs saturate, and tmrl's gamepad code asserts the
+    range); a wrong shape, NaN or inf means the caller is broken, and clipping would hide it.
+    """
+    array = np.asarray(action, dtype=np.float32)
+    if array.shape != (3,):
+        raise ValueError(f"an action is [gas, brake, steer], shape (3,); got shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"an action must be finite, got {array.tolist()}")
+    return np.clip(array, -1.0, 1.0)
 
 
 class ConfigError(ValueError):

@@ -46,7 +46,7 @@ from typing import Any
 import gymnasium
 import numpy as np
 
-from tm_config import Config
+from tm_config import Config, clip_action
 
 logger = logging.getLogger(__name__)
 
@@ -565,16 +565,6 @@ def _timeout_counting() -> _CountingWarnings:
     if not isinstance(real_time_env.warnings, _CountingWarnings):
         real_time_env.warnings = _CountingWarnings(real_time_env.warnings)
     return real_time_env.warnings
-
-
-def clip_action(action: Any) -> np.ndarray:
-    """[gas, brake, steer] as float32 (3,) clipped into [-1, 1]; tmrl's gamepad code asserts that range."""
-    array = np.asarray(action, dtype=np.float32)
-    if array.shape != (3,):
-        raise ValueError(f"a TrackMania action is [gas, brake, steer], got shape {array.shape}")
-    if not np.all(np.isfinite(array)):
-        raise ValueError(f"a TrackMania action must be finite, got {array.tolist()}")
-    return np.clip(array, -1.0, 1.0)
 
 
 class TrackManiaEnv(gymnasium.Wrapper):

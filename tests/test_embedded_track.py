@@ -195,12 +195,12 @@ def test_positive_steer_turns_right() -> None:
 
 def test_actions_are_clipped_and_nan_or_wrong_shape_is_refused(env: EmbeddedTrackEnv) -> None:
     assert np.array_equal(et.to_car_racing_action([5.0, -3.0, 2.0]), [1.0, 1.0, 0.0])
-    assert np.array_equal(et.to_car_racing_action([-0.5, 0.7, -np.inf]), np.array([-1, 0, 0.7], np.float32))
+    assert np.array_equal(et.to_car_racing_action([-0.5, 0.7, -1.5]), np.array([-1, 0, 0.7], np.float32))
     env.reset()
     obs, *_ = env.step(np.array([5.0, -3.0, 2.0]))
     assert np.array_equal(obs[5], [1.0, -1.0, 1.0]) and obs[5].dtype == np.float32
     assert env.observation_space.contains(obs)
-    for bad in ([np.nan, 0.0, 0.0], [1.0, 0.0], np.zeros((1, 3))):
+    for bad in ([np.nan, 0.0, 0.0], [1.0, 0.0, np.inf], [1.0, 0.0], np.zeros((1, 3))):
         with pytest.raises(ValueError):
             et.to_car_racing_action(bad)
         with pytest.raises(ValueError):

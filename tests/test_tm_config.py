@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from tm_config import ACTIONS, NUMBER_OF_ACTIONS, Config, ConfigError, describe_departures
+from tm_config import ACTIONS, NUMBER_OF_ACTIONS, Config, ConfigError, clip_action, describe_departures
 
 
 def test_assignments_are_converted_to_each_fields_type():
@@ -91,3 +92,13 @@ def test_the_action_table_has_eleven_clipped_gas_brake_steer_vectors():
     assert len(set(names)) == 11
     for _, (gas, brake, steer) in ACTIONS:
         assert gas in (0.0, 1.0) and brake in (0.0, 1.0) and -1.0 <= steer <= 1.0
+
+
+def test_clip_action_clips_range_and_refuses_broken_actions():
+    clipped = clip_action([2.0, -3.0, 0.5])
+    assert clipped.dtype == np.float32 and clipped.tolist() == [1.0, -1.0, 0.5]
+    with pytest.raises(ValueError, match="shape"):
+        clip_action([1.0, 0.0])
+    for broken in ([np.nan, 0.0, 0.0], [0.0, 0.0, np.inf]):
+        with pytest.raises(ValueError, match="must be finite"):
+            clip_action(broken)
