@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import signal
 import sys
@@ -81,6 +82,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: all cores but one on TrackMania, which needs a core for the "
+        "game; torch's default on the embedded track)",
+    )
+    parser.add_argument(
         "--run-name", default=None, help="checkpoints/<run-name>/ (default: <env>-seed<seed>)"
     )
     resume = parser.add_mutually_exclusive_group()
@@ -119,6 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     return args
 
 
@@ -375,6 +385,10 @@ def train(args: argparse.Namespace) -> TrainResult:
     requested = Config().with_assignments(args.overrides)
     device = resolve_device(args.device)
     env_name = choose_environment(args.env, requested)
+    # bench/BENCHMARKS.md: with a busy core (the game), 2 threads on 2 cores made act+learn 1.7x slower.
+    threads = args.threads or (max(1, (os.cpu_count() or 2) - 1) if env_name == "trackmania" else None)
+    if threads is not None and device.type == "cpu":
+        torch.set_num_threads(threads)
     diagnosing = args.diagnose is not None
     run_name = args.run_name or f"{env_name}{'-diagnose' if diagnosing else ''}-seed{args.seed}"
     run_dir = Path(args.checkpoint_root or requested.checkpoint_dir) / run_name
@@ -436,7 +450,10 @@ def train(args: argparse.Namespace) -> TrainResult:
         )
     for note in notes:
         progress.message(note)
-    progress.message(f"run {run_name} on {env_name}, device {device.type}; checkpoints in {run_dir}")
+    progress.message(
+        f"run {run_name} on {env_name}, device {device.type} ({torch.get_num_threads()} CPU threads); "
+        f"checkpoints in {run_dir}"
+    )
     departures = describe_departures(config)
     progress.message(
         "departures from the known-good config: " + ("; ".join(departures) if departures else "none")

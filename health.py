@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from tm_config import Config, ConfigError
+from tm_config import Config, ConfigError, epsilon_at
 
 # --- thresholds ------------------------------------------------------------------------------------
 # Seed 004, "Red Flags (Stop and Debug)": Q-values go negative below -10. That rule assumes TrackMania's
@@ -92,19 +92,6 @@ DIAG_MIN_STEP_RECORDS = 5
 DIAG_MAX_SKIPPED_STEPS = 10  # the loop itself stops at 100 in a row (max_consecutive_nonfinite_steps)
 DIAG_LOSS_GROWTH_FACTOR = 10.0  # last-window mean loss may not exceed 10x the first-window mean
 DIAG_EPSILON_TOLERANCE = 1e-6
-
-
-def epsilon_schedule(step: int, config: Config) -> float:
-    """The pinned exploration schedule, a copy of `rainbow.epsilon_at` (importing rainbow would import
-    torch). Linear from epsilon_start at step 0 to epsilon_end at epsilon_decay_to, held until
-    epsilon_cutoff, 0 after; tests/test_health.py checks that the two agree."""
-    if step >= config.epsilon_cutoff:
-        return 0.0
-    if step >= config.epsilon_decay_to:
-        return config.epsilon_end
-    return config.epsilon_start + (step / config.epsilon_decay_to) * (
-        config.epsilon_end - config.epsilon_start
-    )
 
 
 def q_floor(min_reward: float, config: Config) -> float:
@@ -691,7 +678,7 @@ def diagnose(records: list[dict[str, Any]], config: Config) -> list[Criterion]:
     # epsilon on the pinned step schedule. The loop records the epsilon of the action taken at step - 1
     # (the record is written after the step counter moved on), so either step matches.
     def on_schedule(step: int, value: float) -> bool:
-        expected = (epsilon_schedule(step, config), epsilon_schedule(max(step - 1, 0), config))
+        expected = (epsilon_at(step, config), epsilon_at(max(step - 1, 0), config))
         return min(abs(value - e) for e in expected) <= DIAG_EPSILON_TOLERANCE  # False for NaN
 
     eps = _values(steps, "epsilon") + _values(episodes, "epsilon")
@@ -700,7 +687,7 @@ def diagnose(records: list[dict[str, Any]], config: Config) -> list[Criterion]:
         s, v = off[0]
         measured = (
             f"{len(off)} of {len(eps)} off, first {v:.6g} at step {s:,} "
-            f"(schedule {epsilon_schedule(s, config):.6g})"
+            f"(schedule {epsilon_at(s, config):.6g})"
         )
     else:
         measured = f"all {len(eps)} on schedule" if eps else "no epsilon recorded"

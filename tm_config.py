@@ -7,7 +7,7 @@ Three invariants are structural, not merely values:
 - the target network is updated by a hard copy every `target_network_update_frequency` learn steps:
   there is no `tau` field and no soft-update path anywhere;
 - the learning rate is constant: there is no scheduler field and no scheduler path anywhere;
-- epsilon is a pure function of the global environment step (`rainbow.epsilon_at`): nothing episode-based.
+- epsilon is a pure function of the global environment step (`epsilon_at` below): nothing episode-based.
 
 A run departs from the pin only through `Config.with_overrides(...)` (the CLI's `--set key=value` goes
 through it), which validates each value and is listed as a "departure from the known-good config"
@@ -187,6 +187,19 @@ class Config:
     def from_dict(cls, values: dict[str, Any]) -> Config:
         """Rebuild a config saved by `to_dict` (checkpoints); unknown keys raise ConfigError."""
         return cls().with_overrides(**values)
+
+
+def epsilon_at(step: int, config: Config) -> float:
+    """Exploration rate at a global environment step: linear from epsilon_start at step 0 to epsilon_end
+    at `epsilon_decay_to`, held until `epsilon_cutoff`, 0 after. It depends on the step and nothing else."""
+    if step < 0:
+        raise ValueError(f"step={step} must be >= 0")
+    if step >= config.epsilon_cutoff:
+        return 0.0
+    if step >= config.epsilon_decay_to:
+        return config.epsilon_end
+    fraction = step / config.epsilon_decay_to
+    return config.epsilon_start + fraction * (config.epsilon_end - config.epsilon_start)
 
 
 def describe_departures(config: Config) -> list[str]:

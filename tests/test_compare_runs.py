@@ -13,8 +13,7 @@ import pytest
 
 import compare_runs
 from compare_runs import DEFAULT_ENVELOPE, FAIL, NO_DATA, PASS, check_run, load_run, main
-from health import epsilon_schedule
-from tm_config import Config
+from tm_config import Config, epsilon_at
 
 CONFIG = Config()
 FAILED_RUN = DEFAULT_ENVELOPE["failed_run"]["trajectory"]
@@ -74,7 +73,7 @@ def healthy_episodes(n: int = 2500, seed: int = 0) -> dict[str, np.ndarray]:
         "reward": reward + rng.normal(0, 10, n),
         "q_mean": q,
         "loss": loss + rng.normal(0, 0.3, n),
-        "epsilon": np.array([epsilon_schedule(int(s) - 1, CONFIG) for s in step]),
+        "epsilon": np.array([epsilon_at(int(s) - 1, CONFIG) for s in step]),
     }
 
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import health
-from health import Criterion, HealthMonitor, RedFlag, diagnose, epsilon_schedule, format_table, verdict
+from health import Criterion, HealthMonitor, RedFlag, diagnose, format_table, verdict
 from run_log import RunLog, read_jsonl
-from tm_config import Config
+from tm_config import Config, epsilon_at
 
 CONFIG = Config()
 
@@ -82,12 +82,12 @@ def run_healthy(
                 q_mean=q_mean,
                 q_min=q_mean - 3.0,
                 q_max=q_mean + 3.0,
-                epsilon=epsilon_schedule(step, CONFIG),
+                epsilon=epsilon_at(step, CONFIG),
             )
             assert monitor.observe_learn_step(m, step, episode) == [], monitor.history
             step += 1
         flags = monitor.observe_episode(
-            episode_reward, learn_steps_per_episode, epsilon_schedule(step, CONFIG), step, episode + 1
+            episode_reward, learn_steps_per_episode, epsilon_at(step, CONFIG), step, episode + 1
         )
         assert flags == [], flags
     return monitor
@@ -100,13 +100,6 @@ def test_a_healthy_run_raises_no_flag(reward_shape: str, seed: int) -> None:
     assert monitor.history == []
     assert monitor.active == {}
     assert monitor.max_abs_reward > 0  # observe_reward tracked the rewards
-
-
-def test_epsilon_schedule_is_rainbows() -> None:
-    from rainbow import epsilon_at
-
-    for step in [0, 1, 999, 1_250_000, 2_499_999, 2_500_000, 10_000_000, 24_999_999, 25_000_000, 30_000_000]:
-        assert epsilon_schedule(step, CONFIG) == epsilon_at(step, CONFIG), step
 
 
 # --- each flag: fires on its stream, once, with the evidence ---------------------------------------
@@ -302,7 +295,7 @@ def diagnostic_records(steps: int = 5000, diverge: bool = False) -> list[dict[st
         if diverge and progress > 0.5:
             q = -1000.0 * (progress - 0.5) * 2
             loss = 3.0 + 12.0 * (progress - 0.5) * 2
-        epsilon = epsilon_schedule(step - 1, CONFIG)  # the loop records the epsilon of step - 1's action
+        epsilon = epsilon_at(step - 1, CONFIG)  # the loop records the epsilon of step - 1's action
         values = metrics(learn_step, loss=loss, q_mean=q, q_min=q - 2, q_max=q + 2, epsilon=epsilon)
         values["learn_step"] = learn_step
         records.append({"kind": "step", "step": step, **values, "max_abs_reward": 1.0})

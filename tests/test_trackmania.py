@@ -302,7 +302,10 @@ def test_gamepad_controls_reward_and_finish(tmp_path: Path) -> None:
     assert result["finished_after_respawn"] == 0.0
     assert result["step_after_end"] == "RuntimeError"  # rtgym's "call reset", passed through unchanged
     # Closing mid-episode releases the pedals (a held virtual trigger would keep the car going).
-    assert result["events_at_close"][:2] == [["right_trigger_float", 0.0], ["left_trigger_float", 0.0]]
+    # (rtgym may still be applying the last step's gas when close() starts: what counts is the final state.)
+    triggers = [e for e in result["events_at_close"] if e[0] in ("right_trigger_float", "left_trigger_float")]
+    last = {name: value for name, value in triggers}
+    assert last == {"right_trigger_float": 0.0, "left_trigger_float": 0.0}, result["events_at_close"]
     assert ["press_button", GAMEPAD_B] in result["events_at_close"]
 
 
