@@ -305,6 +305,9 @@ def load_jsonl_run(path: Path) -> RunSeries:
     rows = []
     for record in records:
         kind = record.get("kind")
+        if kind in ("episode", "step") and record.get("q_greedy") is not None:
+            # The reference logged the mean greedy Q (max over actions); ours records both.
+            record = {**record, "q_mean": record["q_greedy"]}
         if kind == "episode":
             rows.append({k: record.get(k) for k in ("step", "episode", *SERIES)})
         elif kind == "step":  # no episode key: these only fill what episode records lack

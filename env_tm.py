@@ -638,6 +638,7 @@ def train(args: argparse.Namespace) -> TrainResult:
                     beta=replay.beta,
                     seconds=time.perf_counter() - episode_start,
                     q_mean=last_metrics.get("q_mean"),
+                    q_greedy=last_metrics.get("q_greedy"),
                     loss=last_metrics.get("loss"),
                 )
                 flags += monitor.observe_episode(

@@ -303,12 +303,13 @@ class RainbowAgent:
                 q_mean_over_taus.min(),
                 q_mean_over_taus.max(),
                 q_mean_over_taus.std(),
+                q_mean_over_taus.max(dim=1).values.mean(),
                 target_quantiles.mean(),
                 target_quantiles.max(),
             ]
         ).cpu()  # the one device sync of the step: metrics and priorities are needed on the host
         td_error_np = td_error.cpu().numpy()
-        loss_v, grad_norm_v, q_mean, q_min, q_max, q_std, target_mean, target_max = summary.tolist()
+        loss_v, grad_norm_v, q_mean, q_min, q_max, q_std, q_greedy, target_mean, target_max = summary.tolist()
 
         finite = math.isfinite(loss_v) and math.isfinite(grad_norm_v) and bool(np.isfinite(td_error_np).all())
         if finite:
@@ -332,6 +333,7 @@ class RainbowAgent:
             "q_min": q_min,
             "q_max": q_max,
             "q_std": q_std,
+            "q_greedy": q_greedy,  # mean over the batch of max_a Q(s, a): the reference run's "mean greedy Q"
             "target_q_mean": target_mean,
             "target_q_max": target_max,
             "td_error_mean": float(td_error_np.mean()),

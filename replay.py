@@ -428,8 +428,12 @@ class PrioritizedReplay:
 
     # --- checkpointing -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly. The arrays are the live storage, not copies: serialise the
-        dict before the next `add`, `sample` or `update_priorities`."""
+        """Everything needed to resume exactly. The arrays are views of the live storage, not copies:
+        serialise the dict before the next `add`, `sample` or `update_priorities`. Rings are written from
+        slot 0 on, so until a ring wraps only its written rows are included (a young run's checkpoint is
+        small; a full 100k memory is ~440 MB)."""
+        frames_written = min(self._next_frame, self.frame_capacity)
+        transitions_written = min(self._next_transition, self.capacity)
         return {
             "version": STATE_VERSION,
             "capacity": self.capacity,
@@ -441,13 +445,13 @@ class PrioritizedReplay:
             "beta_increment": self.beta_increment,
             "priority_epsilon": self.priority_epsilon,
             "prioritized": self.prioritized,
-            "frames": self.frames,
-            "car": self.car,
-            "frame_index": self.frame_index,
-            "actions": self.actions,
-            "rewards": self.rewards,
-            "terminated": self.terminated,
-            "truncated": self.truncated,
+            "frames": self.frames[:frames_written],
+            "car": self.car[:frames_written],
+            "frame_index": self.frame_index[:transitions_written],
+            "actions": self.actions[:transitions_written],
+            "rewards": self.rewards[:transitions_written],
+            "terminated": self.terminated[:transitions_written],
+            "truncated": self.truncated[:transitions_written],
             "tree": self.tree._nodes,
             "next_transition": self._next_transition,
             "oldest_transition": self._oldest_transition,
@@ -494,13 +498,17 @@ class PrioritizedReplay:
         }
         for key, target in arrays.items():
             saved = np.asarray(state[key])
-            if saved.shape != target.shape or saved.dtype != target.dtype:
+            # A ring that has not wrapped yet is saved up to its written rows (see state_dict).
+            fits = saved.shape[1:] == target.shape[1:] and saved.shape[0] <= target.shape[0]
+            if not fits or saved.dtype != target.dtype or (key == "tree" and saved.shape != target.shape):
                 raise ValueError(
                     f"replay state array {key!r} is {saved.dtype}{saved.shape}, "
                     f"expected {target.dtype}{target.shape}"
                 )
         for key, target in arrays.items():
-            np.copyto(target, state[key])
+            saved = np.asarray(state[key])
+            target[: len(saved)] = saved
+            target[len(saved) :] = 0
         self._next_transition = int(state["next_transition"])
         self._oldest_transition = int(state["oldest_transition"])
         self._next_frame = int(state["next_frame"])

@@ -269,7 +269,7 @@ def test_train_returns_finite_metrics_and_updates_priorities():
     assert expected_keys <= metrics.keys()
     assert all(np.isfinite(metrics[k]) for k in expected_keys)
     assert metrics["grad_norm"] > 0, "the gradient norm is recorded, not discarded (seed 003)"
-    assert metrics["q_min"] <= metrics["q_mean"] <= metrics["q_max"]
+    assert metrics["q_min"] <= metrics["q_mean"] <= metrics["q_greedy"] <= metrics["q_max"]
     assert metrics["max_priority"] != 1.0, "priorities come from the TD errors"
 
 

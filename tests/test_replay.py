@@ -527,3 +527,29 @@ def test_check_consistency_catches_broken_invariants() -> None:
         with pytest.raises(ValueError) as error:
             corrupted(change).check_consistency()
         assert "\n" not in str(error.value), change
+
+
+def test_a_young_memory_saves_only_its_written_rows_and_restores_exactly() -> None:
+    rng = np.random.default_rng(5)
+    memory = PrioritizedReplay(1000, seed=1)
+    memory.start_episode(rng.integers(0, 256, (4, 64, 64), dtype=np.uint8), np.zeros(3, np.float32))
+    for step in range(50):
+        memory.add(
+            step % 11,
+            float(step),
+            False,
+            False,
+            rng.integers(0, 256, (64, 64), dtype=np.uint8),
+            np.ones(3, np.float32),
+        )
+    state = memory.state_dict()
+    assert state["frames"].shape == (54, 64, 64) and state["rewards"].shape == (50,)
+    restored = PrioritizedReplay(1000, seed=2)
+    restored.load_state_dict(pickle.loads(pickle.dumps(state)))
+    restored.check_consistency()
+    first, second = memory.sample(16), restored.sample(16)
+    for key in first:
+        assert np.array_equal(first[key], second[key]), key
+    too_long = {**state, "rewards": np.zeros(1001, np.float32)}
+    with pytest.raises(ValueError, match="'rewards' is float32"):
+        PrioritizedReplay(1000).load_state_dict(too_long)
