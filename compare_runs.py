@@ -316,19 +316,7 @@ def load_jsonl_run(path: Path) -> RunSeries:
     series = episode_series(rows, identity)
     config = health.config_from_records(records)
     flags = [str(r.get("name")) for r in records if r.get("kind") == "event" and r.get("level") == "red_flag"]
-    return RunSeries(
-        label=_label_for(file),
-        source=str(file),
-        episode=series["episode"],
-        step=series["step"],
-        reward=series["reward"],
-        q_mean=series["q_mean"],
-        loss=series["loss"],
-        epsilon=series["epsilon"],
-        nonfinite=series["nonfinite"],
-        config=config.to_dict(),
-        red_flags=flags,
-    )
+    return RunSeries(_label_for(file), str(file), **series, config=config.to_dict(), red_flags=flags)
 
 
 # --- W&B -------------------------------------------------------------------------------------------
@@ -393,19 +381,7 @@ def load_wandb_run(path: str) -> RunSeries:
         ) from None
     all_keys = {key for row in rows for key in row}
     series = episode_series(rows, detect_keys(all_keys))
-    return RunSeries(
-        label=label,
-        source=f"wandb:{path}",
-        episode=series["episode"],
-        step=series["step"],
-        reward=series["reward"],
-        q_mean=series["q_mean"],
-        loss=series["loss"],
-        epsilon=series["epsilon"],
-        nonfinite=series["nonfinite"],
-        config=config,
-        red_flags=None,
-    )
+    return RunSeries(label, f"wandb:{path}", **series, config=config, red_flags=None)
 
 
 def load_run(spec: str) -> RunSeries:

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+import trackmania
+
 FRAME = struct.Struct("<11f")
 FIELDS = ("speed", "distance", "x", "y", "z", "steer", "gas", "brake", "finished", "gear", "rpm")
 GAMEPAD_A = 0x1000  # the buttons tmrl presses (XUSB codes): A closes the finish pop-up, B respawns
@@ -273,15 +275,7 @@ TMRL_CONFIG: dict[str, Any] = {
             "ep_max_length": 1000,
             "interface_kwargs": {"save_replays": False},
         },
-        "REWARD_CONFIG": {
-            "END_OF_TRACK": 100.0,
-            "CONSTANT_PENALTY": 0.0,
-            "CHECK_FORWARD": 500,
-            "CHECK_BACKWARD": 10,
-            "FAILURE_COUNTDOWN": 10,
-            "MIN_STEPS": 70,
-            "MAX_STRAY": 100.0,
-        },
+        "REWARD_CONFIG": dict(trackmania.REWARD_CONFIG),  # tmrl's documented defaults, as pinned
     },
     "__VERSION__": "0.6.0",
 }

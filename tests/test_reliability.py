@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT
-from test_env_tm import child_env
+from test_env_tm import FAST, child_env
 
 import checkpoints
 import env_tm
@@ -23,16 +23,12 @@ from tm_config import Config
 from trackmania import GameNotRespondingError
 
 EPISODE = 20  # steps per (truncated) episode; one checkpoint per episode
+# test_env_tm's small network, with a bigger replay memory: ~18 MB per checkpoint, so that writes last
+# long enough to be hit by a kill.
 CRASH_SETTINGS = [
-    "conv_channels_1=4",
-    "conv_channels_2=4",
-    "car_feature_hidden_dim=16",
-    "cosine_dim=8",
-    "hidden_dim=8",
-    "batch_size=4",
-    "max_buffer_size=4096",  # ~18 MB of replay per checkpoint: writes last long enough to be hit
+    *(s for s in FAST if not s.startswith(("max_buffer_size", "ep_max_length", "log_every_steps"))),
+    "max_buffer_size=4096",
     f"ep_max_length={EPISODE}",
-    "checkpoint_frequency=1",
     "log_every_steps=5",
 ]
 
@@ -103,6 +99,7 @@ def test_twenty_sigkills_including_mid_write_lose_at_most_one_interval(tmp_path)
         assert lost <= EPISODE, f"cycle {cycle}: {lost} steps of work lost, more than one checkpoint interval"
         previous_checkpoint_step = checkpoint["step"]
 
+    print(f"{writes_hit} of 10 write-timed kills landed during a checkpoint write")
     assert writes_hit >= 3, f"only {writes_hit} kills landed during a checkpoint write"
     assert previous_checkpoint_step >= 10 * EPISODE
     # The replay memory that comes back is consistent, and matches the step count.
