@@ -622,12 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         results["bf16"] = bf16
 
-    results["load_average_end"] = list(common.load_average())
-    print(
-        f"\nload average at start {' '.join(f'{x:.2f}' for x in load)}, at end "
-        f"{' '.join(f'{x:.2f}' for x in results['load_average_end'])}"
-    )
-    common.write_json(args.json, results)
+    common.finish(results, load, args.json)
     return 0
 
 

@@ -312,12 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"\n5c. env_tm.py end to end ({walls}): {e2e['marginal_steps_per_s']:.1f} steps/s marginal")
 
-    results["load_average_end"] = list(common.load_average())
-    print(
-        f"\nload average at start {' '.join(f'{x:.2f}' for x in load)}, at end "
-        f"{' '.join(f'{x:.2f}' for x in results['load_average_end'])}"
-    )
-    common.write_json(args.json, results)
+    common.finish(results, load, args.json)
     return 0
 
 

@@ -359,12 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                 + ("identical batches and sum trees" if per["identical_to_baseline"] else "DIFFERENT results")
             )
 
-    results["load_average_end"] = list(common.load_average())
-    print(
-        f"\nload average at start {' '.join(f'{x:.2f}' for x in load)}, at end "
-        f"{' '.join(f'{x:.2f}' for x in results['load_average_end'])}"
-    )
-    common.write_json(args.json, results)
+    common.finish(results, load, args.json)
     return 0
 
 

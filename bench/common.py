@@ -16,7 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -296,3 +296,13 @@ def random_observation(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     frames = rng.integers(0, 256, (4, 64, 64), dtype=np.uint8)
     return frames, np.array([120.0, 3.0, 6500.0], np.float32)
+
+
+def finish(results: dict[str, Any], load_at_start: Sequence[float], json_path: str | None) -> None:
+    """Every script's last words: the load at start and end (how noisy the run was), then the JSON file."""
+    results["load_average_end"] = list(load_average())
+    print(
+        f"\nload average at start {' '.join(f'{x:.2f}' for x in load_at_start)}, at end "
+        f"{' '.join(f'{x:.2f}' for x in results['load_average_end'])}"
+    )
+    write_json(json_path, results)
