@@ -350,12 +350,17 @@ def fmt(value: float | None, spec: str = ".3g") -> str:
 
 
 class StopRequest:
-    """Ctrl+C asks the loop to stop at the end of the current step (never in the middle of a replay or
-    optimizer update, which a checkpoint would then capture half-done); a second Ctrl+C aborts at once."""
+    """Ctrl+C (or a termination request: `kill`, a shutdown, Ctrl+Break on Windows) asks the loop to stop
+    at the end of the current step, never in the middle of a replay or optimizer update, which a
+    checkpoint would then capture half-done. A second request aborts at once."""
+
+    SIGNALS = tuple(
+        getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGBREAK") if hasattr(signal, name)
+    )
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
@@ -365,12 +370,13 @@ class StopRequest:
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for number in self.SIGNALS:
+                self._previous[number] = signal.signal(number, self._handle)
 
     def uninstall(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        self._previous.clear()
 
 
 # --- training --------------------------------------------------------------------------------------
@@ -654,7 +660,7 @@ def train(args: argparse.Namespace) -> TrainResult:
                 replay.start_episode(frames, car)
         saved = save(is_periodic=False)
         if stop.requested:
-            progress.message(f"stopped at step {run.step:,} (Ctrl+C): {saved}; run again to resume")
+            progress.message(f"stopped at step {run.step:,} (on request): {saved}; run again to resume")
             log.write("run", run.step, event="interrupted")
             return TrainResult(EXIT_INTERRUPTED, run_dir, config)
         progress.message(f"done: {run.step:,} steps, {run.episode:,} episodes; {saved}")

@@ -312,7 +312,8 @@ def test_a_checkpoint_that_reads_but_cannot_be_restored_falls_back(tmp_path, cap
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signal delivery to a child process")
-def test_ctrl_c_stops_at_a_step_boundary_and_saves(tmp_path):
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])  # Ctrl+C; `kill` or a shutdown
+def test_a_stop_request_ends_at_a_step_boundary_and_saves(tmp_path, signal_name):
     import signal
 
     process = subprocess.Popen(
@@ -325,12 +326,12 @@ def test_ctrl_c_stops_at_a_step_boundary_and_saves(tmp_path):
     deadline = time.monotonic() + 120
     while latest_logged_step(tmp_path / "r") < 2 * EPISODE and time.monotonic() < deadline:
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(getattr(signal, signal_name))
     output = process.communicate(timeout=120)[0]
     assert process.returncode == env_tm.EXIT_INTERRUPTED, output
     assert "Traceback" not in output
     stopped = [line for line in output.splitlines() if line.startswith("stopped at step")]
-    assert len(stopped) == 1 and "(Ctrl+C): saved" in stopped[0], output
+    assert len(stopped) == 1 and "(on request): saved" in stopped[0], output
     step = int(stopped[0].split()[3].rstrip(":").replace(",", ""))
     saved = load_checkpoint(tmp_path / "r" / "latest.pt")
     assert saved["step"] == step
