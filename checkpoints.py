@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ class LoadedCheckpoint:
     path: Path
     state: dict[str, Any]
     skipped: tuple[str, ...]  # one line per newer checkpoint that could not be used
+    value: Any = None  # what the caller's `use` made of the state (e.g. a restored agent)
 
 
 def to_storable(value: Any) -> Any:
@@ -179,18 +180,22 @@ class CheckpointStore:
             yield self.latest_path
         yield from reversed(self.periodic())
 
-    def load_newest_good(self, validate: Any = None) -> LoadedCheckpoint | None:
-        """Load the newest checkpoint that reads and validates; report each one skipped on the way."""
+    def load_newest_good(
+        self,
+        use: Callable[[dict[str, Any], Path], Any] | None = None,
+        candidates: Iterable[Path] | None = None,
+    ) -> LoadedCheckpoint | None:
+        """The newest of `candidates` (default: `self.candidates()`) that loads and that `use(state, path)`
+        accepts (it raises CheckpointError otherwise); each one skipped on the way is reported."""
         skipped = []
-        for path in self.candidates():
+        for path in self.candidates() if candidates is None else candidates:
             try:
                 state = load_checkpoint(path)
-                if validate is not None:
-                    validate(state, path)
+                value = use(state, path) if use is not None else None
             except CheckpointError as error:
                 skipped.append(str(error))
                 continue
-            return LoadedCheckpoint(path, state, tuple(skipped))
+            return LoadedCheckpoint(path, state, tuple(skipped), value)
         if skipped:
             raise CheckpointError(
                 f"no usable checkpoint in {self.run_dir}: "

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from checkpoints import CheckpointError, CheckpointStore, load_checkpoint
+from checkpoints import CheckpointError, CheckpointStore, LoadedCheckpoint
 from health import DIAG_MIN_LEARN_STEPS, FATAL_FLAGS, HealthMonitor, RedFlag, diagnose, format_table, verdict
 from rainbow import ACTION_VECTORS, RainbowAgent, epsilon_at, resolve_device
 from replay import PrioritizedReplay
@@ -308,24 +308,16 @@ def new_learner(config: Config, seed: int, device: torch.device) -> Learner:
 
 
 def resume_learner(
-    store: CheckpointStore, overrides: list[str], seed: int, device: torch.device, candidates: list[Path]
-) -> tuple[Learner, Path, list[str]] | None:
-    """The newest candidate checkpoint that loads and restores, with one line per candidate skipped."""
-    skipped = []
-    for path in candidates:
-        try:
-            state = load_checkpoint(path)
-            config = resume_config(state, overrides, path)
-            learner = new_learner(config, seed, device)
-            learner.run = restore(state, learner.agent, learner.replay, path)
-            return learner, path, skipped
-        except CheckpointError as error:
-            skipped.append(str(error))
-    if skipped:
-        raise CheckpointError(
-            f"no usable checkpoint in {store.run_dir}: " + "; ".join(skipped) + " (use --fresh to start over)"
-        )
-    return None
+    store: CheckpointStore, overrides: list[str], seed: int, device: torch.device
+) -> LoadedCheckpoint | None:
+    """The newest checkpoint that loads and restores; its `value` is the restored Learner."""
+
+    def build(state: dict, path: Path) -> Learner:
+        learner = new_learner(resume_config(state, overrides, path), seed, device)
+        learner.run = restore(state, learner.agent, learner.replay, path)
+        return learner
+
+    return store.load_newest_good(build)
 
 
 def move_aside(run_dir: Path) -> Path | None:
@@ -410,11 +402,11 @@ def train(args: argparse.Namespace) -> TrainResult:
     learner = None
     if resume:
         store.remove_temporaries()
-        found = resume_learner(store, args.overrides, args.seed, device, list(store.candidates()))
-        if found is not None:
-            learner, path, skipped = found
-            notes += [f"skipped: {line}" for line in skipped]
-            if skipped:
+        loaded = resume_learner(store, args.overrides, args.seed, device)
+        if loaded is not None:
+            learner, path = loaded.value, loaded.path
+            notes += [f"skipped: {line}" for line in loaded.skipped]
+            if loaded.skipped:
                 notes.append(f"falling back to the newest good checkpoint: {path.name}")
             dropped = truncate_after_step(run_dir / METRICS_FILE, learner.run.step)
             run = learner.run
@@ -523,21 +515,18 @@ def train(args: argparse.Namespace) -> TrainResult:
                 f"{flag.message}"
             )
         older_first = list(reversed(store.periodic()))[rollbacks:] if config.checkpoint else []
-        found = None
-        for path in older_first:
-            try:
-                state = load_checkpoint(path)
-                restored = restore(state, agent, replay, path)
-            except CheckpointError:
-                continue
-            found = (path, restored)
-            break
-        if found is None:
+        try:
+            loaded = store.load_newest_good(
+                lambda state, path: restore(state, agent, replay, path), older_first
+            )
+        except CheckpointError:  # none of them restores
+            loaded = None
+        if loaded is None:
             raise RedFlagStopError(
                 f"stopped on red flag {flag.name} at step {flag.step:,} (no checkpoint to roll back to): "
                 f"{flag.message}"
             )
-        path, restored = found
+        path, restored = loaded.path, loaded.value
         rollbacks += 1
         restored.wandb_run_id = run.wandb_run_id
         run = restored
