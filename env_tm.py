@@ -50,6 +50,9 @@ EXIT_OK, EXIT_ERROR, EXIT_GAME, EXIT_RED_FLAG, EXIT_NO_GO, EXIT_INTERRUPTED = 0,
 MAX_FAILED_SAVES = 3  # checkpoint writes in a row that may fail (disk full, file locked) before stopping
 MAX_ROLLBACKS = 3  # --on-red-flag rollback: then the run stops, as a failure that keeps coming back is real
 DIAGNOSE_DEFAULT_STEPS = 5_000
+# Evaluation tracks: seeds no training episode draws (training seeds are seed * 1_000_003 + episode, below
+# this for --seed < 3,999), the same list for every evaluation so the points of a curve are comparable.
+EVAL_SEED_BASE = 4_000_000_000
 
 
 class ObservationError(ValueError):
@@ -122,6 +125,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"go/no-go: train N steps from scratch (default {DIAGNOSE_DEFAULT_STEPS:,}), print a table of "
         "health criteria and exit non-zero on a no-go",
     )
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="every STEPS global steps (at the next episode end, and at step 0 and the end of the run), "
+        "drive --eval-episodes episodes greedily (no epsilon, no noise, nothing stored or learned) on "
+        "held-out tracks and log their returns; 0: never",
+    )
+    parser.add_argument("--eval-episodes", type=int, default=5, help="episodes per evaluation")
     parser.add_argument("--wandb-project", default=None, help="W&B project (default: config wandb_project)")
     parser.add_argument("--checkpoint-root", default=None, help="folder of run folders (default: config)")
     args = parser.parse_args(argv)
@@ -129,6 +142,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.eval_every < 0:
+        parser.error(f"--eval-every must be >= 0 (0: no evaluation), got {args.eval_every}")
+    if args.eval_episodes < 1:
+        parser.error(f"--eval-episodes must be >= 1, got {args.eval_episodes}")
     return args
 
 
@@ -221,6 +238,54 @@ class Progress:
         print(("\n" if self.interactive else "") + text, flush=True)
 
 
+# --- evaluation ----------------------------------------------------------------------------------
+@dataclass
+class Evaluation:
+    returns: list[float]
+    lengths: list[int]
+    seconds: float
+
+    def record(self) -> dict[str, float]:
+        returns = np.asarray(self.returns)
+        return {
+            "return_mean": float(returns.mean()),
+            "return_std": float(returns.std()),
+            "return_min": float(returns.min()),
+            "return_max": float(returns.max()),
+            "length_mean": float(np.mean(self.lengths)),
+            "episodes": len(self.returns),
+            "seconds": self.seconds,
+        }
+
+
+def evaluation_seeds(episodes: int) -> list[int]:
+    return [EVAL_SEED_BASE + k for k in range(episodes)]
+
+
+def evaluate(agent: RainbowAgent, env: Any, config: Config, episodes: int) -> Evaluation:
+    """The greedy policy (no epsilon, noise off: the mean weights) on the held-out tracks. Nothing is
+    stored or learned, and the agent's epsilon stream is untouched, so training goes on as it would."""
+    start = time.perf_counter()
+    returns, lengths = [], []
+    agent.online.set_noise(False)
+    try:
+        for seed in evaluation_seeds(episodes):
+            obs, _ = env.reset(seed=seed)
+            total, length, over = 0.0, 0, False
+            while not over:
+                frames, car = split_observation(obs, config)
+                action = agent.greedy_action(frames, car)
+                obs, reward, terminated, truncated, _ = env.step(ACTION_VECTORS[action].copy())
+                total += checked_reward(reward, length)
+                length += 1
+                over = bool(terminated or truncated)
+            returns.append(total)
+            lengths.append(length)
+    finally:
+        agent.online.set_noise(True)
+    return Evaluation(returns, lengths, time.perf_counter() - start)
+
+
 # --- run state and checkpoints -------------------------------------------------------------------
 @dataclass
 class RunState:
@@ -229,6 +294,7 @@ class RunState:
     best_interval_reward: float = -math.inf
     interval_rewards: list[float] = field(default_factory=list)
     wandb_run_id: str | None = None
+    last_eval_step: int | None = None  # None: never evaluated
 
 
 def collect_state(agent: RainbowAgent, replay: PrioritizedReplay, run: RunState, config: Config) -> dict:
@@ -243,6 +309,7 @@ def collect_state(agent: RainbowAgent, replay: PrioritizedReplay, run: RunState,
         "beta": replay.beta,
         "best_interval_reward": run.best_interval_reward,
         "wandb_run_id": run.wandb_run_id,
+        "last_eval_step": run.last_eval_step,
         "agent": agent.state_dict(),
         "replay": replay.state_dict(),
         "python_rng": random.getstate(),
@@ -278,6 +345,7 @@ def restore(state: dict, agent: RainbowAgent, replay: PrioritizedReplay, path: P
             episode=int(state["episode"]),
             best_interval_reward=float(state["best_interval_reward"]),
             wandb_run_id=state.get("wandb_run_id"),
+            last_eval_step=state.get("last_eval_step"),
         )
         random.setstate(state["python_rng"])
         np.random.set_state(state["numpy_rng"])
@@ -566,10 +634,26 @@ def train(args: argparse.Namespace) -> TrainResult:
     def env_seed() -> int:
         return args.seed * 1_000_003 + run.episode  # distinct tracks per (seed, episode) pair
 
+    def evaluate_if_due() -> None:
+        every = args.eval_every
+        if not every or (run.last_eval_step is not None and run.step // every <= run.last_eval_step // every):
+            return
+        progress.message(f"evaluating at step {run.step:,}: {args.eval_episodes} greedy episodes")
+        result = evaluate(agent, env, config, args.eval_episodes)
+        run.last_eval_step = run.step
+        record = result.record()
+        log.write("eval", run.step, **record)
+        progress.message(
+            f"evaluation at step {run.step:,}: return {record['return_mean']:.1f} "
+            f"+- {record['return_std']:.1f} (min {record['return_min']:.1f}, max {record['return_max']:.1f}) "
+            f"over {len(result.returns)} held-out episodes, {result.seconds:.0f} s"
+        )
+
     last_metrics: dict[str, float] = {}
     stop = StopRequest()
     stop.install()
     try:
+        evaluate_if_due()
         episode_reward, episode_length, episode_start = 0.0, 0, time.perf_counter()
         obs, _ = env.reset(seed=env_seed())
         frames, car = split_observation(obs, config)
@@ -643,10 +727,13 @@ def train(args: argparse.Namespace) -> TrainResult:
             if episode_over and not rolled_back and run.episode % config.checkpoint_frequency == 0:
                 save(is_periodic=True)
             if episode_over or rolled_back:
+                evaluate_if_due()
                 episode_reward, episode_length, episode_start = 0.0, 0, time.perf_counter()
                 obs, _ = env.reset(seed=env_seed())
                 frames, car = split_observation(obs, config)
                 replay.start_episode(frames, car)
+        if not stop.requested:
+            evaluate_if_due()
         saved = save(is_periodic=False)
         if stop.requested:
             progress.message(f"stopped at step {run.step:,} (on request): {saved}; run again to resume")

@@ -359,3 +359,81 @@ def test_explicit_resume_without_a_checkpoint_is_an_error(tmp_path, capsys):
     assert run_quietly(tmp_path, 10, "--resume") == env_tm.EXIT_ERROR
     err = capsys.readouterr().err.strip()
     assert err == f"error: --resume: no checkpoint in {tmp_path / 'q'} (drop --resume to start fresh)"
+
+
+# --- evaluation: the greedy policy on held-out tracks ----------------------------------------------------
+class ScriptedTrack:
+    """The TM20FULL interface with a fixed reward per step and a fixed episode length; it records the seeds
+    it was reset with and whether the agent's noise was on at each step."""
+
+    def __init__(self, agent, length: int, reward: float) -> None:
+        self.agent, self.length, self.reward = agent, length, reward
+        self.seeds: list[int | None] = []
+        self.noise_on_at_step: list[bool] = []
+        self.actions: list[np.ndarray] = []
+
+    def reset(self, *, seed=None, options=None):
+        self.seeds.append(seed)
+        self.steps = 0
+        return observation(np.full((4, 64, 64), 50, np.uint8)), {}
+
+    def step(self, action):
+        self.noise_on_at_step.append(any(layer.noise_enabled for layer in self.agent.online.noisy_layers()))
+        self.actions.append(np.asarray(action))
+        self.steps += 1
+        done = self.steps >= self.length
+        return observation(np.full((4, 64, 64), 50, np.uint8)), self.reward, False, done, {}
+
+
+def test_evaluation_drives_greedily_on_held_out_tracks_and_leaves_training_untouched():
+    from conftest import small_config
+
+    from rainbow import RainbowAgent
+
+    config = small_config()
+    agent = RainbowAgent(config, replay=None, seed=3)
+    rng_before = agent.rng.bit_generator.state
+    track = ScriptedTrack(agent, length=7, reward=0.5)
+    result = env_tm.evaluate(agent, track, config, episodes=3)
+    assert result.returns == [3.5, 3.5, 3.5] and result.lengths == [7, 7, 7]
+    assert track.seeds == env_tm.evaluation_seeds(3) == [env_tm.EVAL_SEED_BASE + k for k in range(3)]
+    # Held out: no training episode of --seed 0..3998 draws these tracks.
+    assert env_tm.EVAL_SEED_BASE > 3998 * 1_000_003 + 1_000_000
+    assert not any(track.noise_on_at_step), "evaluation must use the mean weights (noise off)"
+    assert all(layer.noise_enabled for layer in agent.online.noisy_layers()), "noise back on for training"
+    assert agent.rng.bit_generator.state == rng_before, "evaluation drew from the epsilon stream"
+    assert agent.learn_steps == 0
+    record = result.record()
+    assert record["return_mean"] == 3.5 and record["return_std"] == 0.0 and record["episodes"] == 3
+
+
+def test_eval_every_logs_at_start_at_episode_ends_past_each_boundary_and_at_the_end(tmp_path):
+    args = health_args(tmp_path, 70, "--eval-every", "30", "--eval-episodes", "2")
+    assert env_tm.main(args) == env_tm.EXIT_OK
+    metrics = read_jsonl(tmp_path / "h" / METRICS)
+    evals = [r for r in metrics if r["kind"] == "eval"]
+    # ep_max_length 40: training episodes end at steps 40 and 80; the run ends at 70.
+    assert [r["step"] for r in evals] == [0, 40, 70]
+    assert all(r["episodes"] == 2 and r["length_mean"] <= 40 for r in evals)
+    assert all(r["return_min"] <= r["return_mean"] <= r["return_max"] for r in evals)
+    assert [r["step"] for r in metrics if r["kind"] == "episode"] == [40], "eval episodes are not training"
+    # Resumed: the evaluation at step 70 is remembered, the next is due past step 90 (at the end, 100).
+    resumed = [a for a in args if a != "--fresh"]
+    resumed[resumed.index("70")] = "100"
+    assert env_tm.main(resumed) == env_tm.EXIT_OK
+    evals = [r for r in read_jsonl(tmp_path / "h" / METRICS) if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 40, 70, 100]
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--eval-every", "-5"], "--eval-every must be >= 0"),
+        (["--eval-every", "10", "--eval-episodes", "0"], "--eval-episodes must be >= 1"),
+    ],
+)
+def test_bad_evaluation_options_fail_with_one_line(option, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        env_tm.parse_args(option)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
