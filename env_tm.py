@@ -447,104 +447,114 @@ class TrainResult:
     config: Config
 
 
-def train(args: argparse.Namespace) -> TrainResult:
-    requested = Config().with_assignments(args.overrides)
-    device = resolve_device(args.device)
-    env_name = choose_environment(args.env, requested)
-    # bench/BENCHMARKS.md: with a busy core (the game), 2 threads on 2 cores made act+learn 1.7x slower.
-    threads = args.threads or (max(1, (os.cpu_count() or 2) - 1) if env_name == "trackmania" else None)
-    if threads is not None and device.type == "cpu":
-        torch.set_num_threads(threads)
-    diagnosing = args.diagnose is not None
-    run_name = args.run_name or f"{env_name}{'-diagnose' if diagnosing else ''}-seed{args.seed}"
-    run_dir = Path(args.checkpoint_root or requested.checkpoint_dir) / run_name
-    store = CheckpointStore(run_dir, requested.keep_last_n_checkpoints)
-    random.seed(args.seed)
-    np.random.seed(args.seed % 2**32)
-    torch.manual_seed(args.seed)
+class Session:
+    """Everything a training run holds besides its environment: the learner (agent, replay, run state),
+    checkpoints, the metrics log, the health monitor and the status line. The single-PC loop (`train`)
+    and the scale-out trainer (`distributed.py`) each drive one, so both checkpoint, log and raise red
+    flags the same way."""
 
-    # Resume (the checkpoint's config, plus explicit --set changes) or start fresh.
-    resume = requested.resume_from_checkpoint if args.resume is None else args.resume
-    resume = resume and requested.checkpoint and not diagnosing  # a diagnosis judges a fresh start
-    notes: list[str] = []
-    learner = None
-    if resume:
-        store.remove_temporaries()
-        loaded = resume_learner(store, args.overrides, args.seed, device)
-        if loaded is not None:
-            learner, path = loaded.value, loaded.path
-            notes += [f"skipped: {line}" for line in loaded.skipped]
-            if loaded.skipped:
-                notes.append(f"falling back to the newest good checkpoint: {path.name}")
-            dropped = truncate_after_step(run_dir / METRICS_FILE, learner.run.step)
-            run = learner.run
-            notes.append(
-                f"resumed {run_name} from {path.name}: step {run.step:,}, episode {run.episode:,}"
-                + (f" ({dropped} log records after that step dropped)" if dropped else "")
-            )
-        elif args.resume:
-            raise CheckpointError(f"--resume: no checkpoint in {run_dir} (drop --resume to start fresh)")
+    def __init__(self, args: argparse.Namespace, env_name: str) -> None:
+        self.args = args
+        requested = Config().with_assignments(args.overrides)
+        self.device = resolve_device(args.device)
+        # bench/BENCHMARKS.md: with a busy core (the game), 2 threads on 2 cores made act+learn 1.7x slower.
+        threads = args.threads or (max(1, (os.cpu_count() or 2) - 1) if env_name == "trackmania" else None)
+        if threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        diagnosing = getattr(args, "diagnose", None) is not None
+        self.run_name = args.run_name or f"{env_name}{'-diagnose' if diagnosing else ''}-seed{args.seed}"
+        self.run_dir = Path(args.checkpoint_root or requested.checkpoint_dir) / self.run_name
+        self.store = CheckpointStore(self.run_dir, requested.keep_last_n_checkpoints)
+        random.seed(args.seed)
+        np.random.seed(args.seed % 2**32)
+        torch.manual_seed(args.seed)
+
+        # Resume (the checkpoint's config, plus explicit --set changes) or start fresh.
+        resume = requested.resume_from_checkpoint if args.resume is None else args.resume
+        resume = resume and requested.checkpoint and not diagnosing  # a diagnosis judges a fresh start
+        notes: list[str] = []
+        learner = None
+        if resume:
+            self.store.remove_temporaries()
+            loaded = resume_learner(self.store, args.overrides, args.seed, self.device)
+            if loaded is not None:
+                learner, path = loaded.value, loaded.path
+                notes += [f"skipped: {line}" for line in loaded.skipped]
+                if loaded.skipped:
+                    notes.append(f"falling back to the newest good checkpoint: {path.name}")
+                dropped = truncate_after_step(self.run_dir / METRICS_FILE, learner.run.step)
+                notes.append(
+                    f"resumed {self.run_name} from {path.name}: step {learner.run.step:,}, "
+                    f"episode {learner.run.episode:,}"
+                    + (f" ({dropped} log records after that step dropped)" if dropped else "")
+                )
+            elif args.resume:
+                raise CheckpointError(
+                    f"--resume: no checkpoint in {self.run_dir} (drop --resume to start fresh)"
+                )
+            else:
+                notes.append(f"no checkpoint in {self.run_dir}: starting fresh")
         else:
-            notes.append(f"no checkpoint in {run_dir}: starting fresh")
-    else:
-        moved = move_aside(run_dir)
-        if moved is not None:
-            notes.append(f"--fresh: the previous contents of {run_dir} were moved to {moved}")
-    if learner is None:
-        learner = new_learner(requested, args.seed, device)
-    config, agent, replay = learner.config, learner.agent, learner.replay
-    run = learner.run
-    total_steps = args.steps if args.steps is not None else config.training_steps
-    shortest_diagnosis = DIAG_MIN_LEARN_STEPS + config.batch_size
-    if diagnosing and total_steps < shortest_diagnosis:
-        raise ConfigError(
-            f"--diagnose {total_steps} is too short: the go/no-go criteria need at least "
-            f"{shortest_diagnosis:,} steps ({DIAG_MIN_LEARN_STEPS:,} learn steps)"
+            moved = move_aside(self.run_dir)
+            if moved is not None:
+                notes.append(f"--fresh: the previous contents of {self.run_dir} were moved to {moved}")
+        if learner is None:
+            learner = new_learner(requested, args.seed, self.device)
+        self.config, self.agent, self.replay = learner.config, learner.agent, learner.replay
+        self.run = learner.run
+        config = self.config
+        self.total_steps = args.steps if args.steps is not None else config.training_steps
+        shortest_diagnosis = DIAG_MIN_LEARN_STEPS + config.batch_size
+        if diagnosing and self.total_steps < shortest_diagnosis:
+            raise ConfigError(
+                f"--diagnose {self.total_steps} is too short: the go/no-go criteria need at least "
+                f"{shortest_diagnosis:,} steps ({DIAG_MIN_LEARN_STEPS:,} learn steps)"
+            )
+        if config.checkpoint:
+            # Two checkpoints may briefly coexist with the files kept: ask for room for the rotation first.
+            needed = (config.keep_last_n_checkpoints + 2) * (self.replay.nbytes + 50 * 2**20)
+            self.store.check_writable(needed_bytes=needed)
+        self.log = RunLog(self.run_dir)
+        self.progress = Progress(self.total_steps)
+        self.progress.restart_rate(self.run.step)
+        if not args.no_wandb:
+            project = args.wandb_project or config.wandb_project
+            self.run.wandb_run_id = self.log.start_wandb(
+                project, self.run_name, self.run.wandb_run_id, config.to_dict(), config.departures()
+            )
+        for note in notes:
+            self.progress.message(note)
+        self.progress.message(
+            f"run {self.run_name} on {env_name}, device {self.device.type} ({torch.get_num_threads()} CPU "
+            f"threads); checkpoints in {self.run_dir}"
         )
-    if config.checkpoint:
-        # Two checkpoints may briefly coexist with the files kept: ask for room for the rotation first.
-        store.check_writable(needed_bytes=(config.keep_last_n_checkpoints + 2) * (replay.nbytes + 50 * 2**20))
-
-    env = build_environment(env_name, config, args.seed)
-    log = RunLog(run_dir)
-    progress = Progress(total_steps)
-    progress.restart_rate(run.step)
-    if not args.no_wandb:
-        project = args.wandb_project or config.wandb_project
-        run.wandb_run_id = log.start_wandb(
-            project, run_name, run.wandb_run_id, config.to_dict(), config.departures()
+        departures = describe_departures(config)
+        self.progress.message(
+            "departures from the known-good config: " + ("; ".join(departures) if departures else "none")
         )
-    for note in notes:
-        progress.message(note)
-    progress.message(
-        f"run {run_name} on {env_name}, device {device.type} ({torch.get_num_threads()} CPU threads); "
-        f"checkpoints in {run_dir}"
-    )
-    departures = describe_departures(config)
-    progress.message(
-        "departures from the known-good config: " + ("; ".join(departures) if departures else "none")
-    )
-    progress.message(log.wandb_note)
-    log.write(
-        "run", run.step, event="start", env=env_name, device=device.type, departures=config.departures()
-    )
+        self.progress.message(self.log.wandb_note)
+        self.log.write(
+            "run", self.run.step, event="start", env=env_name, device=self.device.type,
+            departures=config.departures(),
+        )  # fmt: skip
+        self.monitor = self.new_monitor()
+        self.failed_saves = 0
+        self.rollbacks = 0
+        self.last_metrics: dict[str, float] = {}
 
-    def new_monitor() -> HealthMonitor:
-        monitor = HealthMonitor(config)
-        if len(replay):  # a resumed or rolled-back run already knows its reward range
-            monitor.observe_reward(float(np.nanmax(replay.rewards)))
-            monitor.observe_reward(float(np.nanmin(replay.rewards)))
+    def new_monitor(self) -> HealthMonitor:
+        monitor = HealthMonitor(self.config)
+        if len(self.replay):  # a resumed or rolled-back run already knows its reward range
+            monitor.observe_reward(float(np.nanmax(self.replay.rewards)))
+            monitor.observe_reward(float(np.nanmin(self.replay.rewards)))
         return monitor
 
-    monitor = new_monitor()
-    failed_saves = 0
-
-    def save(is_periodic: bool) -> str:
+    def save(self, is_periodic: bool) -> str:
         """Write a checkpoint; a failed write is reported and training goes on (3 in a row stop it)."""
-        nonlocal failed_saves
+        config, run, store = self.config, self.run, self.store
         if not config.checkpoint:
             return "checkpoints are off (checkpoint=False)"
-        state = collect_state(agent, replay, run, config)
+        state = collect_state(self.agent, self.replay, run, config)
         try:
             if is_periodic:
                 interval_mean = float(np.mean(run.interval_rewards)) if run.interval_rewards else -math.inf
@@ -558,34 +568,33 @@ def train(args: argparse.Namespace) -> TrainResult:
             else:
                 store.save_latest_only(state)
         except OSError as error:
-            failed_saves += 1
+            self.failed_saves += 1
             reason = error.strerror or str(error)
             message = f"checkpoint at step {run.step:,} failed ({reason}); the previous one is intact"
-            progress.message(message)
-            log.write("event", run.step, level="warning", name="checkpoint_failed", message=message)
-            if failed_saves >= MAX_FAILED_SAVES:
+            self.progress.message(message)
+            self.log.write("event", run.step, level="warning", name="checkpoint_failed", message=message)
+            if self.failed_saves >= MAX_FAILED_SAVES:
                 raise TrainingStoppedError(
-                    f"{failed_saves} checkpoints in a row could not be written to {run_dir} "
+                    f"{self.failed_saves} checkpoints in a row could not be written to {self.run_dir} "
                     f"({error.strerror or error}): free disk space, then resume"
                 ) from None
             return f"checkpoint failed, the last good one is {store.latest_path}"
-        failed_saves = 0
+        self.failed_saves = 0
         return f"saved {store.latest_path}"
 
-    rollbacks = 0
-
-    def roll_back(flag: RedFlag) -> None:
+    def roll_back(self, flag: RedFlag) -> None:
         """Restore the checkpoint before the flag (an older one at each further rollback)."""
-        nonlocal run, monitor, rollbacks
-        if rollbacks >= MAX_ROLLBACKS:
+        if self.rollbacks >= MAX_ROLLBACKS:
             raise RedFlagStopError(
                 f"stopped on red flag {flag.name} at step {flag.step:,} ({MAX_ROLLBACKS} rollbacks already): "
                 f"{flag.message}"
             )
-        older_first = list(reversed(store.periodic()))[rollbacks:] if config.checkpoint else []
+        older_first = (
+            list(reversed(self.store.periodic()))[self.rollbacks :] if self.config.checkpoint else []
+        )
         try:
-            loaded = store.load_newest_good(
-                lambda state, path: restore(state, agent, replay, path), older_first
+            loaded = self.store.load_newest_good(
+                lambda state, path: restore(state, self.agent, self.replay, path), older_first
             )
         except CheckpointError:  # none of them restores
             loaded = None
@@ -595,47 +604,134 @@ def train(args: argparse.Namespace) -> TrainResult:
                 f"{flag.message}"
             )
         path, restored = loaded.path, loaded.value
-        rollbacks += 1
-        restored.wandb_run_id = run.wandb_run_id
-        run = restored
+        self.rollbacks += 1
+        restored.wandb_run_id = self.run.wandb_run_id
+        self.run = restored
         # The checkpoint carries its random streams: replaying them would replay the same failure.
-        agent_seed, replay_seed = stream_seeds(args.seed + 7919 * rollbacks)
-        agent.rng = np.random.default_rng(agent_seed)
-        replay.reseed(replay_seed)
-        monitor = new_monitor()
-        progress.restart_rate(run.step)
-        log.truncate_after_step(run.step)
-        log.write(
-            "event", run.step, level="rollback", name=flag.name, from_step=flag.step, rollbacks=rollbacks
-        )
-        progress.message(
-            f"rolled back to {path.name} (step {run.step:,}, episode {run.episode:,}); "
-            f"rollback {rollbacks} of at most {MAX_ROLLBACKS}"
+        agent_seed, replay_seed = stream_seeds(self.args.seed + 7919 * self.rollbacks)
+        self.agent.rng = np.random.default_rng(agent_seed)
+        self.replay.reseed(replay_seed)
+        self.monitor = self.new_monitor()
+        self.progress.restart_rate(self.run.step)
+        self.log.truncate_after_step(self.run.step)
+        self.log.write(
+            "event", self.run.step, level="rollback", name=flag.name, from_step=flag.step,
+            rollbacks=self.rollbacks,
+        )  # fmt: skip
+        self.progress.message(
+            f"rolled back to {path.name} (step {self.run.step:,}, episode {self.run.episode:,}); "
+            f"rollback {self.rollbacks} of at most {MAX_ROLLBACKS}"
         )
 
-    def handle(flags: list[RedFlag]) -> bool:
+    def handle(self, flags: list[RedFlag]) -> bool:
         """Report red flags; returns True when the run was rolled back to a checkpoint."""
         rolled_back = False
         for flag in flags:
-            progress.message(f"RED FLAG {flag.name}: {flag.message}")
-            log.write("event", flag.step, **flag.as_event())
-            log.alert(f"red flag: {flag.name}", flag.message)
-            if rolled_back or flag.name not in FATAL_FLAGS or args.on_red_flag == "warn":
+            self.progress.message(f"RED FLAG {flag.name}: {flag.message}")
+            self.log.write("event", flag.step, **flag.as_event())
+            self.log.alert(f"red flag: {flag.name}", flag.message)
+            if rolled_back or flag.name not in FATAL_FLAGS or self.args.on_red_flag == "warn":
                 continue
-            if args.on_red_flag == "stop":
+            if self.args.on_red_flag == "stop":
                 raise RedFlagStopError(
                     f"stopped on red flag {flag.name} at step {flag.step:,} (--on-red-flag stop): "
-                    f"{flag.message}; last good checkpoint: {store.latest_path}"
+                    f"{flag.message}; last good checkpoint: {self.store.latest_path}"
                 )
-            roll_back(flag)
+            self.roll_back(flag)
             rolled_back = True
         return rolled_back
 
+    def observe_transition(
+        self, reward: float, next_frames: np.ndarray, next_car: np.ndarray
+    ) -> list[RedFlag]:
+        self.monitor.observe_reward(reward)
+        return self.monitor.observe_frames(
+            next_frames, self.run.step, self.run.episode, speed=float(next_car[0])
+        )
+
+    def learn(self, time_step_timeouts: int = 0) -> list[RedFlag]:
+        """One learn step (once a batch is stored), logged every `log_every_steps`; returns red flags."""
+        config, agent, run = self.config, self.agent, self.run
+        if len(self.replay) < config.batch_size:
+            return []
+        metrics = self.last_metrics = agent.train()
+        if metrics["skipped"]:
+            self.log.write("event", run.step, level="warning", name="nonfinite_step_skipped")
+        if agent.consecutive_skipped_steps >= config.max_consecutive_nonfinite_steps:
+            raise TrainingStoppedError(
+                f"{agent.consecutive_skipped_steps} learn steps in a row had a non-finite loss or "
+                f"gradient (all skipped, weights untouched); last checkpoint: {self.store.latest_path}"
+            )
+        if agent.learn_steps % config.log_every_steps == 0:
+            metrics["weights_finite"] = float(weights_finite(agent))
+            self.log.write(
+                "step",
+                run.step,
+                steps_per_second=self.progress.rate(run.step),
+                time_step_timeouts=time_step_timeouts,
+                max_abs_reward=self.monitor.max_abs_reward,
+                min_reward=self.monitor.min_reward,
+                **metrics,
+            )
+        flags = self.monitor.observe_learn_step(metrics, run.step, run.episode)
+        metrics.pop("weights_finite", None)
+        return flags
+
+    def end_episode(
+        self, reward: float, length: int, terminated: bool, seconds: float, **extra: Any
+    ) -> list[RedFlag]:
+        run = self.run
+        run.episode += 1
+        last_epsilon = epsilon_at(max(run.step - 1, 0), self.config)  # of the episode's last action
+        run.interval_rewards.append(reward)
+        self.log.write(
+            "episode",
+            run.step,
+            episode=run.episode,
+            reward=reward,
+            length=length,
+            terminated=bool(terminated),
+            epsilon=last_epsilon,
+            beta=self.replay.beta,
+            seconds=seconds,
+            q_mean=self.last_metrics.get("q_mean"),
+            q_greedy=self.last_metrics.get("q_greedy"),
+            loss=self.last_metrics.get("loss"),
+            **extra,
+        )
+        return self.monitor.observe_episode(
+            reward, length, epsilon_at(run.step, self.config), run.step, run.episode
+        )
+
+    def checkpoint_due(self) -> bool:
+        return self.run.episode % self.config.checkpoint_frequency == 0
+
+    def status(self, text: str) -> None:
+        last = self.last_metrics
+        self.progress.show(
+            self.run.step,
+            f"{self.progress.rate(self.run.step):.1f} steps/s | {text} | "
+            f"eps {epsilon_at(self.run.step, self.config):.3f} | loss {fmt(last.get('loss'))} | "
+            f"Q {fmt(last.get('q_mean'))}",
+        )
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def train(args: argparse.Namespace) -> TrainResult:
+    env_name = choose_environment(args.env, Config().with_assignments(args.overrides))
+    session = Session(args, env_name)
+    config, agent, replay, progress, log = (
+        session.config, session.agent, session.replay, session.progress, session.log
+    )  # fmt: skip
+    env = build_environment(env_name, config, args.seed)
+
     def env_seed() -> int:
-        return args.seed * 1_000_003 + run.episode  # distinct tracks per (seed, episode) pair
+        return args.seed * 1_000_003 + session.run.episode  # distinct tracks per (seed, episode) pair
 
     def evaluate_if_due() -> None:
-        every = args.eval_every
+        every, run = args.eval_every, session.run
         if not every or (run.last_eval_step is not None and run.step // every <= run.last_eval_step // every):
             return
         progress.message(f"evaluating at step {run.step:,}: {args.eval_episodes} greedy episodes")
@@ -649,7 +745,6 @@ def train(args: argparse.Namespace) -> TrainResult:
             f"over {len(result.returns)} held-out episodes, {result.seconds:.0f} s"
         )
 
-    last_metrics: dict[str, float] = {}
     stop = StopRequest()
     stop.install()
     try:
@@ -658,7 +753,8 @@ def train(args: argparse.Namespace) -> TrainResult:
         obs, _ = env.reset(seed=env_seed())
         frames, car = split_observation(obs, config)
         replay.start_episode(frames, car)
-        while run.step < total_steps and not stop.requested:
+        while session.run.step < session.total_steps and not stop.requested:
+            run = session.run
             action = agent.act(frames, car, run.step)
             obs, reward, terminated, truncated, _ = env.step(ACTION_VECTORS[action].copy())
             next_frames, next_car = split_observation(obs, config)
@@ -668,64 +764,21 @@ def train(args: argparse.Namespace) -> TrainResult:
             episode_reward += reward
             episode_length += 1
             frames, car = next_frames, next_car
-            monitor.observe_reward(reward)
-            flags = monitor.observe_frames(next_frames, run.step, run.episode, speed=float(next_car[0]))
-
-            if len(replay) >= config.batch_size:
-                last_metrics = agent.train()
-                if last_metrics["skipped"]:
-                    log.write("event", run.step, level="warning", name="nonfinite_step_skipped")
-                if agent.consecutive_skipped_steps >= config.max_consecutive_nonfinite_steps:
-                    raise TrainingStoppedError(
-                        f"{agent.consecutive_skipped_steps} learn steps in a row had a non-finite loss or "
-                        f"gradient (all skipped, weights untouched); last checkpoint: {store.latest_path}"
-                    )
-                if agent.learn_steps % config.log_every_steps == 0:
-                    last_metrics["weights_finite"] = float(weights_finite(agent))
-                    log.write(
-                        "step",
-                        run.step,
-                        steps_per_second=progress.rate(run.step),
-                        time_step_timeouts=getattr(env, "time_step_timeouts", 0),
-                        max_abs_reward=monitor.max_abs_reward,
-                        min_reward=monitor.min_reward,
-                        **last_metrics,
-                    )
-                flags += monitor.observe_learn_step(last_metrics, run.step, run.episode)
-                last_metrics.pop("weights_finite", None)
-
             timeouts = getattr(env, "time_step_timeouts", 0)  # TrackMania only: the PC missed 20 Hz
-            progress.show(
-                run.step,
-                f"{progress.rate(run.step):.1f} steps/s | ep {run.episode + 1} | R {episode_reward:.1f} | "
-                f"eps {agent.epsilon:.3f} | loss {fmt(last_metrics.get('loss'))} | "
-                f"Q {fmt(last_metrics.get('q_mean'))}" + (f" | timeouts {timeouts}" if timeouts else ""),
+            flags = session.observe_transition(reward, next_frames, next_car)
+            flags += session.learn(timeouts)
+            session.status(
+                f"ep {run.episode + 1} | R {episode_reward:.1f}"
+                + (f" | timeouts {timeouts}" if timeouts else "")
             )
-
             episode_over = terminated or truncated
             if episode_over:
-                run.episode += 1
-                run.interval_rewards.append(episode_reward)
-                log.write(
-                    "episode",
-                    run.step,
-                    episode=run.episode,
-                    reward=episode_reward,
-                    length=episode_length,
-                    terminated=bool(terminated),
-                    epsilon=agent.epsilon,
-                    beta=replay.beta,
-                    seconds=time.perf_counter() - episode_start,
-                    q_mean=last_metrics.get("q_mean"),
-                    q_greedy=last_metrics.get("q_greedy"),
-                    loss=last_metrics.get("loss"),
+                flags += session.end_episode(
+                    episode_reward, episode_length, bool(terminated), time.perf_counter() - episode_start
                 )
-                flags += monitor.observe_episode(
-                    episode_reward, episode_length, agent.epsilon, run.step, run.episode
-                )
-            rolled_back = handle(flags) if flags else False
-            if episode_over and not rolled_back and run.episode % config.checkpoint_frequency == 0:
-                save(is_periodic=True)
+            rolled_back = session.handle(flags) if flags else False
+            if episode_over and not rolled_back and session.checkpoint_due():
+                session.save(is_periodic=True)
             if episode_over or rolled_back:
                 evaluate_if_due()
                 episode_reward, episode_length, episode_start = 0.0, 0, time.perf_counter()
@@ -734,28 +787,30 @@ def train(args: argparse.Namespace) -> TrainResult:
                 replay.start_episode(frames, car)
         if not stop.requested:
             evaluate_if_due()
-        saved = save(is_periodic=False)
+        saved = session.save(is_periodic=False)
+        run = session.run
         if stop.requested:
             progress.message(f"stopped at step {run.step:,} (on request): {saved}; run again to resume")
             log.write("run", run.step, event="interrupted")
-            return TrainResult(EXIT_INTERRUPTED, run_dir, config)
+            return TrainResult(EXIT_INTERRUPTED, session.run_dir, config)
         progress.message(f"done: {run.step:,} steps, {run.episode:,} episodes; {saved}")
         log.write("run", run.step, event="finished", episodes=run.episode)
-        return TrainResult(EXIT_OK, run_dir, config)
+        return TrainResult(EXIT_OK, session.run_dir, config)
     except GameNotRespondingError:
-        saved = save(is_periodic=False)
-        progress.message(f"the game stopped answering at step {run.step:,}: {saved}")
-        log.write("run", run.step, event="game_not_responding")
+        saved = session.save(is_periodic=False)
+        progress.message(f"the game stopped answering at step {session.run.step:,}: {saved}")
+        log.write("run", session.run.step, event="game_not_responding")
         raise
     except KeyboardInterrupt:  # the second Ctrl+C: no save, the state may be mid-update
         progress.message(
-            f"aborted at step {run.step:,} without saving; the last checkpoint is {store.latest_path}"
+            f"aborted at step {session.run.step:,} without saving; the last checkpoint is "
+            f"{session.store.latest_path}"
         )
-        log.write("run", run.step, event="aborted")
-        return TrainResult(EXIT_INTERRUPTED, run_dir, config)
+        log.write("run", session.run.step, event="aborted")
+        return TrainResult(EXIT_INTERRUPTED, session.run_dir, config)
     finally:
         stop.uninstall()
-        log.close()
+        session.close()
         env.close()
 
 
