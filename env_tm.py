@@ -136,12 +136,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--eval-episodes", type=int, default=5, help="episodes per evaluation")
     parser.add_argument("--wandb-project", default=None, help="W&B project (default: config wandb_project)")
+    scale = parser.add_argument_group(
+        "scale out (several game PCs, one learner; see README: Running across machines)"
+    )
+    scale.add_argument(
+        "--role",
+        choices=["single", "server", "trainer", "worker"],
+        default="single",
+        help="single: everything in this process; server: tmrl's relay; trainer: learns from the workers' "
+        "episodes; worker: drives one game (--env) and sends its episodes",
+    )
+    scale.add_argument(
+        "--server-ip", default="127.0.0.1", help="address of the machine running --role server"
+    )
+    scale.add_argument(
+        "--port", type=int, default=55555, help="the relay's TCP port (open it in the firewall)"
+    )
+    scale.add_argument(
+        "--password-file",
+        default=None,
+        help="the relay password (default ~/.rainbow-tm/relay-password.txt; the server creates it on its "
+        "first run, copy it to the other machines)",
+    )
+    scale.add_argument("--tls", action="store_true", help="encrypt the relay's traffic with TLS")
+    scale.add_argument(
+        "--tls-dir",
+        default=None,
+        help="folder with certificate.pem (and key.pem on the server); default: tlspyo's credentials folder",
+    )
+    scale.add_argument("--tls-hostname", default="default", help="the name in the TLS certificate")
+    scale.add_argument("--max-workers", type=int, default=None, help="server: refuse workers beyond this")
+    scale.add_argument("--worker-name", default=None, help="worker: its name in logs (default host-pid)")
     parser.add_argument("--checkpoint-root", default=None, help="folder of run folders (default: config)")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    if not 1 <= args.port <= 65535:
+        parser.error(f"--port must be a TCP port (1-65535), got {args.port}")
+    if args.role != "single" and args.diagnose is not None:
+        parser.error("--diagnose runs on a single PC (--role single)")
     if args.eval_every < 0:
         parser.error(f"--eval-every must be >= 0 (0: no evaluation), got {args.eval_every}")
     if args.eval_episodes < 1:
@@ -826,6 +861,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.diagnose is not None:
         args.steps = args.diagnose
     try:
+        if args.role != "single":
+            import distributed  # imports tmrl's networking only when a role needs it
+
+            try:
+                return distributed.run_role(args)
+            except distributed.NetworkSetupError as error:
+                print(f"error: {error}", file=sys.stderr)
+                return EXIT_ERROR
         result = train(args)
         if args.diagnose is not None and result.exit_code == EXIT_OK:
             return report_diagnosis(result)
@@ -846,4 +889,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as the module `env_tm`, not `__main__`: distributed.py imports env_tm, and two copies of this
+    # file would make two copies of its classes (an error raised by one would not be caught by the other).
+    import env_tm
+
+    sys.exit(env_tm.main())

@@ -27,6 +27,7 @@ Windows setup (from tmrl's install guide):
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import math
@@ -335,8 +336,9 @@ def _rtgym_id() -> str:
     return "real-time-gym-v1" if platform.system() == "Windows" else "real-time-gym-ts-v1"
 
 
-def _import_tmrl_interfaces() -> Any:
-    """Import tmrl's TrackMania interfaces module, undoing tmrl's import-time side effects on our process."""
+def import_tmrl_module(name: str) -> Any:
+    """Import a tmrl module, undoing tmrl's import-time side effects on our process. TmrlData must exist
+    (check it first): without it, tmrl downloads its resources while being imported."""
     # tmrl exports config.json's WANDB_KEY (by default the key of tmrl's public W&B project) into the
     # environment when imported, which would send our W&B runs there.
     wandb_key = os.environ.get("WANDB_API_KEY")
@@ -346,7 +348,7 @@ def _import_tmrl_interfaces() -> Any:
     guard = logging.NullHandler()
     root_logger.addHandler(guard)
     try:
-        from tmrl.custom.tm import tm_gym_interfaces
+        return importlib.import_module(name)
     except Exception as error:
         raise TrackManiaSetupError(
             _one_line(f"importing tmrl failed ({type(error).__name__}: {error}); {_INSTALL_HINT}")
@@ -357,7 +359,10 @@ def _import_tmrl_interfaces() -> Any:
             os.environ.pop("WANDB_API_KEY", None)
         else:
             os.environ["WANDB_API_KEY"] = wandb_key
-    return tm_gym_interfaces
+
+
+def _import_tmrl_interfaces() -> Any:
+    return import_tmrl_module("tmrl.custom.tm.tm_gym_interfaces")
 
 
 class _InterfaceErrors:

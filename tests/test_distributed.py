@@ -1,0 +1,306 @@
+"""distributed.py: the relay password and TLS checks, what travels between the roles, the trainer's replay
+(episodes of different workers never share a frame stack), and a server, a trainer and two workers on
+loopback, one of them killed and replaced."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from fake_openplanet import write_tmrl_data
+
+import distributed
+import env_tm
+from rainbow import ACTION_VECTORS, RainbowAgent
+from run_log import METRICS_FILE, read_jsonl
+from tm_config import Config, epsilon_at
+
+FAST = [
+    "conv_channels_1=4",
+    "conv_channels_2=4",
+    "car_feature_hidden_dim=16",
+    "cosine_dim=8",
+    "hidden_dim=8",
+    "batch_size=4",
+    "max_buffer_size=512",
+    "ep_max_length=40",
+    "checkpoint_frequency=1",
+    "log_every_steps=10",
+]
+FAST_SETS = sum((["--set", assignment] for assignment in FAST), [])
+
+
+# --- the relay password and TLS ----------------------------------------------------------------------
+def test_the_server_generates_a_strong_password_once_and_says_where_never_what(tmp_path, capsys):
+    path = tmp_path / "secret" / "relay-password.txt"
+    password, created = distributed.relay_password(path, create=True)
+    assert created and len(password) >= 40 and path.read_text().strip() == password
+    if os.name == "posix":
+        assert path.stat().st_mode & 0o077 == 0, "readable by others"
+    again, created_again = distributed.relay_password(path, create=True)
+    assert again == password and not created_again
+    args = env_tm.parse_args(["--role", "trainer", "--password-file", str(path)])
+    connection, note = distributed.connection_from_args(args, "trainer")
+    assert connection.password == password
+    assert str(path) in note and password not in note and password not in repr(connection)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (distributed.TMRL_PLACEHOLDER_PASSWORD, "tmrl's placeholder password"),
+        ("hunter2", "too weak"),
+    ],
+)
+def test_placeholder_and_weak_passwords_are_refused_in_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "pw.txt"
+    path.write_text(content + "\n")
+    code = env_tm.main(["--role", "server", "--password-file", str(path)])
+    err = capsys.readouterr().err.strip()
+    assert code == env_tm.EXIT_ERROR and err.startswith("error: ") and "\n" not in err
+    assert message in err and str(path) in err and content not in err
+
+
+def test_a_trainer_without_the_password_file_is_told_to_copy_it(tmp_path, capsys):
+    path = tmp_path / "missing.txt"
+    code = env_tm.main(["--role", "trainer", "--password-file", str(path), "--no-wandb"])
+    err = capsys.readouterr().err.strip()
+    assert code == env_tm.EXIT_ERROR and "\n" not in err
+    assert f"no relay password file at {path}" in err and "copy the file the server created" in err
+    assert not path.exists(), "only the server creates the password"
+
+
+def test_tls_without_the_certificate_files_names_what_is_missing(tmp_path, capsys):
+    path = tmp_path / "pw.txt"
+    distributed.relay_password(path, create=True)
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "certificate.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    args = ["--password-file", str(path), "--tls", "--tls-dir", str(keys)]
+    assert env_tm.main(["--role", "server", *args]) == env_tm.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert f"key.pem missing in {keys}" in err and "python -m tlspyo --generate" in err
+    worker_args = env_tm.parse_args(["--role", "worker", *args])
+    connection, note = distributed.connection_from_args(worker_args, "worker")  # workers need no key
+    assert connection.security == "TLS" and connection.keys_dir == str(keys) and "TLS" in note
+
+
+# --- what travels -------------------------------------------------------------------------------------------
+def test_every_action_vector_maps_back_to_its_index_and_nothing_else_does():
+    assert [distributed.action_index(vector) for vector in ACTION_VECTORS] == list(range(len(ACTION_VECTORS)))
+    assert distributed.action_index([0.5, 0.0, 0.0]) is None
+    assert distributed.action_index([1.0, 0.0]) is None
+    assert distributed.action_index(None) is None
+
+
+def tm20full(frames: np.ndarray, speed: float) -> tuple:
+    zeros = np.zeros(3, np.float32)
+    one = np.ones(1, np.float32)
+    return (one * speed, one * 2, one * 4000, frames, zeros, zeros)
+
+
+def worker_episode(compressor, worker_level: int, episode: int, length: int, action_rows, end: str) -> list:
+    """An episode as a worker's compressor emits it: frame pixels are worker_level + the step number."""
+    compressor.start_episode(episode)
+    stack = np.stack([np.full((64, 64), worker_level, np.uint8)] * 4)
+    samples = [compressor(None, tm20full(stack, 0.0), 0.0, False, False, {})]
+    for t in range(1, length + 1):
+        stack = np.concatenate([stack[1:], np.full((1, 64, 64), worker_level + t, np.uint8)])
+        terminated = end == "terminated" and t == length
+        truncated = end == "truncated" and t == length
+        act = ACTION_VECTORS[action_rows[(t - 1) % len(action_rows)]].copy()
+        samples.append(compressor(act, tm20full(stack, 10.0 * t), 1.0, terminated, truncated, {"x": 1}))
+    return samples
+
+
+@pytest.fixture
+def trainer_session(tmp_path):
+    args = env_tm.parse_args(
+        ["--role", "trainer", "--no-wandb", "--checkpoint-root", str(tmp_path), "--run-name", "t", *FAST_SETS]
+    )
+    session = env_tm.Session(args, "trainer")
+    yield session
+    session.close()
+
+
+def test_compressed_episodes_keep_the_first_stack_and_only_the_newest_frame_after():
+    compressor = distributed.EpisodeCompressor("A", Config())
+    samples = worker_episode(compressor, 10, episode=3, length=5, action_rows=[1], end="terminated")
+    first_car, first_frames = samples[0][1]
+    assert first_frames.shape == (4, 64, 64) and samples[0][5] == {"worker": "A", "episode": 3, "first": True}
+    for t, (_, (car, frames), reward, _, _, tag) in enumerate(samples[1:], start=1):
+        assert frames.shape == (1, 64, 64) and frames[0, 0, 0] == 10 + t and car[0] == 10.0 * t
+        assert tag == {"worker": "A", "episode": 3, "first": False} and reward == 1.0
+    assert samples[-1][3] is True and first_car.dtype == np.float32
+
+
+def test_the_trainer_stores_each_workers_episode_whole_so_stacks_never_mix(trainer_session):
+    session = trainer_session
+    a = distributed.EpisodeCompressor("A", session.config)
+    b = distributed.EpisodeCompressor("B", session.config)
+    # As the relay delivers them: whole episodes of two workers, concatenated; the last one cut off
+    # without a flag (its final transition must be stored as truncated, never as terminal).
+    received = (
+        worker_episode(a, 10, 0, 30, [1, 3], "terminated")
+        + worker_episode(b, 100, 0, 25, [4, 2], "truncated")
+        + worker_episode(a, 50, 1, 20, [0], "none")
+    )
+    episodes = distributed.split_episodes(received)
+    assert [len(e) for e in episodes] == [31, 26, 21]
+    remote = distributed.RemoteEpisodes(session)
+    for episode in episodes:
+        remote.ingest(episode)
+    replay = session.replay
+    assert session.run.step == 75 and len(replay) == 75 and session.run.episode == 3
+    assert remote.steps_by_worker == {"A": 50, "B": 25} and remote.rejected == 0
+    assert replay.actions[:4].tolist() == [1, 3, 1, 3] and replay.actions[30:32].tolist() == [4, 2]
+    assert replay.terminated[:75].sum() == 1 and replay.terminated[29]
+    assert replay.truncated[54] and replay.truncated[74] and not replay.terminated[74]
+    replay.check_consistency()
+    for _ in range(50):
+        batch = replay.sample(32)
+        for key in ("frames", "next_frames"):
+            for stack in batch[key][:, :, 0, 0].astype(int):  # pixels 10-40, 100-125, 50-70 per episode
+                owners = {0 if v < 50 else 1 if v < 100 else 2 for v in stack}
+                assert len(owners) == 1, f"a stack mixes episodes: {stack}"
+    records = read_jsonl(session.run_dir / METRICS_FILE)
+    assert [r["worker"] for r in records if r["kind"] == "episode"] == ["A", "B", "A"]
+
+
+def test_an_episode_with_an_unknown_action_is_rejected_whole_and_logged(trainer_session):
+    session = trainer_session
+    compressor = distributed.EpisodeCompressor("X", session.config)
+    episode = worker_episode(compressor, 10, 0, 10, [1], "terminated")
+    act, obs, reward, terminated, truncated, tag = episode[5]
+    episode[5] = (np.array([0.3, 0.0, 0.0], np.float32), obs, reward, terminated, truncated, tag)
+    remote = distributed.RemoteEpisodes(session)
+    remote.ingest(episode)
+    assert remote.rejected == 1 and len(session.replay) == 0 and session.run.step == 0
+    events = [r for r in read_jsonl(session.run_dir / METRICS_FILE) if r["kind"] == "event"]
+    assert events[-1]["name"] == "episode_rejected" and "not in the action table" in events[-1]["message"]
+
+
+def test_the_worker_takes_the_trainers_weights_and_global_step(tmp_path):
+    config = Config().with_assignments(FAST)
+    trainer = RainbowAgent(config, replay=None, seed=1)
+    actor = distributed.RainbowActor(None, None, config=config, seed=2, device="cpu")
+    assert actor.checksum() != pytest.approx(
+        float(sum(p.double().sum() for p in trainer.online.parameters()))
+    )
+    step = config.epsilon_cutoff + 5  # epsilon 0 from here: every action is the network's
+    state = {
+        "online": trainer.online.state_dict(),
+        "step": step,
+        "learn_steps": 77,
+        "pause": True,
+        "done": False,
+    }
+    distributed.Broadcast(state).save(tmp_path / "w.tmod")
+    assert actor.load(tmp_path / "w.tmod", "cpu") is actor
+    for name, value in trainer.online.state_dict().items():
+        assert np.array_equal(actor.agent.online.state_dict()[name].numpy(), value.numpy()), name
+    assert (actor.trainer_step, actor.learn_steps, actor.pause, actor.done) == (step, 77, True, False)
+    frames = np.zeros((4, 64, 64), np.uint8)
+    obs = tm20full(frames, 50.0)
+    before = actor.agent.rng.bit_generator.state
+    vector = actor.act_(obs)
+    assert distributed.action_index(vector) is not None and vector.dtype == np.float32
+    assert actor.global_step == step + 1 and actor.agent.epsilon == 0.0
+    assert actor.agent.rng.bit_generator.state != before  # the epsilon draw, as in the single-PC loop
+    actor.trainer_step = 0
+    actor.act_(obs)
+    assert actor.agent.epsilon == epsilon_at(1, config)
+
+
+# --- a server, a trainer and two workers on loopback --------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_loopback_server_trainer_and_two_workers_one_killed_and_replaced(tmp_path):
+    home = tmp_path / "home"
+    write_tmrl_data(home)
+    port = free_port()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    processes = []
+
+    def role(name: str, *extra: str) -> tuple[subprocess.Popen, Path]:
+        log_path = logs / f"{name}.log"
+        args = [sys.executable, str(ROOT / "env_tm.py"), "--port", str(port)]
+        args += ["--password-file", str(tmp_path / "pw.txt"), *extra]
+        env = dict(os.environ, HOME=str(home), USERPROFILE=str(home), OMP_NUM_THREADS="1")
+        env.update(PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+        with open(log_path, "w") as log:
+            process = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        processes.append(process)
+        return process, log_path
+
+    try:
+        server, server_log = role("server", "--role", "server")
+        wait_for(lambda: "relay listening" in server_log.read_text(), 60, "the relay")
+        trainer, trainer_log = role(
+            "trainer", "--role", "trainer", "--steps", "400", "--no-wandb", "--checkpoint-root",
+            str(tmp_path / "runs"), "--run-name", "t", *FAST_SETS,
+        )  # fmt: skip
+        worker = ["--role", "worker", "--env", "embedded", *FAST_SETS]
+        worker_a, log_a = role("A", *worker, "--worker-name", "A", "--seed", "1")
+        worker_b, log_b = role("B", *worker, "--worker-name", "B", "--seed", "2")
+        wait_for(lambda: "episode 1 sent" in log_b.read_text(), 120, "worker B's first episode")
+        os.killpg(worker_b.pid, signal.SIGKILL)  # B crashes, with its networking process
+        worker_b.wait(10)
+        worker_c, log_c = role("C", *worker, "--worker-name", "C", "--seed", "3")
+        assert trainer.wait(300) == 0, trainer_log.read_text()[-2000:]
+        assert worker_a.wait(60) == 0 and worker_c.wait(60) == 0, log_c.read_text()[-2000:]
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 0
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+
+    records = read_jsonl(tmp_path / "runs" / "t" / METRICS_FILE)
+    finished = [r for r in records if r["kind"] == "run" and r.get("event") == "finished"][-1]
+    by_worker = finished["steps_by_worker"]
+    assert set(by_worker) >= {"A", "C"} and all(by_worker[name] > 0 for name in ("A", "C"))
+    assert finished["step"] >= 400 and sum(by_worker.values()) == finished["step"]
+    assert finished["rejected_episodes"] == 0
+    # The replay ratio: one learn step per env step once a batch is stored, never ahead of the data.
+    assert finished["replay_ratio"] == pytest.approx(1.0, abs=0.1)
+    # Mid-run, data arrives an episode at a time: the learner is never ahead of it, and the workers pause
+    # before it falls further behind than one episode plus the two in flight per worker.
+    for record in (r for r in records if r["kind"] == "step"):
+        backlog = record["step"] - 4 + 1 - record["learn_step"]
+        assert 0 <= backlog <= 40 * (1 + 2 * 2), record
+    # Weights flowed back: each worker's network changed between the first and the last weights.
+    for log in (log_a, log_c):
+        checksums = [
+            line.rsplit("checksum ", 1)[1] for line in log.read_text().splitlines() if "checksum" in line
+        ]
+        assert len(checksums) >= 2 and checksums[0] != checksums[-1], log.read_text()[-1500:]
+        assert "the trainer finished" in log.read_text()
+    # Nothing printed the password.
+    password = (tmp_path / "pw.txt").read_text().strip()
+    for log in logs.iterdir():
+        assert password not in log.read_text()
+    assert "relay stopped" in server_log.read_text()
