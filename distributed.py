@@ -146,9 +146,9 @@ def connection_from_args(args: argparse.Namespace, role: str) -> tuple[Connectio
         missing = [name for name in needed if not (folder / name).is_file()]
         if missing:
             raise NetworkSetupError(
-                f"--tls: {', '.join(missing)} missing in {folder}: generate a key and certificate with "
-                "`python -m tlspyo --generate` on the server, copy certificate.pem (never key.pem) to the "
-                "other machines, and point --tls-dir at the folder"
+                f"--tls: {', '.join(missing)} missing in {folder}: make a key and certificate on the server "
+                "with `python env_tm.py --make-tls-credentials --tls-dir FOLDER`, copy certificate.pem "
+                "(never key.pem) to the other machines, and point --tls-dir at it"
             )
         security = "TLS"
         note += f"; TLS with the certificate in {folder}"
@@ -156,6 +156,49 @@ def connection_from_args(args: argparse.Namespace, role: str) -> tuple[Connectio
         note += "; no TLS (the password is sent in clear: use --tls beyond a private network)"
     keys = str(keys_dir) if keys_dir else None
     return Connection(args.server_ip, args.port, password, security, keys, args.tls_hostname), note
+
+
+def make_tls_credentials(folder: Path, hostname: str) -> tuple[Path, Path]:
+    """A private key and a self-signed certificate for `hostname`, as tlspyo reads them (key.pem and
+    certificate.pem). tlspyo's own generator (`python -m tlspyo --generate`) fails with pyOpenSSL >= 24,
+    whose X509 lost `add_extensions`; this uses `cryptography`, which pyOpenSSL is built on."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key_path, certificate_path = folder / "key.pem", folder / "certificate.pem"
+    existing = [path for path in (key_path, certificate_path) if path.exists()]
+    if existing:
+        raise NetworkSetupError(f"{existing[0]} exists already: delete it to make new credentials")
+    folder.mkdir(parents=True, exist_ok=True)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=5 * 365))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_bytes = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    descriptor = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(key_bytes)
+    certificate_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return key_path, certificate_path
 
 
 def _tlspyo_default_keys_folder() -> Path:
@@ -314,7 +357,7 @@ def run_server(args: argparse.Namespace) -> int:
     connection, note = connection_from_args(args, "server")
     networking = import_tmrl_networking()
     print(note, flush=True)
-    stop = StopRequest()
+    stop = StopRequest("stopping the relay")
     stop.install()
     server = networking.Server(
         port=connection.port,
@@ -372,7 +415,7 @@ def run_worker(args: argparse.Namespace) -> int:
         keys_dir=connection.keys_dir,
         hostname=connection.hostname,
     )
-    stop = StopRequest()
+    stop = StopRequest("stopping after this episode (Ctrl+C again to stop at once)")
     stop.install()
     episodes, steps, waited = 0, 0, 0.0
 
@@ -386,7 +429,12 @@ def run_worker(args: argparse.Namespace) -> int:
             time.sleep(POLL_SECONDS)
             worker.update_actor_weights(verbose=False, blocking=False)
             if time.perf_counter() - last_note > 30:
-                print(f"worker {name}: waiting for the trainer at {connection.server_ip}", flush=True)
+                print(
+                    f"worker {name}: nothing from the trainer via {connection.server_ip}:{connection.port} "
+                    "yet: is it running, and do this machine's password file and --tls settings match the "
+                    "server's? (a wrong password is dropped silently by the relay)",
+                    flush=True,
+                )
                 last_note = time.perf_counter()
         waited += time.perf_counter() - start
         if worker.actor.weights_received > before:
@@ -592,7 +640,17 @@ def run_trainer(args: argparse.Namespace) -> TrainResult:
 
 
 def run_role(args: argparse.Namespace) -> int:
-    """Entry point of `env_tm.py --role server|trainer|worker`."""
+    """Entry point of `env_tm.py --role server|trainer|worker` and `--make-tls-credentials`."""
+    if args.make_tls_credentials:
+        folder = Path(args.tls_dir) if args.tls_dir else _tlspyo_default_keys_folder()
+        key, certificate = make_tls_credentials(folder, args.tls_hostname)
+        print(
+            f"made {key} (keep it on the server only) and {certificate} for the name {args.tls_hostname!r}; "
+            f"copy {certificate.name} to the trainer and worker machines and run every role with --tls "
+            f"--tls-dir <its folder>",
+            flush=True,
+        )
+        return EXIT_OK
     if args.role == "server":
         return run_server(args)
     if args.role == "worker":

@@ -165,6 +165,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="folder with certificate.pem (and key.pem on the server); default: tlspyo's credentials folder",
     )
     scale.add_argument("--tls-hostname", default="default", help="the name in the TLS certificate")
+    scale.add_argument(
+        "--make-tls-credentials",
+        action="store_true",
+        help="write key.pem and a self-signed certificate.pem for --tls-hostname into --tls-dir, then exit",
+    )
     scale.add_argument("--max-workers", type=int, default=None, help="server: refuse workers beyond this")
     scale.add_argument("--worker-name", default=None, help="worker: its name in logs (default host-pid)")
     parser.add_argument("--checkpoint-root", default=None, help="folder of run folders (default: config)")
@@ -453,15 +458,18 @@ class StopRequest:
         getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGBREAK") if hasattr(signal, name)
     )
 
-    def __init__(self) -> None:
+    def __init__(
+        self, notice: str = "stopping after this step (Ctrl+C again to abort without saving)"
+    ) -> None:
         self.requested = False
+        self.notice = notice
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstopping after this step (Ctrl+C again to abort without saving)", flush=True)
+        print("\n" + self.notice, flush=True)
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
@@ -861,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.diagnose is not None:
         args.steps = args.diagnose
     try:
-        if args.role != "single":
+        if args.role != "single" or args.make_tls_credentials:
             import distributed  # imports tmrl's networking only when a role needs it
 
             try:

@@ -87,7 +87,7 @@ def test_tls_without_the_certificate_files_names_what_is_missing(tmp_path, capsy
     args = ["--password-file", str(path), "--tls", "--tls-dir", str(keys)]
     assert env_tm.main(["--role", "server", *args]) == env_tm.EXIT_ERROR
     err = capsys.readouterr().err
-    assert f"key.pem missing in {keys}" in err and "python -m tlspyo --generate" in err
+    assert f"key.pem missing in {keys}" in err and "--make-tls-credentials" in err
     worker_args = env_tm.parse_args(["--role", "worker", *args])
     connection, note = distributed.connection_from_args(worker_args, "worker")  # workers need no key
     assert connection.security == "TLS" and connection.keys_dir == str(keys) and "TLS" in note
@@ -304,3 +304,56 @@ def test_loopback_server_trainer_and_two_workers_one_killed_and_replaced(tmp_pat
     for log in logs.iterdir():
         assert password not in log.read_text()
     assert "relay stopped" in server_log.read_text()
+
+
+def test_the_relay_over_tls_passes_on_what_the_password_holder_sends_and_nothing_from_strangers(tmp_path):
+    from tlspyo import Endpoint
+
+    home = tmp_path / "home"
+    home.mkdir()
+    keys = tmp_path / "keys"
+    distributed.make_tls_credentials(keys, "default")
+    assert (keys / "key.pem").stat().st_mode & 0o077 == 0 or os.name != "posix"
+    port = free_port()
+    password_file = tmp_path / "pw.txt"
+    write_tmrl_data(home)
+    args = [sys.executable, str(ROOT / "env_tm.py"), "--role", "server", "--port", str(port)]
+    args += ["--password-file", str(password_file), "--tls", "--tls-dir", str(keys)]
+    env = dict(os.environ, HOME=str(home), USERPROFILE=str(home), PYTHONUNBUFFERED="1")
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    endpoints = []
+
+    def endpoint(group: str, password: str, security: str | None) -> Endpoint:
+        made = Endpoint(
+            ip_server="127.0.0.1", port=port, password=password, groups=group, local_com_port=free_port(),
+            header_size=distributed.HEADER_SIZE, security=security, keys_dir=str(keys), hostname="default",
+        )  # fmt: skip
+        endpoints.append(made)
+        return made
+
+    try:
+        wait_for(lambda: "relay listening on port" in log_path.read_text(), 60, "the relay")
+        password = password_file.read_text().strip()
+        trainer = endpoint("trainers", password, "TLS")
+        trainer.notify(groups={"trainers": -1})
+        endpoint("workers", "a-wrong-password-of-some-length", "TLS").produce("stranger", "trainers")
+        endpoint("workers", password, None).produce("no TLS", "trainers")  # right password, in clear
+        endpoint("workers", password, "TLS").produce("friend", "trainers")
+        received: list = []
+        deadline = time.monotonic() + 30
+        while "friend" not in received and time.monotonic() < deadline:
+            received += trainer.receive_all(blocking=False)
+            trainer.notify(groups={"trainers": -1})
+            time.sleep(0.2)
+        time.sleep(3)  # time for anything else to arrive
+        received += trainer.receive_all(blocking=False)
+        assert received == ["friend"]
+        assert "relay listening on port" in log_path.read_text() and "(TLS)" in log_path.read_text()
+        assert password not in log_path.read_text()
+    finally:
+        for made in endpoints:
+            made.stop()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 0
