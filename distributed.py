@@ -392,8 +392,8 @@ def run_worker(args: argparse.Namespace) -> int:
     env_name = choose_environment(args.env, config)
     name = args.worker_name or f"{socket.gethostname()}-{os.getpid()}"
     device = resolve_device(args.device)
-    if args.threads and device.type == "cpu":
-        torch.set_num_threads(args.threads)
+    if device.type == "cpu":  # one action at a time: more threads only take cores from the game
+        torch.set_num_threads(args.threads or 1)
     seed = args.seed
     compressor = EpisodeCompressor(name, config)
     weights_dir = Path(tempfile.mkdtemp(prefix="rainbow-tm-worker-"))

@@ -1,0 +1,292 @@
+"""Scale out on one machine: a relay, a trainer and 1, 2, 4 workers on the embedded track.
+
+    python bench/bench_distributed.py --workers 1,2,4 --seconds 150 --json bench/results/distributed.json
+
+For each worker count it starts `env_tm.py --role server`, `--role trainer` and the workers as separate
+processes (as on separate machines, over loopback), waits until the trainer has learned for a while, and
+then measures over `--seconds`: environment steps received per second, learn steps per second, how long
+the workers waited for the trainer, and the CPU time each process used (from /proc, Linux only). The
+baseline, run in the same invocation, is the single-PC loop (`env_tm.py --env embedded`) over the same
+window. Config: the pinned one with checkpoints off (a 100k replay would be written every 10 episodes).
+
+tmrl reads ~/TmrlData/config/config.json when imported; `--tmrl-home` points the roles at a home folder
+that has one (default: yours).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import common
+
+ROOT = common.ROOT
+TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", default="1,2,4", help="comma-separated worker counts")
+    parser.add_argument("--seconds", type=float, default=150.0, help="measurement window per case")
+    parser.add_argument("--warmup", type=float, default=30.0, help="seconds of learning before measuring")
+    parser.add_argument("--tmrl-home", default=str(Path.home()), help="a home folder holding TmrlData")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of the trainer and the loop")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config departures"
+    )
+    parser.add_argument("--no-baseline", action="store_true", help="skip the single-PC loop")
+    parser.add_argument("--json", default=None, metavar="PATH")
+    parser.add_argument("--max-load", type=float, default=None, help="wait for the 1-minute load to drop")
+    parser.add_argument("--wait", type=float, default=600.0)
+    return parser.parse_args()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its children that have exited (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    utime, stime, cutime, cstime = (int(fields[i]) for i in (11, 12, 13, 14))
+    return (utime + stime + cutime + cstime) / TICKS_PER_SECOND
+
+
+def family(pid: int) -> list[int]:
+    """A process and its descendants (tlspyo runs each role's networking in a child process)."""
+    found, frontier = [pid], [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = Path(f"/proc/{parent}/task/{parent}/children")
+        if children.exists():
+            kids = [int(x) for x in children.read_text().split()]
+            found += kids
+            frontier += kids
+    return found
+
+
+def family_cpu(pid: int) -> float:
+    return sum(cpu_seconds(p) for p in family(pid))
+
+
+def step_records(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("kind") == "step":
+            records.append(record)
+    return records
+
+
+class Processes:
+    def __init__(self, folder: Path, home: str) -> None:
+        self.folder, self.home = folder, home
+        self.running: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        env = dict(
+            os.environ, HOME=self.home, USERPROFILE=self.home, PYTHONUNBUFFERED="1", WANDB_MODE="offline"
+        )
+        log = open(self.folder / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        command = [sys.executable, str(ROOT / "env_tm.py"), *args]
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        self.running[name] = process
+        return process
+
+    def log(self, name: str) -> str:
+        return (self.folder / f"{name}.log").read_text()
+
+    def stop(self, names: list[str], timeout: float = 90.0) -> None:
+        for name in names:
+            if self.running[name].poll() is None:
+                self.running[name].send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for name in names:
+            try:
+                self.running[name].wait(max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(self.running[name].pid, signal.SIGKILL)
+                self.running[name].wait()
+
+    def kill_all(self) -> None:
+        for process in self.running.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"error: timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def window_rates(records: list[dict[str, Any]], start: float, end: float) -> dict[str, float]:
+    inside = [r for r in records if start <= r["time"] <= end]
+    if len(inside) < 2:
+        return {"env_steps_per_s": float("nan"), "learn_steps_per_s": float("nan"), "records": len(inside)}
+    first, last = inside[0], inside[-1]
+    seconds = last["time"] - first["time"]
+    return {
+        "env_steps_per_s": (last["step"] - first["step"]) / seconds,
+        "learn_steps_per_s": (last["learn_step"] - first["learn_step"]) / seconds,
+        "seconds": seconds,
+        "records": len(inside),
+    }
+
+
+def bench_workers(workers: int, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    port = free_port()
+    runs = folder / "runs"
+    sets = sum((["--set", a] for a in ["checkpoint=false", "log_every_steps=50", *args.overrides]), [])
+    common_args = ["--port", str(port), "--password-file", str(folder / "pw.txt")]
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    processes = Processes(folder, args.tmrl_home)
+    try:
+        processes.start("server", "--role", "server", *common_args)
+        wait_until(lambda: "relay listening" in processes.log("server"), 60, "the relay")
+        run_name = f"trainer-{workers}"
+        processes.start(
+            "trainer", "--role", "trainer", *common_args, "--steps", str(10**9), "--no-wandb",
+            "--checkpoint-root", str(runs), "--run-name", run_name, "--fresh", *threads, *sets,
+        )  # fmt: skip
+        names = [f"worker{i}" for i in range(workers)]
+        for i, name in enumerate(names):
+            processes.start(
+                name, "--role", "worker", *common_args, "--env", "embedded", "--seed", str(i + 1),
+                "--worker-name", name, "--threads", "1", *sets,
+            )  # fmt: skip
+        metrics = runs / run_name / "metrics.jsonl"
+        wait_until(lambda: len(step_records(metrics)) >= 1, 900, "the trainer's first learn steps")
+        time.sleep(args.warmup)
+        pids = {name: process.pid for name, process in processes.running.items()}
+        cpu_start = {name: family_cpu(pid) for name, pid in pids.items()}
+        start = time.time()
+        time.sleep(args.seconds)
+        end = time.time()
+        cpu = {name: (family_cpu(pid) - cpu_start[name]) / (end - start) for name, pid in pids.items()}
+        processes.stop(["trainer"])
+        processes.stop(names)
+        processes.stop(["server"])
+    finally:
+        processes.kill_all()
+    rates = window_rates(step_records(metrics), start, end)
+    waited = []
+    for name in names:
+        match = re.search(r"([\d.]+) s waiting for the trainer", processes.log(name))
+        waited.append(float(match.group(1)) if match else float("nan"))
+    return {
+        "workers": workers,
+        **rates,
+        "cpu_cores_used": cpu,
+        "worker_seconds_waiting": waited,
+    }
+
+
+def bench_single(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    runs = folder / "runs"
+    sets = sum((["--set", a] for a in ["checkpoint=false", "log_every_steps=50", *args.overrides]), [])
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    processes = Processes(folder, args.tmrl_home)
+    try:
+        process = processes.start(
+            "single", "--env", "embedded", "--steps", str(10**9), "--no-wandb",
+            "--checkpoint-root", str(runs), "--run-name", "single", "--fresh", *threads, *sets,
+        )  # fmt: skip
+        metrics = runs / "single" / "metrics.jsonl"
+        wait_until(lambda: len(step_records(metrics)) >= 1, 600, "the first learn steps")
+        time.sleep(args.warmup)
+        cpu_start = family_cpu(process.pid)
+        start = time.time()
+        time.sleep(args.seconds)
+        end = time.time()
+        cpu = (family_cpu(process.pid) - cpu_start) / (end - start)
+        processes.stop(["single"])
+    finally:
+        processes.kill_all()
+    return {
+        "workers": 0,
+        **window_rates(step_records(metrics), start, end),
+        "cpu_cores_used": {"single": cpu},
+    }
+
+
+def main() -> int:
+    args = parse_args()
+    load = common.wait_for_quiet(args.max_load, args.wait)
+    info = common.machine_info(common.pick_device("cpu"))
+    common.print_machine(info)
+    counts = [int(x) for x in args.workers.split(",")]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-distributed-") as temp:
+        folder = Path(temp)
+        if not args.no_baseline:
+            print("single-PC loop ...", flush=True)
+            results.append(bench_single(args, folder))
+        for count in counts:
+            print(f"relay + trainer + {count} worker(s) ...", flush=True)
+            results.append(bench_workers(count, args, folder))
+    baseline = results[0]["learn_steps_per_s"] if not args.no_baseline else float("nan")
+    rows = []
+    for result in results:
+        cpu = result["cpu_cores_used"]
+        workers_cpu = sum(v for k, v in cpu.items() if k.startswith("worker"))
+        rows.append(
+            {
+                "case": "single PC loop" if result["workers"] == 0 else f"{result['workers']} worker(s)",
+                "env": result["env_steps_per_s"],
+                "learn": result["learn_steps_per_s"],
+                "ratio": common.ratio(result["learn_steps_per_s"], baseline),
+                "trainer_cpu": cpu.get("trainer", cpu.get("single")),
+                "workers_cpu": workers_cpu if result["workers"] else None,
+                "server_cpu": cpu.get("server"),
+                "waiting": (
+                    sum(result["worker_seconds_waiting"]) / len(result["worker_seconds_waiting"])
+                    if result.get("worker_seconds_waiting")
+                    else None
+                ),
+            }
+        )
+    common.print_table(
+        f"env steps received and learn steps per second over {args.seconds:.0f} s (CPU in cores used)",
+        rows,
+        [
+            ("case", "case", ""),
+            ("env", "env steps/s", ".1f"),
+            ("learn", "learn steps/s", ".1f"),
+            ("ratio", "learn x single", ".2f"),
+            ("trainer_cpu", "trainer CPU", ".2f"),
+            ("workers_cpu", "workers CPU", ".2f"),
+            ("server_cpu", "relay CPU", ".2f"),
+            ("waiting", "s waiting per worker (whole run)", ".0f"),
+        ],
+    )
+    common.finish({"machine": info, "args": vars(args), "results": results}, load, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
