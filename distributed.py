@@ -498,13 +498,13 @@ class RemoteEpisodes:
                 return f"a frame has shape {np.shape(sample[1][1])}"
         return None
 
-    def ingest(self, episode: list[tuple]) -> list:
-        """Store one episode; returns the red flags raised on the way."""
+    def ingest(self, episode: list[tuple]) -> tuple[bool, list]:
+        """Store one episode; returns whether it was stored, and the red flags raised on the way."""
         session = self.session
         worker = str(episode[0][5].get("worker"))
         if session.run.step >= session.total_steps:
             self.discarded_after_end += len(episode) - 1
-            return []
+            return False, []
         problem = self.check(episode) if len(episode) > 1 else "it has no step"
         if problem is not None:
             self.rejected += 1
@@ -513,7 +513,7 @@ class RemoteEpisodes:
             session.log.write(
                 "event", session.run.step, level="warning", name="episode_rejected", message=message
             )
-            return []
+            return False, []
         replay, run = session.replay, session.run
         car, frames = episode[0][1]
         replay.start_episode(np.asarray(frames, dtype=np.uint8), np.asarray(car, dtype=np.float32))
@@ -535,7 +535,7 @@ class RemoteEpisodes:
         length = len(episode) - 1
         self.steps_by_worker[worker] = self.steps_by_worker.get(worker, 0) + length
         flags += session.end_episode(total, length, bool(terminated), 0.0, worker=worker)
-        return flags
+        return True, flags
 
 
 def run_trainer(args: argparse.Namespace) -> TrainResult:
@@ -588,8 +588,9 @@ def run_trainer(args: argparse.Namespace) -> TrainResult:
             received = interface.retrieve_buffer()
             flags = []
             for episode in split_episodes(received.memory):
-                flags += remote.ingest(episode)
-                if session.checkpoint_due() and episode:
+                stored, episode_flags = remote.ingest(episode)
+                flags += episode_flags
+                if stored and session.checkpoint_due():
                     session.save(is_periodic=True)
             if agent.learn_steps < learn_target():
                 flags += session.learn()

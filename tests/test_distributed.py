@@ -19,6 +19,7 @@ from fake_openplanet import write_tmrl_data
 
 import distributed
 import env_tm
+from checkpoints import CheckpointStore, load_checkpoint
 from rainbow import ACTION_VECTORS, RainbowAgent
 from run_log import METRICS_FILE, read_jsonl
 from tm_config import Config, epsilon_at
@@ -157,7 +158,7 @@ def test_the_trainer_stores_each_workers_episode_whole_so_stacks_never_mix(train
     assert [len(e) for e in episodes] == [31, 26, 21]
     remote = distributed.RemoteEpisodes(session)
     for episode in episodes:
-        remote.ingest(episode)
+        assert remote.ingest(episode)[0]
     replay = session.replay
     assert session.run.step == 75 and len(replay) == 75 and session.run.episode == 3
     assert remote.steps_by_worker == {"A": 50, "B": 25} and remote.rejected == 0
@@ -182,7 +183,7 @@ def test_an_episode_with_an_unknown_action_is_rejected_whole_and_logged(trainer_
     act, obs, reward, terminated, truncated, tag = episode[5]
     episode[5] = (np.array([0.3, 0.0, 0.0], np.float32), obs, reward, terminated, truncated, tag)
     remote = distributed.RemoteEpisodes(session)
-    remote.ingest(episode)
+    assert remote.ingest(episode) == (False, [])
     assert remote.rejected == 1 and len(session.replay) == 0 and session.run.step == 0
     events = [r for r in read_jsonl(session.run_dir / METRICS_FILE) if r["kind"] == "event"]
     assert events[-1]["name"] == "episode_rejected" and "not in the action table" in events[-1]["message"]
@@ -288,6 +289,11 @@ def test_loopback_server_trainer_and_two_workers_one_killed_and_restarted(tmp_pa
     assert set(by_worker) == {"A", "B"} and all(steps > 0 for steps in by_worker.values())
     assert finished["step"] >= 600 and sum(by_worker.values()) == finished["step"]
     assert finished["rejected_episodes"] == 0
+    # Checkpoints as on one PC: periodic ones every episode here, and the last state at the end.
+    store = CheckpointStore(tmp_path / "runs" / "t", Config().keep_last_n_checkpoints)
+    assert store.periodic()
+    last = load_checkpoint(store.latest_path)
+    assert last["step"] == finished["step"] and last["agent"]["learn_steps"] == finished["learn_steps"]
     episodes_of_b = [r["time"] for r in records if r["kind"] == "episode" and r["worker"] == "B"]
     assert min(episodes_of_b) < killed_at < max(episodes_of_b), "B's episodes from before and after the kill"
     # The replay ratio: one learn step per env step once a batch is stored, never ahead of the data.
