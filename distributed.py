@@ -124,6 +124,18 @@ class Connection:
     keys_dir: str | None
     hostname: str
 
+    def endpoint_arguments(self) -> dict[str, Any]:
+        """The arguments tmrl's TrainerInterface and RolloutWorker share for reaching the relay."""
+        return {
+            "server_ip": self.server_ip,
+            "server_port": self.port,
+            "password": self.password,
+            "header_size": HEADER_SIZE,
+            "security": self.security,
+            "keys_dir": self.keys_dir,
+            "hostname": self.hostname,
+        }
+
     def __repr__(self) -> str:  # never print the password, not even in a traceback
         return f"Connection({self.server_ip}:{self.port}, security={self.security or 'TCP'})"
 
@@ -406,14 +418,8 @@ def run_worker(args: argparse.Namespace) -> int:
         max_samples_per_episode=config.ep_max_length,
         model_path=str(weights_dir / "weights.tmod"),
         model_history=0,
-        server_ip=connection.server_ip,
-        server_port=connection.port,
-        password=connection.password,
         local_port=free_local_port(),
-        header_size=HEADER_SIZE,
-        security=connection.security,
-        keys_dir=connection.keys_dir,
-        hostname=connection.hostname,
+        **connection.endpoint_arguments(),
     )
     stop = StopRequest("stopping after this episode (Ctrl+C again to stop at once)")
     stop.install()
@@ -547,15 +553,9 @@ def run_trainer(args: argparse.Namespace) -> TrainResult:
     session.progress.message(note)
     config, agent, progress, log = session.config, session.agent, session.progress, session.log
     interface = networking.TrainerInterface(
-        server_ip=connection.server_ip,
-        server_port=connection.port,
-        password=connection.password,
         local_com_port=free_local_port(),
-        header_size=HEADER_SIZE,
-        security=connection.security,
-        keys_dir=connection.keys_dir,
-        hostname=connection.hostname,
         model_path=str(session.run_dir / "broadcast.tmod"),
+        **connection.endpoint_arguments(),
     )
     remote = RemoteEpisodes(session)
     max_backlog = config.ep_max_length  # the workers pause while the learner is more than an episode behind

@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,28 +303,34 @@ def evaluation_seeds(episodes: int) -> list[int]:
     return [EVAL_SEED_BASE + k for k in range(episodes)]
 
 
-def evaluate(agent: RainbowAgent, env: Any, config: Config, episodes: int) -> Evaluation:
-    """The greedy policy (no epsilon, noise off: the mean weights) on the held-out tracks. Nothing is
-    stored or learned, and the agent's epsilon stream is untouched, so training goes on as it would."""
+def drive_episodes(
+    env: Any, config: Config, seeds: list[int], policy: Callable[[np.ndarray, np.ndarray], int]
+) -> Evaluation:
+    """One episode per track seed, actions from `policy(frames, car)`; nothing is stored or learned."""
     start = time.perf_counter()
     returns, lengths = [], []
+    for seed in seeds:
+        obs, _ = env.reset(seed=seed)
+        total, length, over = 0.0, 0, False
+        while not over:
+            frames, car = split_observation(obs, config)
+            obs, reward, terminated, truncated, _ = env.step(ACTION_VECTORS[policy(frames, car)].copy())
+            total += checked_reward(reward, length)
+            length += 1
+            over = bool(terminated or truncated)
+        returns.append(total)
+        lengths.append(length)
+    return Evaluation(returns, lengths, time.perf_counter() - start)
+
+
+def evaluate(agent: RainbowAgent, env: Any, config: Config, episodes: int) -> Evaluation:
+    """The greedy policy (no epsilon, noise off: the mean weights) on the held-out tracks. The agent's
+    epsilon stream is untouched, so training goes on as it would have."""
     agent.online.set_noise(False)
     try:
-        for seed in evaluation_seeds(episodes):
-            obs, _ = env.reset(seed=seed)
-            total, length, over = 0.0, 0, False
-            while not over:
-                frames, car = split_observation(obs, config)
-                action = agent.greedy_action(frames, car)
-                obs, reward, terminated, truncated, _ = env.step(ACTION_VECTORS[action].copy())
-                total += checked_reward(reward, length)
-                length += 1
-                over = bool(terminated or truncated)
-            returns.append(total)
-            lengths.append(length)
+        return drive_episodes(env, config, evaluation_seeds(episodes), agent.greedy_action)
     finally:
         agent.online.set_noise(True)
-    return Evaluation(returns, lengths, time.perf_counter() - start)
 
 
 # --- run state and checkpoints -------------------------------------------------------------------

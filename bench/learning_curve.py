@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import write_json  # noqa: E402
 
-from env_tm import checked_reward, evaluation_seeds  # noqa: E402
+from env_tm import drive_episodes, evaluation_seeds  # noqa: E402
 from rainbow import ACTION_VECTORS  # noqa: E402
 from run_log import METRICS_FILE, read_jsonl  # noqa: E402
 from tm_config import Config  # noqa: E402
@@ -58,22 +58,16 @@ def random_policy_returns(config: Config, episodes: int, seed: int) -> tuple[lis
 
     env = make_embedded_track(config)
     rng = np.random.default_rng(seed)
-    returns, lengths = [], []
     try:
-        for track_seed in evaluation_seeds(episodes):
-            env.reset(seed=track_seed)
-            total, length, over = 0.0, 0, False
-            while not over:
-                action = ACTION_VECTORS[int(rng.integers(len(ACTION_VECTORS)))].copy()
-                _, reward, terminated, truncated, _ = env.step(action)
-                total += checked_reward(reward, length)
-                length += 1
-                over = bool(terminated or truncated)
-            returns.append(total)
-            lengths.append(length)
+        result = drive_episodes(
+            env,
+            config,
+            evaluation_seeds(episodes),
+            lambda frames, car: int(rng.integers(len(ACTION_VECTORS))),
+        )
     finally:
         env.close()
-    return returns, lengths
+    return result.returns, result.lengths
 
 
 def rolling_mean(values: np.ndarray, window: int) -> np.ndarray:

@@ -36,6 +36,16 @@ SMALL_NETWORK = {
 }
 
 
+# The same small network as `--set` assignments, with short episodes and frequent logs and checkpoints,
+# for tests that run env_tm.py end to end.
+FAST_ASSIGNMENTS = [f"{key}={value}" for key, value in SMALL_NETWORK.items() if key != "max_buffer_size"] + [
+    "max_buffer_size=512",
+    "ep_max_length=40",
+    "checkpoint_frequency=1",
+    "log_every_steps=10",
+]
+
+
 def small_config(**overrides: object) -> Config:
     return Config().with_overrides(**{**SMALL_NETWORK, **overrides})
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import FAST_ASSIGNMENTS, ROOT
 from fake_openplanet import write_tmrl_data
 
 import distributed
@@ -24,18 +24,7 @@ from rainbow import ACTION_VECTORS, RainbowAgent
 from run_log import METRICS_FILE, read_jsonl
 from tm_config import Config, epsilon_at
 
-FAST = [
-    "conv_channels_1=4",
-    "conv_channels_2=4",
-    "car_feature_hidden_dim=16",
-    "cosine_dim=8",
-    "hidden_dim=8",
-    "batch_size=4",
-    "max_buffer_size=512",
-    "ep_max_length=40",
-    "checkpoint_frequency=1",
-    "log_every_steps=10",
-]
+FAST = FAST_ASSIGNMENTS
 FAST_SETS = sum((["--set", assignment] for assignment in FAST), [])
 
 

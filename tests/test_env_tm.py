@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import FAST_ASSIGNMENTS, ROOT
 
 import env_tm
 from checkpoints import load_checkpoint
@@ -19,18 +19,7 @@ from run_log import METRICS_FILE as METRICS
 from run_log import read_jsonl
 from tm_config import Config
 
-FAST = [
-    "conv_channels_1=4",
-    "conv_channels_2=4",
-    "car_feature_hidden_dim=16",
-    "cosine_dim=8",
-    "hidden_dim=8",
-    "batch_size=4",
-    "max_buffer_size=512",
-    "ep_max_length=40",
-    "checkpoint_frequency=1",
-    "log_every_steps=10",
-]
+FAST = FAST_ASSIGNMENTS
 
 
 def command(root: Path, steps: int, *extra: str) -> list[str]:
