@@ -31,6 +31,7 @@ import functools
 import multiprocessing
 import os
 import secrets
+import shutil
 import socket
 import sys
 import tempfile
@@ -51,6 +52,7 @@ from env_tm import (
     TrainResult,
     build_environment,
     checked_reward,
+    choose_environment,
     split_observation,
 )
 from rainbow import ACTION_VECTORS, RainbowAgent, resolve_device
@@ -399,8 +401,6 @@ def run_worker(args: argparse.Namespace) -> int:
     config = Config().with_assignments(args.overrides)
     connection, note = connection_from_args(args, "worker")
     networking = import_tmrl_networking()
-    from env_tm import choose_environment
-
     env_name = choose_environment(args.env, config)
     name = args.worker_name or f"{socket.gethostname()}-{os.getpid()}"
     device = resolve_device(args.device)
@@ -470,6 +470,7 @@ def run_worker(args: argparse.Namespace) -> int:
         with contextlib.suppress(Exception):
             worker.env.close()
         stop_endpoint(worker, "_RolloutWorker__endpoint")
+        shutil.rmtree(weights_dir, ignore_errors=True)
     reason = "the trainer finished" if worker.actor.done else "stopped on request"
     print(
         f"worker {name}: {reason}; {episodes} episodes, {steps} steps sent, {worker.actor.weights_received} "

@@ -5,7 +5,8 @@
 For each worker count it starts `env_tm.py --role server`, `--role trainer` and the workers as separate
 processes (as on separate machines, over loopback), waits until the trainer has learned for a while, and
 then measures over `--seconds`: environment steps received per second, learn steps per second, how long
-the workers waited for the trainer, and the CPU time each process used (from /proc, Linux only). The
+the workers waited for the trainer, and the CPU time each process used (from /proc: Linux only, nan
+elsewhere). The
 baseline, run in the same invocation, is the single-PC loop (`env_tm.py --env embedded`) over the same
 window. Config: the pinned one with checkpoints off (a 100k replay would be written every 10 episodes).
 
@@ -31,6 +32,7 @@ from typing import Any
 import common
 
 ROOT = common.ROOT
+WINDOWS = os.name == "nt"
 TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -98,6 +100,13 @@ def step_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def kill_group(process: subprocess.Popen) -> None:
+    if WINDOWS:
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True, check=False)
+    else:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
 class Processes:
     def __init__(self, folder: Path, home: str) -> None:
         self.folder, self.home = folder, home
@@ -109,9 +118,11 @@ class Processes:
         )
         log = open(self.folder / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
         command = [sys.executable, str(ROOT / "env_tm.py"), *args]
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+        # A process group of its own, so a role can be stopped (and killed) with its networking child.
+        group: dict[str, Any] = {"start_new_session": True}
+        if WINDOWS:
+            group = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, **group)
         self.running[name] = process
         return process
 
@@ -120,20 +131,20 @@ class Processes:
 
     def stop(self, names: list[str], timeout: float = 90.0) -> None:
         for name in names:
-            if self.running[name].poll() is None:
-                self.running[name].send_signal(signal.SIGTERM)
+            if self.running[name].poll() is None:  # the roles stop cleanly on SIGTERM / Ctrl+Break
+                self.running[name].send_signal(signal.CTRL_BREAK_EVENT if WINDOWS else signal.SIGTERM)
         deadline = time.monotonic() + timeout
         for name in names:
             try:
                 self.running[name].wait(max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(self.running[name].pid, signal.SIGKILL)
+                kill_group(self.running[name])
                 self.running[name].wait()
 
     def kill_all(self) -> None:
         for process in self.running.values():
             if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
+                kill_group(process)
 
 
 def wait_until(predicate: Any, timeout: float, what: str) -> None:
