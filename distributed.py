@@ -48,6 +48,7 @@ from env_tm import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     Session,
+    StepLatency,
     StopRequest,
     TrainResult,
     build_environment,
@@ -329,12 +330,14 @@ class RainbowActor:
         self.done = False
         self.steps_since_weights = 0
         self.weights_received = 0
+        self.latency = StepLatency(config.time_step_duration)
 
     @property
     def global_step(self) -> int:
         return (self.trainer_step or 0) + self.steps_since_weights
 
     def act_(self, obs: Any, test: bool = False) -> np.ndarray:
+        start = time.perf_counter()
         frames, car = split_observation(obs, self.config)
         if test:
             index = self.agent.greedy_action(frames, car)
@@ -342,7 +345,9 @@ class RainbowActor:
             self.agent.online.reset_noise()  # the single-PC loop redraws it at every learn step
             index = self.agent.act(frames, car, self.global_step)
             self.steps_since_weights += 1
-        return ACTION_VECTORS[index].copy()
+        action = ACTION_VECTORS[index].copy()
+        self.latency.add(time.perf_counter() - start)
+        return action
 
     act = act_
 
@@ -456,12 +461,18 @@ def run_worker(args: argparse.Namespace) -> int:
             compressor.start_episode(episodes)
             worker.collect_train_episode(config.ep_max_length)
             episode_return, length = worker.buffer.stat_train_return, worker.buffer.stat_train_steps
+            latency = worker.actor.latency.take_episode()
+            episode_latency = (
+                f"p99 {latency['agent_ms_p99']:.2f} ms, {latency['time_step_overruns']} over the time step"
+                if latency
+                else "not timed"
+            )
             worker.send_and_clear_buffer()
             episodes += 1
             steps += length
             print(
                 f"worker {name}: episode {episodes} sent ({length} steps, return {episode_return:.1f}, "
-                f"global step ~{worker.actor.global_step:,})",
+                f"global step ~{worker.actor.global_step:,}); act {episode_latency}",
                 flush=True,
             )
             receive_weights(lambda: worker.actor.pause)
@@ -474,7 +485,7 @@ def run_worker(args: argparse.Namespace) -> int:
     reason = "the trainer finished" if worker.actor.done else "stopped on request"
     print(
         f"worker {name}: {reason}; {episodes} episodes, {steps} steps sent, {worker.actor.weights_received} "
-        f"weight updates, {waited:.1f} s waiting for the trainer",
+        f"weight updates, {waited:.1f} s waiting for the trainer; {worker.actor.latency.summary()}",
         flush=True,
     )
     return EXIT_OK if worker.actor.done or not stop.requested else EXIT_INTERRUPTED

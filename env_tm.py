@@ -13,6 +13,7 @@ function of the global step, which (like the episode count) carries across resum
 from __future__ import annotations
 
 import argparse
+import collections
 import math
 import os
 import random
@@ -490,6 +491,54 @@ class StopRequest:
 
 
 # --- training --------------------------------------------------------------------------------------
+class StepLatency:
+    """How long the game waits for the agent at each step: the share of the 50 ms time step the agent uses.
+
+    On TrackMania a step slower than the time step is a time-step overrun: the car drives on the previous
+    action meanwhile. The single-PC loop counts acting, storing and learning (everything between two
+    `env.step` calls); a distributed worker counts acting only, as it learns elsewhere.
+    """
+
+    def __init__(self, time_step: float, window: int = 100_000) -> None:
+        self.time_step = time_step
+        self.recent: collections.deque[float] = collections.deque(maxlen=window)
+        self.episode: list[float] = []
+        self.calls = 0
+        self.overruns = 0  # steps slower than the whole time step
+        self.slowest = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.recent.append(seconds)
+        self.episode.append(seconds)
+        self.calls += 1
+        self.overruns += seconds > self.time_step
+        self.slowest = max(self.slowest, seconds)
+
+    def take_episode(self) -> dict[str, Any]:
+        """The episode's figures for its JSONL record; starts the next episode's."""
+        if not self.episode:
+            return {}
+        seconds, self.episode = np.asarray(self.episode), []
+        median, p99 = np.percentile(seconds * 1000, [50, 99])
+        return {
+            "agent_ms_median": round(float(median), 3),
+            "agent_ms_p99": round(float(p99), 3),
+            "agent_ms_max": round(float(seconds.max() * 1000), 3),
+            "time_step_overruns": int((seconds > self.time_step).sum()),
+        }
+
+    def summary(self) -> str:
+        if not self.calls:
+            return "no steps yet"
+        median, p99 = np.percentile(np.asarray(self.recent) * 1000, [50, 99])
+        window = "" if self.calls == len(self.recent) else f" (percentiles of the last {len(self.recent):,})"
+        return (
+            f"agent time per step median {median:.2f} ms, p99 {p99:.2f} ms, max {self.slowest * 1000:.1f} ms "
+            f"over {self.calls:,} steps{window}; "
+            f"{self.overruns:,} over the {self.time_step * 1000:.0f} ms time step"
+        )
+
+
 @dataclass
 class TrainResult:
     exit_code: int
@@ -795,6 +844,7 @@ def train(args: argparse.Namespace) -> TrainResult:
             f"over {len(result.returns)} held-out episodes, {result.seconds:.0f} s"
         )
 
+    step_latency = StepLatency(config.time_step_duration)
     stop = StopRequest()
     stop.install()
     try:
@@ -803,10 +853,13 @@ def train(args: argparse.Namespace) -> TrainResult:
         obs, _ = env.reset(seed=env_seed())
         frames, car = split_observation(obs, config)
         replay.start_episode(frames, car)
+        observed = time.perf_counter()  # the game waits for us from here until the next env.step
         while session.run.step < session.total_steps and not stop.requested:
             run = session.run
             action = agent.act(frames, car, run.step)
+            step_latency.add(time.perf_counter() - observed)
             obs, reward, terminated, truncated, _ = env.step(ACTION_VECTORS[action].copy())
+            observed = time.perf_counter()
             next_frames, next_car = split_observation(obs, config)
             reward = checked_reward(reward, run.step)
             replay.add(action, reward, bool(terminated), bool(truncated), next_frames[-1], next_car)
@@ -824,8 +877,9 @@ def train(args: argparse.Namespace) -> TrainResult:
             episode_over = terminated or truncated
             if episode_over:
                 flags += session.end_episode(
-                    episode_reward, episode_length, bool(terminated), time.perf_counter() - episode_start
-                )
+                    episode_reward, episode_length, bool(terminated), time.perf_counter() - episode_start,
+                    **step_latency.take_episode(),
+                )  # fmt: skip
             rolled_back = session.handle(flags) if flags else False
             if episode_over and not rolled_back and session.checkpoint_due():
                 session.save(is_periodic=True)
@@ -835,15 +889,19 @@ def train(args: argparse.Namespace) -> TrainResult:
                 obs, _ = env.reset(seed=env_seed())
                 frames, car = split_observation(obs, config)
                 replay.start_episode(frames, car)
+                step_latency.take_episode()  # a rolled-back episode's steps are not an episode's
+                observed = time.perf_counter()
         if not stop.requested:
             evaluate_if_due()
         saved = session.save(is_periodic=False)
         run = session.run
         if stop.requested:
             progress.message(f"stopped at step {run.step:,} (on request): {saved}; run again to resume")
+            progress.message(step_latency.summary())
             log.write("run", run.step, event="interrupted")
             return TrainResult(EXIT_INTERRUPTED, session.run_dir, config)
         progress.message(f"done: {run.step:,} steps, {run.episode:,} episodes; {saved}")
+        progress.message(step_latency.summary())
         log.write("run", run.step, event="finished", episodes=run.episode)
         return TrainResult(EXIT_OK, session.run_dir, config)
     except GameNotRespondingError:

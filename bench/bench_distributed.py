@@ -6,9 +6,12 @@ For each worker count it starts `env_tm.py --role server`, `--role trainer` and 
 processes (as on separate machines, over loopback), waits until the trainer has learned for a while, and
 then measures over `--seconds`: environment steps received per second, learn steps per second, how long
 the workers waited for the trainer, and the CPU time each process used (from /proc: Linux only, nan
-elsewhere). The
-baseline, run in the same invocation, is the single-PC loop (`env_tm.py --env embedded`) over the same
-window. Config: the pinned one with checkpoints off (a 100k replay would be written every 10 episodes).
+elsewhere). It also reports how long the game waits for the agent at each step over each process's whole
+run (`StepLatency`, printed by every role when it stops): in the single-PC loop that is acting plus one
+learn step, on a worker acting alone, and a wait longer than the 50 ms time step is an overrun on
+TrackMania. The baseline, run in the same invocation, is the single-PC loop (`env_tm.py --env embedded`)
+over the same window. Config: the pinned one with checkpoints off (a 100k replay would be written every
+10 episodes).
 
 tmrl reads ~/TmrlData/config/config.json when imported; `--tmrl-home` points the roles at a home folder
 that has one (default: yours).
@@ -98,6 +101,28 @@ def step_records(path: Path) -> list[dict[str, Any]]:
         if record.get("kind") == "step":
             records.append(record)
     return records
+
+
+LATENCY = re.compile(
+    r"agent time per step median ([\d.]+) ms, p99 ([\d.]+) ms, max ([\d.]+) ms over ([\d,]+) steps.*?; "
+    r"([\d,]+) over the"
+)
+
+
+def step_latency(log: str) -> dict[str, float]:
+    """The last `StepLatency.summary()` line of a log: how long the game waited for the agent per step."""
+    found = LATENCY.findall(log)
+    if not found:
+        return {}
+    median, p99, slowest, steps, overruns = found[-1]
+    steps_n, overruns_n = int(steps.replace(",", "")), int(overruns.replace(",", ""))
+    return {
+        "median_ms": float(median),
+        "p99_ms": float(p99),
+        "max_ms": float(slowest),
+        "steps": steps_n,
+        "overrun_share": overruns_n / steps_n if steps_n else float("nan"),
+    }
 
 
 def kill_group(process: subprocess.Popen) -> None:
@@ -214,6 +239,7 @@ def bench_workers(workers: int, args: argparse.Namespace, folder: Path) -> dict[
         **rates,
         "cpu_cores_used": cpu,
         "worker_seconds_waiting": waited,
+        "step_latency": {name: step_latency(processes.log(name)) for name in names},
     }
 
 
@@ -242,6 +268,7 @@ def bench_single(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         "workers": 0,
         **window_rates(step_records(metrics), start, end),
         "cpu_cores_used": {"single": cpu},
+        "step_latency": {"single": step_latency(processes.log("single"))},
     }
 
 
@@ -265,6 +292,7 @@ def main() -> int:
     for result in results:
         cpu = result["cpu_cores_used"]
         workers_cpu = sum(v for k, v in cpu.items() if k.startswith("worker"))
+        latencies = [v for v in result["step_latency"].values() if v]
         rows.append(
             {
                 "case": "single PC loop" if result["workers"] == 0 else f"{result['workers']} worker(s)",
@@ -274,6 +302,13 @@ def main() -> int:
                 "trainer_cpu": cpu.get("trainer", cpu.get("single")),
                 "workers_cpu": workers_cpu if result["workers"] else None,
                 "server_cpu": cpu.get("server"),
+                "wait_p99": max((v["p99_ms"] for v in latencies), default=None),
+                "overruns": (
+                    sum(v["overrun_share"] * v["steps"] for v in latencies)
+                    / sum(v["steps"] for v in latencies)
+                    if latencies
+                    else None
+                ),
                 "waiting": (
                     sum(result["worker_seconds_waiting"]) / len(result["worker_seconds_waiting"])
                     if result.get("worker_seconds_waiting")
@@ -292,6 +327,8 @@ def main() -> int:
             ("trainer_cpu", "trainer CPU", ".2f"),
             ("workers_cpu", "workers CPU", ".2f"),
             ("server_cpu", "relay CPU", ".2f"),
+            ("wait_p99", "game waits p99 ms", ".2f"),
+            ("overruns", "steps > 50 ms", ".2%"),
             ("waiting", "s waiting per worker (whole run)", ".0f"),
         ],
     )

@@ -158,6 +158,7 @@ def main() -> int:
         f"(min {min(random_returns):.1f}, max {max(random_returns):.1f}, "
         f"length {np.mean(random_lengths):.0f})"
     )
+    last_step = max([r["step"] for r in evals + episodes], default=0)
     in_budget = [r for r in evals if r["step"] <= args.goal_steps]
     best = max(in_budget, key=lambda r: r["return_mean"]) if in_budget else None
     reached = next((r for r in in_budget if r["return_mean"] >= args.goal), None)
@@ -168,8 +169,18 @@ def main() -> int:
     print(
         f"goal (mean >= {args.goal:g} within {args.goal_steps:,} steps): "
         + (f"reached at step {reached['step']:,}" if reached else "not reached")
-        + f"; the run has {episodes[-1]['step'] if episodes else 0:,} steps so far"
+        + f"; the run has {last_step:,} steps so far"
     )
+    if reached is not None:
+        # Reaching the goal once is not the same as holding it: say how often the later evaluations did.
+        since = [r for r in evals if r["step"] >= reached["step"]]
+        holding = sum(r["return_mean"] >= args.goal for r in since)
+        last_three = [r["return_mean"] for r in evals[-3:]]
+        print(
+            f"evaluations from then on at or above the goal: {holding} of {len(since)}; "
+            f"lowest {min(r['return_mean'] for r in since):.1f}; "
+            f"mean of the last three {np.mean(last_three):.1f}"
+        )
     if args.png:
         title = (
             f"{args.run_dir.name}: Rainbow-IQN on the embedded track (pinned config; "

@@ -208,6 +208,7 @@ def test_the_worker_takes_the_trainers_weights_and_global_step(tmp_path):
     actor.trainer_step = 0
     actor.act_(obs)
     assert actor.agent.epsilon == epsilon_at(1, config)
+    assert actor.latency.calls == 2 and 0 < actor.latency.slowest < 5  # every action is timed
 
 
 # --- a server, a trainer and two workers on loopback --------------------------------------------------

@@ -214,6 +214,55 @@ def test_metrics_records_are_valid_json_lines(tmp_path):
     assert kinds[0] == "run" and kinds[-1] == "run" and "episode" in kinds and "step" in kinds
 
 
+def test_step_latency_counts_overruns_and_reports_percentiles():
+    latency = env_tm.StepLatency(time_step=0.05, window=100)
+    assert latency.summary() == "no steps yet" and latency.take_episode() == {}
+    for ms in range(1, 101):  # 1..100 ms: 50 of them over the 50 ms time step
+        latency.add(ms / 1000)
+    assert (latency.calls, latency.overruns, latency.slowest) == (100, 50, 0.1)
+    assert latency.summary() == (
+        "agent time per step median 50.50 ms, p99 99.01 ms, max 100.0 ms over 100 steps; "
+        "50 over the 50 ms time step"
+    )
+    assert latency.take_episode() == {
+        "agent_ms_median": 50.5,
+        "agent_ms_p99": 99.01,
+        "agent_ms_max": 100.0,
+        "time_step_overruns": 50,
+    }
+    latency.add(0.001)  # the window keeps the newest 100 and the episode restarted; the counts keep all
+    assert latency.calls == 101 and len(latency.recent) == 100 and latency.recent[0] == 0.002
+    assert latency.take_episode()["time_step_overruns"] == 0
+    assert "percentiles of the last 100" in latency.summary() and "50 over the 50 ms" in latency.summary()
+
+
+def test_the_loop_counts_a_slow_learn_step_as_the_games_wait(tmp_path, capsys, monkeypatch):
+    """A learn step slower than the time step is an overrun of the next step, not of the next episode's."""
+    original, slow_after_step = env_tm.RainbowAgent.train, {}
+    batch = Config().with_assignments(FAST).batch_size
+
+    def train(self):
+        step = self.learn_steps + batch  # one learn step per env step once a batch is stored
+        if step in (batch + 2, 40, 55):  # 40 ends the first episode (ep_max_length 40): the game resets
+            slow_after_step[step] = True
+            time.sleep(0.25)
+        return original(self)
+
+    monkeypatch.setattr(env_tm.RainbowAgent, "train", train)
+    args = ["--env", "embedded", "--steps", "80", "--checkpoint-root", str(tmp_path), "--run-name", "t"]
+    args += ["--no-wandb", "--set", "time_step_duration=0.2", *sum((["--set", a] for a in FAST), [])]
+    assert env_tm.main(args) == env_tm.EXIT_OK
+    episodes = [r for r in read_jsonl(tmp_path / "t" / METRICS) if r["kind"] == "episode"]
+    ends = {r["step"] for r in episodes}
+    assert sorted(slow_after_step) == [batch + 2, 40, 55] and 40 in ends and 55 not in ends
+    overruns = [r["time_step_overruns"] for r in episodes]
+    expected = sum(step not in ends and step < 80 for step in slow_after_step)
+    assert sum(overruns) == expected == 2  # the wait after step 40 is the reset's, not a time step's
+    assert all(r["agent_ms_max"] >= r["agent_ms_p99"] >= r["agent_ms_median"] > 0 for r in episodes)
+    assert episodes[0]["agent_ms_max"] >= 250 and episodes[1]["agent_ms_max"] >= 250
+    assert "2 over the 200 ms time step" in capsys.readouterr().out
+
+
 # --- run health: red flags, --on-red-flag, --diagnose ----------------------------------------------------
 def craft_metrics(monkeypatch, rewrite):
     """Wrap RainbowAgent.train so that `rewrite(metrics, learn_step)` can fake a diverging run."""
