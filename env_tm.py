@@ -897,11 +897,9 @@ def train(args: argparse.Namespace) -> TrainResult:
         run = session.run
         if stop.requested:
             progress.message(f"stopped at step {run.step:,} (on request): {saved}; run again to resume")
-            progress.message(step_latency.summary())
             log.write("run", run.step, event="interrupted")
             return TrainResult(EXIT_INTERRUPTED, session.run_dir, config)
         progress.message(f"done: {run.step:,} steps, {run.episode:,} episodes; {saved}")
-        progress.message(step_latency.summary())
         log.write("run", run.step, event="finished", episodes=run.episode)
         return TrainResult(EXIT_OK, session.run_dir, config)
     except GameNotRespondingError:
@@ -917,6 +915,8 @@ def train(args: argparse.Namespace) -> TrainResult:
         log.write("run", session.run.step, event="aborted")
         return TrainResult(EXIT_INTERRUPTED, session.run_dir, config)
     finally:
+        if step_latency.calls:  # however the run ended: a game-side view of its health
+            progress.message(step_latency.summary())
         stop.uninstall()
         session.close()
         env.close()

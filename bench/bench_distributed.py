@@ -7,11 +7,12 @@ processes (as on separate machines, over loopback), waits until the trainer has 
 then measures over `--seconds`: environment steps received per second, learn steps per second, how long
 the workers waited for the trainer, and the CPU time each process used (from /proc: Linux only, nan
 elsewhere). It also reports how long the game waits for the agent at each step over each process's whole
-run (`StepLatency`, printed by every role when it stops): in the single-PC loop that is acting plus one
-learn step, on a worker acting alone, and a wait longer than the 50 ms time step is an overrun on
-TrackMania. The baseline, run in the same invocation, is the single-PC loop (`env_tm.py --env embedded`)
-over the same window. Config: the pinned one with checkpoints off (a 100k replay would be written every
-10 episodes).
+run (`StepLatency`, printed by the single-PC loop and by each worker when they stop): in the loop that is
+acting plus one learn step, on a worker the policy's `act_` alone, and a wait longer than the 50 ms time
+step is an overrun on TrackMania. For the workers it also takes the episodes from each one's second on
+(its first is driven before the trainer has data, so nothing learns beside it). The baseline, run in the
+same invocation, is the single-PC loop (`env_tm.py --env embedded`) over the same window. Config: the
+pinned one with checkpoints off (a 100k replay would be written every 10 episodes).
 
 tmrl reads ~/TmrlData/config/config.json when imported; `--tmrl-home` points the roles at a home folder
 that has one (default: yours).
@@ -122,6 +123,26 @@ def step_latency(log: str) -> dict[str, float]:
         "max_ms": float(slowest),
         "steps": steps_n,
         "overrun_share": overruns_n / steps_n if steps_n else float("nan"),
+    }
+
+
+EPISODE_LATENCY = re.compile(
+    r"episode (\d+) sent \((\d+) steps.*?act p99 ([\d.]+) ms, (\d+) over the time step"
+)
+
+
+def worker_latency_while_learning(log: str) -> dict[str, float]:
+    """A worker's act time from its second episode on: its first one is driven before the trainer has any
+    data, so nothing learns beside it. Per-episode p99s (their worst) and overruns, from the episode lines."""
+    rows = EPISODE_LATENCY.findall(log)
+    later = [(int(n), int(steps), float(p99), int(over)) for n, steps, p99, over in rows if int(n) >= 2]
+    if not later:
+        return {}
+    return {
+        "episodes": len(later),
+        "steps": sum(row[1] for row in later),
+        "worst_episode_p99_ms": max(row[2] for row in later),
+        "overruns": sum(row[3] for row in later),
     }
 
 
@@ -240,6 +261,7 @@ def bench_workers(workers: int, args: argparse.Namespace, folder: Path) -> dict[
         "cpu_cores_used": cpu,
         "worker_seconds_waiting": waited,
         "step_latency": {name: step_latency(processes.log(name)) for name in names},
+        "act_while_learning": {name: worker_latency_while_learning(processes.log(name)) for name in names},
     }
 
 
@@ -303,6 +325,10 @@ def main() -> int:
                 "workers_cpu": workers_cpu if result["workers"] else None,
                 "server_cpu": cpu.get("server"),
                 "wait_p99": max((v["p99_ms"] for v in latencies), default=None),
+                "learning_p99": max(
+                    (v["worst_episode_p99_ms"] for v in result.get("act_while_learning", {}).values() if v),
+                    default=None,
+                ),
                 "overruns": (
                     sum(v["overrun_share"] * v["steps"] for v in latencies)
                     / sum(v["steps"] for v in latencies)
@@ -328,6 +354,7 @@ def main() -> int:
             ("workers_cpu", "workers CPU", ".2f"),
             ("server_cpu", "relay CPU", ".2f"),
             ("wait_p99", "game waits p99 ms", ".2f"),
+            ("learning_p99", "worst episode p99 ms, episodes 2+", ".2f"),
             ("overruns", "steps > 50 ms", ".2%"),
             ("waiting", "s waiting per worker (whole run)", ".0f"),
         ],
