@@ -69,19 +69,21 @@ def test_twenty_sigkills_including_mid_write_lose_at_most_one_interval(tmp_path)
             stderr=subprocess.STDOUT,
             text=True,
         )
-        # Half the kills land while a checkpoint file is being written, half at a random moment.
+        # Half the kills land while a checkpoint file is being written, half at a random moment of
+        # training: a random step 1-3 checkpoint intervals past the last checkpoint, counted in logged steps
+        # rather than seconds, so that a slow machine still makes progress (checkpoints are written inside
+        # the loop, so a step logged past an episode end means that episode's checkpoint is complete).
         during_write = cycle % 2 == 0
-        delay = chooser.uniform(0.3, 2.5)
-        started = None
+        kill_at_step = previous_checkpoint_step + chooser.randint(EPISODE + 1, 3 * EPISODE)
+        started = False
         deadline = time.monotonic() + 120
         while process.poll() is None and time.monotonic() < deadline:
-            if started is None and run_starts(run_dir) > cycle:
-                started = time.monotonic()  # this process has resumed and is training
-            if started is not None:
+            started = started or run_starts(run_dir) > cycle  # this process has resumed and is training
+            if started:
                 if during_write and list(run_dir.glob("*.tmp")):
                     writes_hit += 1
                     break
-                if not during_write and time.monotonic() - started > delay:
+                if not during_write and latest_logged_step(run_dir) >= kill_at_step:
                     break
             time.sleep(0.001 if during_write else 0.02)
         assert process.poll() is None, f"cycle {cycle}: the run ended by itself:\n{process.stdout.read()}"
