@@ -4,6 +4,7 @@ loopback, one of them killed and replaced."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -26,6 +27,7 @@ from tm_config import Config, epsilon_at
 
 FAST = FAST_ASSIGNMENTS
 FAST_SETS = sum((["--set", assignment] for assignment in FAST), [])
+USERS_WANDB_KEY = "0123456789abcdef" * 2 + "fakewandbkey"  # never sent anywhere: W&B is offline
 
 
 # --- the relay password and TLS ----------------------------------------------------------------------
@@ -239,7 +241,7 @@ def test_loopback_server_trainer_and_two_workers_one_killed_and_restarted(tmp_pa
         args = [sys.executable, str(ROOT / "env_tm.py"), "--port", str(port)]
         args += ["--password-file", str(tmp_path / "pw.txt"), *extra]
         env = dict(os.environ, HOME=str(home), USERPROFILE=str(home), OMP_NUM_THREADS="1")
-        env.update(PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+        env.update(PYTHONUNBUFFERED="1", WANDB_MODE="offline", WANDB_API_KEY=USERS_WANDB_KEY)
         with open(log_path, "w") as log:
             # Its own process group: a worker is killed with its networking process, as a crash would.
             process = subprocess.Popen(
@@ -299,10 +301,12 @@ def test_loopback_server_trainer_and_two_workers_one_killed_and_restarted(tmp_pa
         checksums = [line.rsplit("checksum ", 1)[1] for line in lines if "checksum" in line]
         assert len(checksums) >= 2 and checksums[0] != checksums[-1], log.read_text()[-1500:]
         assert "the trainer finished" in log.read_text()
-    # Nothing printed the password.
+    # Nothing printed the password, the user's W&B key or the one in tmrl's config.json.
     password = (tmp_path / "pw.txt").read_text().strip()
+    tmrl_key = json.loads((home / "TmrlData" / "config" / "config.json").read_text())["WANDB_KEY"]
     for log in logs.iterdir():
-        assert password not in log.read_text()
+        text = log.read_text()
+        assert password not in text and USERS_WANDB_KEY not in text and tmrl_key not in text, log.name
     assert "relay stopped" in server_log.read_text()
 
 
