@@ -82,6 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="measure bf16 autocast: loss drift vs fp32 over this many learn steps from one start, and speed",
     )
+    parser.add_argument(
+        "--compile-steps",
+        type=int,
+        default=0,
+        help="measure torch.compile (inductor) on both networks against eager, this many learn steps each",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -472,6 +478,62 @@ def bf16_check(config: Config, device: torch.device, steps: int, fill: int) -> d
     }
 
 
+# --- torch.compile ---------------------------------------------------------------------------------
+def compile_check(config: Config, device: torch.device, steps: int, fill: int) -> dict[str, Any]:
+    """Eager vs torch.compile'd online and target networks (inductor, static shapes), from the same start
+    on the same batches (uniform sampling), interleaved step by step: time per learn step and per action
+    after compilation, the compile time, and the loss difference (compiled kernels round differently)."""
+    agents = {
+        name: rainbow.RainbowAgent(
+            config, make_replay(replay_module, config, fill, 3, prioritized=False), device, 3
+        )
+        for name in ("eager", "compiled")
+    }
+    compiled = agents["compiled"]
+    for network in (compiled.online, compiled.target):
+        network.forward = torch.compile(network.forward, dynamic=False)
+    frames = np.random.default_rng(3).integers(0, 256, (config.conv_input, 64, 64), dtype=np.uint8)
+    car = np.array([120.0, 3.0, 6000.0], np.float32)
+    compile_s = 0.0
+    for name, agent in agents.items():  # both alike, so that their replays draw the same batches after
+        start = time.perf_counter()
+        for _ in range(3):  # the train-mode, eval-mode and target graphs, and their backward
+            torch.manual_seed(30_000)
+            agent.train()
+            agent.greedy_action(frames, car)
+        if name == "compiled":
+            compile_s = time.perf_counter() - start
+    agents["eager"].online.load_state_dict(compiled.online.state_dict())
+    agents["eager"].target.load_state_dict(compiled.target.state_dict())
+    agents["eager"].optimizer.load_state_dict(compiled.optimizer.state_dict())
+    losses: dict[str, list[float]] = {"eager": [], "compiled": []}
+    learn_s: dict[str, list[float]] = {"eager": [], "compiled": []}
+    act_s: dict[str, list[float]] = {"eager": [], "compiled": []}
+    for i in range(steps):
+        for name in random.sample(list(agents), len(agents)):
+            agent = agents[name]
+            torch.manual_seed(30_001 + i)
+            common.synchronize(device)
+            begin = time.perf_counter()
+            losses[name].append(float(agent.train()["loss"]))
+            common.synchronize(device)
+            learn_s[name].append(time.perf_counter() - begin)
+            begin = time.perf_counter()
+            agent.greedy_action(frames, car)
+            act_s[name].append(time.perf_counter() - begin)
+    eager_loss = np.asarray(losses["eager"])
+    drift = np.abs(np.asarray(losses["compiled"]) - eager_loss) / np.abs(eager_loss)
+    return {
+        "steps": steps,
+        "compile_s": compile_s,
+        "rel_loss_diff": {"median": float(np.median(drift)), "max": float(drift.max())},
+        **{f"{name}_learn_ms": float(np.median(learn_s[name]) * 1e3) for name in agents},
+        **{f"{name}_act_ms": float(np.median(act_s[name]) * 1e3) for name in agents},
+        "learn_ratio": float(np.median(learn_s["compiled"]) / np.median(learn_s["eager"])),
+        "act_ratio": float(np.median(act_s["compiled"]) / np.median(act_s["eager"])),
+    }
+
+
 # --- main ------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -621,6 +683,17 @@ def main(argv: list[str] | None = None) -> int:
             f"vs fp32 {bf16['fp32_step_ms']:.2f} ms (x{bf16['bf16_speed_ratio']:.3f})"
         )
         results["bf16"] = bf16
+
+    if args.compile_steps > 0:
+        check = compile_check(config, device, args.compile_steps, fill=2000)
+        print(
+            f"\ntorch.compile over {check['steps']} learn steps (compiled in {check['compile_s']:.0f} s): "
+            f"learn {check['compiled_learn_ms']:.2f} ms vs eager {check['eager_learn_ms']:.2f} ms "
+            f"(x{check['learn_ratio']:.3f}); act {check['compiled_act_ms']:.3f} ms vs eager "
+            f"{check['eager_act_ms']:.3f} ms (x{check['act_ratio']:.3f}); relative loss difference median "
+            f"{check['rel_loss_diff']['median']:.1e}, max {check['rel_loss_diff']['max']:.1e}"
+        )
+        results["compile"] = check
 
     common.finish(results, load, args.json)
     return 0
