@@ -5,7 +5,8 @@
 For each worker count it starts `env_tm.py --role server`, `--role trainer` and the workers as separate
 processes (as on separate machines, over loopback), waits until the trainer has learned for a while, and
 then measures over `--seconds`: environment steps received per second, learn steps per second, how long
-the workers waited for the trainer, and the CPU time each process used (from /proc: Linux only, nan
+the workers waited for the trainer, the steps the workers collected per second over their whole runs (and
+each one's rate while driving, not waiting), and the CPU time each process used (from /proc: Linux only, nan
 elsewhere). It also reports how long the game waits for the agent at each step over each process's whole
 run (`StepLatency`, printed by the single-PC loop and by each worker when they stop): in the loop that is
 acting plus one learn step, on a worker the policy's `act_` alone, and a wait longer than the 50 ms time
@@ -157,6 +158,8 @@ class Processes:
     def __init__(self, folder: Path, home: str) -> None:
         self.folder, self.home = folder, home
         self.running: dict[str, subprocess.Popen] = {}
+        self.started: dict[str, float] = {}  # time.monotonic() at start and at exit, per role
+        self.ended: dict[str, float] = {}
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         env = dict(
@@ -170,6 +173,7 @@ class Processes:
             group = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, **group)
         self.running[name] = process
+        self.started[name] = time.monotonic()
         return process
 
     def log(self, name: str) -> str:
@@ -186,6 +190,7 @@ class Processes:
             except subprocess.TimeoutExpired:
                 kill_group(self.running[name])
                 self.running[name].wait()
+            self.ended[name] = time.monotonic()
 
     def kill_all(self) -> None:
         for process in self.running.values():
@@ -251,13 +256,21 @@ def bench_workers(workers: int, args: argparse.Namespace, folder: Path) -> dict[
     finally:
         processes.kill_all()
     rates = window_rates(step_records(metrics), start, end)
-    waited = []
+    waited, sent, lived = [], [], []
     for name in names:
-        match = re.search(r"([\d.]+) s waiting for the trainer", processes.log(name))
-        waited.append(float(match.group(1)) if match else float("nan"))
+        match = re.search(r"(\d+) steps sent, \d+ weight updates, ([\d.]+) s waiting", processes.log(name))
+        sent.append(int(match.group(1)) if match else 0)
+        waited.append(float(match.group(2)) if match else float("nan"))
+        lived.append(processes.ended[name] - processes.started[name])
     return {
         "workers": workers,
         **rates,
+        # Over each worker's whole run (start-up and the episode it finishes after the stop included):
+        # the steps it collected, and its rate while driving rather than waiting for the trainer.
+        "collected_steps_per_s": sum(n / t for n, t in zip(sent, lived, strict=True)),
+        "driving_steps_per_s": [n / (t - w) for n, t, w in zip(sent, lived, waited, strict=True)],
+        "worker_steps_sent": sent,
+        "worker_seconds_alive": lived,
         "cpu_cores_used": cpu,
         "worker_seconds_waiting": waited,
         "step_latency": {name: step_latency(processes.log(name)) for name in names},
@@ -319,6 +332,12 @@ def main() -> int:
             {
                 "case": "single PC loop" if result["workers"] == 0 else f"{result['workers']} worker(s)",
                 "env": result["env_steps_per_s"],
+                "collected": result.get("collected_steps_per_s"),
+                "driving": (
+                    sum(result["driving_steps_per_s"]) / len(result["driving_steps_per_s"])
+                    if result.get("driving_steps_per_s")
+                    else None
+                ),
                 "learn": result["learn_steps_per_s"],
                 "ratio": common.ratio(result["learn_steps_per_s"], baseline),
                 "trainer_cpu": cpu.get("trainer", cpu.get("single")),
@@ -348,6 +367,8 @@ def main() -> int:
         [
             ("case", "case", ""),
             ("env", "env steps/s", ".1f"),
+            ("collected", "collected/s (whole run)", ".1f"),
+            ("driving", "per worker while driving", ".1f"),
             ("learn", "learn steps/s", ".1f"),
             ("ratio", "learn x single", ".2f"),
             ("trainer_cpu", "trainer CPU", ".2f"),
