@@ -424,6 +424,16 @@ def thread_sweep(
 
 
 # --- bf16 ------------------------------------------------------------------------------------------
+def relative_drift(losses: list[float], reference: list[float]) -> dict[str, float]:
+    """|loss - reference| / |reference|, step by step: its median, p95 and max."""
+    drift = np.abs(np.asarray(losses) - np.asarray(reference)) / np.abs(np.asarray(reference))
+    return {
+        "median": float(np.median(drift)),
+        "p95": float(np.percentile(drift, 95)),
+        "max": float(drift.max()),
+    }
+
+
 def bf16_check(config: Config, device: torch.device, steps: int, fill: int) -> dict[str, Any]:
     """fp32 vs bf16-autocast learn steps from the same start on the same batches (uniform sampling, so the
     batches cannot diverge with the priorities): per-step loss drift and the time per step.
@@ -458,20 +468,10 @@ def bf16_check(config: Config, device: torch.device, steps: int, fill: int) -> d
             if name in times:
                 times[name].append(time.perf_counter() - start)
             losses[name].append(float(loss))
-    ref = np.asarray(losses["fp32"])
-    drift = {name: np.abs(np.asarray(losses[name]) - ref) / np.abs(ref) for name in ("bf16", "naive")}
     return {
         "steps": steps,
-        "bf16_rel_loss_drift": {
-            "median": float(np.median(drift["bf16"])),
-            "p95": float(np.percentile(drift["bf16"], 95)),
-            "max": float(drift["bf16"].max()),
-        },
-        "fp32_reference_drift": {
-            "median": float(np.median(drift["naive"])),
-            "p95": float(np.percentile(drift["naive"], 95)),
-            "max": float(drift["naive"].max()),
-        },
+        "bf16_rel_loss_drift": relative_drift(losses["bf16"], losses["fp32"]),
+        "fp32_reference_drift": relative_drift(losses["naive"], losses["fp32"]),
         "fp32_step_ms": float(np.median(times["fp32"]) * 1e3),
         "bf16_step_ms": float(np.median(times["bf16"]) * 1e3),
         "bf16_speed_ratio": float(np.median(times["bf16"]) / np.median(times["fp32"])),
@@ -503,9 +503,7 @@ def compile_check(config: Config, device: torch.device, steps: int, fill: int) -
             agent.greedy_action(frames, car)
         if name == "compiled":
             compile_s = time.perf_counter() - start
-    agents["eager"].online.load_state_dict(compiled.online.state_dict())
-    agents["eager"].target.load_state_dict(compiled.target.state_dict())
-    agents["eager"].optimizer.load_state_dict(compiled.optimizer.state_dict())
+    agents["eager"].load_state_dict(compiled.state_dict())
     losses: dict[str, list[float]] = {"eager": [], "compiled": []}
     learn_s: dict[str, list[float]] = {"eager": [], "compiled": []}
     act_s: dict[str, list[float]] = {"eager": [], "compiled": []}
@@ -521,12 +519,10 @@ def compile_check(config: Config, device: torch.device, steps: int, fill: int) -
             begin = time.perf_counter()
             agent.greedy_action(frames, car)
             act_s[name].append(time.perf_counter() - begin)
-    eager_loss = np.asarray(losses["eager"])
-    drift = np.abs(np.asarray(losses["compiled"]) - eager_loss) / np.abs(eager_loss)
     return {
         "steps": steps,
         "compile_s": compile_s,
-        "rel_loss_diff": {"median": float(np.median(drift)), "max": float(drift.max())},
+        "rel_loss_diff": relative_drift(losses["compiled"], losses["eager"]),
         **{f"{name}_learn_ms": float(np.median(learn_s[name]) * 1e3) for name in agents},
         **{f"{name}_act_ms": float(np.median(act_s[name]) * 1e3) for name in agents},
         "learn_ratio": float(np.median(learn_s["compiled"]) / np.median(learn_s["eager"])),

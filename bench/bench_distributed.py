@@ -259,7 +259,7 @@ def bench_workers(workers: int, args: argparse.Namespace, folder: Path) -> dict[
     waited, sent, lived = [], [], []
     for name in names:
         match = re.search(r"(\d+) steps sent, \d+ weight updates, ([\d.]+) s waiting", processes.log(name))
-        sent.append(int(match.group(1)) if match else 0)
+        sent.append(int(match.group(1)) if match else float("nan"))  # no summary line: no figure
         waited.append(float(match.group(2)) if match else float("nan"))
         lived.append(processes.ended[name] - processes.started[name])
     return {
