@@ -9,12 +9,23 @@ A RUN is one of our run folders (holding metrics.jsonl), a metrics.jsonl file, o
 `wandb.Api()` when W&B credentials are configured. A run that cannot be read gets a one-line error and
 the others are still compared.
 
-Every run becomes per-episode series (episode, steps, reward, Q mean, loss, epsilon). The script prints
-the config departures between the runs, checks each run against the envelope phase by phase and against
-the seed's four red flags, and draws the curves over the envelope's bands in a PNG.
+Every run becomes per-episode series (episode, steps, reward, Q mean, loss, epsilon, and the race: finished
+or not, race time). The script prints
+- a line `UNPINNED <run>: departs from the sacred <key> (<used>, pinned <known-good>)` for every run
+  allowed to depart from one of the three sacred invariants (tm_config.SACRED_FLAGS): from the `unpinned`
+  list the run recorded, and from its config's own departures (older JSONL files and W&B runs);
+- the config departures between the runs;
+- the race results: episodes, finished episodes, finish rate, best (and where) and median race time; a
+  run whose episodes never recorded `finished` says "no race data" (not 0%);
+- each run against the envelope phase by phase and against the seed's four red flags, with a verdict per
+  run: PASS when at least one check passed, none failed and NO DATA is not the majority of the checks;
+  FAIL when any check failed; otherwise NO VERDICT (too little data to judge: never a pass);
+and draws the curves over the envelope's bands, plus the race times, in a PNG: `--out PATH`, by default
+`comparison.png` in the first run's folder (the current folder when that run is a W&B run).
 
-Exit code: 0 when every run passes every check that had data, 1 when a check failed or a run could not
-be read, 2 on usage errors (bad arguments, unreadable envelope file).
+Exit code: 0 when every run has the verdict PASS, 1 when a run FAILs or could not be read, 3 when none
+failed but a run had too little data to judge (NO VERDICT), 2 on usage errors (bad arguments, unreadable
+envelope file, a PNG path that cannot be written).
 """
 
 from __future__ import annotations
@@ -34,9 +45,15 @@ import numpy as np
 
 import health
 from run_log import METRICS_FILE, read_jsonl, wandb_logged_in
-from tm_config import Config
+from tm_config import SACRED_FLAGS, Config, ConfigError, unpinned_keys
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_VERDICT = 0, 1, 2, 3
+EXIT_CODES_HELP = (
+    "exit codes: 0 every run PASSes; 1 a run FAILs or could not be read; 3 none failed but a run had too "
+    "little data to judge (NO VERDICT: no check passed, or NO DATA is the majority of its checks); 2 usage "
+    "errors (bad arguments, unreadable envelope, a PNG path that cannot be written)"
+)
+DEFAULT_PLOT_NAME = "comparison.png"
 
 # The reference envelope, typed out from shared/reference/c643zifs-envelope.json (reference data, kept
 # here so the script works from any checkout); `--envelope PATH` reads another one.
@@ -116,6 +133,11 @@ REWARD_DECLINE_STRIDE = 50
 METRICS = {"episode_reward": "reward", "q_values": "q_mean", "loss": "loss", "epsilon": "epsilon"}
 TITLES = {"episode_reward": "episode reward", "q_values": "Q mean", "loss": "loss", "epsilon": "epsilon"}
 SERIES = ("reward", "q_mean", "loss", "epsilon")
+RACE_SERIES = ("finished", "race_time")
+
+# A series this short, or without two finite points in a row, is drawn with markers: a line through a
+# single point (or through points isolated between NaNs) draws nothing.
+MARKERS_BELOW_POINTS = 50
 
 
 class RunLoadError(Exception):
@@ -139,9 +161,14 @@ class RunSeries:
     q_mean: np.ndarray
     loss: np.ndarray
     epsilon: np.ndarray
+    finished: np.ndarray  # 1.0 crossed the finish line, 0.0 did not, NaN not recorded (older runs)
+    race_time: np.ndarray  # seconds, only where finished == 1.0 (NaN elsewhere)
     nonfinite: dict[str, int] = field(default_factory=dict)  # NaN/inf values recorded, per metric
     config: dict[str, Any] = field(default_factory=dict)
     red_flags: list[str] | None = None  # red-flag events of our JSONL runs; None when not available
+    # sacred key -> the value the run used (None when only its name was recorded); empty when pinned
+    unpinned: dict[str, Any] = field(default_factory=dict)
+    folder: Path | None = None  # our run's folder (the default home of the PNG); None for W&B runs
 
     def metric(self, name: str) -> np.ndarray:
         return getattr(self, name)
@@ -149,6 +176,11 @@ class RunSeries:
     @property
     def episodes(self) -> int:
         return len(self.episode)
+
+    @property
+    def plot_label(self) -> str:
+        """The label in the PNG's legends: an unpinned run must not pass for a known-good one there."""
+        return f"{self.label} (unpinned)" if self.unpinned else self.label
 
 
 def _norm(key: str) -> str:
@@ -173,6 +205,11 @@ KEY_CANDIDATES: dict[str, tuple[str, ...]] = {
     "epsilon": ("epsilon", "episode_epsilon", "step_epsilon", "train_epsilon", "exploration_rate",
                 "exploration_epsilon", "charts_epsilon", "eps"),
 }  # fmt: skip
+# The race columns (our W&B runs log them as "episode/finished" and "episode/race_time"), normalised.
+RACE_KEY_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "finished": ("finished", "episode_finished", "race_finished"),
+    "race_time": ("race_time", "episode_race_time", "race_time_s", "finish_time"),
+}
 _LOOSE_EXCLUDE = {"min", "max", "std", "target", "best", "component", "components", "actor", "critic"}
 
 
@@ -214,6 +251,52 @@ def detect_keys(keys: Iterable[str]) -> dict[str, str | None]:
     return chosen
 
 
+def detect_race_keys(keys: Iterable[str]) -> dict[str, str | None]:
+    """Map 'finished' and 'race_time' to the columns of a foreign run (exact names only: a loose match
+    could take any time column for a race time)."""
+    by_norm: dict[str, str] = {}
+    for key in sorted(keys):
+        by_norm.setdefault(_norm(key), key)
+    return {
+        canonical: next((by_norm[c] for c in candidates if c in by_norm), None)
+        for canonical, candidates in RACE_KEY_CANDIDATES.items()
+    }
+
+
+def _flag(value: Any) -> bool | None:
+    """A recorded `finished` as a bool; None when missing or unreadable (never read as "not finished")."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    number = health.to_float(value)
+    if number is None or not math.isfinite(number):
+        return None
+    return number != 0
+
+
+def race_columns(
+    groups: dict[float, list[dict[str, Any]]], order: list[float], keys: dict[str, str | None]
+) -> dict[str, np.ndarray]:
+    """Per-episode `finished` (1/0, NaN where not recorded) and `race_time` (only for finished episodes)."""
+    finished_key, time_key = keys.get("finished"), keys.get("race_time")
+    finished, race_time = [], []
+    for episode in order:
+        rows = groups[episode]
+        flags = [f for row in rows if (f := _flag(row.get(finished_key))) is not None] if finished_key else []
+        done = (1.0 if any(flags) else 0.0) if flags else math.nan
+        times = (
+            [t for row in rows if (t := health.to_float(row.get(time_key))) is not None] if time_key else []
+        )
+        times = [t for t in times if math.isfinite(t) and t > 0]
+        finished.append(done)
+        race_time.append(times[-1] if done == 1.0 and times else math.nan)
+    return {
+        "finished": np.asarray(finished, dtype=np.float64),
+        "race_time": np.asarray(race_time, dtype=np.float64),
+    }
+
+
 def _mean_finite(values: list[float]) -> float:
     finite = [v for v in values if math.isfinite(v)]
     return float(np.mean(finite)) if finite else math.nan
@@ -225,7 +308,8 @@ def episode_series(rows: Sequence[dict[str, Any]], keys: dict[str, str | None]) 
     Episodes are the distinct values of the episode column when there is one (several rows of one
     episode: the reward is the episode's last value, a running total; Q, loss and epsilon are averaged),
     else the rows that carry a reward, numbered 1, 2, ... A metric missing from an episode's rows is
-    interpolated by step from the rows that have it (never extrapolated past them).
+    interpolated by step from the rows that have it (never extrapolated past them). The race columns
+    (keys 'finished' and 'race_time', when given) are never interpolated: a race is the episode's own.
     """
     get = {name: keys.get(name) for name in ("episode", "step", *SERIES)}
     nonfinite = dict.fromkeys(SERIES, 0)
@@ -285,6 +369,7 @@ def episode_series(rows: Sequence[dict[str, Any]], keys: dict[str, str | None]) 
             inside = holes & (out["step"] >= xs[0]) & (out["step"] <= xs[-1])
             values[inside] = np.interp(out["step"][inside], xs, ys)
         out[name] = values
+    out.update(race_columns(groups, order, keys))
     return out
 
 
@@ -309,14 +394,65 @@ def load_jsonl_run(path: Path) -> RunSeries:
             # The reference logged the mean greedy Q (max over actions); ours records both.
             record = {**record, "q_mean": record["q_greedy"]}
         if kind == "episode":
-            rows.append({k: record.get(k) for k in ("step", "episode", *SERIES)})
+            rows.append({k: record.get(k) for k in ("step", "episode", *SERIES, *RACE_SERIES)})
         elif kind == "step":  # no episode key: these only fill what episode records lack
             rows.append({k: record.get(k) for k in ("step", "q_mean", "loss", "epsilon")})
-    identity: dict[str, str | None] = {name: name for name in ("episode", "step", *SERIES)}
+    identity: dict[str, str | None] = {name: name for name in ("episode", "step", *SERIES, *RACE_SERIES)}
     series = episode_series(rows, identity)
-    config = health.config_from_records(records)
+    config = health.config_from_records(records).to_dict()
     flags = [str(r.get("name")) for r in records if r.get("kind") == "event" and r.get("level") == "red_flag"]
-    return RunSeries(_label_for(file), str(file), **series, config=config.to_dict(), red_flags=flags)
+    # Every session of the run (a resume may add a departure) says what it used and what it unpinned.
+    used, recorded = dict(config), []
+    for record in records:
+        if record.get("kind") != "run":
+            continue
+        departures = record.get("departures")
+        if isinstance(departures, dict):
+            used.update({k: d["used"] for k, d in departures.items() if isinstance(d, dict) and "used" in d})
+        if isinstance(record.get("unpinned"), list):
+            recorded += [key for key in record["unpinned"] if key not in recorded]
+    return RunSeries(
+        _label_for(file),
+        str(file),
+        **series,
+        config=config,
+        red_flags=flags,
+        unpinned=find_unpinned(recorded, used),
+        folder=file.parent,
+    )
+
+
+# --- unpinned runs ---------------------------------------------------------------------------------
+def sacred_departures(values: dict[str, Any]) -> list[str]:
+    """The sacred keys (tm_config.SACRED_FLAGS) whose values in a run's config depart from the pin."""
+    sacred = {key: values[key] for key in SACRED_FLAGS if key in values}
+    try:
+        return unpinned_keys(Config().with_overrides(**sacred))
+    except (ConfigError, TypeError, ValueError):
+        # values this Config refuses (another version's, a W&B float for an int key): one by one instead
+        pinned = Config().to_dict()
+        return [key for key, value in sacred.items() if not _same(value, pinned[key])]
+
+
+def find_unpinned(recorded: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """{sacred key: value used (None when not recorded)} of an unpinned run; empty for a pinned one.
+
+    The keys the run recorded as unpinned, plus any sacred departure its config shows: runs older than
+    the `unpinned` record, and foreign W&B runs, are caught by their config alone.
+    """
+    keys = [str(key) for key in recorded] if isinstance(recorded, (list, tuple)) else []
+    keys += [key for key in sacred_departures(values) if key not in keys]
+    return {key: values.get(key) for key in keys}
+
+
+def unpinned_line(run: RunSeries) -> str:
+    """`UNPINNED <label>: departs from the sacred <key> (<used>, pinned <known-good>)[, ...]`."""
+    pinned = Config().to_dict()
+    parts = []
+    for key, used in run.unpinned.items():
+        value = "value not recorded" if used is None else repr(used)
+        parts.append(f"{key} ({value}, pinned {repr(pinned[key]) if key in pinned else '?'})")
+    return f"UNPINNED {run.label}: departs from the sacred {', '.join(parts)}"
 
 
 # --- W&B -------------------------------------------------------------------------------------------
@@ -380,8 +516,16 @@ def load_wandb_run(path: str) -> RunSeries:
             f"{path}: cannot read the W&B run ({type(error).__name__}: {first_line})"
         ) from None
     all_keys = {key for row in rows for key in row}
-    series = episode_series(rows, detect_keys(all_keys))
-    return RunSeries(label, f"wandb:{path}", **series, config=config, red_flags=None)
+    series = episode_series(rows, {**detect_keys(all_keys), **detect_race_keys(all_keys)})
+    recorded = config.pop("unpinned", None)  # run_log records it in the config: not a config key
+    return RunSeries(
+        label,
+        f"wandb:{path}",
+        **series,
+        config=config,
+        red_flags=None,
+        unpinned=find_unpinned(recorded, config),
+    )
 
 
 def load_run(spec: str) -> RunSeries:
@@ -414,9 +558,10 @@ def config_table(runs: Sequence[RunSeries]) -> list[str]:
         values = [pinned.get(key, None)] + [run.config.get(key, None) for run in runs]
         has = [key in pinned] + [key in run.config for run in runs]
         present = [v for v, recorded in zip(values, has, strict=True) if recorded]
-        if len(present) < 2:
-            owner = next(run.label for run in runs if key in run.config)
-            only_one.setdefault(owner, []).append(key)
+        if len(present) < 2:  # nothing to compare it with (a W&B run records only some keys)
+            owner = next((run.label for run in runs if key in run.config), None)
+            if owner is not None:
+                only_one.setdefault(owner, []).append(key)
             continue
         if all(_same(present[0], v) for v in present[1:]):
             continue
@@ -436,6 +581,91 @@ def config_table(runs: Sequence[RunSeries]) -> list[str]:
         shown = ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
         lines.append(f"  recorded only by {owner}: {shown}")
     return lines
+
+
+# --- race results ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RaceSummary:
+    """What a TrackMania player asks of a run: how often it finishes, and how fast."""
+
+    episodes: int  # episodes that recorded `finished`
+    finished: int
+    best: float | None = None  # race time in seconds, None when no episode finished
+    best_episode: int | None = None
+    best_step: int | None = None
+    median: float | None = None
+
+    @property
+    def rate(self) -> float:
+        return self.finished / self.episodes if self.episodes else 0.0
+
+
+def race_summary(run: RunSeries) -> RaceSummary | None:
+    """The run's race results; None when none of its episodes recorded `finished` (no race data)."""
+    recorded = np.isfinite(run.finished)
+    if not recorded.any():
+        return None
+    done = recorded & (run.finished == 1.0)
+    timed = done & np.isfinite(run.race_time)
+    summary = RaceSummary(episodes=int(recorded.sum()), finished=int(done.sum()))
+    if not timed.any():
+        return summary
+    times = np.where(timed, run.race_time, np.inf)
+    i = int(np.argmin(times))  # the first episode with the best time
+    step = run.step[i]
+    return RaceSummary(
+        episodes=summary.episodes,
+        finished=summary.finished,
+        best=float(times[i]),
+        best_episode=int(run.episode[i]),
+        best_step=int(step) if math.isfinite(step) else None,
+        median=float(np.median(run.race_time[timed])),
+    )
+
+
+def race_table(runs: Sequence[RunSeries]) -> list[str]:
+    """Lines of the race results table: episodes, finished, finish rate, best (where) and median time."""
+    lines = ["Race results (finished: crossed the finish line; race times in seconds, lower is better):"]
+    header = ["run", "episodes", "finished", "finish rate", "best time", "best at", "median time"]
+    rows: list[list[str]] = []
+    notes: list[str] = []
+    for run in runs:
+        race = race_summary(run)
+        if race is None:
+            rows.append([run.label, "no race data (its episodes do not record `finished`)"])
+            continue
+        where = "-"
+        if race.best_episode is not None:
+            where = f"episode {race.best_episode:,}"
+            where += f" (step {race.best_step:,})" if race.best_step is not None else ""
+        rows.append(
+            [
+                run.label,
+                f"{race.episodes:,}",
+                f"{race.finished:,}",
+                f"{100 * race.rate:.1f}%",
+                f"{race.best:.3f}" if race.best is not None else "-",
+                where,
+                f"{race.median:.3f}" if race.median is not None else "-",
+            ]
+        )
+        if race.episodes < run.episodes:
+            notes.append(
+                f"  {run.label}: {race.episodes:,} of {run.episodes:,} episodes record `finished` (the "
+                "others predate it); its finish rate is over those"
+            )
+    full = [row for row in rows if len(row) == len(header)]
+    widths = [max(len(r[i]) for r in [header, *full]) for i in range(len(header))]
+    label_width = max(len(r[0]) for r in [header, *rows])
+    widths[0] = label_width
+    for row in [header, *rows]:
+        if len(row) != len(header):  # "no race data" spans the numeric columns
+            lines.append(f"  {row[0].ljust(label_width)}  {row[1]}")
+            continue
+        cells = [row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:5], widths[1:5], strict=True))]
+        cells += [row[5].ljust(widths[5]), row[6].rjust(widths[6])]
+        lines.append(("  " + "  ".join(cells)).rstrip())
+    return lines + notes
 
 
 # --- checks ----------------------------------------------------------------------------------------
@@ -683,6 +913,32 @@ def format_checks(run: RunSeries, checks: Sequence[Check]) -> list[str]:
     return lines
 
 
+NO_VERDICT = "NO VERDICT"
+
+
+def run_verdict(checks: Sequence[Check]) -> str:
+    """FAIL when any check failed; PASS only when at least one passed and NO DATA is not the majority
+    (NO DATA is never a pass: a run that was barely measured has not shown it is healthy); else NO VERDICT."""
+    counts = {s: sum(c.status == s for c in checks) for s in (PASS, FAIL, NO_DATA)}
+    if counts[FAIL]:
+        return FAIL
+    if counts[PASS] and 2 * counts[NO_DATA] <= len(checks):
+        return PASS
+    return NO_VERDICT
+
+
+def verdict_line(run: RunSeries, checks: Sequence[Check]) -> str:
+    """`<label>: PASS|FAIL|NO VERDICT (n pass, k fail, m no data)[: why]` for the summary."""
+    counts = {s: sum(c.status == s for c in checks) for s in (PASS, FAIL, NO_DATA)}
+    verdict = run_verdict(checks)
+    line = f"{run.label}: {verdict} ({counts[PASS]} pass, {counts[FAIL]} fail, {counts[NO_DATA]} no data)"
+    if verdict == FAIL:
+        return line + ": " + "; ".join(f"{c.name} ({c.scope})" for c in checks if c.status == FAIL)
+    if verdict == NO_VERDICT:
+        return line + ": too little data to judge"
+    return line
+
+
 def load_envelope(path: str | None) -> dict[str, Any]:
     if path is None:
         return DEFAULT_ENVELOPE
@@ -705,16 +961,59 @@ def _plot_window(n: int) -> int:
     return max(1, min(50, n // 40))
 
 
-def plot_runs(
-    runs: Sequence[RunSeries], envelope: dict[str, Any], out: Path, x_axis: str = "episode"
-) -> Path:
-    """One panel per metric: each run's smoothed curve over the envelope's per-phase bands."""
+def needs_markers(ok: np.ndarray) -> bool:
+    """Whether a series (its mask of finite points) must be drawn with markers to be seen: it is short,
+    or no two of its finite points are neighbours (a line needs two points to draw anything)."""
+    if int(ok.sum()) < MARKERS_BELOW_POINTS:
+        return True
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], ok.astype(np.int8), [0]])))
+    longest = int((edges[1::2] - edges[::2]).max()) if edges.size else 0
+    return longest < 2
+
+
+def _draw_races(ax: Any, runs: Sequence[RunSeries], x_axis: str) -> None:
+    """Race times of finished episodes (dots) and each run's best so far (line), in the run's colour."""
+    no_data, never = [], []
+    for i, run in enumerate(runs):
+        color = f"C{i % 10}"
+        if not np.isfinite(run.finished).any():
+            no_data.append(run.label)
+            continue
+        x = run.episode if x_axis == "episode" else run.step
+        ok = (run.finished == 1.0) & np.isfinite(run.race_time) & np.isfinite(x)
+        if not ok.any():
+            never.append(run.label)
+            continue
+        order = np.argsort(x[ok], kind="stable")
+        xs, times = x[ok][order], run.race_time[ok][order]
+        ax.plot(xs, times, ls="none", marker="o", ms=3.5, alpha=0.55, color=color, label=run.plot_label)
+        ax.plot(xs, np.minimum.accumulate(times), color=color, lw=1.6, drawstyle="steps-post")
+    if ax.lines:
+        ax.plot([], [], color="gray", lw=1.6, label="best so far")
+        ax.legend(fontsize=8, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no finished episode to show", ha="center", va="center", transform=ax.transAxes)
+    title = "race time of finished episodes, s (lower is better)"
+    if never:
+        title += "  |  never finished: " + ", ".join(never)
+    if no_data:
+        title += "  |  no race data: " + ", ".join(no_data)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("episode" if x_axis == "episode" else "environment step")
+    ax.grid(alpha=0.3)
+
+
+def build_figure(runs: Sequence[RunSeries], envelope: dict[str, Any], x_axis: str = "episode") -> Any:
+    """The comparison figure: one panel per metric (each run's smoothed curve over the envelope's
+    per-phase bands) and a wide panel of race times."""
     from matplotlib.figure import Figure  # no pyplot: no display, no global state
 
-    figure = Figure(figsize=(13, 8.5), dpi=100)
+    figure = Figure(figsize=(16, 8.5), dpi=100)
     # fixed margins: a constrained layout would double the drawing time for the same picture
-    figure.subplots_adjust(left=0.06, right=0.985, bottom=0.065, top=0.915, wspace=0.16, hspace=0.3)
-    axes = figure.subplots(2, 2).ravel()
+    figure.subplots_adjust(left=0.045, right=0.99, bottom=0.065, top=0.915, wspace=0.17, hspace=0.3)
+    grid = figure.add_gridspec(2, 3)
+    axes = [figure.add_subplot(grid[0, 0]), figure.add_subplot(grid[0, 1]), figure.add_subplot(grid[0, 2])]
+    axes.append(figure.add_subplot(grid[1, 0]))
     colors = [f"C{i}" for i in range(10)]
     phases = envelope.get("phases", []) if x_axis == "episode" else []
     for ax, (metric, series_name) in zip(axes, METRICS.items(), strict=True):
@@ -749,7 +1048,8 @@ def plot_runs(
                 missing.append(run.label)
                 continue
             smooth = rolling_mean(y[ok], _plot_window(int(ok.sum())))
-            ax.plot(x[ok], smooth, color=colors[i % 10], lw=1.4, label=run.label)
+            style = {"marker": "o", "ms": 3.5} if needs_markers(ok) else {}
+            ax.plot(x[ok], smooth, color=colors[i % 10], lw=1.4, label=run.plot_label, **style)
             data_peak = max(data_peak, float(np.nanmax(np.abs(smooth))))
         thresholds = {
             "q_values": health.Q_NEGATIVE_THRESHOLD,
@@ -767,21 +1067,63 @@ def plot_runs(
         ax.set_xlabel("episode" if x_axis == "episode" else "environment step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
+    _draw_races(figure.add_subplot(grid[1, 1:]), runs, x_axis)
     note = "" if x_axis == "episode" else " (envelope is per episode: not drawn against steps)"
     figure.suptitle(
-        f"{' vs '.join(r.label for r in runs)} against the {envelope.get('run', 'reference')} envelope{note}",
+        f"{' vs '.join(r.plot_label for r in runs)} against the {envelope.get('run', 'reference')} "
+        f"envelope{note}",
         fontsize=11,
     )
+    return figure
+
+
+def plot_runs(
+    runs: Sequence[RunSeries], envelope: dict[str, Any], out: Path, x_axis: str = "episode"
+) -> Path:
+    """Draw build_figure's picture into `out` (its folder is created); OSError/ValueError when it cannot."""
+    figure = build_figure(runs, envelope, x_axis)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out)
     return out
 
 
+def plot_path(out: str | None, runs: Sequence[RunSeries]) -> Path:
+    """Where the PNG goes: `--out` when given, else comparison.png in the first run's folder (the current
+    folder when that run is a W&B run). UsageError, one line, for a path that cannot be a picture file."""
+    if out is None:
+        folder = runs[0].folder if runs and runs[0].folder is not None else Path()
+        return folder / DEFAULT_PLOT_NAME
+    path = Path(out)
+    if path.is_dir():
+        raise UsageError(f"--out {out}: is a folder; give a file name, e.g. {path / DEFAULT_PLOT_NAME}")
+    if not path.suffix:  # savefig would add ".png" itself, and we would print the wrong name
+        path = path.with_name(path.name + ".png")
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise UsageError(f"--out {out}: {path.suffix!r} is not a picture type matplotlib writes (use .png)")
+    for parent in (path.parent, *path.parent.parents):
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"--out {out}: {parent} is a file, not a folder")
+    return path
+
+
 # --- command line ----------------------------------------------------------------------------------
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None: those options say in words what they default to."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Compare runs with each other and with the c643zifs reference envelope.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Compare runs with each other and with the c643zifs reference envelope: unpinned runs, "
+        "config departures, race results (finish rate, race times) and a PASS / FAIL / NO VERDICT verdict "
+        "per run (NO DATA is never a pass).",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument(
         "runs", nargs="+", metavar="RUN", help="run folder, metrics.jsonl file, or W&B entity/project/run_id"
@@ -791,7 +1133,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help=f"envelope JSON (default: the built-in copy of {SHARED_ENVELOPE.name})",
     )
-    parser.add_argument("--out", default="comparison.png", help="PNG to write")
+    parser.add_argument(
+        "--out",
+        default=None,
+        metavar="PATH",
+        help=f"PNG to write, its folders created (default: {DEFAULT_PLOT_NAME} in the first run's folder; "
+        "in the current folder when that run is a W&B run)",
+    )
     parser.add_argument("--x", choices=["episode", "step"], default="episode", help="x axis of the plot")
     return parser.parse_args(argv)
 
@@ -803,6 +1151,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE if exit_.code else EXIT_OK
     try:
         envelope = load_envelope(args.envelope)
+        if args.out is not None:  # before any run is read: a W&B download is not wasted on a bad path
+            plot_path(args.out, [])
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -829,35 +1179,47 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print("nothing to compare: no run could be read")
         return EXIT_FAILED
+    for run in runs:
+        if run.unpinned:
+            print(unpinned_line(run))
 
     print()
     print("\n".join(config_table(runs)))
+    print()
+    print("\n".join(race_table(runs)))
     print()
     print(
         f"Envelope {envelope.get('run', '?')} (weak evidence: a check fails only on a clear contradiction; "
         f"levels on a {SMOOTH_EPISODES}-episode mean):"
     )
-    summary, all_pass = [], True
+    summary, verdicts = [], set()
     for run in runs:
         checks = check_run(run, envelope)
         print("\n".join(format_checks(run, checks)))
         print()
-        failed = [f"{c.name} ({c.scope})" for c in checks if c.status == FAIL]
-        counts = {s: sum(c.status == s for c in checks) for s in (PASS, FAIL, NO_DATA)}
-        verdict = "FAIL" if failed else "PASS"
-        all_pass = all_pass and not failed
-        line = (
-            f"  {run.label}: {verdict} ({counts[PASS]} pass, {counts[FAIL]} fail, {counts[NO_DATA]} no data)"
-        )
-        summary.append(line + (": " + "; ".join(failed) if failed else ""))
+        verdicts.add(run_verdict(checks))
+        summary.append("  " + verdict_line(run, checks))
     print("Summary:")
     print("\n".join(summary))
     for error in errors:
         print(f"  not compared: {error}")
 
-    out = plot_runs(runs, envelope, Path(args.out), args.x)
+    try:
+        out = plot_runs(runs, envelope, plot_path(args.out, runs), args.x)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except (OSError, ValueError) as error:  # no permission, full disk, a name the OS refuses
+        first_line = (str(error).strip().splitlines() or [""])[0][:160]
+        print(
+            f"error: cannot write the plot ({type(error).__name__}: {first_line}); give another --out PATH",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     print(f"Plot: {out}")
-    return EXIT_OK if all_pass and not errors else EXIT_FAILED
+    if FAIL in verdicts or errors:
+        return EXIT_FAILED
+    return EXIT_NO_VERDICT if NO_VERDICT in verdicts else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import compare_runs
-from compare_runs import DEFAULT_ENVELOPE, FAIL, NO_DATA, PASS, check_run, load_run, main
+from compare_runs import DEFAULT_ENVELOPE, FAIL, NO_DATA, NO_VERDICT, PASS, check_run, load_run, main
 from tm_config import Config, epsilon_at
 
 CONFIG = Config()
@@ -32,10 +32,15 @@ def write_run(
     departures: dict[str, Any] | None = None,
     steps: list[dict[str, Any]] | None = None,
     events: list[dict[str, Any]] | None = None,
+    unpinned: list[str] | None = None,
 ) -> Path:
-    """A metrics.jsonl as env_tm.py writes it: run, episode, step and event records; NaN as "nan"."""
+    """A metrics.jsonl as env_tm.py writes it: run, episode, step and event records; NaN as "nan". A None
+    episode value leaves the key out of that record (race_time is only written for finished episodes);
+    `unpinned` goes into the start record as env_tm.py writes it (older runs have no such key)."""
 
     def clean(value: Any) -> Any:
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
         if isinstance(value, (float, np.floating)):
             return float(value) if math.isfinite(value) else str(float(value))
         if isinstance(value, np.integer):
@@ -43,12 +48,13 @@ def write_run(
         return value
 
     folder.mkdir(parents=True, exist_ok=True)
-    records: list[dict[str, Any]] = [
-        {"kind": "run", "step": 0, "event": "start", "env": "embedded", "departures": departures or {}}
-    ]
+    start = {"kind": "run", "step": 0, "event": "start", "env": "embedded", "departures": departures or {}}
+    if unpinned is not None:
+        start["unpinned"] = unpinned
+    records: list[dict[str, Any]] = [start]
     for i in range(len(episodes["episode"])):
         record = {"kind": "episode", "length": 250, "terminated": True, "beta": 1.0, "seconds": 12.5}
-        record.update({key: clean(values[i]) for key, values in episodes.items()})
+        record.update({key: clean(values[i]) for key, values in episodes.items() if values[i] is not None})
         records.append(record)
     records += steps or []
     records += events or []
@@ -113,6 +119,21 @@ def no_plot(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
 
 def by_name(checks: list[compare_runs.Check]) -> dict[tuple[str, str], str]:
     return {(c.scope, c.name): c.status for c in checks}
+
+
+def race_episodes(finished: list[bool | None], times: dict[int, float], n_steps: int = 252) -> dict[str, Any]:
+    """Episodes 1..n with the healthy curves plus the race fields as env_tm.py writes them: `finished`
+    (None: not recorded), and `race_time` only on finished episodes (episode number -> seconds)."""
+    episodes: dict[str, Any] = {k: v[: len(finished)] for k, v in healthy_episodes(len(finished)).items()}
+    episodes["step"] = n_steps * episodes["episode"]
+    episodes["finished"] = np.array(finished, dtype=object)
+    episodes["race_time"] = np.array([times.get(i + 1) for i in range(len(finished))], dtype=object)
+    return episodes
+
+
+# 10 episodes, 5 finished; the best time (47.25 s) comes at episode 8, step 8 * 252 = 2,016
+RACE_FINISHED = [False, True, False, True, True, False, False, True, False, True]
+RACE_TIMES = {2: 50.0, 4: 48.5, 5: 49.0, 8: 47.25, 10: 48.0}
 
 
 def read_png_size(path: Path) -> tuple[int, int]:
@@ -183,7 +204,7 @@ def test_healthy_vs_failed_prints_departures_and_draws_one_png(
     assert row.split()[1:] == ["0.0001", "0.0001", "0.001"]  # known-good, healthy, soft-updates
     assert "healthy: PASS" in text and "soft-updates: FAIL" in text
     width, height = read_png_size(out)
-    assert (width, height) == (1300, 850)
+    assert (width, height) == (1600, 850)
     assert out.stat().st_size > 20_000  # curves and bands, not a blank canvas
 
 
@@ -192,9 +213,12 @@ def test_different_lengths_and_a_missing_metric(tmp_path: Path, capsys: pytest.C
     short_episodes = healthy_episodes(300, seed=1)
     short = write_run(tmp_path / "short", {k: v for k, v in short_episodes.items() if k != "loss"})
     out = tmp_path / "mixed.png"
-    assert main([str(long), str(short), "--out", str(out)]) == 0
+    # 13 of the short run's 22 checks have no data: no check failed, but that is not a pass either
+    assert main([str(long), str(short), "--out", str(out)]) == compare_runs.EXIT_NO_VERDICT == 3
     text = capsys.readouterr().out
     assert "NO DATA" in text and "no loss data" in text
+    assert "  long: PASS (22 pass, 0 fail, 0 no data)\n" in text
+    assert "  short: NO VERDICT (9 pass, 0 fail, 13 no data): too little data to judge\n" in text
     status = by_name(check_run(load_run(str(short)), DEFAULT_ENVELOPE))
     assert status[("episodes 0-500", "loss_level")] == NO_DATA
     assert status[("whole run", "loss_spike")] == NO_DATA
@@ -242,7 +266,7 @@ def test_recorded_fatal_red_flags_fail_the_run(tmp_path: Path) -> None:
 def test_plot_against_steps(tmp_path: Path) -> None:
     run = load_run(str(write_run(tmp_path / "r", healthy_episodes(400))))
     out = compare_runs.plot_runs([run], DEFAULT_ENVELOPE, tmp_path / "steps.png", x_axis="step")
-    assert read_png_size(out) == (1300, 850)
+    assert read_png_size(out) == (1600, 850)
 
 
 # --- usage errors ----------------------------------------------------------------------------------
@@ -352,7 +376,17 @@ def test_wandb_and_jsonl_runs_compare_together(
     assert online_wandb.calls == ["my-entity/rainbow-tm/c643zifs"]
     row = next(line for line in text.splitlines() if line.strip().startswith("batch_size"))
     assert row.split()[1:] == ["32", "64", "32"]
-    assert "c643zifs-name" in text and code in (0, 1)
+    assert "c643zifs-name: PASS (17 pass, 0 fail, 4 no data)" in text and code == 0
+
+
+def test_a_wandb_run_alone_is_compared(
+    online_wandb: type[FakeApi], capsys: pytest.CaptureFixture[str], no_plot: list[Path]
+) -> None:
+    # it records only some config keys: the others have nothing to be compared with (this used to crash)
+    assert main(["my-entity/rainbow-tm/c643zifs"]) == 0
+    text = capsys.readouterr().out
+    assert "none: every run uses the known-good values" in text and "UNPINNED" not in text
+    assert "  c643zifs-name  no race data (its episodes do not record `finished`)" in text
 
 
 def test_offline_wandb_is_one_line_and_never_calls_the_api(
@@ -427,3 +461,338 @@ def test_detect_keys_maps_common_names() -> None:
     loose = compare_runs.detect_keys(["train/avg_reward_per_episode", "charts/q_value_greedy", "losses/iqn"])
     assert loose["reward"] == "train/avg_reward_per_episode" and loose["q_mean"] == "charts/q_value_greedy"
     assert loose["loss"] is None and loose["episode"] is None
+
+
+# --- unpinned runs ---------------------------------------------------------------------------------
+FAST_LR = {"learning_rate": {"pinned": 0.0001, "used": 0.0003}}
+
+
+def test_a_recorded_unpinned_run_is_reported_and_marked_in_the_legend(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_plot: list[Path]
+) -> None:
+    fast = write_run(tmp_path / "fast-lr", healthy_episodes(600), FAST_LR, unpinned=["learning_rate"])
+    pinned = write_run(tmp_path / "pinned", healthy_episodes(600), unpinned=[])
+    assert load_run(str(fast)).unpinned == {"learning_rate": 0.0003}
+    assert load_run(str(pinned)).unpinned == {}
+    main([str(fast), str(pinned), "--out", str(tmp_path / "u.png")])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if "UNPINNED" in line] == [
+        "UNPINNED fast-lr: departs from the sacred learning_rate (0.0003, pinned 0.0001)"
+    ]
+    figure = compare_runs.build_figure([load_run(str(fast)), load_run(str(pinned))], DEFAULT_ENVELOPE)
+    for ax in figure.axes:  # every legend: the metric panels' and the race panel's
+        legend = ax.get_legend()
+        texts = [t.get_text() for t in legend.get_texts()] if legend else []
+        assert "fast-lr" not in texts
+        if "pinned" in texts:
+            assert "fast-lr (unpinned)" in texts and "pinned (unpinned)" not in texts
+    assert "fast-lr (unpinned) vs pinned against" in figure.get_suptitle()
+
+
+def test_an_older_run_without_the_record_is_caught_by_its_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_plot: list[Path]
+) -> None:
+    departures = {
+        "target_network_update_frequency": {"pinned": 1500, "used": 500},
+        "epsilon_decay_to": {"pinned": 2_500_000, "used": 250_000},
+        "batch_size": {"pinned": 32, "used": 64},  # not sacred: a departure, not an unpinned run
+    }
+    old = write_run(tmp_path / "old", healthy_episodes(600), departures)  # no "unpinned" key at all
+    batch = write_run(tmp_path / "batch", healthy_episodes(600), {"batch_size": {"pinned": 32, "used": 64}})
+    assert load_run(str(old)).unpinned == {
+        "target_network_update_frequency": 500,
+        "epsilon_decay_to": 250_000,
+    }
+    assert load_run(str(batch)).unpinned == {}
+    main([str(old), str(batch), "--out", str(tmp_path / "o.png")])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "UNPINNED" in line]
+    assert lines == [
+        "UNPINNED old: departs from the sacred target_network_update_frequency (500, pinned 1500), "
+        "epsilon_decay_to (250000, pinned 2500000)"
+    ]
+
+
+def test_a_recorded_key_without_its_value_is_still_reported(tmp_path: Path) -> None:
+    run = load_run(str(write_run(tmp_path / "r", healthy_episodes(30), unpinned=["learning_rate"])))
+    assert compare_runs.unpinned_line(run) == (
+        "UNPINNED r: departs from the sacred learning_rate (0.0001, pinned 0.0001)"
+    )  # the config says pinned but the run says unpinned: the record wins, and the value is shown as is
+    run.unpinned = {"learning_rate": None}
+    assert compare_runs.unpinned_line(run).endswith("learning_rate (value not recorded, pinned 0.0001)")
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"learning_rate": 0.0003, "unpinned": ["learning_rate"]}, {"learning_rate": 0.0003}),
+        ({"learning_rate": {"value": 0.0003, "desc": None}}, {"learning_rate": 0.0003}),  # no record
+        ({"target_network_update_frequency": 500}, {"target_network_update_frequency": 500}),
+        ({"target_network_update_frequency": 1500.0, "unpinned": []}, {}),  # a float for the int: same value
+        (
+            {"learning_rate": 0.0001, "epsilon_end": 0.05, "epsilon_cutoff": 10},
+            {"epsilon_end": 0.05, "epsilon_cutoff": 10},
+        ),
+    ],
+)
+def test_wandb_runs_are_caught_too(
+    online_wandb: type[FakeApi],
+    monkeypatch: pytest.MonkeyPatch,
+    config: dict[str, Any],
+    expected: dict[str, Any],
+) -> None:
+    original = FakeApi.run
+
+    def with_config(self: FakeApi, path: str) -> FakeRun:
+        run = original(self, path)
+        run.config = {**run.config, **config}
+        return run
+
+    monkeypatch.setattr(FakeApi, "run", with_config)
+    run = load_run("my-entity/rainbow-tm/c643zifs")
+    assert run.unpinned == expected
+    assert "unpinned" not in run.config  # a record about the config, not a config key to compare
+
+
+# --- race results ----------------------------------------------------------------------------------
+def test_race_results_table(tmp_path: Path, capsys: pytest.CaptureFixture[str], no_plot: list[Path]) -> None:
+    racer = write_run(tmp_path / "racer", race_episodes(RACE_FINISHED, RACE_TIMES))
+    never = write_run(tmp_path / "never", race_episodes([False] * 4, {}))
+    old = write_run(tmp_path / "old", healthy_episodes(10))  # episodes without `finished`
+    summary = compare_runs.race_summary(load_run(str(racer)))
+    assert summary == compare_runs.RaceSummary(
+        episodes=10, finished=5, best=47.25, best_episode=8, best_step=2016, median=48.5
+    )
+    assert summary.rate == 0.5
+    assert compare_runs.race_summary(load_run(str(old))) is None
+
+    main([str(racer), str(never), str(old), "--out", str(tmp_path / "r.png")])
+    text = capsys.readouterr().out
+    table = text[text.index("Race results") : text.index("Envelope")].splitlines()
+    assert table[1].split() == ["run", "episodes", "finished", "finish", "rate", "best", "time", "best", "at",
+                                "median", "time"]  # fmt: skip
+    rows = {line.split()[0]: line for line in table[2:] if line.strip()}
+    assert rows["racer"].split() == ["racer", "10", "5", "50.0%", "47.250", "episode", "8", "(step", "2,016)",
+                                     "48.500"]  # fmt: skip
+    assert rows["never"].split() == ["never", "4", "0", "0.0%", "-", "-", "-"]
+    assert rows["old"].split(maxsplit=1)[1] == "no race data (its episodes do not record `finished`)"
+    assert "%" not in rows["old"]  # never 0%
+
+
+def test_race_results_over_the_episodes_that_record_them(tmp_path: Path) -> None:
+    finished: list[bool | None] = [None] * 6 + [True, False, True, False]  # a run upgraded mid-way
+    run = load_run(str(write_run(tmp_path / "mixed", race_episodes(finished, {7: 61.5, 9: 60.25}))))
+    summary = compare_runs.race_summary(run)
+    assert summary is not None and (summary.episodes, summary.finished, summary.best) == (4, 2, 60.25)
+    assert summary.median == pytest.approx(60.875) and summary.best_episode == 9
+    assert compare_runs.race_table([run])[-1] == (
+        "  mixed: 4 of 10 episodes record `finished` (the others predate it); its finish rate is over those"
+    )
+
+
+def test_a_race_time_without_a_finish_is_not_a_race(tmp_path: Path) -> None:
+    episodes = race_episodes([True, False, True], {1: 55.0, 3: 52.0})
+    episodes["race_time"][1] = 40.0  # a stray value on an unfinished episode must not become the best
+    run = load_run(str(write_run(tmp_path / "stray", episodes)))
+    assert np.isnan(run.race_time[1]) and run.race_time[2] == 52.0
+    assert compare_runs.race_summary(run).best == 52.0
+
+
+def test_wandb_race_columns(online_wandb: type[FakeApi], monkeypatch: pytest.MonkeyPatch) -> None:
+    original = FakeApi.run
+
+    def with_races(self: FakeApi, path: str) -> FakeRun:
+        run = original(self, path)
+        for row in run._rows:
+            if "Episode" in row:  # our W&B mirror of the JSONL: episode/finished, episode/race_time
+                row["episode/finished"] = row["Episode"] % 3 == 0
+                if row["Episode"] % 3 == 0:
+                    row["episode/race_time"] = 100.0 - row["Episode"] / 10
+        return run
+
+    monkeypatch.setattr(FakeApi, "run", with_races)
+    summary = compare_runs.race_summary(load_run("my-entity/rainbow-tm/c643zifs"))
+    assert summary == compare_runs.RaceSummary(
+        episodes=600, finished=200, best=40.0, best_episode=600, best_step=1200, median=pytest.approx(69.85)
+    )
+    assert compare_runs.detect_race_keys(["_step", "Episode", "Loss"]) == {
+        "finished": None,
+        "race_time": None,
+    }
+
+
+@pytest.mark.parametrize("x_axis", ["episode", "step"])
+def test_race_panel_draws_finished_times_and_best_so_far(tmp_path: Path, x_axis: str) -> None:
+    racer = load_run(str(write_run(tmp_path / "racer", race_episodes(RACE_FINISHED, RACE_TIMES))))
+    old = load_run(str(write_run(tmp_path / "old", healthy_episodes(10))))
+    never = load_run(str(write_run(tmp_path / "never", race_episodes([False] * 4, {}))))
+    figure = compare_runs.build_figure([racer, old, never], DEFAULT_ENVELOPE, x_axis=x_axis)
+    race = figure.axes[4]
+    assert race.get_title().startswith("race time of finished episodes")
+    assert "never finished: never" in race.get_title() and "no race data: old" in race.get_title()
+    dots, best = race.lines[0], race.lines[1]
+    scale = 1 if x_axis == "episode" else 252
+    assert list(dots.get_xdata()) == [scale * e for e in (2, 4, 5, 8, 10)]
+    assert list(dots.get_ydata()) == [50.0, 48.5, 49.0, 47.25, 48.0] and dots.get_linestyle() == "None"
+    assert list(best.get_ydata()) == [50.0, 48.5, 48.5, 47.25, 47.25]
+    assert best.get_drawstyle() == "steps-post" and best.get_color() == dots.get_color()
+    assert race.get_xlabel() == ("episode" if x_axis == "episode" else "environment step")
+
+
+# --- verdicts --------------------------------------------------------------------------------------
+def checks_of(passed: int, failed: int, no_data: int) -> list[compare_runs.Check]:
+    statuses = [PASS] * passed + [FAIL] * failed + [NO_DATA] * no_data
+    return [compare_runs.Check("whole run", f"c{i}", status, "", "") for i, status in enumerate(statuses)]
+
+
+@pytest.mark.parametrize(
+    ("counts", "verdict"),
+    [
+        ((2, 0, 20), NO_VERDICT),  # the user's report: read as PASS before
+        ((0, 0, 22), NO_VERDICT),
+        ((0, 0, 0), NO_VERDICT),
+        ((9, 0, 13), NO_VERDICT),
+        ((11, 0, 11), PASS),  # half: not the majority
+        ((18, 0, 4), PASS),
+        ((1, 0, 0), PASS),
+        ((2, 1, 20), FAIL),
+        ((0, 1, 0), FAIL),
+    ],
+)
+def test_run_verdict(counts: tuple[int, int, int], verdict: str) -> None:
+    assert compare_runs.run_verdict(checks_of(*counts)) == verdict
+
+
+def test_no_data_never_reads_as_pass(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_plot: list[Path]
+) -> None:
+    empty = write_run(tmp_path / "empty", {"episode": np.arange(0)})
+    assert main([str(empty), "--out", str(tmp_path / "e.png")]) == 3
+    summary = capsys.readouterr().out.split("Summary:\n")[1].splitlines()
+    assert summary[0] == "  empty: NO VERDICT (2 pass, 0 fail, 20 no data): too little data to judge"
+    assert "PASS" not in summary[0].split("(")[0]
+
+    healthy = write_run(tmp_path / "healthy", healthy_episodes(600))
+    failed = write_run(tmp_path / "failed", failed_episodes(), FAILED_DEPARTURES)
+    assert main([str(healthy), str(empty), "--out", str(tmp_path / "e.png")]) == 3
+    assert main([str(failed), str(empty), "--out", str(tmp_path / "e.png")]) == 1  # a FAIL outranks it
+    assert main([str(empty), str(tmp_path / "missing"), "--out", str(tmp_path / "e.png")]) == 1
+    assert main([str(healthy), "--out", str(tmp_path / "e.png")]) == 0
+
+
+def test_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "exit codes: 0 every run PASSes; 1 a run FAILs or could not be read; 3 none failed" in text
+    assert "NO VERDICT" in text and "2 usage errors" in text
+    assert "default: comparison.png in the first run's folder" in text
+    assert "exit code: 0 when every run has the verdict pass" in " ".join(
+        compare_runs.__doc__.lower().split()
+    )
+
+
+# --- plots -----------------------------------------------------------------------------------------
+def run_line(ax: Any, label: str) -> Any:
+    return next(line for line in ax.lines if line.get_label() == label)
+
+
+def test_short_and_gappy_series_are_drawn_with_markers(tmp_path: Path) -> None:
+    single = load_run(str(write_run(tmp_path / "single", healthy_episodes(1))))
+    long = load_run(str(write_run(tmp_path / "long", healthy_episodes(400))))
+    gappy = load_run(str(write_run(tmp_path / "gappy", healthy_episodes(400))))
+    gappy.step[:] = np.nan  # no steps: the gaps cannot be interpolated, the points stay isolated
+    gappy.q_mean[np.arange(400) % 3 != 0] = np.nan  # 134 points, no two of them neighbours
+    figure = compare_runs.build_figure([single, long, gappy], DEFAULT_ENVELOPE)
+    reward, q = figure.axes[0], figure.axes[1]
+    assert run_line(reward, "single").get_marker() == "o"
+    assert len(run_line(reward, "single").get_xdata()) == 1
+    assert run_line(reward, "long").get_marker() == "None"
+    assert run_line(reward, "gappy").get_marker() == "None"  # its rewards are complete
+    assert run_line(q, "gappy").get_marker() == "o"
+
+    assert compare_runs.needs_markers(np.ones(1, dtype=bool))
+    assert compare_runs.needs_markers(np.ones(49, dtype=bool))
+    assert not compare_runs.needs_markers(np.ones(50, dtype=bool))
+    assert compare_runs.needs_markers(np.arange(300) % 2 == 0)  # 150 points, none next to another
+    assert not compare_runs.needs_markers(np.arange(300) % 3 != 0)  # pairs of neighbours
+
+
+def test_the_plot_goes_into_the_first_runs_folder_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = write_run(tmp_path / "runs" / "first", healthy_episodes(60))
+    second = write_run(tmp_path / "runs" / "second", healthy_episodes(60, seed=1))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    main([str(first), str(second)])
+    assert f"Plot: {first / 'comparison.png'}\n" in capsys.readouterr().out
+    assert read_png_size(first / "comparison.png") == (1600, 850)
+    assert not (elsewhere / "comparison.png").exists() and not (second / "comparison.png").exists()
+
+
+def test_default_plot_path_for_a_file_and_for_a_wandb_first_run(
+    online_wandb: type[FakeApi],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    no_plot: list[Path],
+) -> None:
+    ours = write_run(tmp_path / "ours", healthy_episodes(60))
+    monkeypatch.chdir(tmp_path)
+    main([str(ours / "metrics.jsonl")])
+    main(["my-entity/rainbow-tm/c643zifs", str(ours)])
+    assert no_plot == [ours / "comparison.png", Path("comparison.png")]
+    assert capsys.readouterr().out.rstrip().endswith("Plot: comparison.png")
+
+
+def test_out_creates_folders_and_names_a_png(tmp_path: Path, no_plot: list[Path]) -> None:
+    run = write_run(tmp_path / "r", healthy_episodes(60))
+    main([str(run), "--out", str(tmp_path / "a" / "b" / "cmp")])
+    assert no_plot == [tmp_path / "a" / "b" / "cmp.png"]  # savefig would add .png itself: say so
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        (".", "is a folder; give a file name"),
+        ("a-file/plot.png", "a-file is a file, not a folder"),
+        ("plot.xyz", "'.xyz' is not a picture type matplotlib writes"),
+    ],
+)
+def test_a_bad_out_path_is_one_line_and_exit_2_before_anything_is_read(
+    online_wandb: type[FakeApi],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    out: str,
+    message: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("x", encoding="utf-8")
+    assert main(["my-entity/rainbow-tm/c643zifs", "--out", out]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: --out ") and captured.err.count("\n") == 1
+    assert message in captured.err and "Traceback" not in captured.err
+    assert online_wandb.calls == [] and captured.out == ""  # nothing was downloaded, nothing printed
+
+
+def test_a_plot_that_cannot_be_written_is_one_line_and_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def refuse(runs: Any, envelope: Any, out: Path, x_axis: str = "episode") -> Path:
+        raise PermissionError(13, "Permission denied", str(out))
+
+    monkeypatch.setattr(compare_runs, "plot_runs", refuse)
+    run = write_run(tmp_path / "r", healthy_episodes(600))
+    assert main([str(run)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (
+        f"error: cannot write the plot (PermissionError: [Errno 13] Permission denied: "
+        f"'{run / 'comparison.png'}'); give another --out PATH\n"
+    )
+    assert "r: PASS" in captured.out and "Plot:" not in captured.out
+
+
+def test_the_default_plot_is_git_ignored() -> None:
+    ignored = (Path(__file__).resolve().parent.parent / ".gitignore").read_text(encoding="utf-8").splitlines()
+    assert "comparison.png" in ignored
