@@ -34,7 +34,7 @@ from health import DIAG_MIN_LEARN_STEPS, FATAL_FLAGS, HealthMonitor, RedFlag, di
 from rainbow import ACTION_VECTORS, RainbowAgent, epsilon_at, resolve_device
 from replay import PrioritizedReplay
 from run_log import METRICS_FILE, RunLog, read_jsonl, truncate_after_step
-from tm_config import Config, ConfigError, describe_departures
+from tm_config import Config, ConfigError, check_sacred_assignments, describe_departures, unpinned_keys
 from trackmania import (  # imports tmrl lazily (Windows-only): importing this module costs nothing
     GameNotRespondingError,
     TrackManiaSetupError,
@@ -109,6 +109,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override a config value (repeatable); logged as a departure from the known-good config",
     )
+    unpin = parser.add_argument_group(
+        "unpinning (the three sacred invariants of the known-good run; README: The known-good config)"
+    )
+    unpin.add_argument(
+        "--unpin-target-update",
+        action="store_true",
+        help="allow --set target_network_update_frequency=...; the run is marked unpinned",
+    )
+    unpin.add_argument(
+        "--unpin-learning-rate", action="store_true", help="allow --set learning_rate=...; marked unpinned"
+    )
+    unpin.add_argument(
+        "--unpin-epsilon",
+        action="store_true",
+        help="allow --set of epsilon_start, epsilon_end, epsilon_decay_to, epsilon_cutoff; marked unpinned",
+    )
     parser.add_argument("--no-wandb", action="store_true", help="log to the local JSONL file only")
     parser.add_argument(
         "--on-red-flag",
@@ -137,6 +153,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "held-out tracks and log their returns; 0: never",
     )
     parser.add_argument("--eval-episodes", type=int, default=5, help="episodes per evaluation")
+    parser.add_argument(
+        "--learner",
+        choices=["beside", "inline"],
+        default="inline",
+        help="beside: learn in a process beside the actor, so the game never waits for a learn step; "
+        "inline: act and learn in turn in one process (exact reproduction of a recorded run)",
+    )
     parser.add_argument("--wandb-project", default=None, help="W&B project (default: config wandb_project)")
     scale = parser.add_argument_group(
         "scale out (several game PCs, one learner; see README: Running across machines)"
@@ -349,6 +372,7 @@ def collect_state(agent: RainbowAgent, replay: PrioritizedReplay, run: RunState,
     return {
         "config": config.to_dict(),
         "departures": config.departures(),
+        "unpinned": unpinned_keys(config),
         "step": run.step,
         "episode": run.episode,
         # epsilon and beta are restored from the step and the replay memory; kept here for people reading
@@ -616,10 +640,11 @@ class Session:
         self.log = RunLog(self.run_dir)
         self.progress = Progress(self.total_steps)
         self.progress.restart_rate(self.run.step)
+        unpinned = unpinned_keys(config)
         if not args.no_wandb:
             project = args.wandb_project or config.wandb_project
             self.run.wandb_run_id = self.log.start_wandb(
-                project, self.run_name, self.run.wandb_run_id, config.to_dict(), config.departures()
+                project, self.run_name, self.run.wandb_run_id, config.to_dict(), config.departures(), unpinned
             )
         for note in notes:
             self.progress.message(note)
@@ -631,10 +656,15 @@ class Session:
         self.progress.message(
             "departures from the known-good config: " + ("; ".join(departures) if departures else "none")
         )
+        if unpinned:
+            self.progress.message(
+                f"UNPINNED run: it departs from the sacred {', '.join(unpinned)} of the known-good config "
+                "(allowed by --unpin-*); it is marked unpinned in its metrics, W&B and checkpoints"
+            )
         self.progress.message(self.log.wandb_note)
         self.log.write(
             "run", self.run.step, event="start", env=env_name, device=self.device.type,
-            departures=config.departures(),
+            departures=config.departures(), unpinned=unpinned,
         )  # fmt: skip
         self.monitor = self.new_monitor()
         self.failed_saves = 0
@@ -710,6 +740,9 @@ class Session:
         agent_seed, replay_seed = stream_seeds(self.args.seed + 7919 * self.rollbacks)
         self.agent.rng = np.random.default_rng(agent_seed)
         self.replay.reseed(replay_seed)
+        torch.manual_seed(agent_seed)  # new noise and taus: restored, torch's stream would draw the same ones
+        self.agent.online.reset_noise()
+        self.agent.target.reset_noise()
         self.monitor = self.new_monitor()
         self.progress.restart_rate(self.run.step)
         self.log.truncate_after_step(self.run.step)
@@ -781,7 +814,7 @@ class Session:
     ) -> list[RedFlag]:
         run = self.run
         run.episode += 1
-        last_epsilon = epsilon_at(max(run.step - 1, 0), self.config)  # of the episode's last action
+        last_epsilon = self.agent.epsilon  # the one the episode's last action was chosen with, as used
         run.interval_rewards.append(reward)
         self.log.write(
             "episode",
@@ -929,11 +962,22 @@ def report_diagnosis(result: TrainResult) -> int:
     return EXIT_OK if verdict(criteria) else EXIT_NO_GO
 
 
+def unpin_flags(args: argparse.Namespace) -> set[str]:
+    """The --unpin-* flags given on the command line."""
+    given = {
+        "--unpin-target-update": args.unpin_target_update,
+        "--unpin-learning-rate": args.unpin_learning_rate,
+        "--unpin-epsilon": args.unpin_epsilon,
+    }
+    return {flag for flag, present in given.items() if present}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.diagnose is not None:
         args.steps = args.diagnose
     try:
+        check_sacred_assignments(args.overrides, unpin_flags(args))
         if args.role != "single" or args.make_tls_credentials:
             import distributed  # imports tmrl's networking only when a role needs it
 

@@ -194,14 +194,20 @@ class IQNNetwork(nn.Module):
         return x
 
 
-def _adamw(params: list[nn.Parameter], lr: float) -> tuple[torch.optim.AdamW, dict[str, Any]]:
+def _adamw(
+    params: list[nn.Parameter], lr: float, weight_decay: float
+) -> tuple[torch.optim.AdamW, dict[str, Any]]:
     """AdamW with its fused kernel (one kernel for all parameters) where torch has one for the device,
     else the multi-tensor (foreach) one; the update is AdamW's either way. Returns the optimizer and the
-    implementation flags, which `RainbowAgent.load_state_dict` re-applies over a checkpoint's."""
+    implementation flags, which `RainbowAgent.load_state_dict` re-applies over a checkpoint's.
+
+    The weight decay is the pinned config value, applied to every parameter (noisy sigmas and BatchNorm
+    included), as the reference's `AdamW(params, lr)` did with torch's default of 0.01."""
+    options = {"lr": lr, "weight_decay": weight_decay}
     try:
-        return torch.optim.AdamW(params, lr=lr, fused=True), {"fused": True, "foreach": None}
+        return torch.optim.AdamW(params, **options, fused=True), {"fused": True, "foreach": None}
     except (RuntimeError, TypeError, ValueError):  # e.g. torch < 2.4 has no fused AdamW on the CPU
-        return torch.optim.AdamW(params, lr=lr, foreach=True), {"fused": None, "foreach": True}
+        return torch.optim.AdamW(params, **options, foreach=True), {"fused": None, "foreach": True}
 
 
 # --- loss ------------------------------------------------------------------------------------------
@@ -235,9 +241,12 @@ class RainbowAgent:
         self.target.requires_grad_(False)
         self._online_modules = tuple(self.online.modules())
         # Constant learning rate by design (seed 004): no scheduler exists anywhere in this project.
-        self.optimizer, self._optimizer_impl = _adamw(list(self.online.parameters()), config.learning_rate)
+        self.optimizer, self._optimizer_impl = _adamw(
+            list(self.online.parameters()), config.learning_rate, config.weight_decay
+        )
         self.rng = np.random.default_rng(seed)
-        self.learn_steps = 0
+        self.learn_steps = 0  # learn steps run, skipped ones included (the replay ratio counts these)
+        self.applied_steps = 0  # gradient updates applied: the clock of the hard target copy
         self.target_updates = 0
         self.skipped_steps = 0  # learn steps whose loss or gradients were not finite
         self.consecutive_skipped_steps = 0
@@ -257,7 +266,7 @@ class RainbowAgent:
         self._online_mode(training=False)
         frames_t = torch.as_tensor(frames, device=self.device).unsqueeze(0)
         car_t = torch.as_tensor(car, dtype=torch.float32, device=self.device).unsqueeze(0)
-        taus = torch.rand(1, self.config.n_tau_action, device=self.device)
+        taus = self._quantile_fractions(1, self.config.n_tau_action)
         q = self.online(frames_t, car_t, taus).mean(dim=1)
         return int(q.argmax(dim=1).item())
 
@@ -266,6 +275,10 @@ class RainbowAgent:
         small CPU, several calls per env step): the same flag set on the same modules."""
         for module in self._online_modules:
             module.__dict__["training"] = training  # a plain attribute: skip Module.__setattr__'s checks
+
+    def _quantile_fractions(self, rows: int, count: int) -> torch.Tensor:
+        """Quantile fractions tau ~ U(0, 1), (rows, count): every tau of the agent is drawn here."""
+        return torch.rand(rows, count, device=self.device)
 
     # learning -------------------------------------------------------------------------------------
     def _batch_to_device(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -280,11 +293,14 @@ class RainbowAgent:
 
         self._online_mode(training=True)
         self.online.reset_noise()
-        taus = torch.rand(n_batch, cfg.n_tau_train, device=self.device)
+        taus = self._quantile_fractions(n_batch, cfg.n_tau_train)  # the online quantile fractions
+        target_taus = self._quantile_fractions(
+            n_batch, cfg.n_tau_train
+        )  # where the target distribution is read
         quantiles = self.online(batch["frames"], batch["car"], taus)  # (B, N, A)
         taken = quantiles.gather(2, batch["action"].view(-1, 1, 1).expand(-1, cfg.n_tau_train, 1)).squeeze(2)
 
-        target_quantiles, _ = self.td_targets(batch)
+        target_quantiles, _ = self.td_targets(batch, target_taus)
 
         per_sample, abs_delta = quantile_huber_loss(taken, taus, target_quantiles, cfg.huber_kappa)
         loss = (batch["weights"] * per_sample).mean()
@@ -312,19 +328,21 @@ class RainbowAgent:
         loss_v, grad_norm_v, q_mean, q_min, q_max, q_std, q_greedy, target_mean, target_max = summary.tolist()
 
         finite = math.isfinite(loss_v) and math.isfinite(grad_norm_v) and bool(np.isfinite(td_error_np).all())
+        self.learn_steps += 1
         if finite:
             self.optimizer.step()
             self.replay.update_priorities(batch_np["indices"], td_error_np)
+            self.replay.advance_beta()
             self.consecutive_skipped_steps = 0
+            self.applied_steps += 1
+            if self.applied_steps % cfg.target_network_update_frequency == 0:
+                self.update_target_network()
         else:
             # Never let NaN/inf reach the weights or the optimizer's moments: drop this step's gradients.
+            # A skipped step changed nothing, so it moves neither the target-copy clock nor beta either.
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
             self.consecutive_skipped_steps += 1
-
-        self.learn_steps += 1
-        if self.learn_steps % cfg.target_network_update_frequency == 0:
-            self.update_target_network()
 
         return {
             "loss": loss_v,
@@ -343,23 +361,31 @@ class RainbowAgent:
             "epsilon": self.epsilon,
             "learning_rate": self.optimizer.param_groups[0]["lr"],
             "learn_step": self.learn_steps,
+            "applied_steps": self.applied_steps,
             "skipped": 0.0 if finite else 1.0,
             "skipped_total": self.skipped_steps,
         }
 
     @torch.no_grad()
-    def td_targets(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """1-step target quantiles (B, n_tau_train) and the next action chosen for each sample."""
+    def td_targets(
+        self, batch: dict[str, torch.Tensor], target_taus: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target quantiles (B, n_tau_train) at `target_taus` (drawn here if None), and the next action.
+
+        target = reward + discount * Z_target(next state, next action), where the replay gives `reward`
+        (the discounted return over the sampled steps) and `discount` (gamma ** steps, 0 after a
+        termination: a truncated episode keeps its future)."""
         cfg = self.config
         n_batch = batch["reward"].shape[0]
         self.target.reset_noise()
-        next_taus = torch.rand(n_batch, cfg.n_tau_train, device=self.device)
-        next_target = self.target(batch["next_frames"], batch["next_car"], next_taus)  # (B, N', A)
+        if target_taus is None:
+            target_taus = self._quantile_fractions(n_batch, cfg.n_tau_train)
+        next_target = self.target(batch["next_frames"], batch["next_car"], target_taus)  # (B, N', A)
         if cfg.use_doubleDQN:
             # Double DQN: the online net chooses the next action, the target net evaluates it.
             was_training = self.online.training
             self._online_mode(training=False)
-            action_taus = torch.rand(n_batch, cfg.n_tau_action, device=self.device)
+            action_taus = self._quantile_fractions(n_batch, cfg.n_tau_action)
             next_action = self.online(batch["next_frames"], batch["next_car"], action_taus).mean(1).argmax(1)
             self._online_mode(training=was_training)
         else:
@@ -367,9 +393,7 @@ class RainbowAgent:
         next_value = next_target.gather(2, next_action.view(-1, 1, 1).expand(-1, cfg.n_tau_train, 1)).squeeze(
             2
         )
-        # Only termination cuts the bootstrap: a truncated (time-limit) transition keeps its future.
-        not_done = 1.0 - batch["terminated"].unsqueeze(1)
-        return batch["reward"].unsqueeze(1) + cfg.discount_factor * not_done * next_value, next_action
+        return batch["reward"].unsqueeze(1) + batch["discount"].unsqueeze(1) * next_value, next_action
 
     def update_target_network(self) -> None:
         """Hard copy: the target becomes the online net (weights and BatchNorm statistics), then frozen."""
@@ -384,6 +408,7 @@ class RainbowAgent:
             "target": self.target.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "learn_steps": self.learn_steps,
+            "applied_steps": self.applied_steps,
             "target_updates": self.target_updates,
             "skipped_steps": self.skipped_steps,
             "epsilon": self.epsilon,
@@ -400,6 +425,7 @@ class RainbowAgent:
         for group in self.optimizer.param_groups:
             group.update(self._optimizer_impl)
         self.learn_steps = int(state["learn_steps"])
+        self.applied_steps = int(state["applied_steps"])
         self.target_updates = int(state["target_updates"])
         self.skipped_steps = int(state["skipped_steps"])
         self.epsilon = float(state["epsilon"])

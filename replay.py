@@ -173,6 +173,8 @@ class PrioritizedReplay:
         beta_increment: float = 0.001,
         priority_epsilon: float = 1e-6,
         prioritized: bool = True,
+        discount_factor: float = 0.997,
+        n_step: int = 1,
         seed: int = 0,
     ) -> None:
         if capacity < 1:
@@ -185,6 +187,8 @@ class PrioritizedReplay:
             raise ValueError(f"beta must be in [0, 1], got {beta}")
         if beta_increment < 0:
             raise ValueError(f"beta_increment must be >= 0, got {beta_increment}")
+        if not 0.0 <= discount_factor < 1.0:
+            raise ValueError(f"discount_factor must be in [0, 1), got {discount_factor}")
         if not priority_epsilon > 0:
             raise ValueError(
                 f"priority_epsilon must be > 0 (keeps every transition drawable), got {priority_epsilon}"
@@ -197,6 +201,10 @@ class PrioritizedReplay:
         self.beta_increment = float(beta_increment)
         self.priority_epsilon = float(priority_epsilon)
         self.prioritized = bool(prioritized)
+        self.discount_factor = float(discount_factor)
+        if n_step < 1:
+            raise ValueError(f"n_step must be >= 1, got {n_step}")
+        self.n_step = int(n_step)
         # 1/16 spare frames absorb the `stack` reset frames of episodes >= 16 * stack steps long; 2 * stack
         # more keep the open episode's current observation and the frame being written clear of them.
         self.frame_capacity = self.capacity + self.capacity // 16 + 2 * self.stack
@@ -234,6 +242,8 @@ class PrioritizedReplay:
             beta_increment=config.beta_increment,
             priority_epsilon=config.priority_epsilon,
             prioritized=config.use_prioritized_replay,
+            discount_factor=config.discount_factor,
+            n_step=config.n_step,
             seed=seed,
         )
 
@@ -388,22 +398,62 @@ class PrioritizedReplay:
             indices = self._rng.integers(self._oldest_transition, self._next_transition, size=batch_size)
             slots = indices % self.capacity
             weights = np.ones(batch_size)
-        self._beta = min(1.0, self._beta + self.beta_increment)
 
-        window = self.frame_index[slots][:, None] + self._stack_offsets  # frame numbers p - stack + 1 .. p
-        stack_frames = window % self.frame_capacity  # (B, stack) ring slots
-        next_stack_frames = (window + 1) % self.frame_capacity
+        batch = self.transitions(indices)
+        batch["weights"] = weights.astype(np.float32)
+        return batch
+
+    def transitions(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """The stored transitions numbered `indices` (absolute, live), as a learn step sees them.
+
+        With `n_step` n > 1 each sample looks ahead up to n - 1 more transitions of its episode: `reward` is
+        sum_k gamma^k r_(t+k) over the m <= n steps up to the episode's end (or the newest stored step, for an
+        episode still running), `next_*` is the state after step t + m - 1, and `discount` is gamma^m, or 0
+        when that last step terminated the episode. A truncated episode bootstraps from the last state it
+        reached. With n = 1 this is the plain transition and discount = gamma (1 - terminated).
+        """
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        oldest, end = self._oldest_transition, self._next_transition
+        if indices.size and (indices.min() < oldest or indices.max() >= end):
+            raise ValueError(
+                f"transition numbers must be live, in [{self._oldest_transition}, {self._next_transition})"
+            )
+        slots = indices % self.capacity
+        steps_ahead = np.arange(self.n_step)
+        window = indices[:, None] + steps_ahead  # (B, n) absolute transition numbers t .. t + n - 1
+        window_slots = window % self.capacity
+        ended = self.terminated[window_slots] | self.truncated[window_slots]
+        # Step k belongs to the return while it is stored and no earlier step of the window ended an episode.
+        ended_before = (np.cumsum(ended, axis=1) - ended) > 0
+        inside = (window < self._next_transition) & ~ended_before
+        count = inside.sum(axis=1)  # m >= 1: step t itself is always stored
+        gammas = self.discount_factor**steps_ahead
+        returns = (np.where(inside, self.rewards[window_slots], 0.0) * gammas).sum(axis=1)
+        last = window_slots[np.arange(len(indices)), count - 1]
+        discount = np.where(self.terminated[last], 0.0, self.discount_factor**count)
+
+        stack = self.frame_index[slots][:, None] + self._stack_offsets  # frame numbers p - stack + 1 .. p
+        next_stack = (self.frame_index[last][:, None] + 1 + self._stack_offsets) % self.frame_capacity
+        stack %= self.frame_capacity
         return {
-            "frames": self.frames.take(stack_frames, axis=0),
-            "car": self.car[stack_frames[:, -1]],  # the newest frame's car floats
+            "frames": self.frames.take(stack, axis=0),
+            "car": self.car[stack[:, -1]],  # the newest frame's car floats
             "action": self.actions[slots].astype(np.int64),
-            "reward": self.rewards[slots],
-            "next_frames": self.frames.take(next_stack_frames, axis=0),
-            "next_car": self.car[next_stack_frames[:, -1]],
+            "reward": returns.astype(np.float32),
+            "next_frames": self.frames.take(next_stack, axis=0),
+            "next_car": self.car[next_stack[:, -1]],
             "terminated": self.terminated[slots].astype(np.float32),
-            "weights": weights.astype(np.float32),
-            "indices": indices.astype(np.int64),
+            "truncated": self.truncated[slots].astype(np.float32),
+            # What the target multiplies the bootstrap state's value by: gamma^m, 0 after a termination.
+            "discount": discount.astype(np.float32),
+            "steps": count.astype(np.int64),
+            "weights": np.ones(len(indices), np.float32),
+            "indices": indices,
         }
+
+    def advance_beta(self) -> None:
+        """One learn step's worth of beta annealing toward 1 (the agent calls it for each applied step)."""
+        self._beta = min(1.0, self._beta + self.beta_increment)
 
     def reseed(self, seed: int) -> None:
         """A new sampling stream (after a rollback, the restored stream would repeat the same draws)."""

@@ -93,6 +93,7 @@ class RunLog:
         run_id: str | None,
         config: dict[str, Any],
         departures: dict[str, Any],
+        unpinned: list[str] | None = None,
     ) -> str | None:
         """Start (or resume) the W&B run; returns its id, or None if W&B is unavailable."""
         try:
@@ -110,7 +111,8 @@ class RunLog:
                 resume="allow",
                 mode=mode,
                 dir=str(self.path.parent),
-                config={**config, "departures_from_known_good": departures},
+                config={**config, "departures_from_known_good": departures, "unpinned": list(unpinned or [])},
+                tags=["unpinned"] if unpinned else None,
                 settings=wandb.Settings(silent=True, console="off"),
             )
         except Exception as error:  # unreachable server, bad key, broken install: never fatal

@@ -105,9 +105,15 @@ class Config:
 
     # OPTIMISATION (AdamW, constant learning rate: there is no scheduler)
     learning_rate: float = 0.0001
+    # AdamW's decoupled weight decay on every parameter. The reference built AdamW(params, lr) and so ran
+    # with torch's default, 0.01: pinned here explicitly so that a torch default can never move it.
+    weight_decay: float = 0.01
     gradient_clip_norm: float = 100.0
     batch_size: int = 32
     discount_factor: float = 0.997
+    # Steps of reward in each learning target before bootstrapping (1: the pinned 1-step target). An n-step
+    # target sums gamma^k r over up to n steps of the same episode, then bootstraps with gamma^m.
+    n_step: int = 1
 
     # REPLAY MEMORY (training starts as soon as `batch_size` transitions are stored, as in the seed)
     max_buffer_size: int = 100_000
@@ -202,6 +208,44 @@ def epsilon_at(step: int, config: Config) -> float:
     return config.epsilon_start + fraction * (config.epsilon_end - config.epsilon_start)
 
 
+# The three sacred invariants of seed 004, by the config keys that hold them. A run may depart from one
+# only when its command line also carries the flag named here; it is then marked "unpinned" wherever it is
+# recorded (terminal, JSONL, W&B config and tags, checkpoints, compare_runs.py).
+SACRED_FLAGS: dict[str, str] = {
+    "target_network_update_frequency": "--unpin-target-update",
+    "learning_rate": "--unpin-learning-rate",
+    "epsilon_start": "--unpin-epsilon",
+    "epsilon_end": "--unpin-epsilon",
+    "epsilon_decay_to": "--unpin-epsilon",
+    "epsilon_cutoff": "--unpin-epsilon",
+}
+SACRED_WHY: dict[str, str] = {
+    "--unpin-target-update": "the hard target copy every 1500 learn steps (seed 004: soft updates drove Q "
+    "to -40,000)",
+    "--unpin-learning-rate": "the constant learning rate 1e-4 (seed 004: a decayed rate could not pull "
+    "diverging Q back)",
+    "--unpin-epsilon": "the step-based epsilon schedule 1.0 -> 0.01 over 2.5M steps (seed 004: faster "
+    "decay left ~150k steps of exploration)",
+}
+
+
+def check_sacred_assignments(assignments: list[str], unpin_flags: set[str]) -> None:
+    """Refuse (ConfigError, one line) a `key=value` assignment to a sacred key whose unpin flag is absent."""
+    for assignment in assignments:
+        key = assignment.partition("=")[0].strip()
+        flag = SACRED_FLAGS.get(key)
+        if flag is not None and flag not in unpin_flags:
+            raise ConfigError(
+                f"--set {assignment.strip()} departs from a sacred invariant, {SACRED_WHY[flag]}: add "
+                f"{flag} to run it anyway (the run is then marked unpinned)"
+            )
+
+
+def unpinned_keys(config: Config) -> list[str]:
+    """The sacred keys this config departs from (empty for a pinned run)."""
+    return [key for key in config.departures() if key in SACRED_FLAGS]
+
+
 def describe_departures(config: Config) -> list[str]:
     """One human-readable line per departure from the known-good config."""
     return [f"{key}: {d['used']!r} (known-good {d['pinned']!r})" for key, d in config.departures().items()]
@@ -273,9 +317,11 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "cosine_dim": (_positive, ">= 1"),
     "huber_kappa": (_positive, "> 0"),
     "learning_rate": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "weight_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "gradient_clip_norm": (_positive, "> 0"),
     "batch_size": (_positive, ">= 1"),
     "discount_factor": (lambda v: 0 <= v < 1, "in [0, 1) (gamma >= 1 makes returns unbounded)"),
+    "n_step": (lambda v: 1 <= v <= 100, "in [1, 100] steps"),
     "max_buffer_size": (_positive, ">= 1"),
     "alpha": (_unit, "in [0, 1]"),
     "beta": (_unit, "in [0, 1]"),

@@ -15,11 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import fill_replay, small_config
+from conftest import FAST_ASSIGNMENTS, fill_replay, small_config
 
+import env_tm
 import rainbow
+import tm_config
+from checkpoints import load_checkpoint
 from rainbow import RainbowAgent, epsilon_at
 from replay import PrioritizedReplay
+from run_log import METRICS_FILE, read_jsonl
 from tm_config import ACTIONS, Config, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,8 +67,10 @@ PINNED = {
     "n_tau_action": 8,
     "cosine_dim": 64,
     "learning_rate": 0.0001,
+    "weight_decay": 0.01,  # the reference's AdamW(params, lr) ran with torch's default (original-code.md)
     "batch_size": 32,
     "discount_factor": 0.997,
+    "n_step": 1,  # 1-step targets, as the reference (original-code.md); n > 1 is a recorded departure
     "max_buffer_size": 100_000,
     "alpha": 0.6,
     "beta": 0.4,
@@ -150,7 +156,7 @@ def test_no_code_path_for_soft_updates_schedulers_or_episode_epsilon(pattern, wh
 
 def test_target_network_changes_only_by_hard_copy_every_1500_learn_steps():
     config = small_config()  # only sizes shrink; the 1500 comes from the pin
-    assert config.target_network_update_frequency == 1500
+    assert config.target_network_update_frequency == 1500, f"the test config lost the pin: {HARD_UPDATE_WHY}"
     replay = PrioritizedReplay.from_config(config, seed=0)
     fill_replay(replay, 200)
     agent = RainbowAgent(config, replay, seed=0)
@@ -167,6 +173,13 @@ def test_target_network_changes_only_by_hard_copy_every_1500_learn_steps():
             assert all(torch.equal(t, o) for t, o in zip(current, online, strict=True)), (
                 f"at learn step {step} the target is not an exact copy of the online net: {HARD_UPDATE_WHY}"
             )
+            online_buffers = dict(agent.online.named_buffers())
+            for name, buffer in agent.target.named_buffers():
+                if not name.endswith(("epsilon_in", "epsilon_out")):  # the target's noise is redrawn
+                    assert torch.equal(buffer, online_buffers[name]), (
+                        f"at learn step {step} the hard copy left out {name} (BatchNorm statistics must be "
+                        f"copied too): {HARD_UPDATE_WHY}"
+                    )
             frozen = current
         else:
             assert all(torch.equal(t, f) for t, f in zip(current, frozen, strict=True)), (
@@ -193,7 +206,9 @@ def test_epsilon_is_a_pure_function_of_the_global_step():
     frames, car = np.zeros((4, 64, 64), np.uint8), np.zeros(3, np.float32)
     for step in (5, 2_000_000, 5):
         agent.act(frames, car, step)
-        assert agent.epsilon == epsilon_at(step, agent.config), STEP_EPSILON_WHY
+        assert agent.epsilon == epsilon_at(step, agent.config), (
+            f"act() at step {step} used epsilon {agent.epsilon}, not epsilon_at(step): {STEP_EPSILON_WHY}"
+        )
     act_parameters = list(inspect.signature(RainbowAgent.act).parameters)
     assert "step" in act_parameters, f"act() must receive the global step: {STEP_EPSILON_WHY}"
 
@@ -206,10 +221,57 @@ def test_agent_has_no_soft_update_method():
 
 
 def test_departures_are_explicit_and_validated():
-    assert Config().departures() == {}
+    assert Config().departures() == {}, "the default config must be the known-good one, with no departure"
     run = Config().with_assignments(["target_network_update_frequency=500"])
-    assert run.departures() == {"target_network_update_frequency": {"pinned": 1500, "used": 500}}
+    assert run.departures() == {"target_network_update_frequency": {"pinned": 1500, "used": 500}}, (
+        f"a departure must be recorded as such: {HARD_UPDATE_WHY}"
+    )
     with pytest.raises(ConfigError, match="unknown config key 'tau'"):
         Config().with_overrides(tau=0.002)
     with pytest.raises(dataclasses.FrozenInstanceError):
         Config().learning_rate = 0.001  # type: ignore[misc]
+
+
+SACRED_CASES = [
+    ("target_network_update_frequency=1", "--unpin-target-update", HARD_UPDATE_WHY),
+    ("learning_rate=0.0003", "--unpin-learning-rate", CONSTANT_LR_WHY),
+    ("epsilon_decay_to=30000", "--unpin-epsilon", STEP_EPSILON_WHY),
+    ("epsilon_start=0.5", "--unpin-epsilon", STEP_EPSILON_WHY),
+    ("epsilon_end=0.1", "--unpin-epsilon", STEP_EPSILON_WHY),
+    ("epsilon_cutoff=3000000", "--unpin-epsilon", STEP_EPSILON_WHY),
+]
+
+
+@pytest.mark.parametrize(("assignment", "flag", "why"), SACRED_CASES)
+def test_a_sacred_key_is_refused_on_the_command_line_without_its_own_flag(assignment, flag, why, capsys):
+    code = env_tm.main(["--env", "embedded", "--steps", "10", "--no-wandb", "--set", assignment])
+    err = capsys.readouterr().err.strip()
+    assert code == env_tm.EXIT_ERROR and err.startswith("error: ") and "\n" not in err, (
+        f"--set {assignment} without {flag} must end in one line: {why}"
+    )
+    assert f"add {flag}" in err and "unpinned" in err, f"the refusal must name the flag {flag}: {err}"
+    other_flags = {f for _, f, _ in SACRED_CASES} - {flag}
+    with pytest.raises(ConfigError):  # another key's flag does not open this one
+        tm_config.check_sacred_assignments([assignment], other_flags)
+    tm_config.check_sacred_assignments([assignment], {flag})  # its own flag does
+
+
+def test_an_unpinned_run_is_marked_in_its_metrics_and_checkpoint(tmp_path, capsys):
+    args = ["--env", "embedded", "--steps", "8", "--checkpoint-root", str(tmp_path), "--run-name", "u"]
+    args += ["--no-wandb", "--unpin-learning-rate", "--set", "learning_rate=0.0003", "--learner", "inline"]
+    args += sum((["--set", a] for a in FAST_ASSIGNMENTS), [])
+    assert env_tm.main(args) == env_tm.EXIT_OK, "with its flag, an unpinned run must train"
+    out = capsys.readouterr().out
+    assert "UNPINNED run" in out and "learning_rate" in out, (
+        f"the terminal must say unpinned: {CONSTANT_LR_WHY}"
+    )
+    start = next(r for r in read_jsonl(tmp_path / "u" / METRICS_FILE) if r.get("event") == "start")
+    assert start["unpinned"] == ["learning_rate"], f"the metrics must record unpinned: {CONSTANT_LR_WHY}"
+    assert load_checkpoint(tmp_path / "u" / "latest.pt")["unpinned"] == ["learning_rate"], (
+        f"the checkpoint must record unpinned: {CONSTANT_LR_WHY}"
+    )
+    pinned = ["--env", "embedded", "--steps", "8", "--checkpoint-root", str(tmp_path), "--run-name", "p"]
+    pinned += ["--no-wandb", "--learner", "inline", *sum((["--set", a] for a in FAST_ASSIGNMENTS), [])]
+    assert env_tm.main(pinned) == env_tm.EXIT_OK, "a pinned run must train"
+    start = next(r for r in read_jsonl(tmp_path / "p" / METRICS_FILE) if r.get("event") == "start")
+    assert start["unpinned"] == [], "a run without sacred departures is pinned"

@@ -11,13 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import FAST_ASSIGNMENTS, ROOT
 
 import env_tm
 from checkpoints import load_checkpoint
+from rainbow import ACTION_VECTORS
 from run_log import METRICS_FILE as METRICS
 from run_log import read_jsonl
-from tm_config import Config
+from tm_config import Config, epsilon_at
 
 FAST = FAST_ASSIGNMENTS
 
@@ -381,9 +383,9 @@ def test_fresh_moves_an_old_run_aside_instead_of_mixing_into_it(tmp_path, capsys
 
 def test_resume_keeps_the_checkpoints_config_and_applies_only_explicit_changes(tmp_path, capsys):
     first = [*FAST, "target_network_update_frequency=500"]
-    assert run_quietly(tmp_path, 40, "--fresh", sets=first) == env_tm.EXIT_OK
-    # Resumed without the first run's --set, with a new learning rate.
-    assert run_quietly(tmp_path, 80, sets=["learning_rate=0.0003"]) == env_tm.EXIT_OK
+    assert run_quietly(tmp_path, 40, "--fresh", "--unpin-target-update", sets=first) == env_tm.EXIT_OK
+    # Resumed without the first run's --set, with a new learning rate (sacred: its flag is needed again).
+    assert run_quietly(tmp_path, 80, "--unpin-learning-rate", sets=["learning_rate=0.0003"]) == env_tm.EXIT_OK
     out = capsys.readouterr().out
     assert "resumed q from latest.pt: step 40, episode 1" in out
     assert "target_network_update_frequency: 500 (known-good 1500)" in out.split("resumed q")[1]
@@ -475,3 +477,175 @@ def test_bad_evaluation_options_fail_with_one_line(option, message, capsys):
         env_tm.parse_args(option)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# --- the loop's bookkeeping, step by step ----------------------------------------------------------------
+class ScriptedTM20:
+    """The TM20FULL interface as rtgym gives it (act1/act2 = the last two actions sent, zeros at reset),
+    with a scripted course: episodes of fixed lengths ending by termination or truncation, rewards that
+    name their step, frames and car floats that name the observation they belong to."""
+
+    def __init__(self, episodes: list[tuple[int, str]]) -> None:
+        self.episodes = episodes  # (length, "terminated" | "truncated"), repeated in turn
+        self.observations = 0  # observations handed out so far: each gets the next id
+        self.episode = -1
+        self.actions: list[int] = []  # every action index received, in order
+        self.rewards: list[float] = []
+        self.ends: list[tuple[bool, bool]] = []
+        self.obs_ids: list[int] = []  # the newest frame's id of every observation, in order
+
+    @staticmethod
+    def frame(obs_id: int) -> np.ndarray:
+        frame = np.zeros((64, 64), np.uint8)
+        frame[0, 0], frame[0, 1] = obs_id % 256, obs_id // 256
+        return frame
+
+    @staticmethod
+    def frame_id(frame: np.ndarray) -> int:
+        return int(frame[0, 0]) + 256 * int(frame[0, 1])
+
+    def _observation(self) -> tuple:
+        obs_id = self.observations
+        self.observations += 1
+        self.obs_ids.append(obs_id)
+        if self.steps == 0:
+            self.stack = [self.frame(obs_id)] * 4
+        else:
+            self.stack = self.stack[1:] + [self.frame(obs_id)]
+        car = [np.array([v], np.float32) for v in (float(obs_id), 1.0 + obs_id % 5, 1000.0 + obs_id)]
+        return (*car, np.stack(self.stack), self.act_buf[0].copy(), self.act_buf[1].copy())
+
+    def reset(self, *, seed=None, options=None):
+        self.episode += 1
+        self.length, self.end = self.episodes[self.episode % len(self.episodes)]
+        self.steps = 0
+        self.act_buf = (np.zeros(3, np.float32), np.zeros(3, np.float32))
+        return self._observation(), {}
+
+    def step(self, action):
+        vector = np.asarray(action, np.float32)
+        self.actions.append(int(np.flatnonzero(np.all(vector == ACTION_VECTORS, axis=1))[0]))
+        self.act_buf = (self.act_buf[1], vector.copy())
+        self.steps += 1
+        over = self.steps >= self.length
+        terminated, truncated = over and self.end == "terminated", over and self.end == "truncated"
+        reward = 0.5 + 0.01 * len(self.rewards)  # names its global step
+        self.rewards.append(reward)
+        self.ends.append((terminated, truncated))
+        return self._observation(), reward, terminated, truncated, {"finished": terminated}
+
+    def close(self):
+        pass
+
+
+def run_scripted(tmp_path, monkeypatch, learner: str, steps: int = 45) -> tuple[ScriptedTM20, list, Config]:
+    script = ScriptedTM20([(5, "terminated"), (7, "truncated"), (3, "terminated"), (6, "truncated")])
+    monkeypatch.setattr(env_tm, "build_environment", lambda name, config, seed: script)
+    used: list[tuple[int, float]] = []
+    original_act = env_tm.RainbowAgent.act
+
+    def act(self, frames, car, step):
+        action = original_act(self, frames, car, step)
+        used.append((step, self.epsilon))
+        return action
+
+    monkeypatch.setattr(env_tm.RainbowAgent, "act", act)
+    args = ["--env", "embedded", "--steps", str(steps), "--checkpoint-root", str(tmp_path), "--run-name", "s"]
+    args += ["--no-wandb", "--learner", learner, "--unpin-epsilon", "--set", "epsilon_decay_to=40"]
+    args += sum((["--set", a] for a in FAST), [])
+    assert env_tm.main(args) == env_tm.EXIT_OK
+    config = Config().with_assignments([*FAST, "epsilon_decay_to=40"])
+    return script, used, config
+
+
+@pytest.mark.parametrize("learner", ["inline"])
+def test_the_loop_stores_every_transition_as_the_environment_gave_it(tmp_path, monkeypatch, learner):
+    """Each stored (frames, action, reward, next frames, terminated, truncated) is the env's, step for step,
+    across episode ends by termination and by truncation, and the replay holds exactly the steps taken."""
+    from replay import PrioritizedReplay
+
+    script, _, config = run_scripted(tmp_path, monkeypatch, learner)
+    state = load_checkpoint(tmp_path / "s" / "latest.pt")
+    replay = PrioritizedReplay.from_config(Config.from_dict(state["config"]), seed=0)
+    replay.load_state_dict(state["replay"])
+    steps = len(script.actions)
+    assert steps == 45 == state["step"] and replay.transitions_added == steps, "one transition per env step"
+    stored = replay.transitions(np.arange(steps))
+    # Observation ids: each episode starts with a reset observation, then one per step.
+    before, after, position = [], [], 0
+    for t in range(steps):
+        if t == 0 or any(script.ends[t - 1]):
+            position += 1 if t else 0  # skip to the reset observation that follows an episode end
+        before.append(script.obs_ids[position])
+        after.append(script.obs_ids[position + 1])
+        position += 1
+    for t in range(steps):
+        newest = ScriptedTM20.frame_id(stored["frames"][t, -1])
+        assert newest == before[t], f"step {t}: stored state is observation {newest}, not {before[t]}"
+        assert ScriptedTM20.frame_id(stored["next_frames"][t, -1]) == after[t], f"step {t}: wrong next state"
+        assert stored["car"][t, 0] == before[t] and stored["next_car"][t, 0] == after[t], (
+            f"step {t}: car floats"
+        )
+        assert stored["action"][t] == script.actions[t], (
+            f"step {t}: stored action {stored['action'][t]} is not the action taken, {script.actions[t]}"
+        )
+        assert stored["reward"][t] == pytest.approx(script.rewards[t]), (
+            f"step {t}: stored another step's reward"
+        )
+        terminated, truncated = script.ends[t]
+        assert (bool(stored["terminated"][t]), bool(stored["truncated"][t])) == (terminated, truncated), (
+            f"step {t}: stored terminated/truncated {stored['terminated'][t]}, {stored['truncated'][t]}, "
+            f"the env said {terminated}, {truncated} (a truncation is never terminal)"
+        )
+        # Within an episode the stack is the four newest observations, oldest first, reset frame repeated.
+        ids = [ScriptedTM20.frame_id(f) for f in stored["frames"][t]]
+        assert ids == sorted(ids) and ids[-1] == before[t]
+    assert state["agent"]["learn_steps"] == steps - config.batch_size + 1, "one learn step per env step"
+
+
+@pytest.mark.parametrize("learner", ["inline"])
+def test_the_loop_acts_with_the_epsilon_of_the_global_step_and_logs_the_one_used(
+    tmp_path, monkeypatch, learner
+):
+    script, used, config = run_scripted(tmp_path, monkeypatch, learner)
+    assert [step for step, _ in used] == list(range(len(script.actions))), (
+        "act() must receive the global environment step, one per step (seed 004: step-based epsilon)"
+    )
+    for step, epsilon in used:
+        assert epsilon == epsilon_at(step, config), f"step {step}: acted with epsilon {epsilon}"
+    episodes = [r for r in read_jsonl(tmp_path / "s" / METRICS) if r["kind"] == "episode"]
+    ends = [t for t, end in enumerate(script.ends) if any(end)]
+    assert [r["step"] for r in episodes] == [t + 1 for t in ends], "one episode record per episode end"
+    for record, last in zip(episodes, ends, strict=True):
+        assert record["epsilon"] == dict(used)[last], (
+            "an episode record must carry the epsilon its last action was chosen with, as used"
+        )
+    lengths = [r["length"] for r in episodes]
+    assert lengths == [5, 7, 3, 6, 5, 7, 3, 6], f"episode lengths {lengths} are not the script's"
+
+
+def test_a_rollback_draws_fresh_noise_and_quantile_fractions(tmp_path, capsys, monkeypatch):
+    """Restoring a checkpoint restores torch's generator too: without a new seed, the run after a rollback
+    would redraw exactly the noise and taus that led to the failure."""
+    poisoned = {"left": 1}
+    draws: dict[str, list] = {"first": [], "after": []}
+    original = env_tm.RainbowAgent.train
+
+    def train(self):
+        metrics = original(self)
+        if self.learn_steps == 150 and poisoned["left"]:
+            poisoned["left"] -= 1
+            metrics["grad_norm"] = 1e9  # fatal: roll back to the checkpoint at step 120
+        noise = self.online.advantage_out.epsilon_out.clone()
+        draws["after" if not poisoned["left"] else "first"].append((self.learn_steps, noise))
+        return metrics
+
+    monkeypatch.setattr(env_tm.RainbowAgent, "train", train)
+    assert env_tm.main(health_args(tmp_path, 200, "--on-red-flag", "rollback", "--learner", "inline")) == 0
+    assert "rolled back to ckpt_ep0000003_step0000000120.pt" in capsys.readouterr().out
+    first = dict((step, noise) for step, noise in draws["first"])
+    redone = [(step, noise) for step, noise in draws["after"] if step in first]
+    assert len(redone) >= 20, "learn steps after step 120 are redone after the rollback"
+    assert not any(torch.equal(noise, first[step]) for step, noise in redone), (
+        "after a rollback the learn steps redraw the same noise as before it (restored torch generator)"
+    )

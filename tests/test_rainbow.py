@@ -135,6 +135,12 @@ def test_car_floats_are_divided_by_the_documented_scales():
 
 
 # --- noise ---------------------------------------------------------------------------------------
+NOISE_WHY = (
+    "(original-code.md defect 1: the reference's reset reached no NoisyLinear, so one noise draw was kept "
+    "for the whole run and every hard copy gave the target the same frozen noise)"
+)
+
+
 def test_noise_changes_between_resets_and_is_off_when_disabled():
     torch.manual_seed(0)
     layer = NoisyLinear(6, 4, std_init=0.5)
@@ -142,7 +148,7 @@ def test_noise_changes_between_resets_and_is_off_when_disabled():
     first = layer(x)
     layer.reset_noise()
     second = layer(x)
-    assert not torch.allclose(first, second), "a reset must draw new noise"
+    assert not torch.allclose(first, second), f"reset_noise() must draw new noise {NOISE_WHY}"
     # The noise is factorised: the weight perturbation is the outer product f(eps_out) f(eps_in)^T.
     eps = torch.outer(layer.epsilon_out, layer.epsilon_in)
     manual = (
@@ -150,12 +156,16 @@ def test_noise_changes_between_resets_and_is_off_when_disabled():
         + layer.bias_mu
         + layer.bias_sigma * layer.epsilon_out
     )
-    torch.testing.assert_close(second, manual)
+    torch.testing.assert_close(
+        second, manual, msg="NoisyLinear must apply factorised noise mu + sigma * f(eps_out) f(eps_in)^T"
+    )
     layer.noise_enabled = False
     quiet = layer(x)
     layer.reset_noise()
-    torch.testing.assert_close(quiet, layer(x))
-    torch.testing.assert_close(quiet, x @ layer.weight_mu.T + layer.bias_mu)
+    torch.testing.assert_close(quiet, layer(x), msg="with noise off a reset must not change the output")
+    torch.testing.assert_close(
+        quiet, x @ layer.weight_mu.T + layer.bias_mu, msg="with noise off the layer is its mean weights"
+    )
 
 
 def test_every_learn_step_resamples_online_noise_and_target_noise():
@@ -167,9 +177,13 @@ def test_every_learn_step_resamples_online_noise_and_target_noise():
     online_before, target_before = noise(agent.online), noise(agent.target)
     agent.train()
     for (eps_in, eps_out), (new_in, new_out) in zip(online_before, noise(agent.online), strict=True):
-        assert not torch.equal(eps_in, new_in) and not torch.equal(eps_out, new_out)
+        assert not torch.equal(eps_in, new_in) and not torch.equal(eps_out, new_out), (
+            f"a learn step must redraw the online net's noise {NOISE_WHY}"
+        )
     for (eps_in, eps_out), (new_in, new_out) in zip(target_before, noise(agent.target), strict=True):
-        assert not torch.equal(eps_in, new_in) and not torch.equal(eps_out, new_out)
+        assert not torch.equal(eps_in, new_in) and not torch.equal(eps_out, new_out), (
+            f"a learn step must redraw the target net's noise (a hard copy keeps one draw) {NOISE_WHY}"
+        )
 
 
 def test_set_noise_false_gives_a_deterministic_greedy_policy():
@@ -181,7 +195,7 @@ def test_set_noise_false_gives_a_deterministic_greedy_policy():
     for _ in range(5):
         agent.online.reset_noise()
         actions.add(agent.greedy_action(frames, car))
-    assert len(actions) == 1
+    assert len(actions) == 1, f"with noise off the greedy policy must not depend on noise draws: {actions}"
 
 
 # --- BatchNorm modes -------------------------------------------------------------------------------
@@ -191,8 +205,10 @@ def test_acting_uses_running_statistics_and_does_not_update_them():
     stats_before = bn.running_mean.clone()
     frames = np.random.default_rng(0).integers(0, 256, (4, 64, 64), dtype=np.uint8)
     agent.greedy_action(frames, np.zeros(3, np.float32))
-    assert not agent.online.training
-    torch.testing.assert_close(bn.running_mean, stats_before)
+    assert not agent.online.training, "acting must leave the online net in eval mode (original-code.md 3)"
+    torch.testing.assert_close(
+        bn.running_mean, stats_before, msg="acting updated BatchNorm statistics with a single frame"
+    )
 
 
 def test_target_net_statistics_stay_frozen_between_hard_copies():
@@ -202,7 +218,9 @@ def test_target_net_statistics_stay_frozen_between_hard_copies():
     for _ in range(5):
         agent.train()
     for key, value in target_state.items():
-        torch.testing.assert_close(agent.target.state_dict()[key], value)
+        torch.testing.assert_close(
+            agent.target.state_dict()[key], value, msg=f"target BatchNorm {key} moved between hard copies"
+        )
     assert not torch.equal(agent.online.conv[1].running_mean, online_bn), "online BatchNorm should learn"
 
 
@@ -224,36 +242,52 @@ def _rigged_agent(use_double: bool) -> tuple[RainbowAgent, dict[str, torch.Tenso
 def test_double_dqn_target_uses_the_online_argmax_and_the_target_value():
     agent, batch = _rigged_agent(use_double=True)
     targets, next_action = agent.td_targets(batch)
-    assert next_action.tolist() == [3] * len(next_action)
-    # Recompute by hand: r + gamma * (1 - terminated) * Q_target(s', 3) at the same taus.
+    assert next_action.tolist() == [3] * len(next_action), "Double DQN: the online net chooses the action"
+    # Recompute by hand: r + discount * Q_target(s', 3) at the same taus, discount = gamma (1 - terminated).
     torch.manual_seed(123)
     targets, _ = agent.td_targets(batch)
     torch.manual_seed(123)
     agent.target.reset_noise()
     taus = torch.rand(len(next_action), agent.config.n_tau_train)
     q_next = agent.target(batch["next_frames"], batch["next_car"], taus)[:, :, 3]
+    torch.testing.assert_close(batch["discount"], 0.997 * (1 - batch["terminated"]))
     expected = batch["reward"][:, None] + 0.997 * (1 - batch["terminated"][:, None]) * q_next
-    torch.testing.assert_close(targets, expected)
+    torch.testing.assert_close(
+        targets, expected, msg="target != r + gamma (1 - terminated) Q_target(s', a*): gamma applied once"
+    )
 
 
 def test_without_double_dqn_the_target_net_chooses():
     agent, batch = _rigged_agent(use_double=False)
     _, next_action = agent.td_targets(batch)
-    assert next_action.tolist() == [5] * len(next_action)
+    assert next_action.tolist() == [5] * len(next_action), "without Double DQN the target net chooses"
 
 
 def test_truncation_bootstraps_and_termination_does_not():
-    agent, batch = _rigged_agent(use_double=True)
-    batch["reward"] = torch.tensor([1.0, 1.0, 2.0, 2.0])
-    batch["terminated"] = torch.tensor([1.0, 0.0, 1.0, 0.0])  # rows 1 and 3: truncated or running
+    # Four one-step episodes through the replay: terminated, truncated, terminated, truncated.
+    config = small_config(noisy_std=0.0, batch_size=4, alpha=0.0)
+    replay = PrioritizedReplay.from_config(config, seed=0)
+    rng = np.random.default_rng(0)
+    for reward, terminated in [(1.0, True), (1.0, False), (2.0, True), (2.0, False)]:
+        replay.start_episode(rng.integers(0, 256, (4, 64, 64), dtype=np.uint8), np.zeros(3, np.float32))
+        next_frame = rng.integers(0, 256, (64, 64), dtype=np.uint8)
+        replay.add(0, reward, terminated, not terminated, next_frame, np.ones(3, np.float32))
+    sampled = replay.sample(4)
+    order = np.argsort(sampled["indices"])
+    batch = {k: torch.as_tensor(v[order]) for k, v in sampled.items() if k != "indices"}
+    assert batch["discount"].tolist() == pytest.approx([0.0, 0.997, 0.0, 0.997]), (
+        "a terminated transition must not bootstrap, a truncated one (time limit) must"
+    )
+    agent = RainbowAgent(config, replay, seed=0)
     torch.manual_seed(7)
-    targets, _ = agent.td_targets(batch)
+    targets, next_action = agent.td_targets(batch)
     torch.manual_seed(7)
     agent.target.reset_noise()
-    taus = torch.rand(4, agent.config.n_tau_train)
-    q_next = agent.target(batch["next_frames"], batch["next_car"], taus)[:, :, 3]
-    torch.testing.assert_close(targets[0], torch.ones(agent.config.n_tau_train))
-    torch.testing.assert_close(targets[2], torch.full((agent.config.n_tau_train,), 2.0))
+    taus = torch.rand(4, config.n_tau_train)
+    q_next = agent.target(batch["next_frames"], batch["next_car"], taus)
+    q_next = q_next.gather(2, next_action.view(-1, 1, 1).expand(-1, config.n_tau_train, 1)).squeeze(2)
+    torch.testing.assert_close(targets[0], torch.ones(config.n_tau_train))
+    torch.testing.assert_close(targets[2], torch.full((config.n_tau_train,), 2.0))
     torch.testing.assert_close(targets[1], 1.0 + 0.997 * q_next[1])
     torch.testing.assert_close(targets[3], 2.0 + 0.997 * q_next[3])
 
@@ -392,3 +426,205 @@ def test_agent_checkpoint_round_trip_continues_identically():
     assert clone.train() == original_metrics
     for key, value in agent.online.state_dict().items():
         torch.testing.assert_close(clone.online.state_dict()[key], value)
+
+
+# --- the IQN loss through train(), BatchNorm modes, the hard copy, skipped steps ---------------------
+class FixedBatchReplay:
+    """The replay API `RainbowAgent.train` uses, serving one fixed batch and recording what it is told."""
+
+    def __init__(self, batch: dict[str, np.ndarray]) -> None:
+        self.batch = batch
+        self.updates: list[tuple[np.ndarray, np.ndarray]] = []
+        self.beta, self.max_priority, self.beta_advances = 0.4, 1.0, 0
+
+    def sample(self, batch_size: int) -> dict[str, np.ndarray]:
+        assert batch_size == len(self.batch["reward"])
+        return {key: value.copy() for key, value in self.batch.items()}
+
+    def update_priorities(self, indices: np.ndarray, td_errors: np.ndarray) -> None:
+        self.updates.append((np.asarray(indices).copy(), np.asarray(td_errors).copy()))
+
+    def advance_beta(self) -> None:
+        self.beta_advances += 1
+
+
+def terminal_batch(config: Config, weights: list[float], seed: int = 0) -> dict[str, np.ndarray]:
+    """Terminal transitions: every target quantile is the reward itself, a point mass."""
+    rng = np.random.default_rng(seed)
+    n = len(weights)
+    return {
+        "frames": rng.integers(0, 256, (n, 4, 64, 64), dtype=np.uint8),
+        "car": np.array([[100.0 + 10 * i, 2.0, 3000.0] for i in range(n)], np.float32),
+        "action": np.arange(n, dtype=np.int64) % config.output_dim,
+        "reward": np.linspace(-2.0, 3.0, n).astype(np.float32),
+        "next_frames": rng.integers(0, 256, (n, 4, 64, 64), dtype=np.uint8),
+        "next_car": np.ones((n, 3), np.float32),
+        "terminated": np.ones(n, np.float32),
+        "discount": np.zeros(n, np.float32),
+        "weights": np.asarray(weights, np.float32),
+        "indices": np.arange(n, dtype=np.int64),
+    }
+
+
+def test_train_weights_the_quantile_loss_by_the_online_taus_and_the_is_weights():
+    """A point-mass target and fixed online taus: train()'s gradient must be the hand-written IQN loss,
+    |tau_i - 1{r < q_i}| Huber(r - q_i) summed over the online taus, times each sample's IS weight."""
+    config = small_config(batch_size=4)
+    weights = [1.0, 0.25, 0.5, 0.75]
+    replay = FixedBatchReplay(terminal_batch(config, weights))
+    agent = RainbowAgent(config, replay, seed=0)
+    online_taus = torch.tensor([[0.05, 0.2, 0.35, 0.5, 0.6, 0.75, 0.85, 0.97]]).repeat(4, 1)
+    target_taus = torch.tensor([[0.9, 0.1, 0.8, 0.3, 0.7, 0.2, 0.6, 0.4]]).repeat(4, 1)
+    draws = [target_taus, online_taus]  # train() draws the online taus, then the target's
+
+    def fractions(rows: int, count: int) -> torch.Tensor:
+        return draws.pop() if draws else torch.rand(rows, count)
+
+    agent._quantile_fractions = fractions
+    captured = {}
+    real_step = agent.optimizer.step
+
+    def capture_then_step():
+        captured["grads"] = [p.grad.detach().clone() for p in agent.online.parameters()]
+        batch = {k: torch.as_tensor(v) for k, v in replay.batch.items() if k != "indices"}
+        quantiles = agent.online(batch["frames"], batch["car"], online_taus)  # same noise, train mode
+        taken = quantiles.gather(2, batch["action"].view(-1, 1, 1).expand(-1, 8, 1)).squeeze(2)
+        delta = batch["reward"][:, None] - taken  # (B, N): the point mass minus each online quantile
+        huber = torch.where(delta.abs() <= 1.0, 0.5 * delta**2, delta.abs() - 0.5)
+        rho = (online_taus - (delta.detach() < 0).float()).abs() * huber
+        reference = (batch["weights"] * rho.sum(dim=1)).mean()
+        captured["reference"] = torch.autograd.grad(reference, list(agent.online.parameters()))
+        real_step()
+
+    agent.optimizer.step = capture_then_step
+    metrics = agent.train()
+    assert metrics["grad_norm"] < config.gradient_clip_norm, "keep the test below the clip"
+    for got, want in zip(captured["grads"], captured["reference"], strict=True):
+        torch.testing.assert_close(
+            got, want, rtol=1e-4, atol=1e-6,
+            msg="train()'s gradient is not the IQN loss weighted by |online tau - 1{delta<0}| and the IS "
+            "weights (the weight must use the online taus; IS weights must scale each sample)",
+        )  # fmt: skip
+
+
+def test_train_records_the_pre_clip_gradient_norm_and_sends_td_errors_as_priorities():
+    config = small_config(batch_size=4, gradient_clip_norm=1e-3)  # a clip that always cuts
+    replay = FixedBatchReplay(terminal_batch(config, [1.0, 1.0, 1.0, 1.0]))
+    agent = RainbowAgent(config, replay, seed=0)
+    captured = {}
+    real_step = agent.optimizer.step
+
+    def capture_then_step():
+        captured["norm"] = torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in agent.online.parameters()])
+        ).item()
+        real_step()
+
+    agent.optimizer.step = capture_then_step
+    metrics = agent.train()
+    # After clipping the norm is 1e-3; the recorded one must be the norm before (seed 003: a norm that is
+    # never recorded read 0.000 for a whole run).
+    assert captured["norm"] == pytest.approx(1e-3, rel=1e-3), "the clip did not apply"
+    assert metrics["grad_norm"] > 1e-2, "grad_norm must be the pre-clip norm, recorded (seed 003)"
+    assert len(replay.updates) == 1, "every applied learn step hands its TD errors back to the replay"
+    indices, td_errors = replay.updates[0]
+    assert indices.tolist() == [0, 1, 2, 3] and np.all(td_errors > 0), "priorities come from |TD error|"
+    assert metrics["td_error_mean"] == pytest.approx(float(td_errors.mean()))
+    assert replay.beta_advances == 1, "beta advances once per applied learn step"
+
+
+def test_no_gradient_ever_reaches_the_target_net():
+    agent = make_agent(small_config())
+    for _ in range(3):
+        agent.train()
+    assert all(p.grad is None for p in agent.target.parameters()), "the target net received gradients"
+    assert not any(p.requires_grad for p in agent.target.parameters()), "the target net must be frozen"
+    batch = {k: torch.as_tensor(v) for k, v in agent.replay.sample(4).items() if k != "indices"}
+    targets, _ = agent.td_targets(batch)
+    assert not targets.requires_grad, "TD targets must be constants (no gradient through the target)"
+
+
+def test_batchnorm_mode_of_every_forward_pass():
+    """Acting, the next-state argmax and the target use running statistics (eval mode); only the
+    current-state batch of a learn step uses batch statistics and updates the running ones, once."""
+    agent = make_agent(small_config())
+    calls: list[tuple[str, bool, int]] = []
+    for name, net in (("online", agent.online), ("target", agent.target)):
+        net.register_forward_pre_hook(
+            lambda module, inputs, name=name: calls.append((name, module.training, inputs[0].shape[0]))
+        )
+    tracked = {
+        name: [m.num_batches_tracked.item() for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        for name, net in (("online", agent.online), ("target", agent.target))
+    }
+    frames = np.random.default_rng(0).integers(0, 256, (4, 64, 64), dtype=np.uint8)
+    agent.greedy_action(frames, np.zeros(3, np.float32))
+    assert calls == [("online", False, 1)], f"acting must run in eval mode, got {calls}"
+    calls.clear()
+    agent.train()
+    batch = agent.config.batch_size
+    assert sorted(calls) == sorted(
+        [("online", True, batch), ("target", False, batch), ("online", False, batch)]
+    ), f"a learn step is current batch (train mode), target (eval), next-state argmax (eval): {calls}"
+    after = {
+        name: [m.num_batches_tracked.item() for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        for name, net in (("online", agent.online), ("target", agent.target))
+    }
+    assert after["online"] == [n + 1 for n in tracked["online"]], (
+        "the online running statistics must be updated exactly once per learn step (current states only)"
+    )
+    assert after["target"] == tracked["target"], "the target's BatchNorm statistics must stay frozen"
+
+
+def test_the_hard_copy_includes_batchnorm_statistics():
+    agent = make_agent(small_config())
+    for _ in range(5):
+        agent.train()  # the online running statistics move away from the target's
+    online = agent.online.state_dict()
+    assert any(not torch.equal(online[k], agent.target.state_dict()[k]) for k in online if "running" in k)
+    agent.update_target_network()
+    target = agent.target.state_dict()
+    for key, value in online.items():
+        if key.endswith(("epsilon_in", "epsilon_out")):
+            continue  # the target's noise is redrawn right after the copy
+        assert torch.equal(target[key], value), (
+            f"hard copy left out {key}: the target must be an exact copy, BatchNorm buffers included "
+            "(else it normalises with stale statistics)"
+        )
+
+
+def test_a_skipped_learn_step_moves_neither_the_target_clock_nor_beta():
+    config = small_config(target_network_update_frequency=3)
+    agent = make_agent(config)
+    original_sample = agent.replay.sample
+    poison = {"on": False}
+
+    def sample(batch_size):
+        batch = original_sample(batch_size)
+        if poison["on"]:
+            batch["reward"][0] = np.nan
+        return batch
+
+    agent.replay.sample = sample
+    agent.train()
+    agent.train()
+    beta = agent.replay.beta
+    poison["on"] = True
+    for _ in range(4):
+        assert agent.train()["skipped"] == 1.0
+    assert agent.target_updates == 0, "skipped steps advanced the target-copy clock"
+    assert agent.replay.beta == beta, "skipped steps advanced beta"
+    assert (agent.learn_steps, agent.applied_steps) == (6, 2)
+    poison["on"] = False
+    agent.train()
+    assert agent.target_updates == 1 and agent.applied_steps == 3, "the third applied step copies"
+
+
+def test_adamw_weight_decay_is_the_pinned_value_on_every_parameter():
+    agent = make_agent(small_config())
+    assert Config().weight_decay == 0.01
+    groups = agent.optimizer.param_groups
+    assert {group["weight_decay"] for group in groups} == {0.01}, "weight decay is the pinned config value"
+    assert sum(len(g["params"]) for g in groups) == len(list(agent.online.parameters()))
+    other = make_agent(small_config(weight_decay=0.0))
+    assert {group["weight_decay"] for group in other.optimizer.param_groups} == {0.0}, "and follows it"

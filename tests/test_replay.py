@@ -370,25 +370,24 @@ def test_importance_weights_match_hand_computation() -> None:
     assert batch["weights"].dtype == np.float32
 
 
-def test_beta_anneals_per_sample_and_caps_at_one() -> None:
+def test_beta_anneals_per_applied_learn_step_and_caps_at_one() -> None:
     replay = small_replay(4, 4, alpha=1.0, beta=0.4, beta_increment=0.25)
     replay.update_priorities(np.arange(4), np.array([1.0, 2.0, 3.0, 4.0]))
     leaves = np.array(replay.tree.leaf_priorities)
     for beta_before in (0.4, 0.65, 0.9, 1.0, 1.0):
-        assert replay.beta == pytest.approx(beta_before)
+        assert replay.beta == pytest.approx(beta_before), "beta moves by beta_increment per learn step"
         batch = replay.sample(8)
-        # This call's weights use the beta from before the call.
+        assert replay.beta == pytest.approx(beta_before), "sampling alone must not move beta"
         raw = (4 * leaves[batch["indices"]] / leaves.sum()) ** -beta_before
         np.testing.assert_allclose(batch["weights"], raw / raw.max(), rtol=1e-6)
-    assert replay.beta == 1.0
+        replay.advance_beta()  # what the agent does after a learn step it applied
+    assert replay.beta == 1.0, "beta is capped at 1"
 
     pinned = PrioritizedReplay.from_config(Config(), seed=0)  # lazily allocated: cheap until written
-    pinned.start_episode(np.zeros((4, 64, 64), np.uint8), np.zeros(3))
-    pinned.add(0, 0.0, False, False, np.zeros((64, 64), np.uint8), np.zeros(3))
     for _ in range(600):
-        pinned.sample(1)
-    assert pinned.beta == pytest.approx(1.0, abs=1e-9)  # 0.4 + 600 * 0.001
-    pinned.sample(1)
+        pinned.advance_beta()
+    assert pinned.beta == pytest.approx(1.0, abs=1e-9), "pinned: 0.4 + 600 * 0.001 (original-code.md 7)"
+    pinned.advance_beta()
     assert pinned.beta == 1.0
     del pinned
     gc.collect()
@@ -402,6 +401,7 @@ def test_uniform_mode_when_not_prioritized() -> None:
     assert replay.max_priority == 1.0
     batch = replay.sample(20_000)
     np.testing.assert_array_equal(batch["weights"], 1.0)
+    replay.advance_beta()
     assert replay.beta == pytest.approx(0.4 + 0.001)  # still annealed and reported
     counts = np.bincount(batch["indices"] - 15, minlength=10)
     assert counts.sum() == 20_000  # nothing evicted drawn

@@ -1,0 +1,362 @@
+"""The catalogue of known-bad edits: bugs that must never land, each with the tests that must catch it.
+
+Every entry is a small text patch of the product code (`edits`: (file, text to find, replacement); the text
+must occur exactly once, so an edit that no longer matches the code is reported as STALE, never silently
+skipped), the tests expected to fail on the patched tree, and why the bug matters (the seed or reference
+evidence). `python tests/mutations/run.py` applies each one to a copy of the tree and reports who killed it;
+`tests/test_mutations.py` runs the whole catalogue in CI and fails if any edit survives.
+
+To add an edit: append a `Mutation` below with the smallest patch that reproduces the bug, list the tests
+that should kill it (as pytest node ids, the fewer and faster the better), and run
+`python tests/mutations/run.py --only <name>`: it must say KILLED. If it says SURVIVED, the suite has a
+hole: write the test that catches it, then list it here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    why: str
+    edits: tuple[tuple[str, str, str], ...]  # (file, find, replace), applied in order
+    tests: tuple[str, ...]
+
+
+GUARD = "tests/test_config_guard.py"
+RAINBOW = "tests/test_rainbow.py"
+REPLAY = "tests/test_replay.py"
+LOOP = "tests/test_env_tm.py"
+
+LOOP_STORES = f"{LOOP}::test_the_loop_stores_every_transition_as_the_environment_gave_it"
+LOOP_EPSILON = f"{LOOP}::test_the_loop_acts_with_the_epsilon_of_the_global_step_and_logs_the_one_used"
+IQN_GRADIENT = f"{RAINBOW}::test_train_weights_the_quantile_loss_by_the_online_taus_and_the_is_weights"
+GRAD_NORM = f"{RAINBOW}::test_train_records_the_pre_clip_gradient_norm_and_sends_td_errors_as_priorities"
+BN_MODES = f"{RAINBOW}::test_batchnorm_mode_of_every_forward_pass"
+HARD_COPY = f"{GUARD}::test_target_network_changes_only_by_hard_copy_every_1500_learn_steps"
+PINNED = f"{GUARD}::test_pinned_value_unchanged"
+CODE_SCAN = f"{GUARD}::test_no_code_path_for_soft_updates_schedulers_or_episode_epsilon"
+
+
+CATALOGUE: tuple[Mutation, ...] = (
+    # --- the six that passed the whole suite in the review (issue 12) -----------------------------------
+    Mutation(
+        "eps_from_episode_count",
+        "seed 004: episode-based epsilon left ~150k steps of exploration instead of ~1.25M",
+        (("env_tm.py", "agent.act(frames, car, run.step)", "agent.act(frames, car, run.episode)"),),
+        (LOOP_EPSILON,),
+    ),
+    Mutation(
+        "quantile_weight_from_target_taus",
+        "IQN: the asymmetric weight |tau - 1{u<0}| must use the online quantile fractions, or the net "
+        "learns the wrong quantiles",
+        (
+            (
+                "rainbow.py",
+                "quantile_huber_loss(taken, taus, target_quantiles",
+                "quantile_huber_loss(taken, target_taus, target_quantiles",
+            ),
+        ),
+        (IQN_GRADIENT,),
+    ),
+    Mutation(
+        "truncation_stored_as_terminal",
+        "original-code.md defect 5: a time-limit cut stored as terminal zeroes the value of good states",
+        (
+            (
+                "env_tm.py",
+                "replay.add(action, reward, bool(terminated), bool(truncated),",
+                "replay.add(action, reward, bool(terminated or truncated), bool(truncated),",
+            ),
+        ),
+        (LOOP_STORES,),
+    ),
+    Mutation(
+        "actions_stored_one_step_late",
+        "the action of step t stored with step t+1's reward: every Q(s, a) learns another action's return",
+        (
+            (
+                "env_tm.py",
+                "            action = agent.act(frames, car, run.step)\n",
+                '            late, action = locals().get("action", 0), agent.act(frames, car, run.step)\n',
+            ),
+            (
+                "env_tm.py",
+                "replay.add(action, reward, bool(terminated)",
+                "replay.add(late, reward, bool(terminated)",
+            ),
+        ),
+        (LOOP_STORES,),
+    ),
+    Mutation(
+        "argmax_with_batchnorm_in_train_mode",
+        "original-code.md defect 3: batch statistics of the next states leak into the target's argmax",
+        (
+            (
+                "rainbow.py",
+                "            self._online_mode(training=False)\n            action_taus",
+                "            self._online_mode(training=True)\n            action_taus",
+            ),
+        ),
+        (BN_MODES,),
+    ),
+    Mutation(
+        "hard_copy_without_batchnorm_buffers",
+        "a target that keeps stale BatchNorm statistics is not the online net it was copied from",
+        (
+            (
+                "rainbow.py",
+                "self.target.load_state_dict(self.online.state_dict())",
+                "self.target.load_state_dict({k: v for k, v in self.online.state_dict().items() if 'running' not in k and 'num_batches' not in k}, strict=False)",
+            ),
+        ),
+        (f"{RAINBOW}::test_the_hard_copy_includes_batchnorm_statistics", HARD_COPY),
+    ),
+    # --- the four the guard caught in the review ----------------------------------------------------------
+    Mutation(
+        "target_copy_every_1000",
+        "seed 004: the hard copy every 1500 learn steps is sacred",
+        (
+            (
+                "tm_config.py",
+                "target_network_update_frequency: int = 1500",
+                "target_network_update_frequency: int = 1000",
+            ),
+        ),
+        (PINNED,),
+    ),
+    Mutation(
+        "soft_target_update",
+        "seed 004: soft updates tau=0.002 every step drove Q from 10 to -40,000",
+        (
+            (
+                "rainbow.py",
+                "            if self.applied_steps % cfg.target_network_update_frequency == 0:\n                self.update_target_network()\n",
+                "            self.update_target_network()\n",
+            ),
+            (
+                "rainbow.py",
+                "        self.target.load_state_dict(self.online.state_dict())\n",
+                "        for target_p, online_p in zip(self.target.parameters(), self.online.parameters()):\n            target_p.data.mul_(0.998).add_(0.002 * online_p.data)\n",
+            ),
+        ),
+        (HARD_COPY,),
+    ),
+    Mutation(
+        "step_lr_scheduler",
+        "seed 004: a decaying learning rate could not pull diverging Q back",
+        (
+            (
+                "rainbow.py",
+                "        self.rng = np.random.default_rng(seed)\n        self.learn_steps = 0",
+                "        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=100, gamma=0.5)\n        self.rng = np.random.default_rng(seed)\n        self.learn_steps = 0",
+            ),
+            (
+                "rainbow.py",
+                "            self.optimizer.step()\n",
+                "            self.optimizer.step()\n            self.scheduler.step()\n",
+            ),
+        ),
+        (CODE_SCAN, HARD_COPY),
+    ),
+    Mutation(
+        "learning_rate_3e-4",
+        "seed 004: the constant learning rate 1e-4 is sacred",
+        (("tm_config.py", "learning_rate: float = 0.0001", "learning_rate: float = 0.0003"),),
+        (PINNED,),
+    ),
+    # --- noise ------------------------------------------------------------------------------------------
+    Mutation(
+        "noise_reset_is_a_noop",
+        "original-code.md defect 1: the reset reached no layer, so one noise draw was kept for the whole run",
+        (
+            (
+                "rainbow.py",
+                "        for buffer in (self.epsilon_in, self.epsilon_out):",
+                "        for buffer in ():",
+            ),
+        ),
+        (f"{RAINBOW}::test_noise_changes_between_resets_and_is_off_when_disabled",),
+    ),
+    Mutation(
+        "online_noise_never_resampled",
+        "NoisyNet explores only if the online noise is redrawn at every learn step",
+        (("rainbow.py", "        self.online.reset_noise()\n        taus = ", "        taus = "),),
+        (f"{RAINBOW}::test_every_learn_step_resamples_online_noise_and_target_noise",),
+    ),
+    Mutation(
+        "target_noise_never_resampled",
+        "original-code.md defect 1: every hard copy gave the target the same frozen noise",
+        (
+            (
+                "rainbow.py",
+                "        self.target.reset_noise()\n        if target_taus is None:",
+                "        if target_taus is None:",
+            ),
+        ),
+        (f"{RAINBOW}::test_every_learn_step_resamples_online_noise_and_target_noise",),
+    ),
+    # --- the seeds' bugs ----------------------------------------------------------------------------------
+    Mutation(
+        "tanh_bounded_q_head",
+        "seed 000: a tanh-bounded head trained on unbounded targets saturated at its bound",
+        (
+            (
+                "rainbow.py",
+                "        return value + advantage - advantage.mean(dim=-1, keepdim=True)",
+                "        return torch.tanh(value + advantage - advantage.mean(dim=-1, keepdim=True))",
+            ),
+        ),
+        (f"{RAINBOW}::test_network_shapes_and_unbounded_dueling_head",),
+    ),
+    Mutation(
+        "zero_initialised_output_layer",
+        "seed 003: a zero-initialised output layer is a dead head that cannot tell actions apart",
+        (
+            (
+                "rainbow.py",
+                "            self.value_out = NoisyLinear(hidden, 1, std)\n",
+                "            self.value_out = NoisyLinear(hidden, 1, std)\n        nn.init.zeros_(self.advantage_out.weight_mu)\n        nn.init.zeros_(self.advantage_out.bias_mu)\n",
+            ),
+        ),
+        (f"{RAINBOW}::test_no_output_layer_is_initialised_to_zero",),
+    ),
+    Mutation(
+        "grad_norm_never_recorded",
+        "seed 003: the gradient norm read 0.000 for a whole run because it was computed and discarded",
+        (
+            (
+                "rainbow.py",
+                "        grad_norm = torch.nn.utils.clip_grad_norm_(self.online.parameters(), cfg.gradient_clip_norm)",
+                "        torch.nn.utils.clip_grad_norm_(self.online.parameters(), cfg.gradient_clip_norm)\n        grad_norm = torch.zeros((), device=self.device)",
+            ),
+        ),
+        (GRAD_NORM,),
+    ),
+    Mutation(
+        "importance_weights_dropped",
+        "PER without importance weights biases every update toward high-priority samples",
+        (("rainbow.py", 'loss = (batch["weights"] * per_sample).mean()', "loss = per_sample.mean()"),),
+        (IQN_GRADIENT,),
+    ),
+    Mutation(
+        "priorities_never_updated",
+        "PER that never learns priorities samples by insertion order only",
+        (
+            (
+                "rainbow.py",
+                '            self.replay.update_priorities(batch_np["indices"], td_error_np)\n',
+                "",
+            ),
+        ),
+        (GRAD_NORM,),
+    ),
+    Mutation(
+        "alpha_applied_twice",
+        "priorities raised to alpha twice flatten prioritisation (p^(alpha^2))",
+        (
+            (
+                "replay.py",
+                "self.tree.update(indices[live] % self.capacity, raw**self.alpha)",
+                "self.tree.update(indices[live] % self.capacity, (raw**self.alpha) ** self.alpha)",
+            ),
+        ),
+        (REPLAY,),
+    ),
+    Mutation(
+        "gamma_applied_twice",
+        "seed 001: a return discounted wrongly implies impossible values; gamma^2 shortens every horizon",
+        (
+            (
+                "rainbow.py",
+                'batch["reward"].unsqueeze(1) + batch["discount"].unsqueeze(1) * next_value',
+                'batch["reward"].unsqueeze(1) + cfg.discount_factor * batch["discount"].unsqueeze(1) * next_value',
+            ),
+        ),
+        (f"{RAINBOW}::test_double_dqn_target_uses_the_online_argmax_and_the_target_value",),
+    ),
+    Mutation(
+        "gradients_flow_into_the_target",
+        "TD targets are constants: a gradient through them chases a moving target (seed 004's failure mode)",
+        (
+            ("rainbow.py", "    @torch.no_grad()\n    def td_targets(", "    def td_targets("),
+            ("rainbow.py", "        self.target.requires_grad_(False)\n", ""),
+        ),
+        (f"{RAINBOW}::test_no_gradient_ever_reaches_the_target_net",),
+    ),
+    # --- small truths of the same review ------------------------------------------------------------------
+    Mutation(
+        "weight_decay_default_moved",
+        "original-code.md: the reference's AdamW ran with weight decay 0.01 on every parameter",
+        (("tm_config.py", "weight_decay: float = 0.01", "weight_decay: float = 0.0"),),
+        (PINNED,),
+    ),
+    Mutation(
+        "optimizer_ignores_weight_decay",
+        "a torch default standing in for a pinned value moves when torch does",
+        (("rainbow.py", 'options = {"lr": lr, "weight_decay": weight_decay}', 'options = {"lr": lr}'),),
+        (f"{RAINBOW}::test_adamw_weight_decay_is_the_pinned_value_on_every_parameter",),
+    ),
+    Mutation(
+        "skipped_step_moves_the_target_clock",
+        "a skipped (non-finite) learn step changed nothing: the hard copy must stay every 1500 applied steps",
+        (
+            (
+                "rainbow.py",
+                "            self.skipped_steps += 1\n",
+                "            self.skipped_steps += 1\n            self.applied_steps += 1\n",
+            ),
+        ),
+        (f"{RAINBOW}::test_a_skipped_learn_step_moves_neither_the_target_clock_nor_beta",),
+    ),
+    Mutation(
+        "skipped_step_moves_beta",
+        "beta anneals per learn step applied, not per batch drawn",
+        (
+            (
+                "rainbow.py",
+                "            self.skipped_steps += 1\n",
+                "            self.skipped_steps += 1\n            self.replay.advance_beta()\n",
+            ),
+        ),
+        (f"{RAINBOW}::test_a_skipped_learn_step_moves_neither_the_target_clock_nor_beta",),
+    ),
+    Mutation(
+        "rollback_repeats_the_same_draws",
+        "a rollback that restores torch's generator redraws the noise and taus that led to the failure",
+        (
+            (
+                "env_tm.py",
+                "        torch.manual_seed(agent_seed)  # new noise and taus: restored, torch's stream would draw the same ones\n        self.agent.online.reset_noise()\n        self.agent.target.reset_noise()\n",
+                "",
+            ),
+        ),
+        (f"{LOOP}::test_a_rollback_draws_fresh_noise_and_quantile_fractions",),
+    ),
+    Mutation(
+        "sacred_override_accepted_silently",
+        "seed 004: a sacred invariant may be departed from only knowingly, with its own flag",
+        (("env_tm.py", "        check_sacred_assignments(args.overrides, unpin_flags(args))\n", ""),),
+        (f"{GUARD}::test_a_sacred_key_is_refused_on_the_command_line_without_its_own_flag",),
+    ),
+    Mutation(
+        "unpinned_run_not_marked_in_checkpoints",
+        "an unpinned run must say so wherever it is recorded",
+        (("env_tm.py", '        "unpinned": unpinned_keys(config),\n', ""),),
+        (f"{GUARD}::test_an_unpinned_run_is_marked_in_its_metrics_and_checkpoint",),
+    ),
+    Mutation(
+        "two_learn_steps_per_env_step",
+        "the pinned replay ratio is one learn step per environment step",
+        (
+            (
+                "env_tm.py",
+                "            flags += session.learn(timeouts)\n",
+                "            flags += session.learn(timeouts)\n            flags += session.learn(timeouts)\n",
+            ),
+        ),
+        (LOOP_STORES,),
+    ),
+)
