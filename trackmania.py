@@ -13,7 +13,14 @@ What this module adds around tmrl, and why:
 - rtgym runs tmrl in a worker thread: an exception there makes reset()/step() hang forever (Linux) or
   silently repeat the last observation (Windows). `TrackManiaEnv` records those exceptions, bounds every
   call with a watchdog and notices a frozen picture, and raises `GameNotRespondingError` saying what to check.
-- rtgym's "Time-step timed out" warnings (the PC could not keep 20 Hz) are counted per env.
+- every telemetry frame tmrl reads from the plugin is checked (finite, within the game's physical limits,
+  no teleport within an episode): a plugin of another version or a misaligned stream would otherwise give
+  garbage observations and episodes that "finish" in a few steps, silently; `TelemetryError` says so.
+- the car's spawn is compared with the reward trajectory's start at the first reset: a trajectory recorded
+  on another map would otherwise pay no reward, forever and silently.
+- rtgym's "Time-step timed out" warnings (the PC could not keep 20 Hz) are counted per env and never
+  printed (the training loop reports the count); `route_thread_errors` sends the tracebacks of tmrl's and
+  rtgym's threads to a log file instead of the terminal.
 
 tmrl is a Windows-only dependency: it is imported lazily, inside functions, never at module import.
 
@@ -27,7 +34,9 @@ Windows setup (from tmrl's install guide):
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
+import importlib.metadata
 import json
 import logging
 import math
@@ -36,6 +45,7 @@ import pickle
 import platform
 import socket
 import struct
+import sys
 import threading
 import time
 import weakref
@@ -83,6 +93,34 @@ REWARD_CONFIG = {
 }
 MIN_TMRL_CONFIG_VERSION = (0, 6, 0)  # tmrl refuses older config.json files
 
+# --- telemetry sanity ------------------------------------------------------------------------------------
+# The plugin's fields, in the order it sends them (TMRL Grab Data: CSmScriptPlayer's Speed, Distance,
+# Position, InputSteer, InputGasPedal, InputIsBraking, the finish UI sequence, EngineCurGear, EngineRpm).
+TELEMETRY_FIELDS = ("speed", "distance", "x", "y", "z", "steer", "gas", "brake", "finished", "gear", "rpm")
+# TrackMania 2020 caps every car at 1000 km/h (the speedometer stops at 999).
+TOP_SPEED_KMH = 1000.0
+TOP_SPEED_M_S = TOP_SPEED_KMH / 3.6
+# 10% above the cap: values a little past it (rounding, a bump) are real, while the garbage of a misaligned
+# stream is orders of magnitude off. The bound is on |speed|: the plugin sends the script API's Speed as is,
+# and nothing documents that it stays positive while the car rolls backwards (brake held at a standstill
+# reverses); refusing negative values could end a good run the first time the agent reverses.
+MAX_ABS_SPEED_KMH = 1.1 * TOP_SPEED_KMH
+# The stadium car's engine revs up to about 11,000 rpm; 20,000 leaves room for the other cars.
+MAX_RPM = 20_000.0
+# EngineCurGear is a whole number (the stadium car shifts through 1..5, 0 when standing or reversing);
+# 7 leaves room for the other cars.
+MAX_GEAR = 7
+# The game clamps its inputs (steer in [-1, 1], gas in [0, 1]); this only absorbs float rounding. Brake and
+# finished are booleans that the plugin writes as exactly 0.0 or 1.0.
+INPUT_TOLERANCE = 1e-3
+# Between two frames of one episode the car cannot move farther than the top speed allows in the wall-clock
+# time between them. A frame may be a few game frames old when read (a 30 fps game, a busy client thread),
+# hence FRAME_AGE_SLACK seconds added to the elapsed time, and the whole bound is doubled: real driving never
+# comes near it (14 m per 20 Hz step at top speed, against ~170 m allowed), a misaligned stream's positions
+# jump by kilometres. Only a respawn teleports the car, and it happens at reset, which is never compared.
+JUMP_MARGIN = 2.0
+FRAME_AGE_SLACK = 0.25
+
 # --- watchdog defaults ---------------------------------------------------------------------------------
 DEFAULT_STEP_TIMEOUT = 10.0  # seconds; a step normally takes 0.05 s, or ~0.6 s when the episode ends
 DEFAULT_RESET_TIMEOUT = 60.0  # seconds; a reset waits SLEEP_TIME_AT_RESET and may first connect to the game
@@ -113,6 +151,10 @@ class TrackManiaSetupError(TrackManiaError):
 
 class GameNotRespondingError(TrackManiaError):
     """The game, its window or the OpenPlanet plugin stopped answering."""
+
+
+class TelemetryError(TrackManiaError):
+    """The plugin's telemetry is implausible: a plugin of another version, or a misaligned data stream."""
 
 
 def _one_line(text: str) -> str:
@@ -244,9 +286,15 @@ def load_tmrl_config(folder: Path) -> dict[str, Any]:
         ) from error
 
 
-def _check_reward_trajectory(folder: Path) -> None:
+def reward_trajectory_path(folder: Path) -> Path:
+    """Where tmrl reads the reward trajectory (config_constants.REWARD_PATH)."""
+    return folder / "reward" / "reward.pkl"
+
+
+def load_reward_trajectory(folder: Path) -> np.ndarray:
+    """The reward trajectory tmrl will use, (N >= 2, 3) float64 points; TrackManiaSetupError if unusable."""
     # Without this file tmrl silently falls back to a dummy trajectory that never pays any reward.
-    path = folder / "reward" / "reward.pkl"
+    path = reward_trajectory_path(folder)
     record = (
         "record one on your track with `python -m tmrl --record-reward` (or run `python -m tmrl --install`)"
     )
@@ -262,6 +310,48 @@ def _check_reward_trajectory(folder: Path) -> None:
         raise TrackManiaSetupError(
             f"the reward trajectory {path} holds an array of shape {points.shape}, not (N >= 2, 3): {record}"
         )
+    if not np.isfinite(points).all():
+        raise TrackManiaSetupError(f"the reward trajectory {path} holds non-finite points: {record}")
+    return points
+
+
+def trajectory_length_m(points: np.ndarray) -> float:
+    """Length of a trajectory: the sum of its segments (tmrl records a point every 0.1 m driven)."""
+    return float(np.linalg.norm(np.diff(points, axis=0), axis=1).sum())
+
+
+_VIGEM_FIX = (
+    "install it (`pip install --force-reinstall --no-deps vgamepad` and accept the driver installer it "
+    "starts, as `pip install tmrl` did, or ViGEmBus_Setup from https://github.com/ViGEm/ViGEmBus/releases), "
+    "then restart Windows"
+)
+
+
+def _vigem_error(detail: str) -> TrackManiaSetupError:
+    return TrackManiaSetupError(
+        _one_line(
+            f"the virtual gamepad driver ViGEmBus is missing or not running ({detail}), so tmrl could not "
+            f"move the car: {_VIGEM_FIX}"
+        )
+    )
+
+
+def _mentions_vigem(error: BaseException) -> bool:
+    # vgamepad raises Exception("VIGEM_ERROR_BUS_NOT_FOUND") (and other VIGEM_ERROR_* names) when it cannot
+    # reach the driver, and AssertionError("The virtual device could not connect to ViGEmBus.").
+    return "vigem" in f"{type(error).__name__} {error}".lower()
+
+
+def _check_virtual_gamepad() -> None:
+    """Import vgamepad as tmrl will: it connects to the ViGEmBus driver while being imported."""
+    if find_spec("vgamepad") is None:
+        raise TrackManiaSetupError(
+            "vgamepad (tmrl's virtual gamepad) is not installed: run `pip install tmrl`"
+        )
+    try:
+        importlib.import_module("vgamepad")
+    except Exception as error:  # VIGEM_ERROR_* as a bare Exception, or OSError when its DLL cannot load
+        raise _vigem_error(f"importing vgamepad raised {type(error).__name__}: {error}") from error
 
 
 def check_tmrl_setup(config: Config | None = None, *, allow_non_windows: bool = False) -> None:
@@ -280,11 +370,9 @@ def check_tmrl_setup(config: Config | None = None, *, allow_non_windows: bool = 
         # Importing tmrl now would make it download its resources: tell the user to do it knowingly.
         raise TrackManiaSetupError(f"no TmrlData folder at {folder}: {_INSTALL_HINT}")
     validate_tmrl_config(load_tmrl_config(folder), config, folder / "config" / "config.json")
-    _check_reward_trajectory(folder)
-    if system == "Windows" and find_spec("vgamepad") is None:
-        raise TrackManiaSetupError(
-            "vgamepad (tmrl's virtual gamepad) is not installed: run `pip install tmrl`"
-        )
+    load_reward_trajectory(folder)
+    if system == "Windows":
+        _check_virtual_gamepad()
 
 
 def probe_openplanet(timeout: float = 1.0) -> None:
@@ -366,35 +454,241 @@ def _import_tmrl_interfaces() -> Any:
 
 
 class _InterfaceErrors:
-    """The first exception raised by tmrl's interface inside rtgym's worker thread, or None."""
+    """The first exception raised by tmrl's interface inside rtgym's worker thread, or None.
+
+    Our own checks in that thread (telemetry, map) record their error here without raising it there: the
+    calling thread raises it (see `_bounded_call`), so rtgym's thread neither dies nor hangs.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.first: tuple[str, BaseException] | None = None
+
+    def record(self, where: str, error: BaseException) -> None:
+        with self._lock:
+            if self.first is None:
+                self.first = (where, error)
 
     @contextlib.contextmanager
     def recording(self, where: str) -> Iterator[None]:
         try:
             yield
         except BaseException as error:
-            with self._lock:
-                if self.first is None:
-                    self.first = (where, error)
+            self.record(where, error)
             raise
 
 
+def _installed_tmrl_version() -> str:
+    try:
+        return "tmrl " + importlib.metadata.version("tmrl")
+    except importlib.metadata.PackageNotFoundError:
+        return "the installed tmrl"
+
+
+def _telemetry_error(detail: str) -> TelemetryError:
+    return TelemetryError(
+        _one_line(
+            f"implausible telemetry from the OpenPlanet plugin: {detail}; the plugin 'TMRL Grab Data' is "
+            f"probably of another version than {_installed_tmrl_version()}, or its data stream is "
+            "misaligned: copy "
+            r"%USERPROFILE%\TmrlData\resources\Plugins\TMRL_GrabData.op (from `python -m tmrl --install`) "
+            r"into %USERPROFILE%\OpenplanetNext\Plugins, reload it (F3 > Developer > (Re)load plugin > "
+            "TMRL Grab Data) and restart the program"
+        )
+    )
+
+
+def _show(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def _outside(low: float, high: float, value: float) -> bool:
+    return not low - INPUT_TOLERANCE <= value <= high + INPUT_TOLERANCE
+
+
+def _field_problem(frame: tuple[float, ...]) -> str | None:
+    """Why one telemetry frame cannot come from the game, or None."""
+    if len(frame) != len(TELEMETRY_FIELDS):
+        return f"a frame of {len(frame)} values instead of {len(TELEMETRY_FIELDS)}"
+    values = dict(zip(TELEMETRY_FIELDS, frame, strict=True))
+    for name, value in values.items():
+        if not math.isfinite(value):
+            return f"{name} = {value} (not a finite number)"
+    speed = values["speed"]
+    if abs(speed) > MAX_ABS_SPEED_KMH:
+        return (
+            f"speed = {_show(speed)} km/h (beyond {MAX_ABS_SPEED_KMH:g} km/h; the game's top speed is "
+            f"{TOP_SPEED_KMH:g} km/h)"
+        )
+    if _outside(-1.0, 1.0, values["steer"]):
+        return f"steer = {_show(values['steer'])} (outside -1..1)"
+    if _outside(0.0, 1.0, values["gas"]):
+        return f"gas = {_show(values['gas'])} (outside 0..1)"
+    for name in ("brake", "finished"):
+        if values[name] not in (0.0, 1.0):
+            return f"{name} = {_show(values[name])} (the plugin sends exactly 0 or 1)"
+    gear = values["gear"]
+    if gear != int(gear) or not 0 <= gear <= MAX_GEAR:
+        return f"gear = {_show(gear)} (the game's gears are whole numbers 0..{MAX_GEAR})"
+    if not 0.0 <= values["rpm"] <= MAX_RPM:
+        return f"rpm = {_show(values['rpm'])} (outside 0..{MAX_RPM:g})"
+    return None
+
+
+def _jump_problem(frame: tuple[float, ...], previous: tuple[float, ...], elapsed: float) -> str | None:
+    """Why `frame` cannot follow `previous` (same episode, `elapsed` wall-clock seconds later), or None."""
+    reach = JUMP_MARGIN * TOP_SPEED_M_S * (max(elapsed, 0.0) + FRAME_AGE_SLACK)
+    moved = math.dist(frame[2:5], previous[2:5])
+    if moved > reach:
+        return (
+            f"the position (x, y, z) jumped {_show(moved)} m in {elapsed:.3f} s (at most {reach:.0f} m at "
+            f"{TOP_SPEED_KMH:g} km/h)"
+        )
+    driven = abs(frame[1] - previous[1])
+    if driven > reach:
+        return (
+            f"distance jumped {_show(driven)} m in {elapsed:.3f} s (at most {reach:.0f} m at "
+            f"{TOP_SPEED_KMH:g} km/h)"
+        )
+    return None
+
+
+_TELEMETRY_INFO_KEY = "_trackmania_telemetry"  # carries the step's frame from the interface to the env
+
+
+class _TelemetryGuard:
+    """Checks every frame tmrl retrieves from the plugin, inside rtgym's worker thread, without raising there.
+
+    A bad frame is recorded in `errors` (the calling thread raises it) and replaced by the last good one, so
+    tmrl computes nothing from garbage (a garbage "finished" would pay +100 and respawn the car). After the
+    first error every frame is replaced: the env is unusable from then on. The first reset's frame is also
+    compared with the reward trajectory's start (a trajectory recorded on another map).
+    """
+
+    def __init__(
+        self,
+        errors: _InterfaceErrors,
+        *,
+        trajectory_start: np.ndarray | None = None,
+        trajectory_path: Path | None = None,
+        max_stray: float = REWARD_CONFIG["MAX_STRAY"],
+    ) -> None:
+        self._errors = errors
+        self._trajectory_start = trajectory_start
+        self._trajectory_path = trajectory_path
+        self._max_stray = max_stray
+        self._failed = False
+        self._spawn_checked = False
+        self._previous: tuple[tuple[float, ...], float] | None = None  # (frame, time) in this episode
+        self._last_good: tuple[float, ...] = (0.0,) * len(TELEMETRY_FIELDS)
+        self.latest: tuple[float, ...] | None = None  # the frame tmrl got last
+
+    def new_episode(self) -> None:
+        """A respawn comes: the next frame may be anywhere, so it is not compared with the previous one."""
+        self._previous = None
+
+    def _fail(self, where: str, error: TrackManiaError) -> None:
+        self._failed = True
+        self._errors.record(where, error)
+
+    def filter(self, data: Any) -> tuple[float, ...]:
+        now = time.monotonic()
+        if not self._failed:
+            frame = tuple(float(value) for value in data)
+            problem = _field_problem(frame)
+            if problem is None and self._previous is not None:
+                problem = _jump_problem(frame, self._previous[0], now - self._previous[1])
+            if problem is None:
+                self._previous = (frame, now)
+                self._last_good = frame
+            else:
+                self._fail("reading the telemetry", _telemetry_error(problem))
+        if self._failed:
+            # Still, released controls and not finished: nothing for tmrl to act on.
+            frame = (0.0, *self._last_good[1:5], 0.0, 0.0, 0.0, 0.0, *self._last_good[9:])
+        self.latest = frame
+        return frame
+
+    def check_spawn(self) -> None:
+        """At the first reset: the car must start near the trajectory's first point, or it is another map."""
+        if self._spawn_checked or self._failed or self.latest is None or self._trajectory_start is None:
+            return
+        self._spawn_checked = True
+        away = math.dist(self.latest[2:5], self._trajectory_start)
+        if away > self._max_stray:
+            self._fail("checking the map", _wrong_map_error(away, self._max_stray, self._trajectory_path))
+
+    def annotate(self, info: Any) -> dict:
+        info = dict(info or {})
+        if self.latest is not None:
+            info[_TELEMETRY_INFO_KEY] = dict(zip(TELEMETRY_FIELDS, self.latest, strict=True))
+        return info
+
+
+def _wrong_map_error(away: float, max_stray: float, path: Path | None) -> TrackManiaSetupError:
+    trajectory = f"the reward trajectory {path}" if path is not None else "the reward trajectory"
+    return TrackManiaSetupError(
+        _one_line(
+            f"the car starts {away:.1f} m from the start of {trajectory}, farther than MAX_STRAY "
+            f"({max_stray:g} m): the map in the game is not the one the trajectory was recorded on, and "
+            "no step would pay any reward. Load that map (tmrl's default trajectory is for the map "
+            r"tmrl-test: copy %USERPROFILE%\TmrlData\resources\tmrl-test.Map.Gbx into "
+            r"%USERPROFILE%\Documents\Trackmania\Maps\My Maps, then Create > Map Editor > Edit a Map > "
+            "tmrl-test and the green flag), or record a trajectory on this map with "
+            "`python -m tmrl --record-reward`"
+        )
+    )
+
+
+class _CheckedClient:
+    """tmrl's TM2020OpenPlanetClient, with every retrieve_data() result passed through the telemetry guard."""
+
+    def __init__(self, client: Any, guard: _TelemetryGuard) -> None:
+        self._client = client
+        self._guard = guard
+
+    def retrieve_data(self, *args: Any, **kwargs: Any) -> tuple[float, ...]:
+        return self._guard.filter(self._client.retrieve_data(*args, **kwargs))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
 def _guarded_interface(base: type) -> type:
-    """tmrl's interface class, unchanged except that its exceptions are also recorded in `errors`."""
+    """tmrl's interface class, unchanged except that its exceptions are also recorded in `errors` and its
+    telemetry passes through a `_TelemetryGuard`."""
 
     class GuardedTM2020Interface(base):
-        def __init__(self, *args: Any, errors: _InterfaceErrors, **kwargs: Any) -> None:
+        def __init__(
+            self,
+            *args: Any,
+            errors: _InterfaceErrors,
+            telemetry: _TelemetryGuard | None = None,
+            **kwargs: Any,
+        ) -> None:
             self._errors = errors
+            self._telemetry = telemetry if telemetry is not None else _TelemetryGuard(errors)
             with errors.recording("creating the interface"):
                 super().__init__(*args, **kwargs)
 
+        # tmrl creates its telemetry client when it first resets (initialize_common); whatever it assigns
+        # to `self.client` is wrapped, so every frame it reads is checked.
+        @property
+        def client(self) -> Any:
+            return self.__dict__.get("_checked_client")
+
+        @client.setter
+        def client(self, value: Any) -> None:
+            self.__dict__["_checked_client"] = (
+                None if value is None else _CheckedClient(value, self._telemetry)
+            )
+
         def reset(self, seed: Any = None, options: Any = None) -> Any:
+            self._telemetry.new_episode()
             with self._errors.recording("resetting the race"):
-                return super().reset(seed=seed, options=options)
+                obs, info = super().reset(seed=seed, options=options)
+            self._telemetry.check_spawn()
+            return obs, self._telemetry.annotate(info)
 
         def send_control(self, control: Any) -> None:
             with self._errors.recording("sending controls"):
@@ -402,9 +696,11 @@ def _guarded_interface(base: type) -> type:
 
         def get_obs_rew_terminated_info(self) -> Any:
             with self._errors.recording("capturing an observation"):
-                return super().get_obs_rew_terminated_info()
+                obs, reward, terminated, info = super().get_obs_rew_terminated_info()
+            return obs, reward, terminated, self._telemetry.annotate(info)
 
         def wait(self) -> None:
+            self._telemetry.new_episode()  # tmrl respawns the car here
             with self._errors.recording("respawning at the end of the episode"):
                 super().wait()
 
@@ -458,10 +754,18 @@ def make_trackmania_env(
     probe_openplanet()
     if gamepad is None:
         gamepad = platform.system() == "Windows"
+    folder = tmrl_data_folder()
+    trajectory = load_reward_trajectory(folder)  # the file tmrl reads (config_constants.REWARD_PATH)
     tm_gym_interfaces = _import_tmrl_interfaces()
     import rtgym  # noqa: F401 - registers rtgym's env ids with gymnasium
 
     errors = _InterfaceErrors()
+    telemetry = _TelemetryGuard(
+        errors,
+        trajectory_start=trajectory[0],
+        trajectory_path=reward_trajectory_path(folder),
+        max_stray=REWARD_CONFIG["MAX_STRAY"],
+    )
     interface_kwargs = {
         "img_hist_len": config.conv_input,
         "gamepad": gamepad,
@@ -469,6 +773,7 @@ def make_trackmania_env(
         "grayscale": True,
         "resize_to": (config.img_x, config.img_y),  # cv2 order: (width, height)
         "errors": errors,
+        "telemetry": telemetry,
     }
     rtgym_config = build_rtgym_config(
         config, _guarded_interface(tm_gym_interfaces.TM2020Interface), interface_kwargs
@@ -485,14 +790,20 @@ def make_trackmania_env(
         step_timeout=step_timeout,
         reset_timeout=reset_timeout,
         max_identical_frames=max_identical_frames,
+        track_length_m=trajectory_length_m(trajectory),
     )
 
 
 # --- watchdog -------------------------------------------------------------------------------------------
-def _interface_failure(first: tuple[str, BaseException], what: str) -> GameNotRespondingError:
+def _interface_failure(first: tuple[str, BaseException], what: str) -> TrackManiaError:
     where, error = first
-    message = _one_line(f"tmrl failed while {where} ({type(error).__name__}: {error}) during {what}")
-    failure = GameNotRespondingError(f"{message}: {_GAME_CHECKS}")
+    if isinstance(error, TrackManiaError):  # our own checks in rtgym's thread: already one clear line
+        return error
+    if _mentions_vigem(error):  # vgamepad could not reach its driver: the game is not to blame
+        failure: TrackManiaError = _vigem_error(f"tmrl failed while {where}: {type(error).__name__}: {error}")
+    else:
+        message = _one_line(f"tmrl failed while {where} ({type(error).__name__}: {error}) during {what}")
+        failure = GameNotRespondingError(f"{message}: {_GAME_CHECKS}")
     failure.__cause__ = error
     return failure
 
@@ -544,7 +855,11 @@ class _CountingWarnings:
 
     rtgym reports them only through warnings.warn() from its worker thread, and what happens to a warning
     depends on process-wide filters (shown once, ignored, or raised by -W error), so we count at the call.
-    Everything is delegated to the real module, so the warnings are still shown as before.
+    A timeout is counted for the env it belongs to and goes no further, whatever the filters: printed for
+    every late step it would bury the terminal (the training loop reports the count), and raised by a
+    -W error filter it would kill rtgym's worker thread. This object only replaces `warnings` inside rtgym's
+    env module, so only rtgym's own timeouts are concerned (also those of an env already abandoned after a
+    failure). Every other warning is delegated to the real module unchanged.
     """
 
     def __init__(self, real: Any) -> None:
@@ -558,8 +873,10 @@ class _CountingWarnings:
         self, message: Any, category: Any = None, stacklevel: int = 1, *args: Any, **kwargs: Any
     ) -> None:
         if str(message).startswith(_TIMEOUT_WARNING_PREFIX):
+            thread = threading.current_thread()
             for env in list(self.envs):
-                env._note_timeout_from(threading.current_thread())
+                env._note_timeout_from(thread)
+            return
         # One more stack level, so that the warning still points at rtgym's line, not at this one.
         self._real.warn(message, category, stacklevel + 1, *args, **kwargs)
 
@@ -581,7 +898,13 @@ class TrackManiaEnv(gymnasium.Wrapper):
     - `max_identical_frames` consecutive steps with an unchanged newest frame while the car reports a
       speed above MOVING_SPEED raise GameNotRespondingError (a hidden, minimised or paused game);
     - `time_step_timeouts` counts rtgym's "Time-step timed out" warnings for this env (the PC could not
-      keep the pace).
+      keep the pace); they are never printed;
+    - every telemetry frame is checked: an implausible one raises TelemetryError and is never returned;
+      at the first reset a car far from the reward trajectory's start raises TrackManiaSetupError;
+    - each step's info has "finished" (bool, the plugin's finish flag for that step's frame) and
+      `last_telemetry` holds the newest returned frame's 11 values by name (TELEMETRY_FIELDS);
+    - `track_length_m` is the reward trajectory's length and `min_finish_seconds` the time the track takes
+      at the game's top speed: a finish in less is not a real one.
     """
 
     def __init__(
@@ -592,6 +915,7 @@ class TrackManiaEnv(gymnasium.Wrapper):
         step_timeout: float = DEFAULT_STEP_TIMEOUT,
         reset_timeout: float = DEFAULT_RESET_TIMEOUT,
         max_identical_frames: int = DEFAULT_MAX_IDENTICAL_FRAMES,
+        track_length_m: float = math.nan,
     ) -> None:
         super().__init__(env)
         if step_timeout <= 0 or reset_timeout <= 0 or max_identical_frames < 1:
@@ -599,8 +923,11 @@ class TrackManiaEnv(gymnasium.Wrapper):
         self.step_timeout = step_timeout
         self.reset_timeout = reset_timeout
         self.max_identical_frames = max_identical_frames
+        self.track_length_m = float(track_length_m)
+        self.min_finish_seconds = self.track_length_m / TOP_SPEED_M_S
+        self.last_telemetry: dict[str, float] | None = None
         self._errors = errors
-        self._failure: GameNotRespondingError | None = None
+        self._failure: TrackManiaError | None = None
         self._previous_frame: np.ndarray | None = None
         self._identical_frames = 0
         self._timeouts = 0
@@ -625,16 +952,16 @@ class TrackManiaEnv(gymnasium.Wrapper):
         if self._failure is not None:
             # tmrl's telemetry client cannot be closed and keeps the plugin's only connection: a new env in
             # this process would not get any data, hence "restart".
-            raise GameNotRespondingError(
-                f"the TrackMania env failed earlier; fix the game, then restart the program: {self._failure}"
+            raise type(self._failure)(
+                f"the TrackMania env failed earlier; fix that, then restart the program: {self._failure}"
             )
         try:
             return _bounded_call(fn, timeout=timeout, errors=self._errors, what=what)
-        except GameNotRespondingError as failure:
+        except TrackManiaError as failure:
             self._fail(failure)
             raise
 
-    def _fail(self, failure: GameNotRespondingError) -> None:
+    def _fail(self, failure: TrackManiaError) -> None:
         self._failure = failure
         _ABANDONED_ENVS.append(self.env)
 
@@ -646,7 +973,7 @@ class TrackManiaEnv(gymnasium.Wrapper):
         self._previous_frame = obs[3][-1]
         self._identical_frames = 0
         self._controls_held = True
-        return obs, info
+        return obs, self._take_telemetry(info)
 
     def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict]:
         clipped = clip_action(action)
@@ -656,7 +983,16 @@ class TrackManiaEnv(gymnasium.Wrapper):
         # At the end of an episode rtgym already called tmrl's wait(), which released the controls.
         self._controls_held = not (terminated or truncated)
         self._watch_frames(obs)
-        return obs, reward, terminated, truncated, info
+        return obs, reward, terminated, truncated, self._take_telemetry(info)
+
+    def _take_telemetry(self, info: Any) -> dict:
+        """Move the frame the interface attached to this observation into `last_telemetry`."""
+        info = dict(info or {})
+        frame = info.pop(_TELEMETRY_INFO_KEY, None)
+        if frame is not None:
+            self.last_telemetry = frame
+        info["finished"] = bool(frame is not None and frame["finished"])
+        return info
 
     def _watch_frames(self, obs: Any) -> None:
         frame, speed = obs[3][-1], float(obs[0][0])
@@ -699,3 +1035,121 @@ def _check_layout(obs: Any, image_shape: tuple[int, ...]) -> None:
             f"tmrl/rtgym returned observations laid out as {actual}, not {expected} (speed, gear, rpm, "
             "images, act1, act2): install the tmrl and rtgym versions of the requirements"
         )
+
+
+# --- thread errors and tmrl/rtgym logging, away from the terminal ---------------------------------------
+_ROUTED_PACKAGES = ("tmrl", "rtgym")
+
+
+class _QuietFileHandler(logging.FileHandler):
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        pass  # a log file that cannot be written must not print its own traceback to the terminal either
+
+
+@functools.cache
+def _routed_package_dirs() -> tuple[str, ...]:
+    # tmrl logs through the root logger (logging.info(...)), so its records are told by their file.
+    # find_spec on a top-level package locates it without importing it.
+    folders = []
+    for name in _ROUTED_PACKAGES:
+        spec = find_spec(name)
+        for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+            folders.append(os.path.normcase(os.path.join(os.path.abspath(folder), "")))
+    return tuple(folders)
+
+
+def _from_routed_package(record: logging.LogRecord) -> bool:
+    if record.name.split(".")[0] in _ROUTED_PACKAGES:
+        return True
+    path = os.path.normcase(os.path.abspath(record.pathname or ""))
+    return any(path.startswith(folder) for folder in _routed_package_dirs())
+
+
+def _writes_to_terminal(handler: logging.Handler) -> bool:
+    if not isinstance(handler, logging.StreamHandler) or isinstance(handler, logging.FileHandler):
+        return False
+    stream = handler.stream
+    if any(stream is std for std in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)):
+        return True
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def _reaches_terminal(logger: logging.Logger, level: int) -> bool:
+    """Whether a record of `level` created on `logger` would be printed by a terminal handler."""
+    current: logging.Logger | None = logger
+    while current is not None:
+        if any(_writes_to_terminal(h) and level >= h.level for h in current.handlers):
+            return True
+        if not current.propagate:
+            return False
+        current = current.parent
+    return False  # logging's last-resort handler prints WARNING and above only
+
+
+class _RouteBelowWarning(logging.Filter):
+    """On a logger: tmrl/rtgym records below WARNING that would reach the terminal go to the file instead."""
+
+    def __init__(self, logger: logging.Logger, handler: logging.Handler) -> None:
+        super().__init__()
+        self._logger = logger
+        self._handler = handler
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING or not _from_routed_package(record):
+            return True
+        if not _reaches_terminal(self._logger, record.levelno):
+            return True
+        self._handler.handle(record)
+        return False
+
+
+def route_thread_errors(log_path: Path) -> Callable[[], None]:
+    """Send what tmrl's and rtgym's threads would print to the terminal to `log_path`; returns `uninstall`.
+
+    - uncaught exceptions of threads other than the main one (threading.excepthook: tmrl's telemetry client
+      when the plugin stops, rtgym's worker when tmrl raises in it) are appended to the file with a
+      timestamp, the thread's name and the full traceback, and nothing is written to the terminal (the env
+      raises its own one-line error in the calling thread);
+    - tmrl's and rtgym's `logging` records below WARNING that would be printed on the terminal go to the file
+      instead (WARNING and above are left alone). Call it after the application configured its logging.
+    """
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    handler = _QuietFileHandler(log_path, encoding="utf-8", delay=True)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s [%(threadName)s] %(name)s: %(message)s")
+    )
+    previous_hook = threading.excepthook
+
+    def excepthook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:  # as the default hook: a thread may end itself this way
+            return
+        name = args.thread.name if args.thread is not None else "an unknown thread"
+        record = logging.LogRecord(
+            "trackmania.threads",
+            logging.ERROR,
+            __file__,
+            0,
+            "uncaught exception in thread %r",
+            (name,),
+            (args.exc_type, args.exc_value, args.exc_traceback),
+        )
+        handler.handle(record)
+
+    threading.excepthook = excepthook
+    filtered = [logging.getLogger(), *(logging.getLogger(name) for name in _ROUTED_PACKAGES)]
+    filters = [(logger, _RouteBelowWarning(logger, handler)) for logger in filtered]
+    for logger, log_filter in filters:
+        logger.addFilter(log_filter)
+
+    def uninstall() -> None:
+        if threading.excepthook is excepthook:
+            threading.excepthook = previous_hook
+        for logger, log_filter in filters:
+            logger.removeFilter(log_filter)
+        handler.close()
+
+    return uninstall

@@ -3,8 +3,12 @@
 - `FakeOpenPlanet`: a loopback TCP server speaking the protocol of the OpenPlanet plugin "TMRL Grab Data".
   Like the plugin, it serves one client at a time and, while one is connected, sends a frame of 11
   little-endian float32 (speed, distance, x, y, z, steer, gas, brake, finished, gear, rpm) once per "game
-  frame", whether or not the client reads; when the client leaves, it listens again. It can be frozen
-  (connection kept, nothing sent: a hung game).
+  frame", whether or not the client reads; when the client leaves, it listens again. It can produce the
+  faults of a real setup: frozen (connection kept, nothing sent: a hung game), `crash()` (the game process
+  dies: connection reset, nobody listening), `slip()` (one byte lost or added once: a misaligned stream),
+  `extra_floats` (a plugin of another version sending 12 floats), NaN or any other value through
+  `set_state`, and `spawn` (where a respawn puts the car: far from the reward trajectory on a wrong map).
+- `slow_agent_steps`: an agent that thinks longer than a time-step between steps (rtgym times out).
 - `FakeScreen`: the game window as tmrl's `WindowInterface` sees it; `screenshot()` returns BGRA uint8
   (height, width, 4) like the Windows capture, a picture that changes at every capture unless frozen.
 - `ControlRecorder`: the keyboard, the mouse and (through a fake `vgamepad` module) the virtual gamepad;
@@ -42,15 +46,28 @@ GAMEPAD_B = 0x2000
 class FakeOpenPlanet:
     """The telemetry server of the "TMRL Grab Data" plugin, on 127.0.0.1 and a free port."""
 
-    def __init__(self, frame_interval: float = 0.005, **state: float) -> None:
+    def __init__(
+        self,
+        frame_interval: float = 0.005,
+        *,
+        spawn: tuple[float, float, float] = (0.0, 0.0, 0.0),
+        extra_floats: tuple[float, ...] = (),
+        **state: float,
+    ) -> None:
         self.frame_interval = frame_interval  # 200 "game frames" per second
+        self.spawn = spawn  # where a respawn puts the car (the start of the map that is loaded)
+        # Floats sent after the 11 fields: a plugin of another version with more fields per frame.
+        self.extra_floats = tuple(float(value) for value in extra_floats)
         self.state = dict.fromkeys(FIELDS, 0.0)
         self.set_state(gear=1.0, rpm=1000.0, **state)
         self.connections = 0
+        self.frames_sent = 0
         self._lock = threading.Lock()
+        self._slip: str | None = None
         self._sending = threading.Event()
         self._sending.set()
         self._closed = threading.Event()
+        self._crashed = threading.Event()
         self._server = socket.create_server(("127.0.0.1", 0))
         self._server.settimeout(0.1)  # lets close() stop the accept loop
         self.port: int = self._server.getsockname()[1]
@@ -64,17 +81,41 @@ class FakeOpenPlanet:
 
     def respawn(self) -> None:
         """What the game does when tmrl presses "respawn": the car is back, still, at the start."""
-        self.set_state(speed=0.0, distance=0.0, x=0.0, y=0.0, z=0.0, finished=0.0)
+        x, y, z = self.spawn
+        self.set_state(speed=0.0, distance=0.0, x=x, y=y, z=z, finished=0.0)
 
     def freeze(self) -> None:
         self._sending.clear()
 
+    def slip(self, kind: str = "drop") -> None:
+        """Misalign the stream once: the next frame loses its first byte ("drop") or gets one more ("insert").
+
+        Every frame after it is read across two of the plugin's frames, as after a lost or doubled byte.
+        """
+        if kind not in ("drop", "insert"):
+            raise ValueError(f"a slip is 'drop' or 'insert', not {kind!r}")
+        self._slip = kind
+
+    def crash(self) -> None:
+        """The game process dies: the connection is reset (not closed cleanly) and nothing listens anymore."""
+        self._crashed.set()
+
     def frame(self) -> bytes:
-        return FRAME.pack(*(self.state[name] for name in FIELDS))
+        values = (*(self.state[name] for name in FIELDS), *self.extra_floats)
+        return struct.pack(f"<{len(values)}f", *values)
 
     def close(self) -> None:
         self._closed.set()
         self._server.close()
+
+    def _next_bytes(self) -> bytes:
+        data = self.frame()
+        slip, self._slip = self._slip, None
+        if slip == "drop":
+            return data[1:]
+        if slip == "insert":
+            return b"\x00" + data
+        return data
 
     def _serve(self) -> None:
         while not self._closed.is_set():
@@ -87,12 +128,30 @@ class FakeOpenPlanet:
             self.connections += 1
             with client:
                 while not self._closed.is_set():
+                    if self._crashed.is_set():
+                        # A zero linger time makes close() send a reset, as when the OS reaps a dead process.
+                        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        break
                     if self._sending.is_set():
                         try:
-                            client.sendall(self.frame())
+                            client.sendall(self._next_bytes())
+                            self.frames_sent += 1
                         except OSError:  # the client left: listen again, as the plugin does
                             break
                     time.sleep(self.frame_interval)
+            if self._crashed.is_set():
+                self.close()
+                return
+
+
+def slow_agent_steps(env: Any, steps: int, think_s: float, action: Any = (0.0, 0.0, 0.0)) -> list[tuple]:
+    """Step `env` like an agent that needs `think_s` seconds per decision (longer than a time-step, rtgym
+    then reports the step as timed out); returns what each step() returned."""
+    results = []
+    for _ in range(steps):
+        time.sleep(think_s)
+        results.append(env.step(list(action)))
+    return results
 
 
 class FakeScreen:
@@ -281,11 +340,14 @@ TMRL_CONFIG: dict[str, Any] = {
 }
 
 
-def reward_trajectory(length_m: float = 100.0) -> np.ndarray:
-    """A straight track along x, as `python -m tmrl --record-reward` stores it: one point every 0.1 m."""
+def reward_trajectory(
+    length_m: float = 100.0, start: tuple[float, float, float] = (0.0, 0.0, 0.0)
+) -> np.ndarray:
+    """A straight track along x from `start`, as `python -m tmrl --record-reward` stores it: one point
+    every 0.1 m."""
     points = np.zeros((int(round(length_m * 10)) + 1, 3))
     points[:, 0] = np.linspace(0.0, length_m, len(points))
-    return points
+    return points + np.asarray(start, dtype=np.float64)
 
 
 def write_tmrl_data(
@@ -293,6 +355,7 @@ def write_tmrl_data(
     changes: dict[str, Any] | None = None,
     remove: tuple[str, ...] = (),
     reward: bool = True,
+    trajectory_start: tuple[float, float, float] = (0.0, 0.0, 0.0),
 ) -> Path:
     """Create `home`/TmrlData as `python -m tmrl --install` would; `changes`/`remove` use dotted keys."""
     values = json.loads(json.dumps(TMRL_CONFIG))
@@ -314,7 +377,7 @@ def write_tmrl_data(
     (folder / "config" / "config.json").write_text(json.dumps(values, indent=2), encoding="utf-8")
     if reward:
         with (folder / "reward" / "reward.pkl").open("wb") as file:
-            pickle.dump(reward_trajectory(), file)
+            pickle.dump(reward_trajectory(start=trajectory_start), file)
     return folder
 
 

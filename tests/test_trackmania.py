@@ -9,12 +9,16 @@ directly. Nothing may touch the internet: children block every non-loopback conn
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +38,38 @@ from fake_openplanet import (  # noqa: E402
     FakeScreen,
     block_internet,
     install_fake_game,
+    slow_agent_steps,
     write_tmrl_data,
 )
 
 import trackmania  # noqa: E402
 from tm_config import Config  # noqa: E402
-from trackmania import GameNotRespondingError, TrackManiaSetupError  # noqa: E402
+from trackmania import (  # noqa: E402
+    GameNotRespondingError,
+    TelemetryError,
+    TrackManiaError,
+    TrackManiaSetupError,
+)
 
 RESULT_PREFIX = "CHILD RESULT "
 USERS_WANDB_KEY = "the-users-own-wandb-key"
+# Where the fault scenarios' map starts (and their reward trajectory): real TrackMania coordinates are
+# hundreds of metres from the origin, which is what makes every misaligned reading of a frame implausible.
+SPAWN = (500.0, 9.0, 300.0)
+# The one-line advice that ends every TelemetryError, as the README's troubleshooting quotes it.
+TELEMETRY_ADVICE = (
+    "; the plugin 'TMRL Grab Data' is probably of another version than tmrl 0.7.1, or its data stream is "
+    "misaligned: "
+    r"copy %USERPROFILE%\TmrlData\resources\Plugins\TMRL_GrabData.op (from `python -m tmrl --install`) into "
+    r"%USERPROFILE%\OpenplanetNext\Plugins, reload it (F3 > Developer > (Re)load plugin > TMRL Grab Data) "
+    "and restart the program"
+)
+TELEMETRY_PREFIX = "implausible telemetry from the OpenPlanet plugin: "
+GAME_CHECKS = (
+    "check that TrackMania is running with a map loaded, that its window is visible, not minimised and in "
+    "windowed mode (tmrl resizes it to 256x128), and that the OpenPlanet plugin 'TMRL Grab Data' is loaded "
+    "(F3 > Developer > (Re)load plugin > TMRL Grab Data)"
+)
 
 
 @pytest.fixture
@@ -204,10 +231,281 @@ def test_rtgym_config_comes_from_our_settings() -> None:
     assert rtgym_config["benchmark"] is False
 
 
-# --- the env, in child processes -------------------------------------------------------------------------
-def _run_child(tmp_path: Path, scenario: str, **params: Any) -> dict[str, Any]:
-    home = tmp_path / "home"
+# --- telemetry checks, in process (tmrl's interface is exercised in the child tests below) ----------------
+GOOD_FRAME = (123.4, 56.7, *SPAWN, -0.25, 1.0, 0.0, 0.0, 3.0, 7000.0)
+
+
+def _frame(**changes: float) -> tuple[float, ...]:
+    values = dict(zip(trackmania.TELEMETRY_FIELDS, GOOD_FRAME, strict=True))
+    values.update(changes)
+    return tuple(values.values())
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"speed": float("nan")}, "speed = nan (not a finite number)"),
+        ({"rpm": float("inf")}, "rpm = inf (not a finite number)"),
+        ({"speed": 1234.5}, "speed = 1234.5 km/h (beyond 1100 km/h; the game's top speed is 1000 km/h)"),
+        ({"speed": -1200.0}, "speed = -1200 km/h (beyond 1100 km/h; the game's top speed is 1000 km/h)"),
+        ({"steer": 1.5}, "steer = 1.5 (outside -1..1)"),
+        ({"gas": -0.5}, "gas = -0.5 (outside 0..1)"),
+        ({"brake": 0.5}, "brake = 0.5 (the plugin sends exactly 0 or 1)"),
+        ({"finished": 3.0}, "finished = 3 (the plugin sends exactly 0 or 1)"),
+        ({"gear": 2.5}, "gear = 2.5 (the game's gears are whole numbers 0..7)"),
+        ({"gear": 8.0}, "gear = 8 (the game's gears are whole numbers 0..7)"),
+        ({"rpm": -1.0}, "rpm = -1 (outside 0..20000)"),
+        ({"rpm": 25000.0}, "rpm = 25000 (outside 0..20000)"),
+    ],
+)
+def test_implausible_telemetry_fields_are_named_with_their_value(changes: dict, expected: str) -> None:
+    assert trackmania._field_problem(_frame(**changes)) == expected
+
+
+def test_plausible_telemetry_passes() -> None:
+    assert trackmania._field_problem(GOOD_FRAME) is None
+    # Reversing (negative speed along the car), top speed, idle, the last gear, a finish: all real.
+    for changes in ({"speed": -40.0}, {"speed": 1000.0}, {"rpm": 0.0, "gear": 0.0}, {"gear": 7.0}):
+        assert trackmania._field_problem(_frame(**changes)) is None, changes
+    assert trackmania._field_problem(_frame(finished=1.0, brake=1.0, steer=1.0, gas=0.0)) is None
+    assert "a frame of 12 values instead of 11" in trackmania._field_problem((*GOOD_FRAME, 0.0))
+
+
+def test_a_teleport_within_an_episode_is_caught_but_not_a_respawn_at_reset() -> None:
+    errors = trackmania._InterfaceErrors()
+    guard = trackmania._TelemetryGuard(errors, trajectory_start=np.array(SPAWN))
+    guard.new_episode()
+    assert guard.filter(GOOD_FRAME) == GOOD_FRAME
+    guard.check_spawn()  # the car starts on the trajectory
+    time.sleep(0.05)
+    moved = _frame(x=SPAWN[0] + 10.0, distance=66.7)  # 10 m in 50 ms: 720 km/h, possible
+    assert guard.filter(moved) == moved
+    guard.new_episode()  # a respawn: the car may reappear anywhere (a checkpoint, the start)
+    far = _frame(x=SPAWN[0] + 3000.0, distance=0.0)
+    assert guard.filter(far) == far
+    assert errors.first is None
+    jumped = _frame(x=SPAWN[0] + 6000.0, distance=0.0)  # 3 km within the same episode
+    replaced = guard.filter(jumped)
+    where, error = errors.first
+    assert where == "reading the telemetry" and isinstance(error, TelemetryError)
+    assert re.fullmatch(
+        re.escape(TELEMETRY_PREFIX)
+        + r"the position \(x, y, z\) jumped 3000 m in 0\.\d{3} s \(at most \d+ m at 1000 km/h\)"
+        + re.escape(TELEMETRY_ADVICE),
+        str(error),
+    ), str(error)
+    # tmrl never sees the bad frame: it gets the last good one, still, with released controls, not finished.
+    assert replaced == (0.0, 0.0, SPAWN[0] + 3000.0, *SPAWN[1:], 0.0, 0.0, 0.0, 0.0, 3.0, 7000.0)
+    assert guard.latest == replaced
+    # From then on every frame is replaced, good or not: the env is unusable.
+    assert guard.filter(GOOD_FRAME) == replaced
+
+
+def test_a_distance_jump_is_caught() -> None:
+    errors = trackmania._InterfaceErrors()
+    guard = trackmania._TelemetryGuard(errors)
+    guard.filter(GOOD_FRAME)
+    guard.filter(_frame(distance=GOOD_FRAME[1] + 5000.0))
+    assert "distance jumped 5000 m in" in str(errors.first[1])
+
+
+def test_a_spawn_far_from_the_trajectory_is_a_wrong_map(tmp_path: Path) -> None:
+    errors = trackmania._InterfaceErrors()
+    path = tmp_path / "reward.pkl"
+    guard = trackmania._TelemetryGuard(
+        errors, trajectory_start=np.array((0.0, 9.0, 0.0)), trajectory_path=path
+    )
+    guard.new_episode()
+    guard.filter(_frame(x=300.0, y=9.0, z=400.0))
+    guard.check_spawn()
+    where, error = errors.first
+    assert where == "checking the map" and isinstance(error, TrackManiaSetupError)
+    assert str(error) == (
+        f"the car starts 500.0 m from the start of the reward trajectory {path}, farther than MAX_STRAY "
+        "(100 m): the map in the game is not the one the trajectory was recorded on, and no step would pay "
+        "any reward. Load that map (tmrl's default trajectory is for the map tmrl-test: copy "
+        r"%USERPROFILE%\TmrlData\resources\tmrl-test.Map.Gbx into %USERPROFILE%\Documents\Trackmania\Maps"
+        r"\My Maps, then Create > Map Editor > Edit a Map > tmrl-test and the green flag), or record a "
+        "trajectory on this map with `python -m tmrl --record-reward`"
+    )
+
+
+def test_only_the_first_reset_is_compared_with_the_trajectory() -> None:
+    # tmrl's respawn may put the car back at a checkpoint rather than the start: later resets are not checked.
+    errors = trackmania._InterfaceErrors()
+    guard = trackmania._TelemetryGuard(errors, trajectory_start=np.array(SPAWN))
+    guard.new_episode()
+    guard.filter(GOOD_FRAME)
+    guard.check_spawn()
+    guard.new_episode()
+    guard.filter(_frame(x=SPAWN[0] + 900.0))
+    guard.check_spawn()
+    assert errors.first is None
+
+
+def test_track_length_and_fastest_possible_finish(home: Path) -> None:
+    folder = write_tmrl_data(home, trajectory_start=SPAWN)
+    points = trackmania.load_reward_trajectory(folder)
+    assert points.shape == (1001, 3) and points[0].tolist() == list(SPAWN)
+    assert trackmania.trajectory_length_m(points) == pytest.approx(100.0)
+    # A bent trajectory: its length is the sum of the segments, not the distance between its ends.
+    assert trackmania.trajectory_length_m(np.array([[0, 0, 0], [3, 4, 0], [3, 4, 12]])) == pytest.approx(17.0)
+
+
+# --- time-step timeouts, thread errors, logging, ViGEmBus ------------------------------------------------
+class _EnvOfThread:
+    """Stands for a TrackManiaEnv whose rtgym worker is `thread`."""
+
+    def __init__(self, thread: threading.Thread) -> None:
+        self.thread = thread
+        self.timeouts = 0
+
+    def _note_timeout_from(self, thread: threading.Thread) -> None:
+        self.timeouts += thread is self.thread
+
+
+def test_counted_timeouts_are_never_shown_nor_raised(capfd: pytest.CaptureFixture[str]) -> None:
+    counting = trackmania._CountingWarnings(warnings)
+    env, other_env = _EnvOfThread(threading.current_thread()), _EnvOfThread(threading.Thread())
+    counting.envs.add(env)  # type: ignore[arg-type]
+    counting.envs.add(other_env)  # type: ignore[arg-type]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # as `python -W error`: would raise in rtgym's worker thread
+        counting.warn("Time-step timed out. Elapsed since last time-step: 0.1")
+        counting.warn("Time-step timed out. Elapsed since last time-step: 0.2")
+        with pytest.raises(UserWarning, match="something else"):  # other warnings keep their filters
+            counting.warn("something else")
+    assert (env.timeouts, other_env.timeouts) == (2, 0)  # counted for the env whose thread timed out
+    assert capfd.readouterr() == ("", "")
+
+
+def test_thread_errors_go_to_the_log_file_not_the_terminal(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    log_path = tmp_path / "run" / "trackmania.log"
+    default_hook = threading.excepthook
+    uninstall = trackmania.route_thread_errors(log_path)
+    try:
+
+        def client_thread() -> None:
+            raise AssertionError("OpenPlanet stopped sending data since more than 10.0s.")
+
+        thread = threading.Thread(target=client_thread, name="tmrl client")
+        thread.start()
+        thread.join()
+    finally:
+        uninstall()
+    assert capfd.readouterr() == ("", "")
+    text = log_path.read_text(encoding="utf-8")
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ERROR \[tmrl client\] ", text), text
+    assert "uncaught exception in thread 'tmrl client'" in text
+    assert "Traceback (most recent call last)" in text and "in client_thread" in text
+    assert "AssertionError: OpenPlanet stopped sending data since more than 10.0s." in text
+    assert threading.excepthook is default_hook  # uninstalled
+
+
+def test_tmrl_and_rtgym_info_logs_go_to_the_file_when_they_would_reach_the_terminal(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    root = logging.getLogger()
+    terminal = logging.StreamHandler(sys.stderr)
+    terminal.setFormatter(logging.Formatter("%(name)s %(message)s"))
+    old_level = root.level
+    root.addHandler(terminal)
+    root.setLevel(logging.DEBUG)
+    log_path = tmp_path / "trackmania.log"
+    tmrl_file = str(Path(importlib.util.find_spec("tmrl").origin).parent / "networking.py")
+    # tmrl logs on the root logger (logging.info): its records are known by their file.
+    tmrl_record = logging.LogRecord("root", logging.INFO, tmrl_file, 1, "tmrl says hello", None, None)
+    try:
+        uninstall = trackmania.route_thread_errors(log_path)
+        try:
+            logging.getLogger("rtgym").info("rtgym info")
+            logging.getLogger("rtgym").warning("rtgym warning")  # WARNING and above stay on the terminal
+            root.handle(tmrl_record)
+            logging.getLogger("the.app").info("our own info")  # not tmrl's: untouched
+        finally:
+            uninstall()
+        logging.getLogger("rtgym").info("rtgym after uninstall")
+    finally:
+        root.removeHandler(terminal)
+        root.setLevel(old_level)
+    terminal_text = capfd.readouterr().err
+    assert terminal_text.splitlines() == [
+        "rtgym rtgym warning",
+        "the.app our own info",
+        "rtgym rtgym after uninstall",
+    ]
+    text = log_path.read_text(encoding="utf-8")
+    assert "INFO [MainThread] rtgym: rtgym info" in text and "tmrl says hello" in text
+    assert "warning" not in text and "our own" not in text
+
+
+def test_nothing_is_logged_to_the_file_when_it_would_not_reach_the_terminal(tmp_path: Path) -> None:
+    log_path = tmp_path / "trackmania.log"
+    uninstall = trackmania.route_thread_errors(log_path)
+    try:
+        logging.getLogger("rtgym").info("below the root's WARNING level: never printed anyway")
+    finally:
+        uninstall()
+    assert not log_path.exists() or "never printed" not in log_path.read_text(encoding="utf-8")
+
+
+VIGEM_MESSAGE = (
+    "the virtual gamepad driver ViGEmBus is missing or not running (importing vgamepad raised Exception: "
+    "VIGEM_ERROR_BUS_NOT_FOUND), so tmrl could not move the car: install it (`pip install --force-reinstall "
+    "--no-deps vgamepad` and accept the driver installer it starts, as `pip install tmrl` did, or "
+    "ViGEmBus_Setup from https://github.com/ViGEm/ViGEmBus/releases), then restart Windows"
+)
+
+
+def test_a_missing_vigembus_driver_is_named_on_windows(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     write_tmrl_data(home)
+    # vgamepad connects to the driver while it is imported, and raises VIGEM_ERROR_BUS_NOT_FOUND without it.
+    fake_packages = tmp_path / "site"
+    (fake_packages / "vgamepad").mkdir(parents=True)
+    (fake_packages / "vgamepad" / "__init__.py").write_text(
+        'raise Exception("VIGEM_ERROR_BUS_NOT_FOUND")\n', encoding="utf-8"
+    )
+    monkeypatch.syspath_prepend(str(fake_packages))
+    monkeypatch.delitem(sys.modules, "vgamepad", raising=False)
+    monkeypatch.setattr(trackmania.platform, "system", lambda: "Windows")
+    with pytest.raises(TrackManiaSetupError) as caught:
+        trackmania.check_tmrl_setup()
+    assert str(caught.value) == VIGEM_MESSAGE
+    assert trackmania.check_tmrl_available() == VIGEM_MESSAGE
+    # Elsewhere the gamepad is not used, so not imported.
+    monkeypatch.setattr(trackmania.platform, "system", lambda: "Linux")
+    trackmania.check_tmrl_setup(allow_non_windows=True)
+
+
+def test_vigembus_failing_inside_tmrl_is_not_blamed_on_the_game() -> None:
+    # VX360Gamepad() asserts this when the driver is installed but the bus does not accept the device.
+    error = AssertionError("The virtual device could not connect to ViGEmBus.")
+    failure = trackmania._interface_failure(("resetting the race", error), "reset")
+    assert isinstance(failure, TrackManiaSetupError)
+    assert str(failure).startswith(
+        "the virtual gamepad driver ViGEmBus is missing or not running (tmrl failed while resetting the "
+        "race: AssertionError: The virtual device could not connect to ViGEmBus.), so tmrl could not move "
+        "the car"
+    )
+    other = trackmania._interface_failure(("capturing an observation", ValueError("boom")), "step")
+    assert isinstance(other, GameNotRespondingError)
+
+
+# --- the env, in child processes -------------------------------------------------------------------------
+def _run_child(
+    tmp_path: Path,
+    scenario: str,
+    trajectory_start: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    **params: Any,
+) -> dict[str, Any]:
+    home = tmp_path / "home"
+    write_tmrl_data(home, trajectory_start=trajectory_start)
     env = {
         **os.environ,
         "HOME": str(home),
@@ -229,6 +527,9 @@ def _run_child(tmp_path: Path, scenario: str, **params: Any) -> dict[str, Any]:
     )
     result = json.loads(results[-1][len(RESULT_PREFIX) :])
     result["stderr"] = child.stderr
+    result["other_stdout"] = [
+        line for line in child.stdout.splitlines() if not line.startswith(RESULT_PREFIX)
+    ]
     return result
 
 
@@ -270,10 +571,10 @@ def test_driving_through_tmrl_and_rtgym(tmp_path: Path, rtgym_id: str) -> None:
     # Out-of-range actions are clipped before they reach tmrl: keys pressed for gas, brake, full left.
     assert result["action_in_obs"] == [0.699999988079071, 1.0, -1.0]
     assert ["keys", ["b", "f", "l"]] in result["events_after_clip"]
-    # A capture slower than the time-step makes rtgym warn, and each warning is counted.
+    # A capture slower than the time-step makes rtgym warn, and each warning is counted, never printed.
     assert result["timeouts_before_slow"] <= 5  # a loaded 2-core CI machine may miss a step or two
     assert result["timeouts_after_slow"] - result["timeouts_before_slow"] >= 4
-    assert "Time-step timed out" in result["stderr"]  # still shown, not swallowed
+    assert result["stderr"] == "" and result["other_stdout"] == []
     # Truncated (not terminated) at Config.ep_max_length, then tmrl respawned the car (wait_on_done).
     assert result["truncated_at"] == 24 and result["terminated"] is False
     assert ["respawn key"] in result["events_after_end"]
@@ -300,6 +601,25 @@ def test_gamepad_controls_reward_and_finish(tmp_path: Path) -> None:
     assert ["press_button", GAMEPAD_A] in result["events_after_finish"]
     assert ["right_trigger_float", 0.0] in result["events_after_finish"]
     assert result["finished_after_respawn"] == 0.0
+    # info["finished"] comes from each step's own frame; last_telemetry holds that frame by name.
+    assert result["finished_flags"] == [False] * len(result["finished_flags"][:-1]) + [True]
+    assert result["telemetry_at_finish"] == {
+        "speed": 30.0,
+        "distance": 0.0,
+        "x": 2.0,
+        "y": 0.0,
+        "z": 0.0,
+        "steer": 0.0,
+        "gas": 0.0,
+        "brake": 0.0,
+        "finished": 1.0,
+        "gear": 1.0,
+        "rpm": 1000.0,
+    }
+    assert result["reset_info"] == {"finished": False}
+    # The trajectory is 100 m: even at 1000 km/h it takes 0.36 s.
+    assert result["track_length_m"] == pytest.approx(100.0)
+    assert result["min_finish_seconds"] == pytest.approx(0.36)
     assert result["step_after_end"] == "RuntimeError"  # rtgym's "call reset", passed through unchanged
     # Closing mid-episode releases the pedals (a held virtual trigger would keep the car going).
     # (rtgym may still be applying the last step's gas when close() starts: what counts is the final state.)
@@ -312,8 +632,7 @@ def test_gamepad_controls_reward_and_finish(tmp_path: Path) -> None:
 def test_watchdog_when_the_game_stops_sending(tmp_path: Path) -> None:
     result = _run_child(tmp_path, "hang")
     assert result["error"] == "GameNotRespondingError"
-    assert "did not answer within 1 s during step" in result["message"]
-    assert "TMRL Grab Data" in result["message"] and "\n" not in result["message"]
+    assert result["message"] == f"TrackMania did not answer within 1 s during step: {GAME_CHECKS}"
     assert 0.9 <= result["failing_step_s"] < 3.0
     assert result["next_step_s"] < 0.5 and "failed earlier" in result["next_message"]
     assert "restart the program" in result["next_message"]
@@ -335,6 +654,125 @@ def test_watchdog_when_the_picture_freezes(tmp_path: Path) -> None:
     assert result["error"] == "GameNotRespondingError"
     assert "picture has not changed for 5 steps" in result["message"]
     assert 5 <= result["steps_until_error"] <= 8
+
+
+# The car as the fake game reports it in the fault scenarios: still at SPAWN, first gear, 1000 rpm.
+TRUE_CAR = [0.0, 1.0, 1000.0]
+TRUE_TELEMETRY = {
+    "speed": 0.0,
+    "distance": 0.0,
+    "x": SPAWN[0],
+    "y": SPAWN[1],
+    "z": SPAWN[2],
+    "steer": 0.0,
+    "gas": 0.0,
+    "brake": 0.0,
+    "finished": 0.0,
+    "gear": 1.0,
+    "rpm": 1000.0,
+}
+# What tmrl's client decodes when the 12-float frames of another plugin are read 11 floats at a time: the
+# first implausible field for each of the 11 misalignments (which one is read depends on timing).
+TWELVE_FLOAT_DETAILS = [
+    "gear = 1000 (the game's gears are whole numbers 0..7)",
+    "finished = 1000 (the plugin sends exactly 0 or 1)",
+    "brake = 1000 (the plugin sends exactly 0 or 1)",
+    "gas = 1000 (outside 0..1)",
+    "steer = 1000 (outside -1..1)",
+    "steer = 1500 (outside -1..1)",
+    "brake = 500 (the plugin sends exactly 0 or 1)",
+    "gas = 500 (outside 0..1)",
+    "steer = 500 (outside -1..1)",
+    "steer = 9 (outside -1..1)",
+    "speed = 1500 km/h (beyond 1100 km/h; the game's top speed is 1000 km/h)",
+]
+
+
+@pytest.mark.parametrize(
+    ("fault", "rtgym_id", "detail"),
+    [
+        ("nan", "real-time-gym-ts-v1", "speed = nan (not a finite number)"),
+        # One byte lost: every float is read across two, the gear first shows it.
+        ("drop", "real-time-gym-v1", "gear = 5.83155e-39 (the game's gears are whole numbers 0..7)"),
+        ("insert", "real-time-gym-ts-v1", "rpm = 1.66155e+35 (outside 0..20000)"),
+        # Another plugin's 12 floats: caught at the first misaligned read (often the reset's).
+        ("12_floats", "real-time-gym-v1", None),
+        ("12_floats", "real-time-gym-ts-v1", None),
+        ("teleport", "real-time-gym-ts-v1", None),
+    ],
+)
+def test_bad_telemetry_raises_one_line_and_is_never_returned(
+    tmp_path: Path, fault: str, rtgym_id: str, detail: str | None
+) -> None:
+    result = _run_child(tmp_path, "telemetry_fault", trajectory_start=SPAWN, fault=fault, rtgym_id=rtgym_id)
+    assert result["error"] == "TelemetryError", result
+    message = result["message"]
+    if detail is not None:
+        assert message == TELEMETRY_PREFIX + detail + TELEMETRY_ADVICE
+    elif fault == "12_floats":
+        assert message in [TELEMETRY_PREFIX + d + TELEMETRY_ADVICE for d in TWELVE_FLOAT_DETAILS], message
+    else:
+        assert re.fullmatch(
+            re.escape(TELEMETRY_PREFIX)
+            + r"the position \(x, y, z\) jumped 5000 m in 0\.\d{3} s \(at most \d+ m at 1000 km/h\)"
+            + re.escape(TELEMETRY_ADVICE),
+            message,
+        ), message
+    assert result["steps_until_error"] <= 3  # the step that would have returned the bad frame, or the next
+    # Every observation returned, and every frame in last_telemetry, is the real car: none of the garbage.
+    assert fault == "12_floats" or len(result["returned"]) >= 4  # the reset and 3 steps before the fault
+    assert all(car == TRUE_CAR for car in result["returned"]), result["returned"]
+    assert all(frame == TRUE_TELEMETRY for frame in result["telemetry"])
+    # The env is unusable afterwards, and says why.
+    assert result["next_message"] == (
+        f"TelemetryError: the TrackMania env failed earlier; fix that, then restart the program: {message}"
+    )
+    assert result["stderr"] == "" and result["other_stdout"] == []  # nothing else reached the terminal
+
+
+WRONG_MAP_MESSAGE = (
+    "the car starts 400.0 m from the start of the reward trajectory {path}, farther than MAX_STRAY (100 m): "
+    "the map in the game is not the one the trajectory was recorded on, and no step would pay any reward. "
+    "Load that map (tmrl's default trajectory is for the map tmrl-test: copy "
+    r"%USERPROFILE%\TmrlData\resources\tmrl-test.Map.Gbx into %USERPROFILE%\Documents\Trackmania\Maps"
+    r"\My Maps, then Create > Map Editor > Edit a Map > tmrl-test and the green flag), or record a "
+    "trajectory on this map with `python -m tmrl --record-reward`"
+)
+
+
+def test_a_reward_trajectory_of_another_map_is_refused_at_the_first_reset(tmp_path: Path) -> None:
+    result = _run_child(tmp_path, "wrong_map", trajectory_start=SPAWN)
+    path = tmp_path / "home" / "TmrlData" / "reward" / "reward.pkl"
+    assert result["error"] == "TrackManiaSetupError"
+    assert result["message"] == WRONG_MAP_MESSAGE.format(path=path)
+    assert result["reset_returned"] is False and result["last_telemetry"] is None  # no observation returned
+    assert result["next_message"].startswith("TrackManiaSetupError: the TrackMania env failed earlier")
+    assert result["stderr"] == "" and result["other_stdout"] == []
+
+
+@pytest.mark.parametrize("rtgym_id", ["real-time-gym-ts-v1", "real-time-gym-v1"])
+def test_a_slow_agent_times_out_silently_and_is_counted(tmp_path: Path, rtgym_id: str) -> None:
+    result = _run_child(tmp_path, "slow_agent", rtgym_id=rtgym_id)
+    assert result["slow_steps"] == 6  # -W error did not turn a timeout into an exception in rtgym's thread
+    # Each of the 6 late steps is one timeout (a loaded 2-core CI machine may miss one more step).
+    assert 6 <= result["timeouts_after"] - result["timeouts_before"] <= 7
+    assert result["finished_infos"] == [False] * 6
+    # Not one line on the terminal: the training loop reports the count itself.
+    assert result["stderr"] == "" and result["other_stdout"] == []
+
+
+def test_a_dying_game_leaves_one_line_and_its_tracebacks_in_the_log(tmp_path: Path) -> None:
+    result = _run_child(tmp_path, "game_dies", rtgym_id="real-time-gym-v1")
+    assert result["error"] == "GameNotRespondingError"
+    assert result["message"] == f"TrackMania did not answer within 1 s during step: {GAME_CHECKS}"
+    # No thread traceback reached the terminal...
+    assert result["stderr"] == "" and result["other_stdout"] == []
+    # ...they are in the run's log, timestamped: tmrl's client thread, then rtgym's worker giving up.
+    log = result["log"]
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ERROR \[", log, re.MULTILINE), log
+    assert "ConnectionResetError" in log
+    assert "AssertionError: OpenPlanet stopped sending data since more than 10.0s." in log
+    assert log.count("Traceback (most recent call last)") >= 2
 
 
 # --- child side: these run in a fresh process with HOME at the prepared TmrlData -------------------------
@@ -438,8 +876,13 @@ def child_gamepad_reward(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     game, screen, recorder = _fake_game(monkeypatch)
     env = trackmania.make_trackmania_env(Config(), gamepad=True, allow_non_windows=True)
     install_fake_game(monkeypatch, game.port, screen, recorder)
-    env.reset()
-    result: dict[str, Any] = {"events_at_reset": _events_since(recorder, 0)}
+    _, reset_info = env.reset()
+    result: dict[str, Any] = {
+        "events_at_reset": _events_since(recorder, 0),
+        "reset_info": reset_info,
+        "track_length_m": env.track_length_m,
+        "min_finish_seconds": env.min_finish_seconds,
+    }
 
     mark = len(recorder.events)
     env.step([2.0, -3.0, 0.5])
@@ -451,11 +894,14 @@ def child_gamepad_reward(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
     game.set_state(finished=1.0)
     mark = len(recorder.events)
+    finished_flags = []
     for _ in range(5):
-        _, reward, terminated, truncated, _ = env.step([1.0, 0.0, 0.0])
+        _, reward, terminated, truncated, info = env.step([1.0, 0.0, 0.0])
+        finished_flags.append(info["finished"])
         if terminated or truncated:
             break
     result.update(terminated=terminated, truncated=truncated, finish_reward=float(reward))
+    result.update(finished_flags=finished_flags, telemetry_at_finish=env.last_telemetry)
     result["events_after_finish"] = _events_since(recorder, mark)
     result["finished_after_respawn"] = game.state["finished"]
     try:
@@ -510,6 +956,142 @@ def child_frozen(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     still = _step_until_error(env, limit=10)
     game.set_state(speed=60.0)
     return {**_step_until_error(env, limit=12), "errors_while_still": 0 if still["error"] is None else 1}
+
+
+def _drive_until_error(env: Any, game: FakeOpenPlanet, limit: int) -> dict[str, Any]:
+    """Step until a TrackManiaError; record what every returned observation said about the car."""
+    returned: list[list[float]] = []
+    telemetry: list[dict] = []
+    for steps in range(1, limit + 1):
+        try:
+            obs, _, _, _, _ = env.step([0.0, 0.0, 0.0])
+        except TrackManiaError as error:
+            return {
+                "error": type(error).__name__,
+                "message": str(error),
+                "steps_until_error": steps,
+                "returned": returned,
+                "telemetry": telemetry,
+                "next_message": _next_call_message(env),
+            }
+        returned.append([float(obs[0][0]), float(obs[1][0]), float(obs[2][0])])
+        telemetry.append(env.last_telemetry)
+    return {"error": None, "returned": returned, "telemetry": telemetry}
+
+
+def _next_call_message(env: Any) -> str | None:
+    try:
+        env.step([0.0, 0.0, 0.0])
+    except TrackManiaError as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def child_telemetry_fault(monkeypatch: pytest.MonkeyPatch, fault: str, rtgym_id: str) -> dict[str, Any]:
+    """A game whose telemetry goes wrong after a few good steps (or from the start: another plugin)."""
+    block_internet(monkeypatch)
+    game = FakeOpenPlanet(spawn=SPAWN, extra_floats=(1500.0,) if fault == "12_floats" else ())
+    monkeypatch.setattr(trackmania, "OPENPLANET_PORT", game.port)
+    monkeypatch.setattr(trackmania, "_rtgym_id", lambda: rtgym_id)
+    screen, recorder = FakeScreen(), ControlRecorder(on_respawn=game.respawn)
+    env = trackmania.make_trackmania_env(Config(), step_timeout=5.0, allow_non_windows=True)
+    install_fake_game(monkeypatch, game.port, screen, recorder)
+    result: dict[str, Any] = {"returned": [], "telemetry": []}
+    try:
+        obs, _ = env.reset()
+    except TrackManiaError as error:  # a plugin of another version may be caught at the very first frame
+        return {
+            **result,
+            "error": type(error).__name__,
+            "message": str(error),
+            "steps_until_error": 0,
+            "next_message": _next_call_message(env),
+        }
+    result["returned"].append([float(obs[0][0]), float(obs[1][0]), float(obs[2][0])])
+    result["telemetry"].append(env.last_telemetry)
+    if fault != "12_floats":
+        good = _drive_until_error(env, game, limit=3)
+        assert good["error"] is None, good
+        result["returned"] += good["returned"]
+        result["telemetry"] += good["telemetry"]
+        if fault == "nan":
+            game.set_state(speed=float("nan"))
+        elif fault == "teleport":
+            game.set_state(x=SPAWN[0] + 5000.0)
+        else:
+            game.slip(fault)
+    outcome = _drive_until_error(env, game, limit=20)
+    return {
+        **outcome,
+        "returned": result["returned"] + outcome["returned"],
+        "telemetry": result["telemetry"] + outcome["telemetry"],
+    }
+
+
+def child_wrong_map(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    block_internet(monkeypatch)
+    game = FakeOpenPlanet(spawn=(SPAWN[0], SPAWN[1], SPAWN[2] + 400.0))  # another map's start
+    monkeypatch.setattr(trackmania, "OPENPLANET_PORT", game.port)
+    screen, recorder = FakeScreen(), ControlRecorder(on_respawn=game.respawn)
+    env = trackmania.make_trackmania_env(Config(), allow_non_windows=True)
+    install_fake_game(monkeypatch, game.port, screen, recorder)
+    result: dict[str, Any] = {"reset_returned": False}
+    try:
+        env.reset()
+        result["reset_returned"] = True
+    except TrackManiaError as error:
+        result.update(error=type(error).__name__, message=str(error))
+    try:
+        env.reset()
+    except TrackManiaError as error:
+        result["next_message"] = f"{type(error).__name__}: {error}"
+    result["last_telemetry"] = env.last_telemetry
+    return result
+
+
+def child_slow_agent(monkeypatch: pytest.MonkeyPatch, rtgym_id: str) -> dict[str, Any]:
+    game, screen, recorder = _fake_game(monkeypatch)
+    monkeypatch.setattr(trackmania, "_rtgym_id", lambda: rtgym_id)
+    env = trackmania.make_trackmania_env(Config(), allow_non_windows=True)
+    install_fake_game(monkeypatch, game.port, screen, recorder)
+    # As `python -W error`: a warning raised in rtgym's worker thread would kill it.
+    warnings.simplefilter("error")
+    env.reset()
+    for _ in range(3):
+        env.step([0.0, 0.0, 0.0])
+    before = env.time_step_timeouts
+    slow = slow_agent_steps(env, steps=6, think_s=0.15)  # three time-steps' worth of thinking per step
+    env.step([0.0, 0.0, 0.0])
+    return {
+        "timeouts_before": before,
+        "timeouts_after": env.time_step_timeouts,
+        "slow_steps": len(slow),
+        "finished_infos": [info["finished"] for *_, info in slow],
+    }
+
+
+def child_game_dies(monkeypatch: pytest.MonkeyPatch, rtgym_id: str) -> dict[str, Any]:
+    log_path = Path.cwd() / "run" / "trackmania.log"
+    trackmania.route_thread_errors(log_path)  # as the training loop does, with its run folder's log
+    game, screen, recorder = _fake_game(monkeypatch)
+    monkeypatch.setattr(trackmania, "_rtgym_id", lambda: rtgym_id)
+    env = trackmania.make_trackmania_env(Config(), step_timeout=1.0, allow_non_windows=True)
+    install_fake_game(monkeypatch, game.port, screen, recorder)
+    env.reset()
+    env.step([0.0, 0.0, 0.0])
+    game.crash()
+    result = _step_until_error(env, limit=5)
+    # tmrl's client thread dies at once (connection reset); rtgym's thread, still waiting in tmrl's
+    # retrieve_data, gives up after tmrl's 10 s: wait for both tracebacks.
+    deadline = time.monotonic() + 30.0
+    text = ""
+    while time.monotonic() < deadline:
+        text = log_path.read_text(encoding="utf-8") if log_path.exists() else ""
+        if "OpenPlanet stopped sending data" in text and "ConnectionResetError" in text:
+            break
+        time.sleep(0.2)
+    result["log"] = text
+    return result
 
 
 if __name__ == "__main__":
