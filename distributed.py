@@ -44,19 +44,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from env_tm import (
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    Session,
-    StepLatency,
-    StopRequest,
-    TrainResult,
-    build_environment,
-    checked_reward,
-    choose_environment,
-    split_observation,
-)
-from rainbow import ACTION_VECTORS, RainbowAgent, resolve_device
+from environment import build_environment, checked_reward, choose_environment, split_observation
+from learner import Actor
+from rainbow import ACTION_VECTORS, resolve_device
+from session import EXIT_INTERRUPTED, EXIT_OK, Session, StepLatency, StopRequest, TrainResult
 from tm_config import Config
 from trackmania import TrackManiaSetupError, import_tmrl_module, load_tmrl_config, tmrl_data_folder
 
@@ -323,7 +314,8 @@ class RainbowActor:
     ) -> None:
         self.observation_space, self.action_space = observation_space, action_space
         self.config = config
-        self.agent = RainbowAgent(config, replay=None, device=device, seed=seed)
+        self.actor = Actor(config, seed, device)  # acts exactly as the single-PC actor beside its learner
+        self.agent = self.actor.agent
         self.trainer_step: int | None = None  # the global step of the last weights received
         self.learn_steps = 0
         self.pause = False
@@ -342,8 +334,7 @@ class RainbowActor:
         if test:
             index = self.agent.greedy_action(frames, car)
         else:
-            self.agent.online.reset_noise()  # the single-PC loop redraws it at every learn step
-            index = self.agent.act(frames, car, self.global_step)
+            index = self.actor.act(frames, car, self.global_step)
             self.steps_since_weights += 1
         action = ACTION_VECTORS[index].copy()
         self.latency.add(time.perf_counter() - start)
@@ -532,9 +523,8 @@ class RemoteEpisodes:
                 "event", session.run.step, level="warning", name="episode_rejected", message=message
             )
             return False, []
-        replay, run = session.replay, session.run
         car, frames = episode[0][1]
-        replay.start_episode(np.asarray(frames, dtype=np.uint8), np.asarray(car, dtype=np.float32))
+        session.start_episode(np.asarray(frames, dtype=np.uint8), np.asarray(car, dtype=np.float32))
         stack = np.array(frames, dtype=np.uint8)
         flags, total, terminated = [], 0.0, False
         for position, (act, (car, image), reward, terminated, truncated, _) in enumerate(
@@ -542,14 +532,12 @@ class RemoteEpisodes:
         ):
             last = position == len(episode) - 1
             truncated = bool(truncated) or (last and not terminated)  # a cut-off episode is not terminal
-            reward = checked_reward(reward, run.step)
+            reward = checked_reward(reward, session.run.step)
             frame = np.asarray(image, dtype=np.uint8)[-1]
-            car = np.asarray(car, dtype=np.float32)
-            replay.add(action_index(act), reward, bool(terminated), truncated, frame, car)
-            run.step += 1
-            total += reward
             stack = np.concatenate([stack[1:], frame[None]])
-            flags += session.observe_transition(reward, stack, car)
+            car = np.asarray(car, dtype=np.float32)
+            flags += session.store_step(action_index(act), reward, bool(terminated), truncated, stack, car)
+            total += reward
         length = len(episode) - 1
         self.steps_by_worker[worker] = self.steps_by_worker.get(worker, 0) + length
         flags += session.end_episode(total, length, bool(terminated), 0.0, worker=worker)
@@ -561,9 +549,11 @@ def run_trainer(args: argparse.Namespace) -> TrainResult:
         raise NetworkSetupError("--eval-every runs on a single PC: evaluate a trainer's checkpoints there")
     connection, note = connection_from_args(args, "trainer")
     networking = import_tmrl_networking()
-    session = Session(args, "trainer")
+    session = Session(args, "trainer", "inline")  # the workers are its actors: it only learns
     session.progress.message(note)
-    config, agent, progress, log = session.config, session.agent, session.progress, session.log
+    config, progress, log = session.config, session.progress, session.log
+    learner = session.learner.learner
+    agent = learner.agent
     interface = networking.TrainerInterface(
         local_com_port=free_local_port(),
         model_path=str(session.run_dir / "broadcast.tmod"),
@@ -573,7 +563,7 @@ def run_trainer(args: argparse.Namespace) -> TrainResult:
     max_backlog = config.ep_max_length  # the workers pause while the learner is more than an episode behind
 
     def learn_target() -> int:  # as on one PC: one learn step per env step once a batch is stored
-        return max(0, session.run.step - config.batch_size + 1)
+        return learner.learn_target
 
     def backlog() -> int:
         return learn_target() - agent.learn_steps
@@ -617,9 +607,7 @@ def run_trainer(args: argparse.Namespace) -> TrainResult:
             ):
                 broadcast()
                 last_broadcast_step, was_paused = agent.learn_steps, paused
-            session.status(
-                f"ep {session.run.episode} | workers {len(remote.steps_by_worker)} | backlog {backlog()}"
-            )
+            session.status(f"workers {len(remote.steps_by_worker)} | backlog {backlog()}")
             if session.run.step >= session.total_steps and caught_up:
                 break
             if caught_up:

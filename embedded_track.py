@@ -335,7 +335,16 @@ class EmbeddedTrackEnv(gymnasium.Env):
 
     def _info(self) -> dict:
         # Seconds simulated since reset (CarRacing's own clock `t` also counts the one tick of its reset).
-        return {"simulated_time": self._ticks / _FPS, "tiles_visited": self.car_racing.tile_visited_count}
+        # finished: the lap is complete (CarRacing's own condition); progress: road tiles visited.
+        race = self.car_racing
+        tiles = race.tile_visited_count
+        finished = bool(getattr(race, "new_lap", False) or (race.track and tiles >= len(race.track)))
+        return {
+            "simulated_time": self._ticks / _FPS,
+            "tiles_visited": tiles,
+            "progress": tiles,
+            "finished": finished,
+        }
 
 
 def make_embedded_track(config: Config, seed: int | None = None) -> EmbeddedTrackEnv:

@@ -230,6 +230,7 @@ class HealthMonitor:
         self._last_q_mean: float | None = None
         self._losses: deque[float] = deque(maxlen=LOSS_SMOOTHING_STEPS)
         self._rewards: deque[float] = deque(maxlen=REWARD_DECLINE_WINDOW)
+        self._no_progress = 0  # episodes in a row without progress along the track
         self._skipped = 0
 
     # the fire-once / re-arm rule ----------------------------------------------------------------
@@ -461,11 +462,27 @@ class HealthMonitor:
         return fired
 
     def observe_episode(
-        self, reward: float, length: int, epsilon: float, step: int, episode: int
+        self,
+        reward: float,
+        length: int,
+        epsilon: float,
+        step: int,
+        episode: int,
+        *,
+        finished: bool = False,
+        race_time: float | None = None,
+        min_finish_seconds: float | None = None,
+        progress: float | None = None,
+        timeouts: int = 0,
     ) -> list[RedFlag]:
-        """Every finished episode (`episode` counts it)."""
+        """Every finished episode (`episode` counts it). `progress` is how far the car got (trajectory
+        points on TrackMania, tiles on the embedded track; None when the env does not say),
+        `min_finish_seconds` the fastest the track can be driven, `timeouts` its timed-out time steps."""
         fired: list[RedFlag] = []
         average_length = step / episode if episode else float(length)
+        fired += self._observe_race(
+            length, step, episode, finished, race_time, min_finish_seconds, progress, timeouts
+        )
 
         flag = self._update(
             "early_exploitation",
@@ -503,6 +520,91 @@ class HealthMonitor:
                 REWARD_DECLINE_T,
             ),
             CLEAR_AFTER_EPISODES,
+        )
+        if flag:
+            fired.append(flag)
+        return fired
+
+    def _observe_race(
+        self,
+        length: int,
+        step: int,
+        episode: int,
+        finished: bool,
+        race_time: float | None,
+        min_finish_seconds: float | None,
+        progress: float | None,
+        timeouts: int,
+    ) -> list[RedFlag]:
+        """The red flags of a game that trains on nonsense: no progress, impossible finishes, stale data."""
+        fired: list[RedFlag] = []
+        config = self.config
+        # no_progress: episode after episode the car gets nowhere (on TrackMania, a reward trajectory of
+        # another map pays nothing: every episode ends by the failure countdown with zero reward).
+        stalled = progress is not None and progress <= 0 and not finished
+        self._no_progress = self._no_progress + 1 if stalled else 0
+        count = self._no_progress
+        flag = self._update(
+            "no_progress",
+            count >= config.no_progress_streak,
+            lambda: RedFlag(
+                "no_progress",
+                f"{count} episodes in a row made no progress along the track (to episode {episode:,}, step "
+                f"{step:,}): on TrackMania, is the map loaded the one the reward trajectory was recorded on? "
+                "(README: Troubleshooting)",
+                float(count),
+                step,
+                episode,
+                float(config.no_progress_streak),
+            ),
+            1,
+        )
+        if flag:
+            fired.append(flag)
+        # implausible_finish: a finish faster than the track can be driven at top speed (a misaligned or
+        # foreign telemetry stream reports "finished" at random).
+        impossible = (
+            finished
+            and race_time is not None
+            and min_finish_seconds is not None
+            and math.isfinite(min_finish_seconds)
+            and race_time < min_finish_seconds
+        )
+        flag = self._update(
+            "implausible_finish",
+            impossible,
+            lambda: RedFlag(
+                "implausible_finish",
+                f"episode {episode:,} finished in {race_time:.2f} s, faster than the track can be driven at "
+                f"top speed ({min_finish_seconds:.2f} s): the telemetry's finish flag is wrong (plugin "
+                "version, misaligned stream) or the trajectory is not this map's",
+                race_time,
+                step,
+                episode,
+                min_finish_seconds,
+            ),
+            1,
+        )
+        if flag:
+            fired.append(flag)
+        # stale_observations: too many of the episode's time steps timed out (the observation was stale,
+        # the car drove on the previous action).
+        share = timeouts / length if length else 0.0
+        flag = self._update(
+            "stale_observations",
+            share > config.timeout_share_flag,
+            lambda: RedFlag(
+                "stale_observations",
+                f"{timeouts} of episode {episode:,}'s {length} time steps timed out ({100 * share:.0f}% > "
+                f"{100 * config.timeout_share_flag:.0f}%): their observations were stale and are in the "
+                "replay; give the learner fewer --threads, use the GPU, keep the learner beside the actor "
+                "(the default), lower the game's graphics or close other programs",
+                share,
+                step,
+                episode,
+                config.timeout_share_flag,
+            ),
+            1,
         )
         if flag:
             fired.append(flag)

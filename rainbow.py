@@ -43,17 +43,51 @@ def action_vector(action_index: int) -> np.ndarray:
     return ACTION_VECTORS[action_index].copy()
 
 
+class DeviceError(RuntimeError):
+    """A --device that cannot be used here; the message is one line with the fix."""
+
+
+# pytorch.org's CUDA 12.x wheels of the torch version the project is tested on (README: Windows).
+CUDA_TORCH_INSTALL = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+
+
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present; an explicit `cuda` without a GPU is a clear error."""
+    """`auto` picks CUDA when torch can use it; anything that cannot run here is a one-line DeviceError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            "--device cuda was asked for, but torch sees no CUDA GPU (use --device auto or cpu)"
-        )
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {name!r}: use auto, cpu or cuda")
-    return torch.device(name)
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            build = (
+                f"this torch ({torch.__version__}) is a CPU build"
+                if torch.version.cuda is None
+                else (
+                    f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable NVIDIA GPU/driver"
+                )
+            )
+            raise DeviceError(
+                f"--device cuda: {build}; install the CUDA build with `{CUDA_TORCH_INSTALL}`, or use "
+                "--device auto or cpu"
+            )
+        return torch.device("cuda")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "mps":
+        raise DeviceError("--device mps (Apple GPUs) is not supported: use --device cpu")
+    raise DeviceError(f"unknown --device {name!r}: use auto, cpu or cuda")
+
+
+def unused_gpu_notice() -> str | None:
+    """One line when an NVIDIA GPU is present but this torch cannot use it (a CPU build installed over
+    or instead of the CUDA one), else None."""
+    import shutil
+
+    if torch.cuda.is_available() or shutil.which("nvidia-smi") is None:
+        return None
+    build = "a CPU build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+    return (
+        f"an NVIDIA GPU is present but torch {torch.__version__} ({build}) cannot use it, so training runs "
+        f"on the CPU: install the CUDA build with `{CUDA_TORCH_INSTALL}` (README: Windows)"
+    )
 
 
 # --- network ---------------------------------------------------------------------------------------
@@ -358,7 +392,6 @@ class RainbowAgent:
             "td_error_max": float(td_error_np.max()),
             "max_priority": float(self.replay.max_priority),
             "beta": float(self.replay.beta),
-            "epsilon": self.epsilon,
             "learning_rate": self.optimizer.param_groups[0]["lr"],
             "learn_step": self.learn_steps,
             "applied_steps": self.applied_steps,

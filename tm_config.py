@@ -134,6 +134,17 @@ class Config:
     time_step_duration: float = 0.05
     ep_max_length: int = 1000  # agent steps before an episode is truncated (not terminal)
 
+    # LEARNING BESIDE ACTING (learner.py): the actor copies the learner's weights every this many learn
+    # steps. Mid-episode it never waits for the learner unless it is `learner_max_lag` steps ahead (a
+    # real-time game cannot pause); the learner catches up at each episode's end, while the car respawns.
+    # Either way the replay ratio stays one learn step per environment step.
+    actor_refresh_learn_steps: int = 4
+    learner_max_lag: int = 1000
+
+    # RUN HEALTH (health.py): red flags for a game that trains on nonsense
+    timeout_share_flag: float = 0.1  # share of an episode's time steps that timed out (stale observations)
+    no_progress_streak: int = 20  # episodes in a row that get nowhere along the track
+
     # LOGGING
     wandb_project: str = "rainbow-tm"
     log_every_steps: int = 100
@@ -335,6 +346,10 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "time_step_duration": (_positive, "> 0 seconds"),
     "ep_max_length": (_positive, ">= 1 step"),
     "log_every_steps": (_positive, ">= 1"),
+    "actor_refresh_learn_steps": (_positive, ">= 1 learn step"),
+    "learner_max_lag": (_positive, ">= 1 step"),
+    "timeout_share_flag": (_unit, "in [0, 1]"),
+    "no_progress_streak": (_positive, ">= 1"),
     "wandb_project": (lambda v: bool(v.strip()), "a non-empty name"),
     "checkpoint_dir": (lambda v: bool(v.strip()), "a non-empty path"),
 }

@@ -91,6 +91,11 @@ PINNED = {
     "ep_max_length": 1000,
     "wandb_project": "rainbow-tm",
     "log_every_steps": 100,
+    # Added by rainbow-tm for learning beside acting and run health: pinned too.
+    "actor_refresh_learn_steps": 4,
+    "learner_max_lag": 1000,
+    "timeout_share_flag": 0.1,
+    "no_progress_streak": 20,
 }
 
 # Name fragments that would mean a soft-update or scheduler path has been added. IQN's quantile

@@ -20,6 +20,7 @@ from fake_openplanet import write_tmrl_data
 
 import distributed
 import env_tm
+import session
 from checkpoints import CheckpointStore, load_checkpoint
 from rainbow import ACTION_VECTORS, RainbowAgent
 from run_log import METRICS_FILE, read_jsonl
@@ -118,9 +119,9 @@ def trainer_session(tmp_path):
     args = env_tm.parse_args(
         ["--role", "trainer", "--no-wandb", "--checkpoint-root", str(tmp_path), "--run-name", "t", *FAST_SETS]
     )
-    session = env_tm.Session(args, "trainer")
-    yield session
-    session.close()
+    trainer = session.Session(args, "trainer", "inline")
+    yield trainer
+    trainer.close()
 
 
 def test_compressed_episodes_keep_the_first_stack_and_only_the_newest_frame_after():
@@ -150,7 +151,7 @@ def test_the_trainer_stores_each_workers_episode_whole_so_stacks_never_mix(train
     remote = distributed.RemoteEpisodes(session)
     for episode in episodes:
         assert remote.ingest(episode)[0]
-    replay = session.replay
+    replay = session.learner.learner.replay
     assert session.run.step == 75 and len(replay) == 75 and session.run.episode == 3
     assert remote.steps_by_worker == {"A": 50, "B": 25} and remote.rejected == 0
     assert replay.actions[:4].tolist() == [1, 3, 1, 3] and replay.actions[30:32].tolist() == [4, 2]
@@ -175,7 +176,7 @@ def test_an_episode_with_an_unknown_action_is_rejected_whole_and_logged(trainer_
     episode[5] = (np.array([0.3, 0.0, 0.0], np.float32), obs, reward, terminated, truncated, tag)
     remote = distributed.RemoteEpisodes(session)
     assert remote.ingest(episode) == (False, [])
-    assert remote.rejected == 1 and len(session.replay) == 0 and session.run.step == 0
+    assert remote.rejected == 1 and len(session.learner.learner.replay) == 0 and session.run.step == 0
     events = [r for r in read_jsonl(session.run_dir / METRICS_FILE) if r["kind"] == "event"]
     assert events[-1]["name"] == "episode_rejected" and "not in the action table" in events[-1]["message"]
 

@@ -48,7 +48,8 @@ def test_observation_tuple_layout_shapes_and_dtypes_are_tmrl_and_rtgym_ones(env:
         assert env.observation_space.contains(obs)
         obs, reward, terminated, truncated, info = env.step(GAS)
         assert type(reward) is float and type(terminated) is bool and type(truncated) is bool
-        assert set(info) == {"simulated_time", "tiles_visited"}
+        assert set(info) == {"simulated_time", "tiles_visited", "progress", "finished"}
+        assert info["progress"] == info["tiles_visited"] and info["finished"] is False
 
 
 def test_spaces_mirror_tmrl_bounds_with_uint8_images(env: EmbeddedTrackEnv) -> None:

@@ -15,6 +15,9 @@ import torch
 from conftest import FAST_ASSIGNMENTS, ROOT
 
 import env_tm
+import environment
+import rainbow
+import session
 from checkpoints import load_checkpoint
 from rainbow import ACTION_VECTORS
 from run_log import METRICS_FILE as METRICS
@@ -79,7 +82,8 @@ def test_train_kill_resume_keeps_step_continuity_rotation_and_metrics(tmp_path):
         timeout=300,
     )
     assert second.returncode == 0, second.stdout + second.stderr
-    assert f"from latest.pt: step {killed_at['step']:,}, episode {killed_at['episode']:,}" in second.stdout
+    resumed = f"from latest.pt: step {killed_at['step']:,}, {killed_at['episode']:,} episodes done"
+    assert resumed in second.stdout
 
     final = load_checkpoint(run_dir / "latest.pt")
     assert final["step"] == 400 and final["episode"] == 10
@@ -168,7 +172,7 @@ def observation(images: np.ndarray) -> tuple:
 
 
 def test_split_observation_takes_speed_gear_rpm_and_frames():
-    frames, car = env_tm.split_observation(observation(np.full((4, 64, 64), 7, np.uint8)), Config())
+    frames, car = environment.split_observation(observation(np.full((4, 64, 64), 7, np.uint8)), Config())
     assert frames.shape == (4, 64, 64) and frames.dtype == np.uint8 and frames[0, 0, 0] == 7
     assert car.tolist() == [120.0, 3.0, 5000.0] and car.dtype == np.float32
 
@@ -183,16 +187,16 @@ def test_split_observation_takes_speed_gear_rpm_and_frames():
     ],
 )
 def test_wrong_observation_shape_is_named_in_one_line(obs, message):
-    with pytest.raises(env_tm.ObservationError, match=None) as error:
-        env_tm.split_observation(obs, Config())
+    with pytest.raises(environment.ObservationError, match=None) as error:
+        environment.split_observation(obs, Config())
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
 def test_non_finite_car_floats_are_rejected():
     obs = list(observation(np.zeros((4, 64, 64), np.uint8)))
     obs[0] = np.array([np.nan], np.float32)
-    with pytest.raises(env_tm.ObservationError, match="not finite"):
-        env_tm.split_observation(tuple(obs), Config())
+    with pytest.raises(environment.ObservationError, match="not finite"):
+        environment.split_observation(tuple(obs), Config())
 
 
 def test_metrics_records_are_valid_json_lines(tmp_path):
@@ -217,7 +221,7 @@ def test_metrics_records_are_valid_json_lines(tmp_path):
 
 
 def test_step_latency_counts_overruns_and_reports_percentiles():
-    latency = env_tm.StepLatency(time_step=0.05, window=100)
+    latency = session.StepLatency(time_step=0.05, window=100)
     assert latency.summary() == "no steps yet" and latency.take_episode() == {}
     for ms in range(1, 101):  # 1..100 ms: 50 of them over the 50 ms time step
         latency.add(ms / 1000)
@@ -240,7 +244,7 @@ def test_step_latency_counts_overruns_and_reports_percentiles():
 
 def test_the_loop_counts_a_slow_learn_step_as_the_games_wait(tmp_path, capsys, monkeypatch):
     """A learn step slower than the time step is an overrun of the next step, not of the next episode's."""
-    original, slow_after_step = env_tm.RainbowAgent.train, {}
+    original, slow_after_step = rainbow.RainbowAgent.train, {}
     batch = Config().with_assignments(FAST).batch_size
 
     def train(self):
@@ -250,9 +254,10 @@ def test_the_loop_counts_a_slow_learn_step_as_the_games_wait(tmp_path, capsys, m
             time.sleep(0.25)
         return original(self)
 
-    monkeypatch.setattr(env_tm.RainbowAgent, "train", train)
+    monkeypatch.setattr(rainbow.RainbowAgent, "train", train)
     args = ["--env", "embedded", "--steps", "80", "--checkpoint-root", str(tmp_path), "--run-name", "t"]
-    args += ["--no-wandb", "--set", "time_step_duration=0.2", *sum((["--set", a] for a in FAST), [])]
+    args += ["--no-wandb", "--learner", "inline", "--set", "time_step_duration=0.2"]
+    args += sum((["--set", a] for a in FAST), [])
     assert env_tm.main(args) == env_tm.EXIT_OK
     episodes = [r for r in read_jsonl(tmp_path / "t" / METRICS) if r["kind"] == "episode"]
     ends = {r["step"] for r in episodes}
@@ -268,19 +273,20 @@ def test_the_loop_counts_a_slow_learn_step_as_the_games_wait(tmp_path, capsys, m
 # --- run health: red flags, --on-red-flag, --diagnose ----------------------------------------------------
 def craft_metrics(monkeypatch, rewrite):
     """Wrap RainbowAgent.train so that `rewrite(metrics, learn_step)` can fake a diverging run."""
-    original = env_tm.RainbowAgent.train
+    original = rainbow.RainbowAgent.train
 
     def train(self):
         metrics = original(self)
         rewrite(metrics, self.learn_steps)
         return metrics
 
-    monkeypatch.setattr(env_tm.RainbowAgent, "train", train)
+    monkeypatch.setattr(rainbow.RainbowAgent, "train", train)
 
 
 def health_args(tmp_path: Path, steps: int, *extra: str) -> list[str]:
     args = ["--env", "embedded", "--steps", str(steps), "--checkpoint-root", str(tmp_path), "--run-name", "h"]
-    args += ["--no-wandb", "--fresh", *extra]
+    learner = [] if "--learner" in extra else ["--learner", "inline"]  # the tests patch this process
+    args += ["--no-wandb", "--fresh", *learner, *extra]
     return args + sum((["--set", a] for a in FAST), [])
 
 
@@ -364,7 +370,8 @@ def test_diagnose_refuses_a_run_too_short_to_judge(tmp_path, capsys):
 # --- resume semantics ------------------------------------------------------------------------------
 def run_quietly(tmp_path: Path, steps: int, *extra: str, sets: list[str] = FAST) -> int:
     args = ["--env", "embedded", "--steps", str(steps), "--checkpoint-root", str(tmp_path), "--run-name", "q"]
-    return env_tm.main(args + ["--no-wandb", *extra] + sum((["--set", a] for a in sets), []))
+    learner = [] if "--learner" in extra else ["--learner", "inline"]
+    return env_tm.main(args + ["--no-wandb", *learner, *extra] + sum((["--set", a] for a in sets), []))
 
 
 def test_fresh_moves_an_old_run_aside_instead_of_mixing_into_it(tmp_path, capsys):
@@ -387,7 +394,7 @@ def test_resume_keeps_the_checkpoints_config_and_applies_only_explicit_changes(t
     # Resumed without the first run's --set, with a new learning rate (sacred: its flag is needed again).
     assert run_quietly(tmp_path, 80, "--unpin-learning-rate", sets=["learning_rate=0.0003"]) == env_tm.EXIT_OK
     out = capsys.readouterr().out
-    assert "resumed q from latest.pt: step 40, episode 1" in out
+    assert "resumed q from latest.pt: step 40, 1 episodes done" in out
     assert "target_network_update_frequency: 500 (known-good 1500)" in out.split("resumed q")[1]
     state = load_checkpoint(tmp_path / "q" / "latest.pt")
     assert state["config"]["target_network_update_frequency"] == 500
@@ -434,11 +441,12 @@ def test_evaluation_drives_greedily_on_held_out_tracks_and_leaves_training_untou
     agent = RainbowAgent(config, replay=None, seed=3)
     rng_before = agent.rng.bit_generator.state
     track = ScriptedTrack(agent, length=7, reward=0.5)
-    result = env_tm.evaluate(agent, track, config, episodes=3)
+    result = environment.evaluate(agent, track, config, episodes=3)
     assert result.returns == [3.5, 3.5, 3.5] and result.lengths == [7, 7, 7]
-    assert track.seeds == env_tm.evaluation_seeds(3) == [env_tm.EVAL_SEED_BASE + k for k in range(3)]
+    held_out = [environment.EVAL_SEED_BASE + k for k in range(3)]
+    assert track.seeds == environment.evaluation_seeds(3) == held_out
     # Held out: no training episode of --seed 0..3998 draws these tracks.
-    assert env_tm.EVAL_SEED_BASE > 3998 * 1_000_003 + 1_000_000
+    assert environment.EVAL_SEED_BASE > 3998 * 1_000_003 + 1_000_000
     assert not any(track.noise_on_at_step), "evaluation must use the mean weights (noise off)"
     assert all(layer.noise_enabled for layer in agent.online.noisy_layers()), "noise back on for training"
     assert agent.rng.bit_generator.state == rng_before, "evaluation drew from the epsilon stream"
@@ -540,16 +548,16 @@ class ScriptedTM20:
 
 def run_scripted(tmp_path, monkeypatch, learner: str, steps: int = 45) -> tuple[ScriptedTM20, list, Config]:
     script = ScriptedTM20([(5, "terminated"), (7, "truncated"), (3, "terminated"), (6, "truncated")])
-    monkeypatch.setattr(env_tm, "build_environment", lambda name, config, seed: script)
+    monkeypatch.setattr(environment, "build_environment", lambda name, config, seed: script)
     used: list[tuple[int, float]] = []
-    original_act = env_tm.RainbowAgent.act
+    original_act = rainbow.RainbowAgent.act
 
     def act(self, frames, car, step):
         action = original_act(self, frames, car, step)
         used.append((step, self.epsilon))
         return action
 
-    monkeypatch.setattr(env_tm.RainbowAgent, "act", act)
+    monkeypatch.setattr(rainbow.RainbowAgent, "act", act)
     args = ["--env", "embedded", "--steps", str(steps), "--checkpoint-root", str(tmp_path), "--run-name", "s"]
     args += ["--no-wandb", "--learner", learner, "--unpin-epsilon", "--set", "epsilon_decay_to=40"]
     args += sum((["--set", a] for a in FAST), [])
@@ -558,7 +566,7 @@ def run_scripted(tmp_path, monkeypatch, learner: str, steps: int = 45) -> tuple[
     return script, used, config
 
 
-@pytest.mark.parametrize("learner", ["inline"])
+@pytest.mark.parametrize("learner", ["inline", "beside"])
 def test_the_loop_stores_every_transition_as_the_environment_gave_it(tmp_path, monkeypatch, learner):
     """Each stored (frames, action, reward, next frames, terminated, truncated) is the env's, step for step,
     across episode ends by termination and by truncation, and the replay holds exactly the steps taken."""
@@ -603,7 +611,7 @@ def test_the_loop_stores_every_transition_as_the_environment_gave_it(tmp_path, m
     assert state["agent"]["learn_steps"] == steps - config.batch_size + 1, "one learn step per env step"
 
 
-@pytest.mark.parametrize("learner", ["inline"])
+@pytest.mark.parametrize("learner", ["inline", "beside"])
 def test_the_loop_acts_with_the_epsilon_of_the_global_step_and_logs_the_one_used(
     tmp_path, monkeypatch, learner
 ):
@@ -629,7 +637,7 @@ def test_a_rollback_draws_fresh_noise_and_quantile_fractions(tmp_path, capsys, m
     would redraw exactly the noise and taus that led to the failure."""
     poisoned = {"left": 1}
     draws: dict[str, list] = {"first": [], "after": []}
-    original = env_tm.RainbowAgent.train
+    original = rainbow.RainbowAgent.train
 
     def train(self):
         metrics = original(self)
@@ -640,7 +648,7 @@ def test_a_rollback_draws_fresh_noise_and_quantile_fractions(tmp_path, capsys, m
         draws["after" if not poisoned["left"] else "first"].append((self.learn_steps, noise))
         return metrics
 
-    monkeypatch.setattr(env_tm.RainbowAgent, "train", train)
+    monkeypatch.setattr(rainbow.RainbowAgent, "train", train)
     assert env_tm.main(health_args(tmp_path, 200, "--on-red-flag", "rollback", "--learner", "inline")) == 0
     assert "rolled back to ckpt_ep0000003_step0000000120.pt" in capsys.readouterr().out
     first = dict((step, noise) for step, noise in draws["first"])

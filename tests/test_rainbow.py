@@ -11,6 +11,8 @@ from conftest import fill_replay, small_config
 
 from rainbow import (
     ACTION_VECTORS,
+    CUDA_TORCH_INSTALL,
+    DeviceError,
     IQNNetwork,
     NoisyLinear,
     RainbowAgent,
@@ -18,6 +20,7 @@ from rainbow import (
     epsilon_at,
     quantile_huber_loss,
     resolve_device,
+    unused_gpu_notice,
 )
 from replay import PrioritizedReplay
 from tm_config import ACTIONS, Config
@@ -298,7 +301,7 @@ def test_train_returns_finite_metrics_and_updates_priorities():
     metrics = agent.train()
     expected_keys = {
         "loss", "grad_norm", "q_mean", "q_min", "q_max", "q_std", "target_q_mean", "target_q_max",
-        "td_error_mean", "td_error_max", "max_priority", "beta", "epsilon", "learning_rate",
+        "td_error_mean", "td_error_max", "max_priority", "beta", "learning_rate",
     }  # fmt: skip
     assert expected_keys <= metrics.keys()
     assert all(np.isfinite(metrics[k]) for k in expected_keys)
@@ -388,14 +391,38 @@ def test_action_table_is_the_reference_table():
     assert np.all(np.abs(ACTION_VECTORS) <= 1)
 
 
-def test_device_resolution():
+def test_device_resolution_and_one_line_device_errors(monkeypatch):
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type in ("cpu", "cuda")
-    with pytest.raises(ValueError, match="unknown device"):
+    with pytest.raises(DeviceError, match="unknown --device 'tpu': use auto, cpu or cuda"):
         resolve_device("tpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="no CUDA GPU"):
-            resolve_device("cuda")
+    with pytest.raises(DeviceError, match="--device mps .* is not supported: use --device cpu"):
+        resolve_device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(DeviceError) as error:
+        resolve_device("cuda")
+    message = str(error.value)
+    assert "is a CPU build" in message and CUDA_TORCH_INSTALL in message and "\n" not in message
+    assert resolve_device("auto").type == "cpu"
+
+
+def test_an_unused_nvidia_gpu_is_named_with_the_fix(monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(
+        shutil, "which", lambda name: "C:/Windows/System32/nvidia-smi.exe" if name == "nvidia-smi" else None
+    )
+    notice = unused_gpu_notice()
+    assert notice is not None and "an NVIDIA GPU is present but torch" in notice and "a CPU build" in notice
+    assert CUDA_TORCH_INSTALL in notice and "\n" not in notice
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert unused_gpu_notice() is None, "no NVIDIA driver: nothing to say"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(shutil, "which", lambda name: "nvidia-smi")
+    assert unused_gpu_notice() is None, "torch uses the GPU: nothing to say"
 
 
 # --- checkpoints -----------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from test_env_tm import FAST, child_env
 
 import checkpoints
 import env_tm
+import environment
 from checkpoints import load_checkpoint
 from replay import PrioritizedReplay
 from run_log import read_jsonl
@@ -35,7 +37,9 @@ CRASH_SETTINGS = [
 
 def run_args(root: Path, steps: int, *extra: str, settings: list[str] = CRASH_SETTINGS) -> list[str]:
     args = ["--env", "embedded", "--steps", str(steps), "--checkpoint-root", str(root), "--run-name", "r"]
-    args += ["--device", "cpu", "--no-wandb", *extra]
+    # In-process tests patch this process: the learner must be in it (the crash tests choose beside).
+    learner = [] if "--learner" in extra else ["--learner", "inline"]
+    args += ["--device", "cpu", "--no-wandb", *learner, *extra]
     for assignment in settings:
         args += ["--set", assignment]
     return args
@@ -54,7 +58,8 @@ def run_starts(run_dir: Path) -> int:
     return sum(1 for r in read_jsonl(path) if r["kind"] == "run" and r.get("event") == "start")
 
 
-def test_twenty_sigkills_including_mid_write_lose_at_most_one_interval(tmp_path):
+@pytest.mark.parametrize("learner", ["beside", "inline"])
+def test_twenty_sigkills_including_mid_write_lose_at_most_one_interval(tmp_path, learner):
     run_dir = tmp_path / "r"
     chooser = random.Random(1234)
     previous_checkpoint_step = 0
@@ -63,7 +68,7 @@ def test_twenty_sigkills_including_mid_write_lose_at_most_one_interval(tmp_path)
         process = subprocess.Popen(
             # No --resume: the pinned config resumes by itself when a checkpoint exists, and the first
             # cycles (or a kill during the very first write) have none yet.
-            [sys.executable, str(ROOT / "env_tm.py"), *run_args(tmp_path, 10**6)],
+            [sys.executable, str(ROOT / "env_tm.py"), *run_args(tmp_path, 10**6, "--learner", learner)],
             env=child_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -177,8 +182,8 @@ class NaNRewards:
 
 
 def test_a_non_finite_reward_from_the_environment_is_named(tmp_path, capsys, monkeypatch):
-    real_build = env_tm.build_environment
-    monkeypatch.setattr(env_tm, "build_environment", lambda *a: NaNRewards(real_build(*a)))
+    real_build = environment.build_environment
+    monkeypatch.setattr(environment, "build_environment", lambda *a: NaNRewards(real_build(*a)))
     code = env_tm.main(run_args(tmp_path, 50, "--fresh"))
     err = capsys.readouterr().err.strip()
     assert code == env_tm.EXIT_ERROR
@@ -230,8 +235,8 @@ class DyingGame:
 
 
 def test_a_game_that_stops_answering_ends_with_advice_after_saving(tmp_path, capsys, monkeypatch):
-    real_build = env_tm.build_environment
-    monkeypatch.setattr(env_tm, "build_environment", lambda *a: DyingGame(real_build(*a), 30))
+    real_build = environment.build_environment
+    monkeypatch.setattr(environment, "build_environment", lambda *a: DyingGame(real_build(*a), 30))
     code = env_tm.main(run_args(tmp_path, 200, "--fresh"))
     captured = capsys.readouterr()
     err = captured.err.strip()
@@ -262,8 +267,8 @@ def test_wrong_observation_from_the_env_is_named(tmp_path, capsys, monkeypatch):
         def close(self):
             self.env.close()
 
-    real_build = env_tm.build_environment
-    monkeypatch.setattr(env_tm, "build_environment", lambda *a: SmallFrames(real_build(*a)))
+    real_build = environment.build_environment
+    monkeypatch.setattr(environment, "build_environment", lambda *a: SmallFrames(real_build(*a)))
     code = env_tm.main(run_args(tmp_path, 10, "--fresh"))
     err = capsys.readouterr().err.strip()
     assert code == env_tm.EXIT_ERROR
@@ -283,7 +288,11 @@ def test_a_failed_checkpoint_write_is_reported_and_training_goes_on(tmp_path, ca
     monkeypatch.setattr(checkpoints, "atomic_torch_save", flaky_save)
     assert env_tm.main(run_args(tmp_path, 4 * EPISODE, "--fresh")) == env_tm.EXIT_OK
     out = capsys.readouterr().out
-    assert "checkpoint at step 40 failed (No space left on device); the previous one is intact" in out
+    assert (
+        f"checkpoint at step 40 failed: the drive holding {tmp_path / 'r'} is full (No space left on device, "
+        "ENOSPC); free disk space or choose another checkpoint folder (--checkpoint-root); the previous one "
+        "is intact"
+    ) in out
     events = [r for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if r.get("name") == "checkpoint_failed"]
     assert [e["step"] for e in events] == [40]
     assert load_checkpoint(tmp_path / "r" / "latest.pt")["step"] == 4 * EPISODE
@@ -314,21 +323,30 @@ def test_a_checkpoint_that_reads_but_cannot_be_restored_falls_back(tmp_path, cap
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signal delivery to a child process")
+@pytest.mark.parametrize("learner", ["beside", "inline"])
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])  # Ctrl+C; `kill` or a shutdown
-def test_a_stop_request_ends_at_a_step_boundary_and_saves(tmp_path, signal_name):
+def test_a_stop_request_ends_at_a_step_boundary_and_saves(tmp_path, signal_name, learner):
     import signal
 
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "env_tm.py"), *run_args(tmp_path, 10**6, "--fresh")],
+        [
+            sys.executable,
+            str(ROOT / "env_tm.py"),
+            *run_args(tmp_path, 10**6, "--fresh", "--learner", learner),
+        ],
         env=child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its own process group, as a terminal gives a program
     )
     deadline = time.monotonic() + 120
     while latest_logged_step(tmp_path / "r") < 2 * EPISODE and time.monotonic() < deadline:
         time.sleep(0.05)
-    process.send_signal(getattr(signal, signal_name))
+    if signal_name == "SIGINT":  # Ctrl+C on a terminal reaches every process of the group, learner too
+        os.killpg(process.pid, signal.SIGINT)
+    else:
+        process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=120)[0]
     assert process.returncode == env_tm.EXIT_INTERRUPTED, output
     assert "Traceback" not in output

@@ -29,6 +29,9 @@ GUARD = "tests/test_config_guard.py"
 RAINBOW = "tests/test_rainbow.py"
 REPLAY = "tests/test_replay.py"
 LOOP = "tests/test_env_tm.py"
+LEARNER = "tests/test_learner.py"
+LEARNER_SCHEDULE = f"{LEARNER}::test_the_server_learns_one_step_per_stored_step_and_never_ahead"
+LEARNER_BESIDE = f"{LEARNER}::test_a_learner_beside_the_actor_keeps_the_schedule_and_shares_its_weights"
 
 LOOP_STORES = f"{LOOP}::test_the_loop_stores_every_transition_as_the_environment_gave_it"
 LOOP_EPSILON = f"{LOOP}::test_the_loop_acts_with_the_epsilon_of_the_global_step_and_logs_the_one_used"
@@ -45,7 +48,7 @@ CATALOGUE: tuple[Mutation, ...] = (
     Mutation(
         "eps_from_episode_count",
         "seed 004: episode-based epsilon left ~150k steps of exploration instead of ~1.25M",
-        (("env_tm.py", "agent.act(frames, car, run.step)", "agent.act(frames, car, run.episode)"),),
+        (("env_tm.py", "actor.act(frames, car, run.step)", "actor.act(frames, car, run.episode)"),),
         (LOOP_EPSILON,),
     ),
     Mutation(
@@ -66,9 +69,9 @@ CATALOGUE: tuple[Mutation, ...] = (
         "original-code.md defect 5: a time-limit cut stored as terminal zeroes the value of good states",
         (
             (
-                "env_tm.py",
-                "replay.add(action, reward, bool(terminated), bool(truncated),",
-                "replay.add(action, reward, bool(terminated or truncated), bool(truncated),",
+                "session.py",
+                "self.learner.add(action, reward, bool(terminated), bool(truncated),",
+                "self.learner.add(action, reward, bool(terminated or truncated), bool(truncated),",
             ),
         ),
         (LOOP_STORES,),
@@ -79,13 +82,13 @@ CATALOGUE: tuple[Mutation, ...] = (
         (
             (
                 "env_tm.py",
-                "            action = agent.act(frames, car, run.step)\n",
-                '            late, action = locals().get("action", 0), agent.act(frames, car, run.step)\n',
+                "            action = actor.act(frames, car, run.step)\n",
+                '            late, action = locals().get("action", 0), actor.act(frames, car, run.step)\n',
             ),
             (
                 "env_tm.py",
-                "replay.add(action, reward, bool(terminated)",
-                "replay.add(late, reward, bool(terminated)",
+                "session.store_step(action, reward,",
+                "session.store_step(late, reward,",
             ),
         ),
         (LOOP_STORES,),
@@ -328,8 +331,13 @@ CATALOGUE: tuple[Mutation, ...] = (
         "a rollback that restores torch's generator redraws the noise and taus that led to the failure",
         (
             (
-                "env_tm.py",
-                "        torch.manual_seed(agent_seed)  # new noise and taus: restored, torch's stream would draw the same ones\n        self.agent.online.reset_noise()\n        self.agent.target.reset_noise()\n",
+                "session.py",
+                "        torch.manual_seed(agent_seed)  # new noise and taus: restored, torch's stream would draw the same ones\n        self.actor.agent.online.reset_noise()\n        self.actor.agent.target.reset_noise()\n",
+                "",
+            ),
+            (
+                "learner.py",
+                "        torch.manual_seed(agent_seed)\n        learner.agent.online.reset_noise()\n        learner.agent.target.reset_noise()\n",
                 "",
             ),
         ),
@@ -344,19 +352,80 @@ CATALOGUE: tuple[Mutation, ...] = (
     Mutation(
         "unpinned_run_not_marked_in_checkpoints",
         "an unpinned run must say so wherever it is recorded",
-        (("env_tm.py", '        "unpinned": unpinned_keys(config),\n', ""),),
+        (("learner.py", '            "unpinned": unpinned_keys(self.config),\n', ""),),
         (f"{GUARD}::test_an_unpinned_run_is_marked_in_its_metrics_and_checkpoint",),
     ),
+    # --- learning beside acting (issue 15) ----------------------------------------------------------------
     Mutation(
-        "two_learn_steps_per_env_step",
-        "the pinned replay ratio is one learn step per environment step",
+        "learner_runs_ahead_of_the_data",
+        "the pinned replay ratio: a learner one step ahead samples a replay the env has not filled yet",
         (
             (
-                "env_tm.py",
-                "            flags += session.learn(timeouts)\n",
-                "            flags += session.learn(timeouts)\n            flags += session.learn(timeouts)\n",
+                "learner.py",
+                "return max(0, self.replay.transitions_added - self.config.batch_size + 1)",
+                "return max(0, self.replay.transitions_added - self.config.batch_size + 2)",
             ),
         ),
-        (LOOP_STORES,),
+        (LEARNER_SCHEDULE, LOOP_STORES),
+    ),
+    Mutation(
+        "actor_never_waits_for_a_lagging_learner",
+        "without the bound the replay ratio drifts as far as the learner falls behind",
+        (
+            (
+                "learner.py",
+                "        while self.lag > limit:\n            self._drain(timeout=0.002)\n",
+                "        self._drain()\n",
+            ),
+        ),
+        (LEARNER_BESIDE,),
+    ),
+    Mutation(
+        "lag_undercounted",
+        "an actor that misjudges how far behind the learner is lets the replay ratio drift",
+        (
+            (
+                "learner.py",
+                "return max(0, self.sent - self.batch_size + 1) - int(self.learned.value)",
+                "return max(0, self.sent - self.batch_size - 99) - int(self.learned.value)",
+            ),
+        ),
+        (LEARNER_BESIDE,),
+    ),
+    Mutation(
+        "actor_acts_with_frozen_weights",
+        "an actor that never takes the learner's weights drives a frozen policy while the learner learns",
+        (
+            (
+                "learner.py",
+                "        self.mailbox.read_into(self.actor)\n        self.seen_version = version",
+                "        self.seen_version = version",
+            ),
+        ),
+        (LEARNER_BESIDE,),
+    ),
+    Mutation(
+        "target_copied_when_weights_are_published",
+        "the hard copy is every 1500 learn steps, whatever the actor's refresh does",
+        (
+            (
+                "learner.py",
+                "            self.publish()\n        return True",
+                "            self.publish()\n            self.learner.agent.update_target_network()\n        return True",
+            ),
+        ),
+        (f"{LEARNER}::test_the_hard_copy_stays_at_every_1500_learn_steps_through_the_server",),
+    ),
+    Mutation(
+        "checkpoint_before_the_learner_caught_up",
+        "a checkpoint whose replay holds steps its learner never learned from is not of one moment",
+        (
+            (
+                "learner.py",
+                '            self.catch_up()\n            self.reply(("saved"',
+                '            self.reply(("saved"',
+            ),
+        ),
+        (f"{LEARNER}::test_a_checkpoint_holds_the_learner_caught_up_with_every_step_before_it",),
     ),
 )

@@ -1,0 +1,137 @@
+"""The environment side of a run: choosing and building one, and reading what it gives.
+
+Both environments (TrackMania through tmrl, and the embedded track) speak tmrl's TM20FULL interface:
+observations (speed, gear, rpm, images uint8 (4, 64, 64), act1, act2) and [gas, brake, steer] actions.
+`split_observation` turns an observation into what the agent uses and rejects anything else in one line;
+`drive_episodes` / `evaluate` drive the greedy policy on held-out tracks without storing or learning.
+
+Used by the single-PC loop (env_tm.py) and by the scale-out worker (distributed.py).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from rainbow import ACTION_VECTORS, RainbowAgent
+from tm_config import Config
+from trackmania import (  # imports tmrl lazily (Windows-only): importing this module costs nothing
+    TrackManiaSetupError,
+    check_tmrl_available,
+    make_trackmania_env,
+)
+
+# Evaluation tracks: seeds no training episode draws (training seeds are seed * 1_000_003 + episode, below
+# this for --seed < 3,999), the same list for every evaluation so the points of a curve are comparable.
+EVAL_SEED_BASE = 4_000_000_000
+
+
+class ObservationError(ValueError):
+    """An observation that does not have the TM20FULL layout; one line naming the problem."""
+
+
+def choose_environment(choice: str, config: Config) -> str:
+    """`trackmania` or `embedded`. `auto` falls back to the embedded track and says why in one line."""
+    if choice == "embedded":
+        return "embedded"
+    reason = check_tmrl_available(config)
+    if reason is None:
+        return "trackmania"
+    if choice == "trackmania":
+        raise TrackManiaSetupError(f"--env trackmania: {reason}")
+    print(f"TrackMania not used: {reason}. Training on the embedded track instead.", flush=True)
+    return "embedded"
+
+
+def build_environment(name: str, config: Config, seed: int) -> Any:
+    if name == "trackmania":
+        return make_trackmania_env(config)
+    from embedded_track import make_embedded_track  # imports gymnasium's Box2D only when used
+
+    return make_embedded_track(config, seed=seed)
+
+
+def split_observation(obs: Any, config: Config) -> tuple[np.ndarray, np.ndarray]:
+    """TM20FULL tuple (speed, gear, rpm, images, act1, act2) -> (frames uint8 (4,64,64), car float32 (3,)).
+    The agent uses speed, gear, rpm and the images; the action history is not an input (as pinned)."""
+    if not isinstance(obs, (tuple, list)) or len(obs) != 6:
+        kind = f"{type(obs).__name__} of length {len(obs)}" if hasattr(obs, "__len__") else type(obs).__name__
+        raise ObservationError(f"observation must be the 6-part TM20FULL tuple, got a {kind}")
+    speed, gear, rpm, images = obs[0], obs[1], obs[2], obs[3]
+    frames = np.asarray(images)
+    expected = (config.conv_input, config.img_y, config.img_x)
+    if frames.shape != expected:
+        raise ObservationError(f"observation images have shape {frames.shape}, expected {expected}")
+    if frames.dtype != np.uint8:  # a float image in [0, 1] would silently turn black if converted
+        raise ObservationError(f"observation images are {frames.dtype}, expected uint8 grayscale (0-255)")
+    car = np.array([np.ravel(speed)[0], np.ravel(gear)[0], np.ravel(rpm)[0]], dtype=np.float32)
+    if not np.isfinite(car).all():
+        raise ObservationError(f"observation speed/gear/rpm are not finite: {car.tolist()}")
+    return frames, car
+
+
+def checked_reward(reward: Any, step: int) -> float:
+    value = float(reward)
+    if not math.isfinite(value):
+        # Stored, it would be drawn at max priority forever and poison every batch it lands in.
+        raise ObservationError(f"the environment returned a non-finite reward ({value}) at step {step:,}")
+    return value
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+@dataclass
+class Evaluation:
+    returns: list[float]
+    lengths: list[int]
+    seconds: float
+
+    def record(self) -> dict[str, float]:
+        returns = np.asarray(self.returns)
+        return {
+            "return_mean": float(returns.mean()),
+            "return_std": float(returns.std()),
+            "return_min": float(returns.min()),
+            "return_max": float(returns.max()),
+            "length_mean": float(np.mean(self.lengths)),
+            "episodes": len(self.returns),
+            "seconds": self.seconds,
+        }
+
+
+def evaluation_seeds(episodes: int) -> list[int]:
+    return [EVAL_SEED_BASE + k for k in range(episodes)]
+
+
+def drive_episodes(
+    env: Any, config: Config, seeds: list[int], policy: Callable[[np.ndarray, np.ndarray], int]
+) -> Evaluation:
+    """One episode per track seed, actions from `policy(frames, car)`; nothing is stored or learned."""
+    start = time.perf_counter()
+    returns, lengths = [], []
+    for seed in seeds:
+        obs, _ = env.reset(seed=seed)
+        total, length, over = 0.0, 0, False
+        while not over:
+            frames, car = split_observation(obs, config)
+            obs, reward, terminated, truncated, _ = env.step(ACTION_VECTORS[policy(frames, car)].copy())
+            total += checked_reward(reward, length)
+            length += 1
+            over = bool(terminated or truncated)
+        returns.append(total)
+        lengths.append(length)
+    return Evaluation(returns, lengths, time.perf_counter() - start)
+
+
+def evaluate(agent: RainbowAgent, env: Any, config: Config, episodes: int) -> Evaluation:
+    """The greedy policy (no epsilon, noise off: the mean weights) on the held-out tracks. The agent's
+    epsilon stream is untouched, so training goes on as it would have."""
+    agent.online.set_noise(False)
+    try:
+        return drive_episodes(env, config, evaluation_seeds(episodes), agent.greedy_action)
+    finally:
+        agent.online.set_noise(True)

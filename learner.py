@@ -1,0 +1,731 @@
+"""The learning engine: the agent and its replay memory, fed transitions, learning at the pinned ratio.
+
+One engine, driven three ways:
+- beside (`python env_tm.py`, the default): the engine runs in a process of its own, spawned (so it works
+  on Windows), at a lower OS priority than the actor. The actor only acts, steps the environment and hands
+  each transition over through a queue; it copies the learner's weights every `actor_refresh_learn_steps`
+  learn steps from shared memory, never waiting for a learn step.
+- inline (`--learner inline`): the same engine in the actor's process, one learn step after each
+  environment step, as the reference ran: the exact reproduction of a recorded run.
+- the scale-out trainer (distributed.py), inline, fed with the workers' episodes.
+
+Whoever drives it, `LearnerServer` keeps the pinned schedule: learn step k runs only once k + batch_size - 1
+environment steps are stored (it never learns ahead of the data, and learns one step per stored step);
+the agent makes a hard target copy every 1500 applied learn steps; PER priorities are written back by the
+learn step itself; and a checkpoint is written only when the learner has caught up with every transition
+handed to it before the request, so the agent, optimizer, replay and step counters in it are of one moment.
+
+Messages to the server, in order (a queue in the beside mode, direct calls inline):
+    ("episode", frames, car)                                   the reset observation of a new episode
+    ("step", action, reward, terminated, truncated, frame, car)  one environment step
+    ("save", id, run, periodic, is_best)                        write a checkpoint with `run`'s counters
+    ("rollback", id, paths, seed)                               restore the newest good of `paths`
+    ("sync", id)                                                learn until caught up, then answer
+    ("stop",)
+Replies: ("opened", info), ("metrics", metrics), ("saved", id, ok, text), ("rolled_back", id, info | None),
+("synced", id), ("error", kind, message).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import itertools
+import os
+import platform
+import queue
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from checkpoints import CheckpointError, CheckpointStore, describe_write_error
+from rainbow import RainbowAgent, resolve_device
+from replay import PrioritizedReplay
+from tm_config import Config, ConfigError, unpinned_keys
+
+# Config keys that fix the shapes of the networks and the replay memory: a checkpoint made with other
+# values cannot be loaded into this run.
+SHAPE_KEYS = (
+    "img_x", "img_y", "conv_input", "input_car_dim", "car_feature_hidden_dim", "conv_hidden_image_variable",
+    "hidden_dim", "conv_channels_1", "conv_channels_2", "cosine_dim", "use_dueling", "max_buffer_size",
+)  # fmt: skip
+LEARNER_LOG = "learner.log"  # in the run folder: the traceback of a learner process that failed
+START_TIMEOUT = 180.0  # seconds for a spawned learner to import torch and open (or resume) its run
+ALIVE_CHECK_SECONDS = 0.5  # how often the actor checks that the learner process still runs
+
+
+class LearnerDiedError(RuntimeError):
+    """The learner process stopped or failed; the message is one line."""
+
+
+def stream_seeds(seed: int) -> tuple[int, int]:
+    """Independent seeds for the agent and the replay memory (the same int would give equal streams)."""
+    agent_seed, replay_seed = np.random.SeedSequence(seed).generate_state(2)
+    return int(agent_seed), int(replay_seed)
+
+
+def weights_finite(agent: RainbowAgent) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in agent.online.parameters())
+
+
+# --- the engine ----------------------------------------------------------------------------------------
+class Learner:
+    """An agent and its replay memory; one learn step per stored environment step once a batch is stored."""
+
+    def __init__(self, config: Config, seed: int, device: torch.device) -> None:
+        agent_seed, replay_seed = stream_seeds(seed)
+        self.config = config
+        self.replay = PrioritizedReplay.from_config(config, seed=replay_seed)
+        self.agent = RainbowAgent(config, self.replay, device=device, seed=agent_seed)
+
+    @property
+    def learn_target(self) -> int:
+        """Learn steps due: one per stored environment step from the batch_size-th on."""
+        return max(0, self.replay.transitions_added - self.config.batch_size + 1)
+
+    @property
+    def behind(self) -> bool:
+        return self.agent.learn_steps < self.learn_target
+
+    def learn(self) -> dict[str, float]:
+        """One learn step; its metrics name the environment step it belongs to (learn step k: step
+        k + batch_size - 1, where the inline loop runs it)."""
+        metrics = self.agent.train()
+        metrics["env_step"] = self.agent.learn_steps + self.config.batch_size - 1
+        metrics["consecutive_skipped"] = self.agent.consecutive_skipped_steps
+        if self.agent.learn_steps % self.config.log_every_steps == 0:
+            metrics["weights_finite"] = float(weights_finite(self.agent))
+        return metrics
+
+    def reward_range(self) -> tuple[float, float] | None:
+        """The smallest and largest stored reward (a resumed run's health monitor starts from them)."""
+        if not len(self.replay):
+            return None
+        return float(np.nanmin(self.replay.rewards)), float(np.nanmax(self.replay.rewards))
+
+    def checkpoint_state(self, run: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint: the actor's `run` counters and random streams, this learner's agent and replay.
+        The replay's arrays are views: serialise the dict before the next transition is stored."""
+        return {
+            "config": self.config.to_dict(),
+            "departures": self.config.departures(),
+            "unpinned": unpinned_keys(self.config),
+            **run,
+            "beta": self.replay.beta,  # restored from the replay; kept for people reading a checkpoint
+            "agent": self.agent.state_dict(),
+            "replay": self.replay.state_dict(),
+        }
+
+    def restore(self, state: dict[str, Any], path: Path) -> dict[str, Any]:
+        """Load a checkpoint's agent and replay; returns its run part. Anything that does not fit is a
+        CheckpointError naming the file."""
+        try:
+            self.agent.load_state_dict(state["agent"])
+            self.replay.load_state_dict(state["replay"])
+            self.replay.check_consistency()
+            for group in self.agent.optimizer.param_groups:  # the optimizer state carries its saved lr
+                group["lr"] = self.config.learning_rate
+            run = {key: value for key, value in state.items() if key not in ("agent", "replay", "config")}
+            for key in ("step", "episode", "best_interval_reward"):
+                run[key] = float(run[key]) if key == "best_interval_reward" else int(run[key])
+        except (KeyError, RuntimeError, ValueError, TypeError) as error:
+            text = str(error).strip()
+            first_line = text.splitlines()[0][:200] if text else type(error).__name__
+            raise CheckpointError(f"checkpoint {path} cannot be restored: {first_line}") from None
+        return run
+
+
+def resume_config(state: dict[str, Any], overrides: list[str], path: Path) -> Config:
+    """A resumed run keeps its checkpoint's config; only explicit --set values change it, and never a
+    value that fixes the shape of the networks or the replay memory."""
+    try:
+        saved = Config.from_dict(state["config"])
+    except (ConfigError, KeyError, TypeError) as error:
+        raise CheckpointError(f"checkpoint {path} has an unusable config: {error}") from None
+    config = saved.with_assignments(overrides)
+    mismatched = [k for k in SHAPE_KEYS if getattr(saved, k) != getattr(config, k)]
+    if mismatched:
+        details = ", ".join(f"{k}={getattr(saved, k)!r} (run: {getattr(config, k)!r})" for k in mismatched)
+        raise CheckpointError(f"checkpoint {path} was made with an incompatible config: {details}")
+    return config
+
+
+@dataclass
+class LearnerSpec:
+    """What a learner needs to open its run; plain values, so that it crosses a process boundary."""
+
+    config: dict[str, Any]  # the requested config (the pin plus --set)
+    overrides: list[str]
+    run_dir: str
+    keep_last: int
+    resume: bool  # look for a checkpoint
+    require_checkpoint: bool  # --resume: no checkpoint is an error
+    seed: int
+    device: str
+    threads: int | None = None  # torch CPU threads of the learner (None: torch's default)
+    refresh_every: int = 1  # publish the weights for the actor every this many learn steps
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class LearnerServer:
+    """Opens a run's learner (new or resumed) and serves the messages of the module docstring."""
+
+    def __init__(self, spec: LearnerSpec, reply: Callable[[tuple], None]) -> None:
+        self.spec = spec
+        self.reply = reply
+        self.store = CheckpointStore(Path(spec.run_dir), spec.keep_last)
+        self.learner: Learner | None = None
+        self.publish: Callable[[], None] | None = None  # set by the beside mode: share the weights
+        self.learned: Any = None  # the beside mode's shared counter of learn steps, updated before replies
+
+    # opening -------------------------------------------------------------------------------------------
+    def open(self) -> dict[str, Any]:
+        spec = self.spec
+        device = resolve_device(spec.device)
+        requested = Config.from_dict(spec.config)
+        notes: list[str] = []
+        run: dict[str, Any] | None = None
+        path = None
+        if spec.resume:
+            self.store.remove_temporaries()
+
+            def build(state: dict[str, Any], path: Path) -> tuple[Learner, dict[str, Any]]:
+                learner = Learner(resume_config(state, spec.overrides, path), spec.seed, device)
+                return learner, learner.restore(state, path)
+
+            loaded = self.store.load_newest_good(build)
+            if loaded is not None:
+                (self.learner, run), path = loaded.value, loaded.path
+                notes += [f"skipped: {line}" for line in loaded.skipped]
+                if loaded.skipped:
+                    notes.append(f"falling back to the newest good checkpoint: {path.name}")
+            elif spec.require_checkpoint:
+                raise CheckpointError(
+                    f"--resume: no checkpoint in {self.store.run_dir} (drop --resume to start fresh)"
+                )
+            else:
+                notes.append(f"no checkpoint in {self.store.run_dir}: starting fresh")
+        if self.learner is None:
+            self.learner = Learner(requested, spec.seed, device)
+        return {
+            "config": self.learner.config.to_dict(),
+            "run": run,
+            "path": str(path) if path is not None else None,
+            "notes": notes,
+            "reward_range": self.learner.reward_range(),
+            "transitions": self.learner.replay.transitions_added,
+            "learn_steps": self.learner.agent.learn_steps,
+            "replay_bytes": self.learner.replay.nbytes,
+        }
+
+    # serving ---------------------------------------------------------------------------------------------
+    def handle(self, message: tuple) -> bool:
+        """Serve one message; returns False on "stop"."""
+        kind = message[0]
+        learner = self.learner
+        if kind == "step":
+            learner.replay.add(*message[1:])
+        elif kind == "episode":
+            learner.replay.start_episode(*message[1:])
+        elif kind == "save":
+            _, request, run, periodic, is_best = message
+            self.catch_up()
+            self.reply(("saved", request, *self.save(run, periodic, is_best)))
+        elif kind == "rollback":
+            _, request, paths, seed = message
+            self.reply(("rolled_back", request, self.roll_back([Path(p) for p in paths], seed)))
+        elif kind == "sync":
+            self.catch_up()
+            if self.publish is not None:  # the actor then acts (or is evaluated) with this very moment's net
+                self.publish()
+            self.reply(("synced", message[1]))
+        elif kind == "stop":
+            return False
+        else:
+            raise ValueError(f"unknown learner message {kind!r}")
+        return True
+
+    def work(self) -> bool:
+        """One learn step if one is due (its metrics are replied); returns whether it learned."""
+        if not self.learner.behind:
+            return False
+        metrics = self.learner.learn()
+        if self.learned is not None:
+            self.learned.value = self.learner.agent.learn_steps
+        self.reply(("metrics", metrics))
+        if self.publish is not None and self.learner.agent.learn_steps % self.spec.refresh_every == 0:
+            self.publish()
+        return True
+
+    def catch_up(self) -> None:
+        while self.work():
+            pass
+
+    def save(self, run: dict[str, Any], periodic: bool, is_best: bool) -> tuple[bool, str]:
+        """Write a checkpoint; (True, path) or (False, the cause in one line)."""
+        state = self.learner.checkpoint_state(run)
+        try:
+            if periodic:
+                path = self.store.save(state, int(run["episode"]), int(run["step"]), is_best)
+                path = self.store.latest_path
+            else:
+                path = self.store.save_latest_only(state)
+        except OSError as error:
+            cause = describe_write_error(error, self.store.run_dir)
+            return False, f"checkpoint at step {int(run['step']):,} failed: {cause}"
+        return True, str(path)
+
+    def roll_back(self, paths: list[Path], seed: int) -> dict[str, Any] | None:
+        """Restore the newest of `paths` that loads (None if none does), then draw fresh random streams:
+        restored, they would replay the draws that led to the failure."""
+        learner = self.learner
+
+        def use(state: dict[str, Any], path: Path) -> dict[str, Any]:
+            return learner.restore(state, path)
+
+        try:
+            loaded = self.store.load_newest_good(use, paths)
+        except CheckpointError:  # none of them restores
+            loaded = None
+        if loaded is None:
+            return None
+        agent_seed, replay_seed = stream_seeds(seed)
+        learner.replay.reseed(replay_seed)
+        torch.manual_seed(agent_seed)
+        learner.agent.online.reset_noise()
+        learner.agent.target.reset_noise()
+        if self.publish is not None:
+            self.publish()
+        return {
+            "run": loaded.value,
+            "path": str(loaded.path),
+            "reward_range": learner.reward_range(),
+            "transitions": learner.replay.transitions_added,
+            "learn_steps": learner.agent.learn_steps,
+        }
+
+
+# --- acting for a learner that lives elsewhere --------------------------------------------------------------
+class Actor:
+    """Acts as the inline loop does, for a learner that lives elsewhere (a process beside this one, or a
+    scale-out trainer): epsilon-greedy at the global step, the online net's noise redrawn at every step as
+    a learn step would, BatchNorm in eval mode, and the learner's weights loaded when they arrive."""
+
+    def __init__(self, config: Config, seed: int, device: str | torch.device = "cpu") -> None:
+        self.agent = RainbowAgent(config, replay=None, device=device, seed=stream_seeds(seed)[0])
+
+    @property
+    def epsilon(self) -> float:
+        return self.agent.epsilon
+
+    def act(self, frames: np.ndarray, car: np.ndarray, step: int) -> int:
+        self.agent.online.reset_noise()
+        return self.agent.act(frames, car, step)
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        self.agent.online.load_state_dict(state)
+
+
+class InlineActor:
+    """The inline mode's actor: the learner's own agent, acting with the noise of its last learn step."""
+
+    def __init__(self, agent: RainbowAgent) -> None:
+        self.agent = agent
+
+    @property
+    def epsilon(self) -> float:
+        return self.agent.epsilon
+
+    def act(self, frames: np.ndarray, car: np.ndarray, step: int) -> int:
+        return self.agent.act(frames, car, step)
+
+
+# --- the two ways a single PC drives the engine --------------------------------------------------------
+class InlineLearner:
+    """The engine in this process: one learn step right after each environment step (exact, sequential)."""
+
+    mode = "inline"
+
+    def __init__(self, spec: LearnerSpec) -> None:
+        self.spec = spec
+        self.replies: list[tuple] = []
+        self.server = LearnerServer(spec, self.replies.append)
+
+    def open(self) -> dict[str, Any]:
+        info = self.server.open()
+        self.actor = InlineActor(self.server.learner.agent)
+        return info
+
+    @property
+    def learner(self) -> Learner:
+        return self.server.learner
+
+    @property
+    def lag(self) -> int:
+        return 0
+
+    def start_episode(self, frames: np.ndarray, car: np.ndarray) -> None:
+        self.server.handle(("episode", frames, car))
+
+    def add(self, *transition: Any) -> None:
+        self.server.handle(("step", *transition))
+
+    def learn(self) -> list[dict[str, float]]:
+        """The pinned sequence: after each stored step, one learn step if one is due."""
+        self.server.work()
+        return self.take_metrics()
+
+    def take_metrics(self) -> list[dict[str, float]]:
+        metrics = [reply[1] for reply in self.replies if reply[0] == "metrics"]
+        self.replies.clear()
+        return metrics
+
+    def keep_pace(self, limit: int) -> float:
+        return 0.0  # always caught up
+
+    def sync(self) -> list[dict[str, float]]:
+        self.server.catch_up()
+        return self.take_metrics()
+
+    def save(self, run: dict[str, Any], periodic: bool, is_best: bool) -> tuple[bool, str]:
+        return self.server.save(run, periodic, is_best)
+
+    def request_save(self, run: dict[str, Any], periodic: bool, is_best: bool) -> None:
+        self.finished_saves = [self.save(run, periodic, is_best)]
+
+    def take_saves(self) -> list[tuple[bool, str]]:
+        saves, self.finished_saves = getattr(self, "finished_saves", []), []
+        return saves
+
+    def roll_back(self, paths: list[Path], seed: int) -> dict[str, Any] | None:
+        return self.server.roll_back(paths, seed)
+
+    def refresh_actor(self) -> bool:
+        return False
+
+    def check_alive(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class WeightsMailbox:
+    """The online net's weights in shared memory, written by the learner, read by the actor; a version
+    number says when new ones are there, a lock keeps a copy from reading half-written weights."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], version: Any, lock: Any) -> None:
+        self.tensors, self.version, self.lock = tensors, version, lock
+
+    @classmethod
+    def of(cls, agent: RainbowAgent, version: Any, lock: Any) -> WeightsMailbox:
+        tensors = {
+            k: v.detach().to("cpu", copy=True).share_memory_() for k, v in agent.online.state_dict().items()
+        }
+        return cls(tensors, version, lock)
+
+    def write(self, agent: RainbowAgent) -> None:
+        with self.lock:
+            for key, value in agent.online.state_dict().items():
+                self.tensors[key].copy_(value)
+            self.version.value += 1
+
+    def read_into(self, actor: Actor) -> None:
+        with self.lock:
+            actor.load_weights(self.tensors)
+
+
+def lower_priority() -> None:
+    """Run this process below the actor's priority (never fatal: a scheduling hint, not a requirement)."""
+    with contextlib.suppress(Exception):
+        if platform.system() == "Windows":
+            below_normal = 0x4000  # BELOW_NORMAL_PRIORITY_CLASS
+            kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+            kernel32.SetPriorityClass(kernel32.GetCurrentProcess(), below_normal)
+        else:
+            os.nice(5)
+
+
+def die_with_parent() -> None:
+    """On Linux the kernel kills this process the moment the actor dies (a killed actor never leaves a
+    learner writing into its run folder). Elsewhere the serving loop notices within a second or two."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def serve(spec: LearnerSpec, commands: Any, replies: Any, learned: Any, version: Any, lock: Any) -> None:
+    """The learner process: open, then ingest transitions and learn until told to stop or the actor dies."""
+    import multiprocessing
+
+    for name in ("SIGINT", "SIGTERM", "SIGBREAK"):  # Ctrl+C and kills are the actor's to handle: it saves
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    die_with_parent()
+    lower_priority()
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    parent = multiprocessing.parent_process()
+    server = LearnerServer(spec, replies.put)
+    try:
+        info = server.open()
+        mailbox = WeightsMailbox.of(server.learner.agent, version, lock)
+        server.publish = lambda: mailbox.write(server.learner.agent)
+        server.learned = learned
+        learned.value = server.learner.agent.learn_steps
+        replies.put(("opened", {**info, "weights": mailbox.tensors}))
+        since_check = 0
+        while True:
+            try:  # everything that has arrived, in order
+                while True:
+                    if not server.handle(commands.get_nowait()):
+                        return
+            except queue.Empty:
+                pass
+            if server.work():
+                since_check += 1
+                if since_check % 50 == 0 and parent is not None and not parent.is_alive():
+                    return  # the actor is gone: nothing will ask for a checkpoint any more
+                continue
+            try:  # nothing to learn: wait for data
+                message = commands.get(timeout=0.1)
+            except queue.Empty:
+                if parent is not None and not parent.is_alive():
+                    return
+                continue
+            if not server.handle(message):
+                return
+    except BaseException as error:  # report in one line; the traceback goes to the run folder's log
+        log = Path(spec.run_dir) / LEARNER_LOG
+        with contextlib.suppress(OSError):
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with log.open("a", encoding="utf-8") as file:
+                file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} learner failed\n{traceback.format_exc()}\n")
+        text = " ".join(str(error).split()) or type(error).__name__
+        replies.put(("error", type(error).__name__, text))
+        time.sleep(0.5)  # let the queue's feeder thread deliver the reply before the process ends
+
+
+class BesideLearner:
+    """The engine in a process beside the actor (module docstring). Transitions go over a queue, metrics and
+    answers come back over another, the weights through a shared `WeightsMailbox`."""
+
+    mode = "beside"
+
+    def __init__(self, spec: LearnerSpec) -> None:
+        import torch.multiprocessing as torch_mp
+
+        self.spec = spec
+        context = torch_mp.get_context("spawn")  # Windows has no fork; spawn everywhere keeps one behaviour
+        self.commands, self.replies = context.Queue(), context.Queue()
+        self.learned = context.Value("q", 0, lock=False)
+        self.version = context.Value("q", 0, lock=False)
+        self.lock = context.Lock()
+        self.process = context.Process(
+            target=serve,
+            args=(spec, self.commands, self.replies, self.learned, self.version, self.lock),
+            name="rainbow-tm learner",
+            daemon=True,
+        )
+        self.sent = 0  # environment steps handed over
+        self.metrics: list[dict[str, float]] = []
+        self.answers: dict[int, tuple] = {}
+        self.finished_saves: list[tuple[bool, str]] = []
+        self.pending_saves: set[int] = set()
+        self.requests = itertools.count(1)
+        self.seen_version = -1
+        self.last_alive_check = 0.0
+        self.closed = False
+
+    def open(self) -> dict[str, Any]:
+        self.process.start()
+        reply = self._wait(lambda: self._answer_kind("opened"), START_TIMEOUT, "starting")
+        info = reply[1]
+        config = Config.from_dict(info["config"])
+        self.batch_size = config.batch_size
+        self.sent = info["transitions"]
+        self.mailbox = WeightsMailbox(info.pop("weights"), self.version, self.lock)
+        self.actor = Actor(config, self.spec.seed, device="cpu")
+        self.refresh_actor(force=True)
+        return info
+
+    # handing over ----------------------------------------------------------------------------------------
+    def start_episode(self, frames: np.ndarray, car: np.ndarray) -> None:
+        self.commands.put(("episode", frames, car))
+
+    def add(self, *transition: Any) -> None:
+        self.commands.put(("step", *transition))
+        self.sent += 1
+
+    @property
+    def lag(self) -> int:
+        """Learn steps due for the transitions handed over but not run yet."""
+        return max(0, self.sent - self.batch_size + 1) - int(self.learned.value)
+
+    def learn(self) -> list[dict[str, float]]:
+        """Nothing to do here but collect what the learner did meanwhile."""
+        self._drain()
+        return self.take_metrics()
+
+    def take_metrics(self) -> list[dict[str, float]]:
+        metrics, self.metrics = self.metrics, []
+        return metrics
+
+    def keep_pace(self, limit: int) -> float:
+        """Wait while the learner is more than `limit` learn steps behind; returns the seconds waited."""
+        if self.lag <= limit:
+            return 0.0
+        start = time.perf_counter()
+        while self.lag > limit:
+            self._drain(timeout=0.002)
+        return time.perf_counter() - start
+
+    def refresh_actor(self, force: bool = False) -> bool:
+        """Copy the learner's newest weights into the actor when there are new ones."""
+        version = int(self.version.value)
+        if version == self.seen_version and not force:
+            return False
+        self.mailbox.read_into(self.actor)
+        self.seen_version = version
+        return True
+
+    # requests ---------------------------------------------------------------------------------------------
+    def sync(self) -> list[dict[str, float]]:
+        request = next(self.requests)
+        self.commands.put(("sync", request))
+        self._wait(lambda: self.answers.pop(request, None), None, "catching up")
+        self.refresh_actor()
+        return self.take_metrics()
+
+    def request_save(self, run: dict[str, Any], periodic: bool, is_best: bool) -> None:
+        """Ask for a checkpoint of this moment and go on: it is written once the learner has caught up."""
+        request = next(self.requests)
+        self.pending_saves.add(request)
+        self.commands.put(("save", request, run, periodic, is_best))
+
+    def save(self, run: dict[str, Any], periodic: bool, is_best: bool) -> tuple[bool, str]:
+        request = next(self.requests)
+        self.commands.put(("save", request, run, periodic, is_best))
+        answer = self._wait(lambda: self.answers.pop(request, None), None, "saving a checkpoint")
+        return answer[2], answer[3]
+
+    def take_saves(self) -> list[tuple[bool, str]]:
+        self._drain()
+        saves, self.finished_saves = self.finished_saves, []
+        return saves
+
+    def roll_back(self, paths: list[Path], seed: int) -> dict[str, Any] | None:
+        request = next(self.requests)
+        self.commands.put(("rollback", request, [str(p) for p in paths], seed))
+        answer = self._wait(lambda: self.answers.pop(request, None), None, "rolling back")
+        self.metrics.clear()  # learn steps before the rollback: their history was undone
+        info = answer[2]
+        if info is not None:
+            self.sent = info["transitions"]
+            self.refresh_actor(force=True)
+        return info
+
+    # the process ------------------------------------------------------------------------------------------
+    def check_alive(self) -> None:
+        now = time.monotonic()
+        if now - self.last_alive_check < ALIVE_CHECK_SECONDS:
+            return
+        self.last_alive_check = now
+        self._drain()
+        if not self.process.is_alive():
+            raise LearnerDiedError(
+                f"the learner process stopped (exit code {self.process.exitcode}) without saying why: the "
+                f"actor stops rather than drive on with a frozen policy; the last checkpoint stands "
+                f"(details, if any, in {Path(self.spec.run_dir) / LEARNER_LOG})"
+            )
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.process.is_alive():
+            with contextlib.suppress(Exception):
+                self.commands.put(("stop",))
+            self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout=5)
+        for channel in (self.commands, self.replies):
+            with contextlib.suppress(Exception):
+                channel.cancel_join_thread()
+                channel.close()
+
+    def _answer_kind(self, kind: str) -> tuple | None:
+        return self.answers.pop(kind, None)
+
+    def _drain(self, timeout: float | None = None) -> None:
+        """Take every reply that has arrived (waiting up to `timeout` for the first)."""
+        while True:
+            try:
+                reply = self.replies.get(timeout=timeout) if timeout else self.replies.get_nowait()
+            except queue.Empty:
+                return
+            timeout = None
+            kind = reply[0]
+            if kind == "metrics":
+                self.metrics.append(reply[1])
+            elif kind == "saved" and reply[1] in self.pending_saves:
+                self.pending_saves.discard(reply[1])
+                self.finished_saves.append((reply[2], reply[3]))
+            elif kind in ("saved", "rolled_back", "synced"):
+                self.answers[reply[1]] = reply
+            elif kind == "opened":
+                self.answers["opened"] = reply
+            elif kind == "error":
+                raise _learner_error(reply[1], reply[2], Path(self.spec.run_dir))
+
+    def _wait(self, answer: Callable[[], tuple | None], timeout: float | None, what: str) -> tuple:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._drain(timeout=0.05)
+            found = answer()
+            if found is not None:
+                return found
+            if not self.process.is_alive():
+                self._drain()
+                found = answer()
+                if found is not None:
+                    return found
+                raise LearnerDiedError(
+                    f"the learner process stopped (exit code {self.process.exitcode}) while {what}; the last "
+                    f"checkpoint stands (details, if any, in {Path(self.spec.run_dir) / LEARNER_LOG})"
+                )
+            if deadline is not None and time.monotonic() > deadline:
+                raise LearnerDiedError(
+                    f"the learner process did not answer within {timeout:g} s while {what}"
+                )
+
+
+def _learner_error(kind: str, message: str, run_dir: Path) -> Exception:
+    """The learner's exception, re-raised in the actor as the class the caller knows how to report."""
+    if kind == "CheckpointError":
+        return CheckpointError(message)
+    if kind == "ConfigError":
+        return ConfigError(message)
+    return LearnerDiedError(
+        f"the learner process failed ({kind}: {message}); the last checkpoint stands (traceback in "
+        f"{run_dir / LEARNER_LOG})"
+    )
+
+
+def make_learner(mode: str, spec: LearnerSpec) -> InlineLearner | BesideLearner:
+    if mode == "inline":
+        return InlineLearner(spec)
+    if mode == "beside":
+        return BesideLearner(spec)
+    raise ValueError(f"unknown learner mode {mode!r}: use beside or inline")

@@ -1,0 +1,693 @@
+"""What a training run holds besides its environment: its config and run folder, its learner (inline or in a
+process beside the actor, learner.py), checkpoints, the metrics log, the health monitor and the status line.
+
+The single-PC loop (env_tm.py) and the scale-out trainer (distributed.py) each drive one Session, so both
+resume, checkpoint, log and raise red flags the same way. Nothing here steps an environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from checkpoints import CheckpointStore
+from health import DIAG_MIN_LEARN_STEPS, FATAL_FLAGS, HealthMonitor, RedFlag
+from learner import LearnerSpec, make_learner, stream_seeds
+from rainbow import resolve_device, unused_gpu_notice
+from run_log import METRICS_FILE, RunLog, truncate_after_step
+from tm_config import Config, ConfigError, describe_departures, epsilon_at, unpinned_keys
+
+EXIT_OK, EXIT_ERROR, EXIT_GAME, EXIT_RED_FLAG, EXIT_NO_GO, EXIT_INTERRUPTED = 0, 1, 3, 4, 5, 130
+MAX_FAILED_SAVES = 3  # checkpoint writes in a row that may fail (disk full, file locked) before stopping
+MAX_ROLLBACKS = 3  # --on-red-flag rollback: then the run stops, as a failure that keeps coming back is real
+
+
+class RedFlagStopError(RuntimeError):
+    """A fatal red flag under --on-red-flag stop (or rollback with nothing left to roll back to)."""
+
+
+class TrainingStoppedError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite learn steps); one line saying why."""
+
+
+def fmt(value: float | None, spec: str = ".3g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def duration(seconds: float) -> str:
+    """A rough human duration: 45 s, 12 min, 3 h 05 min."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    hours, minutes = divmod(int(seconds // 60), 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+# --- the status line --------------------------------------------------------------------------------------
+class Progress:
+    """A live status line: rewritten in place on a terminal (sized to it), one line every 30 s otherwise.
+    Steps/s is measured over the last `RATE_WINDOW` seconds, so it neither starts at a meaningless first
+    figure nor drops at every episode reset; the ETA comes from it."""
+
+    RATE_WINDOW = 30.0
+    RATE_SETTLE = 3.0  # seconds of measurement before a rate is shown
+
+    def __init__(self, total_steps: int) -> None:
+        self.total_steps = total_steps
+        self.interactive = sys.stdout.isatty()
+        self.interval = 1.0 if self.interactive else 30.0
+        self.last_print = 0.0
+        self.restart_rate(0)
+
+    def restart_rate(self, step: int) -> None:
+        """Measure steps/s from here (after a resume or a rollback the step count jumps)."""
+        self.samples: collections.deque[tuple[float, int]] = collections.deque([(time.perf_counter(), step)])
+
+    def rate(self, step: int) -> float | None:
+        """Steps per second over the last RATE_WINDOW seconds; None until RATE_SETTLE seconds are measured."""
+        now = time.perf_counter()
+        if now - self.samples[-1][0] >= 0.5:
+            self.samples.append((now, step))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.RATE_WINDOW:
+            self.samples.popleft()
+        start_time, start_step = self.samples[0]
+        if now - start_time < self.RATE_SETTLE:
+            return None
+        return (step - start_step) / (now - start_time)
+
+    def show(self, step: int, text: str, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self.last_print < self.interval:
+            return
+        self.last_print = now
+        rate = self.rate(step)
+        pace = "-- steps/s" if rate is None else f"{rate:.1f} steps/s"
+        eta = "" if not rate else f" | ETA {duration((self.total_steps - step) / rate)}"
+        done = f"step {step:,}/{self.total_steps:,} ({100 * step / self.total_steps:.1f}%)"
+        line = f"{done}{eta} | {pace} | {text}"
+        if self.interactive:
+            width = max(20, shutil.get_terminal_size((100, 24)).columns - 1)
+            print("\r" + line[:width].ljust(width), end="", flush=True)
+        else:
+            print(line, flush=True)
+
+    def message(self, text: str) -> None:
+        """A permanent line (an event), not overwritten by the status line."""
+        print(("\n" if self.interactive else "") + text, flush=True)
+
+
+# --- stopping ---------------------------------------------------------------------------------------------
+class StopRequest:
+    """Ctrl+C (or a termination request: `kill`, a shutdown, Ctrl+Break on Windows) asks the loop to stop
+    at the end of the current step, never in the middle of a replay or optimizer update, which a
+    checkpoint would then capture half-done. A second request aborts at once."""
+
+    SIGNALS = tuple(
+        getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGBREAK") if hasattr(signal, name)
+    )
+
+    def __init__(
+        self, notice: str = "stopping after this step (Ctrl+C again to abort without saving)"
+    ) -> None:
+        self.requested = False
+        self.notice = notice
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\n" + self.notice, flush=True)
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            for number in self.SIGNALS:
+                self._previous[number] = signal.signal(number, self._handle)
+
+    def uninstall(self) -> None:
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        self._previous.clear()
+
+
+# --- the game's view of the agent ------------------------------------------------------------------------
+class StepLatency:
+    """How long the game waits for the agent at each step: the share of the 50 ms time step the agent uses.
+
+    On TrackMania a step slower than the time step is a time-step overrun: the car drives on the previous
+    action meanwhile. It counts everything between two `env.step` calls: acting, handing the transition to
+    the learner (or learning, inline), and any wait for a learner that fell behind.
+    """
+
+    def __init__(self, time_step: float, window: int = 100_000) -> None:
+        self.time_step = time_step
+        self.recent: collections.deque[float] = collections.deque(maxlen=window)
+        self.episode: list[float] = []
+        self.calls = 0
+        self.overruns = 0  # steps slower than the whole time step
+        self.slowest = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.recent.append(seconds)
+        self.episode.append(seconds)
+        self.calls += 1
+        self.overruns += seconds > self.time_step
+        self.slowest = max(self.slowest, seconds)
+
+    def take_episode(self) -> dict[str, Any]:
+        """The episode's figures for its JSONL record; starts the next episode's."""
+        if not self.episode:
+            return {}
+        seconds, self.episode = np.asarray(self.episode), []
+        median, p99 = np.percentile(seconds * 1000, [50, 99])
+        return {
+            "agent_ms_median": round(float(median), 3),
+            "agent_ms_p99": round(float(p99), 3),
+            "agent_ms_max": round(float(seconds.max() * 1000), 3),
+            "time_step_overruns": int((seconds > self.time_step).sum()),
+        }
+
+    def summary(self) -> str:
+        if not self.calls:
+            return "no steps yet"
+        median, p99 = np.percentile(np.asarray(self.recent) * 1000, [50, 99])
+        window = "" if self.calls == len(self.recent) else f" (percentiles of the last {len(self.recent):,})"
+        return (
+            f"agent time per step median {median:.2f} ms, p99 {p99:.2f} ms, max {self.slowest * 1000:.1f} ms "
+            f"over {self.calls:,} steps{window}; "
+            f"{self.overruns:,} over the {self.time_step * 1000:.0f} ms time step"
+        )
+
+
+# --- run state ------------------------------------------------------------------------------------------
+@dataclass
+class RunState:
+    """The actor's counters, kept in every checkpoint beside the learner's agent and replay."""
+
+    step: int = 0  # global environment steps, across resumes
+    episode: int = 0  # completed episodes, across resumes
+    best_interval_reward: float = -math.inf
+    best_race_time: float | None = None  # the fastest finish so far (seconds), None before the first
+    race_times: list[float] = field(default_factory=list)  # every finish's time, for the median
+    time_step_timeouts: int = 0  # rtgym's timed-out time steps, across resumes
+    wandb_run_id: str | None = None
+    last_eval_step: int | None = None  # None: never evaluated
+    interval_rewards: list[float] = field(default_factory=list)  # since the last periodic checkpoint
+    interval_race_times: list[float] = field(default_factory=list)
+
+    KEPT = ("step", "episode", "best_interval_reward", "best_race_time", "race_times", "time_step_timeouts",
+            "wandb_run_id", "last_eval_step")  # fmt: skip
+
+    @classmethod
+    def from_checkpoint(cls, run: dict[str, Any]) -> RunState:
+        values = {key: run[key] for key in cls.KEPT if key in run}  # older checkpoints lack the newer keys
+        values["race_times"] = [float(t) for t in values.get("race_times", [])]
+        return cls(**values)
+
+    def checkpoint_fields(self) -> dict[str, Any]:
+        values = asdict(self)
+        return {key: values[key] for key in self.KEPT}
+
+
+def actor_streams(actor: Any) -> dict[str, Any]:
+    """The random streams of the acting side, saved with each checkpoint."""
+    return {
+        "python_rng": random.getstate(),
+        "numpy_rng": np.random.get_state(),
+        "actor_rng": {
+            "agent_rng": actor.agent.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        },
+    }
+
+
+def restore_actor_streams(run: dict[str, Any], actor: Any) -> None:
+    random.setstate(run["python_rng"])
+    np.random.set_state(run["numpy_rng"])
+    streams = run.get("actor_rng")
+    if streams is None:  # a checkpoint from before the learner moved beside the actor: the agent's are it
+        return
+    actor.agent.rng.bit_generator.state = streams["agent_rng"]
+    torch.set_rng_state(streams["torch_rng"])
+    if streams.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(streams["cuda_rng"])
+
+
+def move_aside(run_dir: Path) -> Path | None:
+    """A fresh start never mixes a new run into an old run's folder: the old one is renamed, not deleted."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return None
+    target = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    suffix = 1
+    while target.exists():
+        target = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}")
+        suffix += 1
+    run_dir.rename(target)
+    return target
+
+
+@dataclass
+class TrainResult:
+    exit_code: int
+    run_dir: Path
+    config: Config
+
+
+def learner_threads(args: argparse.Namespace, env_name: str, mode: str) -> int | None:
+    """torch CPU threads of the learner: --threads, else all cores but one when something else needs a core
+    (the game, or the actor beside the learner), else torch's default."""
+    if args.threads:
+        return args.threads
+    if env_name == "trackmania" or mode == "beside":
+        # bench/BENCHMARKS.md: with a busy core (the game), 2 threads on 2 cores made act+learn 1.7x slower.
+        return max(1, (os.cpu_count() or 2) - 1)
+    return None
+
+
+class Session:
+    """A run besides its environment (module docstring). `learner_mode` is "inline" or "beside"."""
+
+    def __init__(self, args: argparse.Namespace, env_name: str, learner_mode: str = "inline") -> None:
+        self.args = args
+        requested = Config().with_assignments(args.overrides)
+        self.device = resolve_device(args.device)
+        diagnosing = getattr(args, "diagnose", None) is not None
+        self.run_name = args.run_name or default_run_name(env_name, args.seed, args.overrides, diagnosing)
+        self.run_dir = Path(args.checkpoint_root or requested.checkpoint_dir) / self.run_name
+        self.store = CheckpointStore(self.run_dir, requested.keep_last_n_checkpoints)
+        random.seed(args.seed)
+        np.random.seed(args.seed % 2**32)
+        torch.manual_seed(args.seed)
+        threads = learner_threads(args, env_name, learner_mode)
+        if learner_mode == "inline" and threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        elif learner_mode == "beside":
+            torch.set_num_threads(1)  # the actor: one action at a time, the other cores are the learner's
+
+        # Resume (the checkpoint's config, plus explicit --set changes) or start fresh.
+        resume = requested.resume_from_checkpoint if args.resume is None else args.resume
+        resume = resume and requested.checkpoint and not diagnosing  # a diagnosis judges a fresh start
+        notes: list[str] = []
+        if not resume:
+            moved = move_aside(self.run_dir)
+            if moved is not None:
+                why = "a diagnosis starts from scratch" if diagnosing else "--fresh"
+                notes.append(f"{why}: the previous contents of {self.run_dir} were moved to {moved}")
+        spec = LearnerSpec(
+            config=requested.to_dict(),
+            overrides=list(args.overrides),
+            run_dir=str(self.run_dir),
+            keep_last=requested.keep_last_n_checkpoints,
+            resume=bool(resume),
+            require_checkpoint=bool(args.resume),
+            seed=args.seed,
+            device=str(self.device),
+            threads=threads if learner_mode == "beside" else None,
+            refresh_every=requested.actor_refresh_learn_steps,
+        )
+        self.learner = make_learner(learner_mode, spec)
+        try:
+            info = self.learner.open()
+        except BaseException:
+            self.learner.close()
+            raise
+        self.actor = self.learner.actor
+        self.config = config = Config.from_dict(info["config"])
+        self.run = RunState()
+        notes += info["notes"]
+        if config.checkpoint:
+            # latest, its previous generation, best, the periodic ones kept and the one being written: ask
+            # for room for all of them before training, rather than fail a save hours later.
+            needed = (config.keep_last_n_checkpoints + 4) * (info["replay_bytes"] + 50 * 2**20)
+            try:
+                self.store.check_writable(needed_bytes=needed)
+            except BaseException:
+                self.learner.close()
+                raise
+        if info["run"] is not None:
+            self.run = RunState.from_checkpoint(info["run"])
+            restore_actor_streams(info["run"], self.actor)
+            dropped = truncate_after_step(self.run_dir / METRICS_FILE, self.run.step)
+            notes.append(
+                f"resumed {self.run_name} from {Path(info['path']).name}: step {self.run.step:,}, "
+                f"{self.run.episode:,} episodes done"
+                + (f" ({dropped} log records after that step dropped)" if dropped else "")
+            )
+        self.total_steps = args.steps if args.steps is not None else config.training_steps
+        shortest_diagnosis = DIAG_MIN_LEARN_STEPS + config.batch_size
+        if diagnosing and self.total_steps < shortest_diagnosis:
+            self.learner.close()
+            raise ConfigError(
+                f"--diagnose {self.total_steps} is too short: the go/no-go criteria need at least "
+                f"{shortest_diagnosis:,} steps ({DIAG_MIN_LEARN_STEPS:,} learn steps)"
+            )
+        if self.run.step >= self.total_steps:
+            self.learner.close()
+            raise ConfigError(
+                f"--steps {self.total_steps:,} is not beyond step {self.run.step:,}, where {self.run_name} "
+                "stands: nothing to train (give a larger --steps to continue it, or --fresh to start over)"
+            )
+        self.log = RunLog(self.run_dir)
+        self.progress = Progress(self.total_steps)
+        self.progress.restart_rate(self.run.step)
+        unpinned = unpinned_keys(config)
+        if not args.no_wandb:
+            project = args.wandb_project or config.wandb_project
+            self.run.wandb_run_id = self.log.start_wandb(
+                project, self.run_name, self.run.wandb_run_id, config.to_dict(), config.departures(), unpinned
+            )
+        for note in notes:
+            self.progress.message(note)
+        where = (
+            f"learner beside the actor ({threads or torch.get_num_threads()} CPU threads)"
+            if (learner_mode == "beside")
+            else f"learner inline ({torch.get_num_threads()} CPU threads)"
+        )
+        self.progress.message(
+            f"run {self.run_name} on {env_name}, device {self.device.type}, {where}; checkpoints in "
+            f"{self.run_dir}"
+        )
+        gpu_notice = unused_gpu_notice()
+        if gpu_notice is not None:
+            self.progress.message(gpu_notice)
+        departures = describe_departures(config)
+        self.progress.message(
+            "departures from the known-good config: " + ("; ".join(departures) if departures else "none")
+        )
+        if unpinned:
+            self.progress.message(
+                f"UNPINNED run: it departs from the sacred {', '.join(unpinned)} of the known-good config "
+                "(allowed by --unpin-*); it is marked unpinned in its metrics, W&B and checkpoints"
+            )
+        self.progress.message(self.log.wandb_note)
+        self.log.write(
+            "run", self.run.step, event="start", env=env_name, device=self.device.type, learner=learner_mode,
+            departures=config.departures(), unpinned=unpinned,
+        )  # fmt: skip
+        self.reward_range = info["reward_range"]
+        self.monitor = self.new_monitor()
+        self.failed_saves = 0
+        self.rollbacks = 0
+        self.last_metrics: dict[str, float] = {}
+        self.episode_lag_max = self.lag_max = 0  # learn steps the actor ran ahead of the learner, at most
+        self.episode_wait = self.total_wait = 0.0  # seconds the actor waited for the learner
+
+    # --- health ----------------------------------------------------------------------------------------
+    def new_monitor(self) -> HealthMonitor:
+        monitor = HealthMonitor(self.config)
+        if self.reward_range is not None:  # a resumed or rolled-back run already knows its reward range
+            for reward in self.reward_range:
+                monitor.observe_reward(reward)
+        return monitor
+
+    def start_episode(self, frames: np.ndarray, car: np.ndarray) -> None:
+        self.learner.start_episode(frames, car)
+
+    def store_step(
+        self,
+        action: int,
+        reward: float,
+        terminated: bool,
+        truncated: bool,
+        frames: np.ndarray,
+        car: np.ndarray,
+    ) -> list[RedFlag]:
+        """Hand one environment step to the learner and count it; returns the red flags it raised."""
+        self.learner.add(action, reward, bool(terminated), bool(truncated), frames[-1], car)
+        self.run.step += 1
+        self.monitor.observe_reward(reward)
+        return self.monitor.observe_frames(frames, self.run.step, self.run.episode, speed=float(car[0]))
+
+    def keep_pace(self, max_lag: int) -> None:
+        """Wait while the learner is more than `max_lag` learn steps behind; the lag and the wait are
+        measured for the episode record and the final summary."""
+        waited = self.learner.keep_pace(max_lag)
+        lag = self.learner.lag
+        self.episode_wait += waited
+        self.total_wait += waited
+        self.episode_lag_max = max(self.episode_lag_max, lag)
+        self.lag_max = max(self.lag_max, lag)
+
+    def pace_summary(self) -> str | None:
+        if self.learner.mode != "beside":
+            return None
+        return (
+            f"learner beside the actor: at most {self.lag_max:,} learn steps behind mid-episode, "
+            f"{self.total_wait:.1f} s of waiting for it mid-episode"
+        )
+
+    def learn(self) -> list[RedFlag]:
+        """Inline: one learn step if due. Beside: what the learner did meanwhile. Logged and checked."""
+        return self.absorb(self.learner.learn())
+
+    def absorb(self, all_metrics: list[dict[str, float]]) -> list[RedFlag]:
+        """Log and check the learn steps the learner reports (every `log_every_steps`th is recorded)."""
+        flags: list[RedFlag] = []
+        config = self.config
+        for metrics in all_metrics:
+            step = int(metrics["env_step"])
+            self.last_metrics = metrics
+            if metrics["skipped"]:
+                self.log.write("event", step, level="warning", name="nonfinite_step_skipped")
+            if metrics["consecutive_skipped"] >= config.max_consecutive_nonfinite_steps:
+                raise TrainingStoppedError(
+                    f"{int(metrics['consecutive_skipped'])} learn steps in a row had a non-finite loss or "
+                    f"gradient (all skipped, weights untouched); last checkpoint: {self.store.latest_path}"
+                )
+            if "weights_finite" in metrics:
+                rate = self.progress.rate(self.run.step)
+                self.log.write(
+                    "step", step, steps_per_second=rate, time_step_timeouts=self.run.time_step_timeouts,
+                    learner_lag=self.learner.lag, max_abs_reward=self.monitor.max_abs_reward,
+                    min_reward=self.monitor.min_reward, **metrics,
+                )  # fmt: skip
+            flags += self.monitor.observe_learn_step(metrics, step, self.run.episode)
+        self.collect_saves()
+        return flags
+
+    def end_episode(
+        self,
+        reward: float,
+        length: int,
+        terminated: bool,
+        seconds: float,
+        *,
+        finished: bool = False,
+        progress: float | None = None,
+        timeouts: int = 0,
+        min_finish_seconds: float | None = None,
+        **extra: Any,
+    ) -> list[RedFlag]:
+        """Log a finished episode with its race result and check it; returns red flags."""
+        run, config = self.run, self.config
+        run.episode += 1
+        run.interval_rewards.append(reward)
+        race_time = length * config.time_step_duration if finished else None
+        if race_time is not None:
+            run.race_times.append(race_time)
+            run.interval_race_times.append(race_time)
+            run.best_race_time = (
+                race_time if run.best_race_time is None else min(run.best_race_time, race_time)
+            )
+        self.log.write(
+            "episode", run.step, episode=run.episode, reward=reward, length=length,
+            terminated=bool(terminated),
+            finished=bool(finished), race_time=race_time, best_race_time=run.best_race_time,
+            median_race_time=float(np.median(run.race_times)) if run.race_times else None,
+            finish_rate=len(run.race_times) / run.episode, progress=progress,
+            epsilon=self.actor.epsilon,  # the one the episode's last action was chosen with, as used
+            time_step_timeouts=timeouts, time_step_timeouts_total=run.time_step_timeouts,
+            seconds=seconds, q_mean=self.last_metrics.get("q_mean"),
+            q_greedy=self.last_metrics.get("q_greedy"),
+            loss=self.last_metrics.get("loss"), learner_lag=self.learner.lag,
+            learner_lag_max=self.episode_lag_max, learner_wait_ms=round(1000 * self.episode_wait, 1), **extra,
+        )  # fmt: skip
+        self.episode_lag_max, self.episode_wait = 0, 0.0
+        return self.monitor.observe_episode(
+            reward, length, epsilon_at(run.step, config), run.step, run.episode, finished=finished,
+            race_time=race_time, min_finish_seconds=min_finish_seconds, progress=progress, timeouts=timeouts,
+        )  # fmt: skip
+
+    # --- checkpoints ------------------------------------------------------------------------------------
+    def checkpoint_due(self) -> bool:
+        return self.run.episode % self.config.checkpoint_frequency == 0
+
+    def _checkpoint_run(self) -> dict[str, Any]:
+        return {
+            **self.run.checkpoint_fields(),
+            # epsilon is restored from the step; kept for people reading a checkpoint.
+            "epsilon": epsilon_at(self.run.step, self.config),
+            **actor_streams(self.actor),
+        }
+
+    def _is_best(self) -> bool:
+        """`best.pt` follows the best race time once the car finishes, the best mean reward before."""
+        run = self.run
+        if run.best_race_time is not None:
+            if not run.interval_race_times:
+                return False
+            return min(run.interval_race_times) <= run.best_race_time
+        interval_mean = float(np.mean(run.interval_rewards)) if run.interval_rewards else -math.inf
+        if interval_mean > run.best_interval_reward:
+            run.best_interval_reward = interval_mean
+            return True
+        return False
+
+    def save(self, is_periodic: bool, wait: bool = True) -> str:
+        """Write a checkpoint (beside: ask for it and, unless `wait`, go on). A failed write is reported
+        and training goes on; 3 in a row stop it."""
+        if not self.config.checkpoint:
+            return "checkpoints are off (checkpoint=False)"
+        is_best = self._is_best() if is_periodic else False
+        if is_periodic:
+            self.run.interval_rewards.clear()
+            self.run.interval_race_times.clear()
+        run = self._checkpoint_run()
+        if not wait:
+            self.learner.request_save(run, is_periodic, is_best)
+            self.collect_saves()
+            return f"checkpoint of step {self.run.step:,} requested"
+        return self._saved(*self.learner.save(run, is_periodic, is_best))
+
+    def collect_saves(self) -> None:
+        for ok, text in self.learner.take_saves():
+            self._saved(ok, text)
+
+    def _saved(self, ok: bool, text: str) -> str:
+        if ok:
+            self.failed_saves = 0
+            return f"saved {text}"
+        self.failed_saves += 1
+        message = f"{text}; the previous one is intact"
+        self.progress.message(message)
+        self.log.write("event", self.run.step, level="warning", name="checkpoint_failed", message=message)
+        if self.failed_saves >= MAX_FAILED_SAVES:
+            raise TrainingStoppedError(
+                f"{self.failed_saves} checkpoints in a row could not be written to {self.run_dir}: {text}"
+            )
+        return f"checkpoint failed, the last good one is {self.store.latest_path}"
+
+    # --- red flags ----------------------------------------------------------------------------------------
+    def roll_back(self, flag: RedFlag) -> None:
+        """Restore the checkpoint before the flag (an older one at each further rollback)."""
+        if self.rollbacks >= MAX_ROLLBACKS:
+            raise RedFlagStopError(
+                f"stopped on red flag {flag.name} at step {flag.step:,} ({MAX_ROLLBACKS} rollbacks already): "
+                f"{flag.message}"
+            )
+        older_first = (
+            list(reversed(self.store.periodic()))[self.rollbacks :] if self.config.checkpoint else []
+        )
+        seed = self.args.seed + 7919 * (self.rollbacks + 1)
+        restored = self.learner.roll_back(older_first, seed) if older_first else None
+        if restored is None:
+            raise RedFlagStopError(
+                f"stopped on red flag {flag.name} at step {flag.step:,} (no checkpoint to roll back to): "
+                f"{flag.message}"
+            )
+        self.rollbacks += 1
+        wandb_run_id = self.run.wandb_run_id
+        self.run = RunState.from_checkpoint(restored["run"])
+        self.run.wandb_run_id = wandb_run_id
+        restore_actor_streams(restored["run"], self.actor)
+        # The checkpoint carries its random streams: replaying them would replay the same failure.
+        agent_seed, _ = stream_seeds(seed)
+        self.actor.agent.rng = np.random.default_rng(agent_seed)
+        torch.manual_seed(agent_seed)  # new noise and taus: restored, torch's stream would draw the same ones
+        self.actor.agent.online.reset_noise()
+        self.actor.agent.target.reset_noise()
+        self.reward_range = restored["reward_range"]
+        self.monitor = self.new_monitor()
+        self.progress.restart_rate(self.run.step)
+        self.log.truncate_after_step(self.run.step)
+        self.log.write(
+            "event", self.run.step, level="rollback", name=flag.name, from_step=flag.step,
+            rollbacks=self.rollbacks,
+        )  # fmt: skip
+        self.progress.message(
+            f"rolled back to {Path(restored['path']).name} (step {self.run.step:,}, episode "
+            f"{self.run.episode:,}); rollback {self.rollbacks} of at most {MAX_ROLLBACKS}"
+        )
+
+    def handle(self, flags: list[RedFlag]) -> bool:
+        """Report red flags; returns True when the run was rolled back to a checkpoint."""
+        rolled_back = False
+        for flag in flags:
+            self.progress.message(f"RED FLAG {flag.name}: {flag.message}")
+            self.log.write("event", flag.step, **flag.as_event())
+            self.log.alert(f"red flag: {flag.name}", flag.message)
+            if rolled_back or flag.name not in FATAL_FLAGS or self.args.on_red_flag == "warn":
+                continue
+            if self.args.on_red_flag == "stop":
+                raise RedFlagStopError(
+                    f"stopped on red flag {flag.name} at step {flag.step:,} (--on-red-flag stop): "
+                    f"{flag.message}; last good checkpoint: {self.store.latest_path}"
+                )
+            self.roll_back(flag)
+            rolled_back = True
+        return rolled_back
+
+    # --- the terminal -------------------------------------------------------------------------------------
+    def status(self, text: str) -> None:
+        last, run = self.last_metrics, self.run
+        extra = f" | timeouts {run.time_step_timeouts:,}" if run.time_step_timeouts else ""
+        extra += f" | best {run.best_race_time:.2f} s" if run.best_race_time is not None else ""
+        extra += f" | lag {self.learner.lag}" if self.learner.mode == "beside" else ""
+        self.progress.show(
+            run.step,
+            f"ep {run.episode + 1:,} | {text} | eps {epsilon_at(run.step, self.config):.3f} | loss "
+            f"{fmt(last.get('loss'))} | Q {fmt(last.get('q_mean'))}{extra}",
+        )
+
+    def race_summary(self) -> str | None:
+        run = self.run
+        if not run.episode:
+            return None
+        if not run.race_times:
+            return f"race results: no finish in {run.episode:,} episodes"
+        return (
+            f"race results: {len(run.race_times):,} finishes in {run.episode:,} episodes "
+            f"({100 * len(run.race_times) / run.episode:.1f}%), best {run.best_race_time:.2f} s, median "
+            f"{float(np.median(run.race_times)):.2f} s"
+        )
+
+    def close(self) -> None:
+        try:
+            self.learner.close()
+        finally:
+            self.log.close()
+
+
+def default_run_name(env_name: str, seed: int, overrides: list[str], diagnosing: bool) -> str:
+    """checkpoints/<this>/: `<env>-seed<seed>`, with the departures in the name when --set is given, so that
+    an experiment never resumes (and changes for good) the run without them, nor one with other ones."""
+    name = f"{env_name}{'-diagnose' if diagnosing else ''}-seed{seed}"
+    if not overrides:
+        return name
+    parts = sorted(
+        "".join(c if c.isalnum() or c in "._=-" else "_" for c in a.replace(" ", "")) for a in overrides
+    )
+    tag = "+".join(parts)
+    if len(tag) > 60:
+        import hashlib
+
+        tag = f"{tag[:40]}-{hashlib.sha1('+'.join(parts).encode()).hexdigest()[:8]}"
+    return f"{name}-{tag}"

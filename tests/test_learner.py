@@ -1,0 +1,247 @@
+"""learner.py: the pinned schedule through the engine, inline and in its own process, and its failures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import small_config
+
+from checkpoints import CheckpointError, load_checkpoint
+from learner import (
+    BesideLearner,
+    InlineLearner,
+    LearnerDiedError,
+    LearnerServer,
+    LearnerSpec,
+)
+from tm_config import Config
+
+SCHEDULE_WHY = "the pinned replay ratio: one learn step per stored environment step, never ahead of the data"
+
+
+def spec_for(tmp_path: Path, config: Config, **changes: object) -> LearnerSpec:
+    values = dict(
+        config=config.to_dict(),
+        overrides=[],
+        run_dir=str(tmp_path / "run"),
+        keep_last=config.keep_last_n_checkpoints,
+        resume=False,
+        require_checkpoint=False,
+        seed=0,
+        device="cpu",
+        threads=1,
+        refresh_every=config.actor_refresh_learn_steps,
+    )
+    values.update(changes)
+    return LearnerSpec(**values)
+
+
+def frames_and_car(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    return rng.integers(0, 256, (4, 64, 64), dtype=np.uint8), rng.random(3).astype(np.float32) * 100
+
+
+def steps(rng: np.random.Generator, count: int, episode_length: int = 25):
+    """(message kind, payload) of `count` environment steps in episodes of `episode_length`."""
+    for t in range(count):
+        if t % episode_length == 0:
+            yield ("episode", *frames_and_car(rng))
+        frame = rng.integers(0, 256, (64, 64), dtype=np.uint8)
+        ends = (t + 1) % episode_length == 0
+        yield (
+            "step",
+            int(rng.integers(11)),
+            float(rng.random()),
+            False,
+            ends,
+            frame,
+            rng.random(3).astype(np.float32),
+        )
+
+
+def test_the_server_learns_one_step_per_stored_step_and_never_ahead(tmp_path):
+    config = small_config()
+    replies: list[tuple] = []
+    server = LearnerServer(spec_for(tmp_path, config), replies.append)
+    server.open()
+    learner = server.learner
+    stored = 0
+    rng = np.random.default_rng(0)
+    for message in steps(rng, 120):
+        server.handle(message)
+        if message[0] != "step":
+            continue
+        stored += 1
+        server.work()
+        assert learner.agent.learn_steps == max(0, stored - config.batch_size + 1), SCHEDULE_WHY
+        assert not server.work(), f"learned ahead of the data at stored step {stored}: {SCHEDULE_WHY}"
+    # Steps that arrive in bulk (the beside mode) are learned one per step as well, and no more.
+    for message in steps(rng, 60):
+        server.handle(message)
+    server.catch_up()
+    assert learner.agent.learn_steps == 180 - config.batch_size + 1, SCHEDULE_WHY
+    metrics = [reply[1] for reply in replies if reply[0] == "metrics"]
+    assert [m["learn_step"] for m in metrics] == list(range(1, 180 - config.batch_size + 2))
+    assert [m["env_step"] for m in metrics] == [
+        k + config.batch_size - 1 for k in range(1, len(metrics) + 1)
+    ], "each learn step names the environment step it belongs to (where the inline loop runs it)"
+
+
+def test_the_hard_copy_stays_at_every_1500_learn_steps_through_the_server(tmp_path):
+    config = small_config()
+    assert config.target_network_update_frequency == 1500
+    server = LearnerServer(spec_for(tmp_path, config), lambda reply: None)
+    server.open()
+    published = []
+    server.publish = lambda: published.append(server.learner.agent.learn_steps)
+    agent = server.learner.agent
+    copies = []
+    previous = [p.detach().clone() for p in agent.target.parameters()]
+    for message in steps(np.random.default_rng(1), 1540, episode_length=100):
+        server.handle(message)
+        if server.work():
+            current = [p.detach() for p in agent.target.parameters()]
+            if any(not torch.equal(a, b) for a, b in zip(previous, current, strict=True)):
+                copies.append(agent.learn_steps)
+                previous = [p.clone() for p in current]
+    assert copies == [1500], f"the target changed at learn steps {copies}, not only at 1500 (seed 004)"
+    k = config.actor_refresh_learn_steps
+    assert published == list(range(k, agent.learn_steps + 1, k)), "the actor's weights every K learn steps"
+
+
+def test_a_checkpoint_holds_the_learner_caught_up_with_every_step_before_it(tmp_path):
+    config = small_config()
+    replies: list[tuple] = []
+    server = LearnerServer(spec_for(tmp_path, config), replies.append)
+    server.open()
+    for message in steps(np.random.default_rng(2), 75):
+        server.handle(message)  # nothing learned yet: the steps arrived faster than the learner
+    assert server.learner.agent.learn_steps == 0
+    run = {"step": 75, "episode": 3, "best_interval_reward": 0.0, "python_rng": None, "numpy_rng": None}
+    server.handle(("save", 7, run, False, False))
+    assert replies[-1][:3] == ("saved", 7, True)
+    state = load_checkpoint(tmp_path / "run" / "latest.pt")
+    assert (
+        state["agent"]["learn_steps"] == 75 - config.batch_size + 1 == state["step"] - config.batch_size + 1
+    ), "a checkpoint's learner must have caught up with the steps it holds"
+    assert state["replay"]["next_transition"] == 75
+
+
+@pytest.fixture
+def beside(tmp_path):
+    config = small_config(actor_refresh_learn_steps=2)
+    learner = BesideLearner(spec_for(tmp_path, config))
+    yield learner, config
+    learner.close()
+
+
+def test_a_learner_beside_the_actor_keeps_the_schedule_and_shares_its_weights(beside, tmp_path):
+    learner, config = beside
+    info = learner.open()
+    assert info["run"] is None and learner.process.is_alive()
+    rng = np.random.default_rng(3)
+    for message in steps(rng, 300):
+        if message[0] == "episode":
+            learner.start_episode(*message[1:])
+        else:
+            learner.add(*message[1:])
+    assert learner.lag > 8, "300 steps handed over at once: the learner is behind"
+    waited = learner.keep_pace(8)
+    assert learner.lag <= 8 and waited > 0, "keep_pace must wait until the learner is within the bound"
+    learner.sync()
+    assert learner.lag == 0 and int(learner.learned.value) == 300 - config.batch_size + 1, SCHEDULE_WHY
+    metrics = learner.learn()  # the metrics of every learn step come back, in order
+    assert learner.refresh_actor() or True
+    ok, path = learner.save({"step": 300, "episode": 12, "best_interval_reward": 0.0}, False, False)
+    assert ok and path.endswith("latest.pt")
+    state = load_checkpoint(Path(path))
+    assert state["agent"]["learn_steps"] == 300 - config.batch_size + 1
+    for name, value in learner.actor.agent.online.state_dict().items():
+        torch.testing.assert_close(
+            value,
+            torch.as_tensor(state["agent"]["online"][name]),
+            msg=f"the actor's {name} is not the learner's",
+        )
+    assert all(m["env_step"] == m["learn_step"] + config.batch_size - 1 for m in metrics)
+
+
+def test_a_learner_process_that_dies_is_reported_in_one_line_within_seconds(beside):
+    learner, _ = beside
+    learner.open()
+    os.kill(learner.process.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    with pytest.raises(LearnerDiedError) as error:
+        while time.monotonic() < deadline:
+            learner.check_alive()
+            time.sleep(0.05)
+    message = str(error.value)
+    assert "the learner process stopped (exit code -9)" in message and "\n" not in message
+    assert "frozen policy" in message and "last checkpoint stands" in message
+
+
+def test_a_learner_that_cannot_open_its_run_says_why_in_the_actor(tmp_path):
+    config = small_config()
+    learner = BesideLearner(spec_for(tmp_path, config, resume=True, require_checkpoint=True))
+    try:
+        with pytest.raises(
+            CheckpointError, match=r"--resume: no checkpoint in .* \(drop --resume to start fresh\)"
+        ):
+            learner.open()
+    finally:
+        learner.close()
+    assert not learner.process.is_alive()
+
+
+def test_the_inline_learner_is_the_same_engine_without_a_process(tmp_path):
+    config = small_config()
+    learner = InlineLearner(spec_for(tmp_path, config))
+    learner.open()
+    assert learner.actor.agent is learner.learner.agent, "inline, the actor is the learner's own agent"
+    for message in steps(np.random.default_rng(4), 40):
+        if message[0] == "episode":
+            learner.start_episode(*message[1:])
+        else:
+            learner.add(*message[1:])
+            learner.learn()
+    assert learner.lag == 0 and learner.learner.agent.learn_steps == 40 - config.batch_size + 1
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the kernel's parent-death signal is Linux's")
+def test_a_killed_actor_takes_its_learner_with_it(tmp_path):
+    import subprocess
+
+    script = (
+        "import sys, time; sys.path.insert(0, sys.argv[1]);"
+        "from learner import BesideLearner, LearnerSpec; from conftest import small_config;"
+        "c = small_config();"
+        "l = BesideLearner(LearnerSpec(c.to_dict(), [], sys.argv[2], 3, False, False, 0, 'cpu', 1));"
+        "l.open(); print(l.process.pid, flush=True); time.sleep(60)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{root / 'tests'}")
+    actor = subprocess.Popen(
+        [sys.executable, "-c", script, str(root), str(tmp_path / "run")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    learner_pid = int(actor.stdout.readline())
+    actor.kill()
+    actor.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(learner_pid, 0)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{learner_pid}/stat") as stat:
+            if stat.read().split()[2] == "Z":  # a zombie: dead, waiting for init to reap it
+                return
+        time.sleep(0.05)
+    pytest.fail("the learner process outlived its actor by 10 s")
