@@ -18,12 +18,11 @@ training modules (torch among them) are imported when a run starts.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from typing import Any
 
-from tm_config import Config, ConfigError, check_sacred_assignments
+from tm_config import Config, ConfigError, check_sacred_assignments, folder_name_problem
 
 DIAGNOSE_DEFAULT_STEPS = 5_000
 EXIT_OK, EXIT_ERROR, EXIT_GAME, EXIT_RED_FLAG, EXIT_NO_GO, EXIT_INTERRUPTED = 0, 1, 3, 4, 5, 130
@@ -45,33 +44,14 @@ again, it resumes from its newest good checkpoint; --resume makes a missing chec
 moves the old folder aside and starts over. Ctrl+C stops after the current step and saves.
 """
 
-# Names Windows reserves for devices, whatever the extension (con, con.txt, nul, com1, ...).
-WINDOWS_RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9¹²³]|lpt[0-9¹²³])(\..*)?$", re.IGNORECASE)
-FORBIDDEN_NAME_CHARACTERS = set('<>:"/\\|?*')
-
 
 def run_name_problem(name: str) -> str | None:
     """Why `name` cannot be a run folder (one plain folder name, valid on Windows too), or None."""
-    if not name.strip():
-        return "is empty"
-    if name in (".", ".."):
-        return "points outside the checkpoints folder"
-    bad = sorted({c for c in name if c in FORBIDDEN_NAME_CHARACTERS or ord(c) < 32})
-    if bad:
-        shown = " ".join(repr(c) for c in bad)
-        forbidden = "".join(sorted(FORBIDDEN_NAME_CHARACTERS))
-        return f"contains {shown}: it must be one folder name, without path separators or {forbidden}"
-    if name != name.rstrip(" ."):
-        return "ends with a dot or a space, which Windows drops from folder names"
-    if WINDOWS_RESERVED.match(name):
-        return "is a device name Windows reserves (con, prn, aux, nul, com1-9, lpt1-9)"
-    if len(name) > 120:
-        return f"is {len(name)} characters long (at most 120, so that checkpoint paths stay short)"
-    return None
+    return folder_name_problem(name)
 
 
 # --- command line ----------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     pinned = Config()
     parser = argparse.ArgumentParser(
         description="Train the Rainbow-IQN agent on TrackMania 2020 (tmrl) or on the embedded track.",
@@ -185,6 +165,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "step; inline: act and learn in turn in one process (exact reproduction of a recorded run)",
     )
     parser.add_argument("--wandb-project", default=None, help="W&B project (default: rainbow-tm)")
+    demo = parser.add_argument_group("demonstrations (your own laps; README: Learn from your own laps)")
+    demo.add_argument(
+        "--record-demos",
+        metavar="NAME",
+        default=None,
+        help="record demonstrations into <demo-root>/NAME instead of training: on TrackMania you drive, on "
+        "the embedded track you drive (--driver human) or a scripted driver does",
+    )
+    demo.add_argument(
+        "--driver",
+        choices=["human", "scripted"],
+        default="human",
+        help="who drives the embedded track when recording (default human: the arrow keys, in a window)",
+    )
+    demo.add_argument(
+        "--demo-episodes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="record N episodes (default: until Ctrl+C)",
+    )
+    demo.add_argument(
+        "--demos",
+        metavar="NAME[,NAME...]",
+        default=None,
+        help="train with these demonstration sets beside the agent's own data (a recorded departure: the "
+        "same as --set demos=...)",
+    )
+    demo.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --demos: N learn steps on the demonstrations alone before the first environment step",
+    )
+    demo.add_argument(
+        "--demo-root", default="demos", help="the folder of demonstration sets (default: demos)"
+    )
     scale = parser.add_argument_group(
         "scale out (several game PCs, one learner; see README: Running across machines)"
     )
@@ -231,6 +249,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--checkpoint-root", default=None, help="the folder of run folders (default: checkpoints)"
     )
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
@@ -248,6 +271,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         problem = run_name_problem(args.run_name)
         if problem is not None:
             parser.error(f"--run-name {args.run_name!r} {problem}")
+    if args.record_demos is not None:
+        problem = folder_name_problem(args.record_demos)
+        if problem is not None:
+            parser.error(f"--record-demos {args.record_demos!r} {problem}")
+        if args.role != "single" or args.diagnose is not None or args.demos:
+            parser.error("--record-demos records on this PC only, without --role, --diagnose or --demos")
+    if args.demo_episodes is not None and args.demo_episodes < 1:
+        parser.error(f"--demo-episodes must be >= 1, got {args.demo_episodes}")
+    if args.pretrain_steps is not None and not args.demos:
+        parser.error("--pretrain-steps learns from demonstrations: give them with --demos")
+    # --demos and --pretrain-steps are config values: departures like any --set, recorded as such.
+    if args.demos:
+        args.overrides.append(f"demos={args.demos}")
+    if args.pretrain_steps is not None:
+        args.overrides.append(f"demo_pretrain_steps={args.pretrain_steps}")
     return args
 
 
@@ -330,6 +368,7 @@ def train(args: argparse.Namespace) -> Any:
     start_step, announced = session.run.step, not diagnosing
     started = time.perf_counter()
     try:
+        session.pretrain()
         evaluate_if_due()
         episode_reward, episode_length, episode_start = 0.0, 0, time.perf_counter()
         env_timeouts = getattr(env, "time_step_timeouts", 0)
@@ -448,6 +487,103 @@ def train(args: argparse.Namespace) -> Any:
                 unroute()
 
 
+# --- recording demonstrations ----------------------------------------------------------------------------
+def record_demos(args: argparse.Namespace) -> int:
+    """Record demonstration episodes (demos.py) until --demo-episodes or Ctrl+C; finished ones are kept."""
+    from pathlib import Path
+
+    import numpy as np
+
+    import demos
+    import environment
+    from session import StopRequest
+
+    config = Config().with_assignments(args.overrides)
+    env_name = environment.choose_environment(args.env, config)
+    raw = config.with_overrides(previous_actions=0)  # files keep the raw car floats; actions come apart
+    driver = "player" if env_name == "trackmania" else args.driver
+    writer = demos.DemoWriter(Path(args.demo_root) / args.record_demos, env_name, driver)
+    env = environment.build_environment(env_name, config, args.seed)
+    keyboard = demos.KeyboardDriver() if driver == "human" else None
+    scripted = demos.ScriptedDriver() if driver == "scripted" else None
+    stop = StopRequest("stopping: the episode being driven is dropped, every finished one is kept")
+    stop.install()
+    recorded, start = 0, len(writer.manifest["episodes"])
+    print(
+        f"recording {driver} demonstrations on {env_name} into {writer.folder} "
+        + (f"({args.demo_episodes} episodes)" if args.demo_episodes else "(Ctrl+C stops)")
+        + ("; drive now: the program sends no control" if env_name == "trackmania" else ""),
+        flush=True,
+    )
+    try:
+        while not stop.requested and (args.demo_episodes is None or recorded < args.demo_episodes):
+            seed = demos.RECORD_SEED_BASE + start + recorded
+            obs, _ = env.reset(seed=seed)
+            frames, car = environment.split_observation(obs, raw)
+            stack, cars, inputs, actions, rewards = list(frames), [car], [], [], []
+            telemetry = [player_inputs(env)] if env_name == "trackmania" else None
+            over = terminated = False
+            info: dict[str, Any] = {}
+            while not over and not stop.requested:
+                if keyboard is not None and keyboard.quit_requested:
+                    stop.requested = True  # the window was closed
+                    break
+                if env_name == "trackmania":
+                    obs, reward, terminated, truncated, info = env.step(None)  # the player drives
+                    telemetry.append(player_inputs(env))
+                else:
+                    action = keyboard.act(env) if keyboard else scripted.act(env)
+                    vector = demos.ACTION_TABLE[action]
+                    obs, reward, terminated, truncated, info = env.step(vector.copy())
+                    actions.append(action)
+                    inputs.append(vector)
+                frames, car = environment.split_observation(obs, raw)
+                stack.append(frames[-1])
+                cars.append(car)
+                rewards.append(environment.checked_reward(reward, len(rewards)))
+                over = bool(terminated or truncated)
+            if not over:
+                break  # stopped mid-episode: it is dropped
+            steps = len(rewards)
+            if telemetry is not None:
+                inputs = telemetry[1:]
+                actions = list(demos.player_actions(np.asarray(telemetry), steps))
+            finished = bool(info.get("finished", False))
+            race_time = steps * config.time_step_duration if finished else None
+            place = (
+                {"map": "TrackMania (the map loaded)"} if env_name == "trackmania" else {"track_seed": seed}
+            )
+            episode = demos.DemoEpisode(
+                np.asarray(stack, np.uint8), np.asarray(cars, np.float32), np.asarray(inputs, np.float32),
+                np.asarray(actions, np.uint8), np.asarray(rewards, np.float32), bool(terminated),
+                not bool(terminated), finished, {"environment": env_name, "race_time": race_time, **place},
+            )  # fmt: skip
+            path = writer.write(episode)
+            recorded += 1
+            print(
+                f"episode {start + recorded}: {steps} steps, return {sum(rewards):.1f}"
+                + (f", finished in {race_time:.2f} s" if finished else "")
+                + f" -> {path}",
+                flush=True,
+            )
+    finally:
+        stop.uninstall()
+        env.close()
+        if keyboard is not None:
+            keyboard.close()
+    print(
+        f"{recorded} episodes recorded into {writer.folder} ({len(writer.manifest['episodes'])} in all)",
+        flush=True,
+    )
+    return EXIT_INTERRUPTED if stop.requested else EXIT_OK
+
+
+def player_inputs(env: Any) -> list[float]:
+    """The player's [gas, brake, steer] as the car reports it (the plugin's telemetry)."""
+    telemetry = env.last_telemetry
+    return [telemetry["gas"], telemetry["brake"], telemetry["steer"]]
+
+
 def race_fields(run: Any) -> dict[str, Any]:
     import numpy as np
 
@@ -489,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
         from rainbow import resolve_device
 
         resolve_device(args.device)
+        if args.record_demos is not None:
+            return record_demos(args)
         if args.role != "single" or args.make_tls_credentials:
             import distributed  # imports tmrl's networking only when a role needs it
 
@@ -524,6 +662,7 @@ def one_line(error: Exception) -> str:
 def exit_code_for(error: Exception) -> int | None:
     """The exit code of an error that ends a run in one line (None: a bug, let it show its traceback)."""
     from checkpoints import CheckpointError
+    from demos import DemoError
     from environment import ObservationError
     from learner import LearnerDiedError
     from rainbow import DeviceError
@@ -541,6 +680,7 @@ def exit_code_for(error: Exception) -> int | None:
         TrainingStoppedError,
         LearnerDiedError,
         DeviceError,
+        DemoError,
     )
     if isinstance(error, (*one_line, OSError)):
         return EXIT_ERROR

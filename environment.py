@@ -57,8 +57,11 @@ def build_environment(name: str, config: Config, seed: int) -> Any:
 
 
 def split_observation(obs: Any, config: Config) -> tuple[np.ndarray, np.ndarray]:
-    """TM20FULL tuple (speed, gear, rpm, images, act1, act2) -> (frames uint8 (4,64,64), car float32 (3,)).
-    The agent uses speed, gear, rpm and the images; the action history is not an input (as pinned)."""
+    """TM20FULL tuple (speed, gear, rpm, images, act1, act2) -> (frames uint8 (4,64,64), state floats).
+
+    The state floats are speed, gear and rpm, then with `previous_actions` P > 0 the last P actions sent,
+    oldest first, as tmrl's act1 (the older) and act2 (the newest: the action passed to the step that
+    returned this observation, which the car applies during the next step). The pin (P = 0) drops them."""
     if not isinstance(obs, (tuple, list)) or len(obs) != 6:
         kind = f"{type(obs).__name__} of length {len(obs)}" if hasattr(obs, "__len__") else type(obs).__name__
         raise ObservationError(f"observation must be the 6-part TM20FULL tuple, got a {kind}")
@@ -72,6 +75,11 @@ def split_observation(obs: Any, config: Config) -> tuple[np.ndarray, np.ndarray]
     car = np.array([np.ravel(speed)[0], np.ravel(gear)[0], np.ravel(rpm)[0]], dtype=np.float32)
     if not np.isfinite(car).all():
         raise ObservationError(f"observation speed/gear/rpm are not finite: {car.tolist()}")
+    if config.previous_actions:
+        actions = [np.asarray(part, dtype=np.float32).reshape(-1) for part in obs[4:6]]
+        if any(a.shape != (3,) or not np.isfinite(a).all() for a in actions):
+            raise ObservationError("observation act1/act2 must be finite [gas, brake, steer] vectors")
+        car = np.concatenate([car, *actions[2 - config.previous_actions :]])
     return frames, car
 
 

@@ -69,6 +69,15 @@ MOVING_SPEED = 1.0
 # value hovering around a threshold would print a flag every other step.
 CLEAR_AFTER_LEARN_STEPS = 100
 CLEAR_AFTER_EPISODES = 50
+# Seed 002, demonstrations: the expert's data dominated the loss and the agent's own play stopped
+# improving (it imitated and never improved). demo_dominance fires when, over the last
+# DEMO_WINDOW_EPISODES episodes, the demonstrations carried more than DEMO_DOMINANCE_SHARE of the loss on
+# average and the agent's own returns did not rise (least-squares slope <= 0).
+DEMO_DOMINANCE_SHARE = 0.5
+DEMO_WINDOW_EPISODES = 100
+# agent_q_below_demo: the agent's greedy Q on its own states far below the demonstrations' (the net values
+# only what the expert does): mean over DEMO_Q_STEPS learn steps below demo Q - max(1, |demo Q| / 2).
+DEMO_Q_STEPS = 100
 
 # Flags that mean "do not launch the long run". early_exploitation and reward_decline need thousands of
 # episodes to mean anything; nonfinite_loss is counted by its own criterion (a few skipped steps are
@@ -231,6 +240,11 @@ class HealthMonitor:
         self._losses: deque[float] = deque(maxlen=LOSS_SMOOTHING_STEPS)
         self._rewards: deque[float] = deque(maxlen=REWARD_DECLINE_WINDOW)
         self._no_progress = 0  # episodes in a row without progress along the track
+        self._demo_share: deque[float] = deque(maxlen=DEMO_Q_STEPS)  # the demonstrations' share of the loss
+        self._agent_q: deque[float] = deque(maxlen=DEMO_Q_STEPS)
+        self._demo_q: deque[float] = deque(maxlen=DEMO_Q_STEPS)
+        self._episode_demo_share: deque[float] = deque(maxlen=DEMO_WINDOW_EPISODES)
+        self._own_returns: deque[float] = deque(maxlen=DEMO_WINDOW_EPISODES)
         self._skipped = 0
 
     # the fire-once / re-arm rule ----------------------------------------------------------------
@@ -480,6 +494,7 @@ class HealthMonitor:
         `min_finish_seconds` the fastest the track can be driven, `timeouts` its timed-out time steps."""
         fired: list[RedFlag] = []
         average_length = step / episode if episode else float(length)
+        fired += self._observe_demonstrations(reward, step, episode)
         fired += self._observe_race(
             length, step, episode, finished, race_time, min_finish_seconds, progress, timeouts
         )
@@ -524,6 +539,65 @@ class HealthMonitor:
         if flag:
             fired.append(flag)
         return fired
+
+    def observe_sources(self, metrics: dict[str, Any], step: int, episode: int) -> list[RedFlag]:
+        """A learn step's per-source metrics (demonstrations beside the agent's data); returns red flags."""
+        if "demo_loss_share" not in metrics:
+            return []
+        share = to_float(metrics.get("demo_loss_share"))
+        agent_q, demo_q = to_float(metrics.get("agent_q")), to_float(metrics.get("demo_q"))
+        if share is not None and math.isfinite(share):
+            self._demo_share.append(share)
+        if agent_q is not None and demo_q is not None and math.isfinite(agent_q) and math.isfinite(demo_q):
+            self._agent_q.append(agent_q)
+            self._demo_q.append(demo_q)
+        full = len(self._agent_q) == DEMO_Q_STEPS
+        agent_mean = float(np.mean(self._agent_q)) if full else math.nan
+        demo_mean = float(np.mean(self._demo_q)) if full else math.nan
+        below = full and agent_mean < demo_mean - max(1.0, abs(demo_mean) / 2)
+        flag = self._update(
+            "agent_q_below_demo",
+            below,
+            lambda: RedFlag(
+                "agent_q_below_demo",
+                f"the agent's greedy Q on its own states ({agent_mean:.3g}) is far below the demonstrations' "
+                f"({demo_mean:.3g}) over the last {DEMO_Q_STEPS} learn steps (step {step:,}): the net values "
+                "only what the demonstrations do (seed 002); lower demo_margin_weight or use fewer demos",
+                agent_mean,
+                step,
+                episode,
+                demo_mean,
+            ),
+            CLEAR_AFTER_LEARN_STEPS,
+        )
+        return [flag] if flag else []
+
+    def _observe_demonstrations(self, reward: float, step: int, episode: int) -> list[RedFlag]:
+        if not self._demo_share:
+            return []
+        self._episode_demo_share.append(float(np.mean(self._demo_share)))
+        if math.isfinite(reward):
+            self._own_returns.append(reward)
+        full = len(self._own_returns) == DEMO_WINDOW_EPISODES
+        share = float(np.mean(self._episode_demo_share))
+        trend = reward_trend(self._own_returns, edge=DEMO_WINDOW_EPISODES // 5) if full else None
+        flag = self._update(
+            "demo_dominance",
+            trend is not None and share > DEMO_DOMINANCE_SHARE and trend.slope <= 0,
+            lambda: RedFlag(
+                "demo_dominance",
+                f"the demonstrations carry {100 * share:.0f}% of the loss while the agent's own returns have "
+                f"not risen over its last {DEMO_WINDOW_EPISODES} episodes (slope {trend.slope:.3g}/episode, "
+                f"to episode {episode:,}): imitating, not improving (seed 002); lower demo_margin_weight or "
+                "demo_priority_bonus",
+                share,
+                step,
+                episode,
+                DEMO_DOMINANCE_SHARE,
+            ),
+            CLEAR_AFTER_EPISODES,
+        )
+        return [flag] if flag else []
 
     def _observe_race(
         self,

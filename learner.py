@@ -46,16 +46,18 @@ from typing import Any
 import numpy as np
 import torch
 
+import demos
 from checkpoints import CheckpointError, CheckpointStore, describe_write_error
 from rainbow import RainbowAgent, resolve_device
-from replay import PrioritizedReplay
+from replay import DemoReplay, PrioritizedReplay
 from tm_config import Config, ConfigError, unpinned_keys
 
 # Config keys that fix the shapes of the networks and the replay memory: a checkpoint made with other
 # values cannot be loaded into this run.
 SHAPE_KEYS = (
-    "img_x", "img_y", "conv_input", "input_car_dim", "car_feature_hidden_dim", "conv_hidden_image_variable",
-    "hidden_dim", "conv_channels_1", "conv_channels_2", "cosine_dim", "use_dueling", "max_buffer_size",
+    "img_x", "img_y", "conv_input", "input_car_dim", "previous_actions", "car_feature_hidden_dim",
+    "conv_hidden_image_variable", "hidden_dim", "conv_channels_1", "conv_channels_2", "cosine_dim",
+    "use_dueling", "max_buffer_size", "demos",
 )  # fmt: skip
 LEARNER_LOG = "learner.log"  # in the run folder: the traceback of a learner process that failed
 START_TIMEOUT = 180.0  # seconds for a spawned learner to import torch and open (or resume) its run
@@ -78,18 +80,29 @@ def weights_finite(agent: RainbowAgent) -> bool:
 
 # --- the engine ----------------------------------------------------------------------------------------
 class Learner:
-    """An agent and its replay memory; one learn step per stored environment step once a batch is stored."""
+    """An agent and its replay memory; one learn step per stored environment step once a batch is stored
+    (after `demo_pretrain_steps` on the demonstrations alone, when there are demonstrations)."""
 
-    def __init__(self, config: Config, seed: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        config: Config,
+        seed: int,
+        device: torch.device,
+        demo_episodes: list[Any] | None = None,
+        demo_capacity: int | None = None,
+    ) -> None:
         agent_seed, replay_seed = stream_seeds(seed)
         self.config = config
-        self.replay = PrioritizedReplay.from_config(config, seed=replay_seed)
+        self.replay = build_replay(config, replay_seed, demo_episodes, demo_capacity)
+        self.own = self.replay.own if isinstance(self.replay, DemoReplay) else self.replay
         self.agent = RainbowAgent(config, self.replay, device=device, seed=agent_seed)
+        self.pretrain_steps = config.demo_pretrain_steps if isinstance(self.replay, DemoReplay) else 0
 
     @property
     def learn_target(self) -> int:
-        """Learn steps due: one per stored environment step from the batch_size-th on."""
-        return max(0, self.replay.transitions_added - self.config.batch_size + 1)
+        """Learn steps due: the pretraining ones, then one per stored environment step from the
+        batch_size-th on."""
+        return self.pretrain_steps + max(0, self.replay.transitions_added - self.config.batch_size + 1)
 
     @property
     def behind(self) -> bool:
@@ -99,17 +112,20 @@ class Learner:
         """One learn step; its metrics name the environment step it belongs to (learn step k: step
         k + batch_size - 1, where the inline loop runs it)."""
         metrics = self.agent.train()
-        metrics["env_step"] = self.agent.learn_steps + self.config.batch_size - 1
+        metrics["env_step"] = max(
+            0, self.agent.learn_steps - self.pretrain_steps + self.config.batch_size - 1
+        )
         metrics["consecutive_skipped"] = self.agent.consecutive_skipped_steps
         if self.agent.learn_steps % self.config.log_every_steps == 0:
             metrics["weights_finite"] = float(weights_finite(self.agent))
         return metrics
 
     def reward_range(self) -> tuple[float, float] | None:
-        """The smallest and largest stored reward (a resumed run's health monitor starts from them)."""
-        if not len(self.replay):
+        """The smallest and largest reward of the agent's own transitions (a resumed run's health monitor
+        starts from them)."""
+        if not len(self.own):
             return None
-        return float(np.nanmin(self.replay.rewards)), float(np.nanmax(self.replay.rewards))
+        return float(np.nanmin(self.own.rewards)), float(np.nanmax(self.own.rewards))
 
     def checkpoint_state(self, run: dict[str, Any]) -> dict[str, Any]:
         """A checkpoint: the actor's `run` counters and random streams, this learner's agent and replay.
@@ -143,6 +159,30 @@ class Learner:
         return run
 
 
+def build_replay(
+    config: Config, seed: int, demo_episodes: list[Any] | None = None, demo_capacity: int | None = None
+) -> PrioritizedReplay | DemoReplay:
+    """The pinned replay memory; with `config.demos`, beside a demonstration part holding `demo_episodes`
+    (a new run) or sized `demo_capacity` (a resumed one, whose checkpoint holds the demonstrations)."""
+    own = PrioritizedReplay.from_config(config, seed=seed)
+    if not config.demos:
+        return own
+    if demo_episodes is not None:
+        transitions = demos.transitions_of(demo_episodes)
+        # Room for every transition and its episode's reset frames, so that nothing is ever evicted.
+        demo_capacity = transitions + len(demo_episodes) * config.conv_input
+    if demo_capacity is None:
+        raise ValueError("a demonstration part needs its episodes or its size")
+    part = PrioritizedReplay.from_config(
+        config, seed=seed + 1, capacity=demo_capacity, priority_bonus=config.demo_priority_bonus
+    )
+    if demo_episodes is not None:
+        demos.fill(part, demo_episodes, config)
+        if len(part) != transitions:
+            raise demos.DemoError(f"{transitions - len(part)} demonstration transitions did not fit")
+    return DemoReplay(own, part, seed=seed + 2)
+
+
 def resume_config(state: dict[str, Any], overrides: list[str], path: Path) -> Config:
     """A resumed run keeps its checkpoint's config; only explicit --set values change it, and never a
     value that fixes the shape of the networks or the replay memory."""
@@ -172,6 +212,7 @@ class LearnerSpec:
     device: str
     threads: int | None = None  # torch CPU threads of the learner (None: torch's default)
     refresh_every: int = 1  # publish the weights for the actor every this many learn steps
+    demo_root: str = "demos"  # where the demonstration sets of config.demos are
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -198,7 +239,9 @@ class LearnerServer:
             self.store.remove_temporaries()
 
             def build(state: dict[str, Any], path: Path) -> tuple[Learner, dict[str, Any]]:
-                learner = Learner(resume_config(state, spec.overrides, path), spec.seed, device)
+                config = resume_config(state, spec.overrides, path)
+                size = state.get("replay", {}).get("demos", {}).get("capacity") if config.demos else None
+                learner = Learner(config, spec.seed, device, demo_capacity=size)
                 return learner, learner.restore(state, path)
 
             loaded = self.store.load_newest_good(build)
@@ -214,7 +257,16 @@ class LearnerServer:
             else:
                 notes.append(f"no checkpoint in {self.store.run_dir}: starting fresh")
         if self.learner is None:
-            self.learner = Learner(requested, spec.seed, device)
+            episodes = None
+            if requested.demos:
+                episodes = demos.load_sets(Path(spec.demo_root), requested, notes.append)
+                count, bonus = demos.transitions_of(episodes), requested.demo_priority_bonus
+                notes.append(
+                    f"demonstrations: {len(episodes)} episodes, {count:,} transitions from {requested.demos} "
+                    f"(never evicted; DQfD bonus {bonus:g}, margin {requested.demo_margin:g} x "
+                    f"{requested.demo_margin_weight:g})"
+                )
+            self.learner = Learner(requested, spec.seed, device, demo_episodes=episodes)
         return {
             "config": self.learner.config.to_dict(),
             "run": run,
@@ -330,9 +382,6 @@ class Actor:
         self.agent.online.reset_noise()
         return self.agent.act(frames, car, step)
 
-    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        self.agent.online.load_state_dict(state)
-
 
 class InlineActor:
     """The inline mode's actor: the learner's own agent, acting with the noise of its last learn step."""
@@ -424,6 +473,19 @@ class WeightsMailbox:
 
     def __init__(self, tensors: dict[str, torch.Tensor], version: Any, lock: Any) -> None:
         self.tensors, self.version, self.lock = tensors, version, lock
+        self._copies: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # per net: (to, from) pairs
+
+    def _pairs(self, net: torch.nn.Module, outgoing: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The (destination, source) tensors of a copy, found once per net: a state_dict's tensors share the
+        net's storage, so copying them is loading the weights, without load_state_dict's per-call walk."""
+        key = id(net) * 2 + outgoing
+        if key not in self._copies:
+            state = net.state_dict()
+            self._copies[key] = [
+                (self.tensors[name], state[name]) if outgoing else (state[name], self.tensors[name])
+                for name in self.tensors
+            ]
+        return self._copies[key]
 
     @classmethod
     def of(cls, agent: RainbowAgent, version: Any, lock: Any) -> WeightsMailbox:
@@ -433,14 +495,17 @@ class WeightsMailbox:
         return cls(tensors, version, lock)
 
     def write(self, agent: RainbowAgent) -> None:
-        with self.lock:
-            for key, value in agent.online.state_dict().items():
-                self.tensors[key].copy_(value)
+        pairs = self._pairs(agent.online, outgoing=True)
+        with self.lock, torch.no_grad():
+            for destination, source in pairs:
+                destination.copy_(source)
             self.version.value += 1
 
     def read_into(self, actor: Actor) -> None:
-        with self.lock:
-            actor.load_weights(self.tensors)
+        pairs = self._pairs(actor.agent.online, outgoing=False)
+        with self.lock, torch.no_grad():
+            for destination, source in pairs:
+                destination.copy_(source)
 
 
 def lower_priority() -> None:
@@ -717,6 +782,8 @@ def _learner_error(kind: str, message: str, run_dir: Path) -> Exception:
         return CheckpointError(message)
     if kind == "ConfigError":
         return ConfigError(message)
+    if kind == "DemoError":
+        return demos.DemoError(message)
     return LearnerDiedError(
         f"the learner process failed ({kind}: {message}); the last checkpoint stands (traceback in "
         f"{run_dir / LEARNER_LOG})"

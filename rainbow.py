@@ -165,15 +165,16 @@ class IQNNetwork(nn.Module):
         )
         image_features = c2 * config.conv_hidden_image_variable**2
         self.car = nn.Sequential(
-            nn.Linear(config.input_car_dim, config.car_feature_hidden_dim),
+            nn.Linear(config.state_floats, config.car_feature_hidden_dim),
             nn.LeakyReLU(),
             nn.Linear(config.car_feature_hidden_dim, config.car_feature_hidden_dim),
             nn.LeakyReLU(),
         )
         state_dim = image_features + config.car_feature_hidden_dim
-        self.register_buffer(
-            "car_scale", torch.tensor([config.speed_scale, config.gear_scale, config.rpm_scale])
-        )
+        # The car floats divided by fixed scales; previous actions are [gas, brake, steer] in [-1, 1].
+        scales = [config.speed_scale, config.gear_scale, config.rpm_scale]
+        scales += [1.0] * 3 * config.previous_actions
+        self.register_buffer("car_scale", torch.tensor(scales))
         self.register_buffer(
             "cosine_multipliers", math.pi * torch.arange(config.cosine_dim, dtype=torch.float32)
         )
@@ -328,16 +329,21 @@ class RainbowAgent:
         self._online_mode(training=True)
         self.online.reset_noise()
         taus = self._quantile_fractions(n_batch, cfg.n_tau_train)  # the online quantile fractions
-        target_taus = self._quantile_fractions(
-            n_batch, cfg.n_tau_train
-        )  # where the target distribution is read
-        quantiles = self.online(batch["frames"], batch["car"], taus)  # (B, N, A)
+        target_taus = self._quantile_fractions(n_batch, cfg.n_tau_train)  # where the target is read
+        quantiles = self.current_quantiles(batch, taus)  # (B, N, A)
         taken = quantiles.gather(2, batch["action"].view(-1, 1, 1).expand(-1, cfg.n_tau_train, 1)).squeeze(2)
 
         target_quantiles, _ = self.td_targets(batch, target_taus)
 
         per_sample, abs_delta = quantile_huber_loss(taken, taus, target_quantiles, cfg.huber_kappa)
-        loss = (batch["weights"] * per_sample).mean()
+        weighted = batch["weights"] * per_sample
+        loss = weighted.mean()
+        margin_loss = None
+        if (
+            "is_demo" in batch
+        ):  # DQfD: the large-margin loss on demonstrations (the mean over their quantiles)
+            margin_loss = self.demo_margin_loss(quantiles.mean(dim=1), batch["action"], batch["is_demo"])
+            loss = loss + cfg.demo_margin_weight * margin_loss
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -360,6 +366,11 @@ class RainbowAgent:
         ).cpu()  # the one device sync of the step: metrics and priorities are needed on the host
         td_error_np = td_error.cpu().numpy()
         loss_v, grad_norm_v, q_mean, q_min, q_max, q_std, q_greedy, target_mean, target_max = summary.tolist()
+        by_source = (
+            self._per_source_metrics(batch, q_mean_over_taus, td_error, weighted.detach(), margin_loss)
+            if "is_demo" in batch
+            else {}
+        )
 
         finite = math.isfinite(loss_v) and math.isfinite(grad_norm_v) and bool(np.isfinite(td_error_np).all())
         self.learn_steps += 1
@@ -397,7 +408,60 @@ class RainbowAgent:
             "applied_steps": self.applied_steps,
             "skipped": 0.0 if finite else 1.0,
             "skipped_total": self.skipped_steps,
+            **by_source,
         }
+
+    def current_quantiles(self, batch: dict[str, torch.Tensor], taus: torch.Tensor) -> torch.Tensor:
+        """The online net's quantiles of the batch's states, BatchNorm in train mode. A batch that mixes
+        demonstrations with the agent's own transitions is normalised within each source (seed 002: a
+        statistic over the mixed batch lets the expert's data set the scale of the agent's)."""
+        demo = batch["is_demo"] > 0.5 if "is_demo" in batch else None
+        if demo is None or bool(demo.all()) or not bool(demo.any()):
+            return self.online(batch["frames"], batch["car"], taus)
+        order = torch.cat([torch.nonzero(~demo).squeeze(1), torch.nonzero(demo).squeeze(1)])
+        own = int((~demo).sum())
+        parts = [
+            self.online(batch["frames"][rows], batch["car"][rows], taus[rows])
+            for rows in (order[:own], order[own:])
+        ]
+        return torch.cat(parts)[torch.argsort(order)]
+
+    def demo_margin_loss(self, q: torch.Tensor, action: torch.Tensor, is_demo: torch.Tensor) -> torch.Tensor:
+        """max_a [Q(s, a) + margin * 1{a != a_E}] - Q(s, a_E), averaged over the demonstrations in the batch
+        (within their source); 0 when the batch holds none. `q` (B, A) is the mean over the quantiles."""
+        demo = is_demo > 0.5
+        if not bool(demo.any()):
+            return q.sum() * 0.0
+        margins = torch.full_like(q, self.config.demo_margin)
+        margins.scatter_(1, action.view(-1, 1), 0.0)
+        expert = q.gather(1, action.view(-1, 1)).squeeze(1)
+        return ((q + margins).max(dim=1).values - expert)[demo].mean()
+
+    def _per_source_metrics(
+        self,
+        batch: dict[str, torch.Tensor],
+        q: torch.Tensor,
+        td_error: torch.Tensor,
+        weighted: torch.Tensor,
+        margin_loss: torch.Tensor | None,
+    ) -> dict[str, float]:
+        """Batch share, TD error, greedy Q, reward and importance weight of each source, and the demos' share
+        of the loss (issue 17: the agent's own data must keep its voice)."""
+        demo = (batch["is_demo"] > 0.5).cpu()
+        td, greedy = td_error.detach().cpu(), q.max(dim=1).values.cpu()
+        rewards, weights, losses = batch["reward"].cpu(), batch["weights"].cpu(), weighted.cpu()
+        metrics: dict[str, float] = {"demo_share": float(demo.float().mean())}
+        for name, rows in (("agent", ~demo), ("demo", demo)):
+            present = bool(rows.any())
+            for key, values in (("td_error", td), ("q", greedy), ("reward", rewards), ("weight", weights)):
+                metrics[f"{name}_{key}"] = float(values[rows].mean()) if present else math.nan
+        margin_value = float(margin_loss.detach()) if margin_loss is not None else math.nan
+        margin = margin_value * self.config.demo_margin_weight if margin_loss is not None else 0.0
+        demo_part = float(losses[demo].sum()) / len(losses) + margin
+        total = float(losses.mean()) + margin
+        metrics["demo_loss_share"] = demo_part / total if total > 0 else math.nan
+        metrics["margin_loss"] = margin_value
+        return metrics
 
     @torch.no_grad()
     def td_targets(

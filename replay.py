@@ -231,16 +231,19 @@ class PrioritizedReplay:
         self._rng = np.random.default_rng(seed)
 
     @classmethod
-    def from_config(cls, config: Config, seed: int) -> PrioritizedReplay:
+    def from_config(
+        cls, config: Config, seed: int, capacity: int | None = None, priority_bonus: float = 0.0
+    ) -> PrioritizedReplay:
+        """The memory `config` describes (`capacity` and a priority bonus: the demonstration part's)."""
         return cls(
-            config.max_buffer_size,
+            config.max_buffer_size if capacity is None else capacity,
             frame_shape=(config.img_y, config.img_x),
             stack=config.conv_input,
-            car_dim=config.input_car_dim,
+            car_dim=config.state_floats,
             alpha=config.alpha,
             beta=config.beta,
             beta_increment=config.beta_increment,
-            priority_epsilon=config.priority_epsilon,
+            priority_epsilon=config.priority_epsilon + priority_bonus,
             prioritized=config.use_prioritized_replay,
             discount_factor=config.discount_factor,
             n_step=config.n_step,
@@ -376,6 +379,14 @@ class PrioritizedReplay:
         return car
 
     # --- sampling ----------------------------------------------------------------------------------
+    def locate(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The live transitions at prefix-sum `values` of the priority mass: (numbers, priorities)."""
+        slots = self.tree.find(values)
+        # Live transitions fill the `live` slots from the oldest one on, so a slot fixes its number.
+        oldest_slot = self._oldest_transition % self.capacity
+        indices = self._oldest_transition + (slots - oldest_slot) % self.capacity
+        return indices, self.tree._nodes[slots + self.tree.leaf_offset]
+
     def sample(self, batch_size: int) -> dict[str, np.ndarray]:
         """Draw a batch; `indices` are absolute transition numbers to hand back to `update_priorities`."""
         live = len(self)
@@ -387,16 +398,11 @@ class PrioritizedReplay:
             # Stratified: one uniform draw in each of batch_size equal slices of the total priority mass.
             total = self.tree.total
             values = (np.arange(batch_size) + self._rng.random(batch_size)) * (total / batch_size)
-            slots = self.tree.find(values)
-            probabilities = self.tree._nodes[slots + self.tree.leaf_offset] / total
-            weights = (live * probabilities) ** -self._beta
+            indices, priorities = self.locate(values)
+            weights = (live * priorities / total) ** -self._beta
             weights /= weights.max()
-            # Live transitions fill the `live` slots from the oldest one on, so a slot fixes its number.
-            oldest_slot = self._oldest_transition % self.capacity
-            indices = self._oldest_transition + (slots - oldest_slot) % self.capacity
         else:
             indices = self._rng.integers(self._oldest_transition, self._next_transition, size=batch_size)
-            slots = indices % self.capacity
             weights = np.ones(batch_size)
 
         batch = self.transitions(indices)
@@ -601,3 +607,142 @@ class PrioritizedReplay:
                     f"replay frame references [{newest[0] - self.stack + 1}, {newest[-1] + 1}] fall outside "
                     f"the stored frames [{self._next_frame - self.frame_capacity}, {self._next_frame - 1}]"
                 )
+
+
+class DemoReplay:
+    """The agent's own replay memory beside a part that holds demonstrations (issue 17: DQfD's replay).
+
+    The demonstration part is a PrioritizedReplay sized to hold every demonstration transition, filled once
+    before training and never written again, so nothing in it is ever evicted. Sampling is proportional over
+    both parts' priority mass (one stratified draw per batch slot); a demonstration's priority carries the
+    bonus `demo_bonus` (|delta| + epsilon + bonus)^alpha, a fixed share DQfD found to keep them drawn. Each
+    sample is tagged `is_demo`.
+
+    Statistics that weight samples within a batch are computed within each source, never across the mixed
+    batch (seed 002: expert-normalised weights starved the agent's own data): the importance weights
+    (N P)^-beta, with N and P over the whole memory, are divided by the largest weight of their own source
+    in the batch. Agent transitions keep their absolute numbers (>= 0); demonstration d is numbered -(d + 1).
+    """
+
+    def __init__(self, own: PrioritizedReplay, demos: PrioritizedReplay, seed: int = 0) -> None:
+        if own.prioritized != demos.prioritized or own.n_step != demos.n_step:
+            raise ValueError("the agent's and the demonstrations' memories must sample alike")
+        self.own, self.demos = own, demos
+        self.prioritized = own.prioritized
+        self._beta = own.beta
+        self.beta_increment = own.beta_increment
+        self._rng = np.random.default_rng(seed)
+
+    # the agent's part, as the loop and the learner see a plain memory -----------------------------------
+    def __len__(self) -> int:
+        return len(self.own)
+
+    @property
+    def transitions_added(self) -> int:
+        return self.own.transitions_added
+
+    @property
+    def max_priority(self) -> float:
+        return self.own.max_priority
+
+    @property
+    def rewards(self) -> np.ndarray:
+        return self.own.rewards
+
+    @property
+    def beta(self) -> float:
+        return self._beta
+
+    @property
+    def nbytes(self) -> int:
+        return self.own.nbytes + self.demos.nbytes
+
+    def start_episode(self, frames: np.ndarray, car: np.ndarray) -> None:
+        self.own.start_episode(frames, car)
+
+    def add(self, *transition: Any) -> None:
+        self.own.add(*transition)
+
+    def advance_beta(self) -> None:
+        self._beta = min(1.0, self._beta + self.beta_increment)
+
+    def reseed(self, seed: int) -> None:
+        self._rng = np.random.default_rng(seed)
+
+    # both parts -----------------------------------------------------------------------------------------
+    def sample(self, batch_size: int) -> dict[str, np.ndarray]:
+        own_live, demo_live = len(self.own), len(self.demos)
+        live = own_live + demo_live
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if self.prioritized:
+            own_total = self.own.tree.total if own_live else 0.0
+            total = own_total + self.demos.tree.total
+            values = (np.arange(batch_size) + self._rng.random(batch_size)) * (total / batch_size)
+            is_demo = values >= own_total
+            indices = np.empty(batch_size, dtype=np.int64)
+            priorities = np.empty(batch_size)
+            if (~is_demo).any():
+                indices[~is_demo], priorities[~is_demo] = self.own.locate(values[~is_demo])
+            if is_demo.any():
+                numbers, priorities[is_demo] = self.demos.locate(values[is_demo] - own_total)
+                indices[is_demo] = -(numbers + 1)
+            weights = (live * priorities / total) ** -self._beta
+        else:
+            draws = self._rng.integers(0, live, size=batch_size)
+            is_demo = draws >= own_live
+            indices = np.where(is_demo, -(draws - own_live + 1), self.own._oldest_transition + draws)
+            weights = np.ones(batch_size)
+        for source in (is_demo, ~is_demo):  # normalised within each source (class docstring)
+            if source.any():
+                weights[source] /= weights[source].max()
+        batch = self.transitions(indices)
+        batch["weights"] = weights.astype(np.float32)
+        return batch
+
+    def transitions(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        is_demo = indices < 0
+        parts = []
+        if (~is_demo).any():
+            parts.append((~is_demo, self.own.transitions(indices[~is_demo])))
+        if is_demo.any():
+            parts.append((is_demo, self.demos.transitions(-indices[is_demo] - 1)))
+        batch = {}
+        for key, value in parts[0][1].items():
+            batch[key] = np.empty((len(indices), *value.shape[1:]), dtype=value.dtype)
+        for mask, part in parts:
+            for key, value in part.items():
+                batch[key][mask] = value
+        batch["indices"] = indices
+        batch["is_demo"] = is_demo.astype(np.float32)
+        return batch
+
+    def update_priorities(self, indices: np.ndarray, td_errors: np.ndarray) -> None:
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        td_errors = np.asarray(td_errors, dtype=np.float64).reshape(-1)
+        is_demo = indices < 0
+        self.own.update_priorities(indices[~is_demo], td_errors[~is_demo])
+        self.demos.update_priorities(-indices[is_demo] - 1, td_errors[is_demo])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "kind": "with_demonstrations",
+            "own": self.own.state_dict(),
+            "demos": self.demos.state_dict(),
+            "beta": self._beta,
+            "rng_state": copy.deepcopy(self._rng.bit_generator.state),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "with_demonstrations":
+            raise ValueError("the checkpoint's replay memory holds no demonstration part")
+        self.own.load_state_dict(state["own"])
+        self.demos.load_state_dict(state["demos"])
+        self._beta = float(state["beta"])
+        self._rng.bit_generator.state = copy.deepcopy(state["rng_state"])
+
+    def check_consistency(self) -> None:
+        self.own.check_consistency()
+        self.demos.check_consistency()

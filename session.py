@@ -322,6 +322,7 @@ class Session:
             device=str(self.device),
             threads=threads if learner_mode == "beside" else None,
             refresh_every=requested.actor_refresh_learn_steps,
+            demo_root=str(getattr(args, "demo_root", "demos")),
         )
         self.learner = make_learner(learner_mode, spec)
         try:
@@ -403,6 +404,7 @@ class Session:
             departures=config.departures(), unpinned=unpinned,
         )  # fmt: skip
         self.reward_range = info["reward_range"]
+        self.learner_steps_at_open = info["learn_steps"]
         self.monitor = self.new_monitor()
         self.failed_saves = 0
         self.rollbacks = 0
@@ -454,6 +456,25 @@ class Session:
             f"{self.total_wait:.1f} s of waiting for it mid-episode"
         )
 
+    def pretrain(self) -> None:
+        """`demo_pretrain_steps` learn steps on the demonstrations alone, before the first environment step
+        (a resumed run has done them already)."""
+        total = self.config.demo_pretrain_steps if self.config.demos else 0
+        done = lambda: int(self.last_metrics.get("learn_step", 0))  # noqa: E731
+        if not total or self.run.step or self.learner_steps_at_open >= total:
+            return
+        self.progress.message(f"pretraining: {total:,} learn steps on the demonstrations alone")
+        started = time.perf_counter()
+        while done() < total:
+            flags = self.absorb(self.learner.learn())
+            if flags:
+                self.handle(flags)
+            self.learner.check_alive()
+            self.progress.show(0, f"pretraining {done():,}/{total:,} learn steps")
+            if self.learner.mode == "beside":
+                time.sleep(0.05)
+        self.progress.message(f"pretraining done in {duration(time.perf_counter() - started)}")
+
     def learn(self) -> list[RedFlag]:
         """Inline: one learn step if due. Beside: what the learner did meanwhile. Logged and checked."""
         return self.absorb(self.learner.learn())
@@ -480,6 +501,7 @@ class Session:
                     min_reward=self.monitor.min_reward, **metrics,
                 )  # fmt: skip
             flags += self.monitor.observe_learn_step(metrics, step, self.run.episode)
+            flags += self.monitor.observe_sources(metrics, step, self.run.episode)
         self.collect_saves()
         return flags
 

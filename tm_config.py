@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +79,10 @@ class Config:
     img_y: int = 64
     conv_input: int = 4  # stacked frames
     input_car_dim: int = 3  # speed, gear, rpm
+    # The last actions as inputs beside the car floats (0: the pin, as the reference: no action history).
+    # rtgym applies an action during the step after the one it was chosen in, so the newest action is what
+    # the car does next; 1 feeds it, 2 the two newest, as [gas, brake, steer] vectors (oldest first).
+    previous_actions: int = 0
     car_feature_hidden_dim: int = 256
     conv_hidden_image_variable: int = 4  # side of the last conv feature map (64 -> 32 -> 16 -> 8 -> 4)
     hidden_dim: int = 128
@@ -141,6 +146,15 @@ class Config:
     actor_refresh_learn_steps: int = 4
     learner_max_lag: int = 1000
 
+    # DEMONSTRATIONS (demos.py, replay.DemoReplay; none in the pin): the recorded demos/<name>/ folders to
+    # learn from beside the agent's own data (comma-separated), learn steps on them alone before the first
+    # environment step, DQfD's priority bonus of a demonstration, its large margin and that loss's weight.
+    demos: str = ""
+    demo_pretrain_steps: int = 0
+    demo_priority_bonus: float = 1.0
+    demo_margin: float = 0.8
+    demo_margin_weight: float = 1.0
+
     # RUN HEALTH (health.py): red flags for a game that trains on nonsense
     timeout_share_flag: float = 0.1  # share of an episode's time steps that timed out (stale observations)
     no_progress_streak: int = 20  # episodes in a row that get nowhere along the track
@@ -153,6 +167,11 @@ class Config:
     @property
     def output_dim(self) -> int:
         return NUMBER_OF_ACTIONS
+
+    @property
+    def state_floats(self) -> int:
+        """The floats of a state beside its frames: speed, gear, rpm, then 3 per previous action."""
+        return self.input_car_dim + 3 * self.previous_actions
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -297,6 +316,36 @@ def _parse_value(key: str, text: str, expected: type) -> Any:
         raise ConfigError(f"{key}={text!r} has the wrong type: expected {expected.__name__}") from None
 
 
+# Names Windows reserves for devices, whatever the extension (con, con.txt, nul, com1, ...).
+_WINDOWS_RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9¹²³]|lpt[0-9¹²³])(\..*)?$", re.IGNORECASE)
+_FORBIDDEN_NAME_CHARACTERS = set('<>:"/\\|?*')
+
+
+def folder_name_problem(name: str) -> str | None:
+    """Why `name` cannot be one plain folder name, valid on Windows too (a run or a demonstration set)."""
+    if not name.strip():
+        return "is empty"
+    if name in (".", ".."):
+        return "points outside its folder"
+    bad = sorted({c for c in name if c in _FORBIDDEN_NAME_CHARACTERS or ord(c) < 32})
+    if bad:
+        shown = " ".join(repr(c) for c in bad)
+        forbidden = "".join(sorted(_FORBIDDEN_NAME_CHARACTERS))
+        return f"contains {shown}: it must be one folder name, without path separators or {forbidden}"
+    if name != name.rstrip(" ."):
+        return "ends with a dot or a space, which Windows drops from folder names"
+    if _WINDOWS_RESERVED.match(name):
+        return "is a device name Windows reserves (con, prn, aux, nul, com1-9, lpt1-9)"
+    if len(name) > 120:
+        return f"is {len(name)} characters long (at most 120, so that paths stay short)"
+    return None
+
+
+def demo_names(demos: str) -> list[str]:
+    """The demonstration sets of the `demos` config value ("" -> none)."""
+    return [name.strip() for name in demos.split(",")] if demos.strip() else []
+
+
 def _positive(value: float) -> bool:
     return value > 0
 
@@ -312,6 +361,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "img_y": (lambda v: v == 64, "64 (the network's conv stack is built for 64x64 frames)"),
     "conv_input": (_positive, ">= 1"),
     "input_car_dim": (lambda v: v == 3, "3 (speed, gear, rpm)"),
+    "previous_actions": (lambda v: v in (0, 1, 2), "0, 1 or 2 (tmrl's observation holds the last two)"),
     "car_feature_hidden_dim": (_positive, ">= 1"),
     "conv_hidden_image_variable": (lambda v: v == 4, "4 (64 halved by four stride-2 convs)"),
     "hidden_dim": (_positive, ">= 1"),
@@ -349,6 +399,14 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "actor_refresh_learn_steps": (_positive, ">= 1 learn step"),
     "learner_max_lag": (_positive, ">= 1 step"),
     "timeout_share_flag": (_unit, "in [0, 1]"),
+    "demos": (
+        lambda v: all(folder_name_problem(n) is None for n in demo_names(v)),
+        "comma-separated folder names",
+    ),
+    "demo_pretrain_steps": (lambda v: v >= 0, ">= 0 learn steps"),
+    "demo_priority_bonus": (lambda v: v >= 0, ">= 0"),
+    "demo_margin": (lambda v: v >= 0, ">= 0"),
+    "demo_margin_weight": (lambda v: v >= 0, ">= 0"),
     "no_progress_streak": (_positive, ">= 1"),
     "wandb_project": (lambda v: bool(v.strip()), "a non-empty name"),
     "checkpoint_dir": (lambda v: bool(v.strip()), "a non-empty path"),

@@ -979,7 +979,8 @@ class TrackManiaEnv(gymnasium.Wrapper):
         return obs, self._take_telemetry(info)
 
     def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict]:
-        clipped = clip_action(action)
+        # None sends no control at all: the player drives (recording demonstrations, demos.py).
+        clipped = None if action is None else clip_action(action)
         obs, reward, terminated, truncated, info = self._bounded(
             "step", lambda: self.env.step(clipped), self.step_timeout
         )

@@ -68,6 +68,7 @@ class FakeOpenPlanet:
         self._sending.set()
         self._closed = threading.Event()
         self._crashed = threading.Event()
+        self._drive: tuple[float, float] | None = None  # (m/s, finish line along x) while the car drives
         self._server = socket.create_server(("127.0.0.1", 0))
         self._server.settimeout(0.1)  # lets close() stop the accept loop
         self.port: int = self._server.getsockname()[1]
@@ -83,6 +84,26 @@ class FakeOpenPlanet:
         """What the game does when tmrl presses "respawn": the car is back, still, at the start."""
         x, y, z = self.spawn
         self.set_state(speed=0.0, distance=0.0, x=x, y=y, z=z, finished=0.0)
+
+    def drive(self, speed_mps: float, finish_x: float) -> None:
+        """Physics along the straight trajectory: from each respawn the car runs along x at `speed_mps` and
+        reports `finished` once past `finish_x` (where it stops), as a player holding the gas would."""
+        self._drive = (float(speed_mps), float(finish_x))
+
+    def stop_driving(self) -> None:
+        self._drive = None
+
+    def _advance(self, seconds: float) -> None:
+        if self._drive is None or self.state["finished"]:
+            return
+        speed, finish_x = self._drive
+        step = speed * seconds
+        self.state.update(
+            x=self.state["x"] + step, distance=self.state["distance"] + step, speed=speed * 3.6, gear=3.0,
+            rpm=6000.0, gas=1.0,
+        )  # fmt: skip
+        if self.state["x"] >= finish_x:
+            self.state.update(finished=1.0, speed=0.0, gas=0.0)
 
     def freeze(self) -> None:
         self._sending.clear()
@@ -133,6 +154,7 @@ class FakeOpenPlanet:
                         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                         break
                     if self._sending.is_set():
+                        self._advance(self.frame_interval)
                         try:
                             client.sendall(self._next_bytes())
                             self.frames_sent += 1

@@ -52,6 +52,7 @@ PINNED = {
     "img_y": 64,
     "conv_input": 4,
     "input_car_dim": 3,
+    "previous_actions": 0,  # seed 004: the known-good run had no action history; 1 or 2 is a departure
     "car_feature_hidden_dim": 256,
     "conv_hidden_image_variable": 4,
     "hidden_dim": 128,
@@ -95,6 +96,12 @@ PINNED = {
     "actor_refresh_learn_steps": 4,
     "learner_max_lag": 1000,
     "timeout_share_flag": 0.1,
+    # Demonstrations (issue 17): none in the pin; DQfD's bonus, margin and weight when --demos is given.
+    "demos": "",
+    "demo_pretrain_steps": 0,
+    "demo_priority_bonus": 1.0,
+    "demo_margin": 0.8,
+    "demo_margin_weight": 1.0,
     "no_progress_streak": 20,
 }
 

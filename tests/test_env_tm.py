@@ -546,7 +546,9 @@ class ScriptedTM20:
         pass
 
 
-def run_scripted(tmp_path, monkeypatch, learner: str, steps: int = 45) -> tuple[ScriptedTM20, list, Config]:
+def run_scripted(
+    tmp_path, monkeypatch, learner: str, steps: int = 45, sets: tuple[str, ...] = ()
+) -> tuple[ScriptedTM20, list, Config]:
     script = ScriptedTM20([(5, "terminated"), (7, "truncated"), (3, "terminated"), (6, "truncated")])
     monkeypatch.setattr(environment, "build_environment", lambda name, config, seed: script)
     used: list[tuple[int, float]] = []
@@ -560,9 +562,9 @@ def run_scripted(tmp_path, monkeypatch, learner: str, steps: int = 45) -> tuple[
     monkeypatch.setattr(rainbow.RainbowAgent, "act", act)
     args = ["--env", "embedded", "--steps", str(steps), "--checkpoint-root", str(tmp_path), "--run-name", "s"]
     args += ["--no-wandb", "--learner", learner, "--unpin-epsilon", "--set", "epsilon_decay_to=40"]
-    args += sum((["--set", a] for a in FAST), [])
+    args += sum((["--set", a] for a in [*FAST, *sets]), [])
     assert env_tm.main(args) == env_tm.EXIT_OK
-    config = Config().with_assignments([*FAST, "epsilon_decay_to=40"])
+    config = Config().with_assignments([*FAST, "epsilon_decay_to=40", *sets])
     return script, used, config
 
 
@@ -657,3 +659,97 @@ def test_a_rollback_draws_fresh_noise_and_quantile_fractions(tmp_path, capsys, m
     assert not any(torch.equal(noise, first[step]) for step, noise in redone), (
         "after a rollback the learn steps redraw the same noise as before it (restored torch generator)"
     )
+
+
+@pytest.mark.parametrize(("previous", "learner"), [(1, "inline"), (2, "beside")])
+def test_previous_actions_in_a_state_are_the_ones_before_it_never_the_one_about_to_be_chosen(
+    tmp_path, monkeypatch, previous, learner
+):
+    """With previous_actions P the state at step t carries a_(t-P) .. a_(t-1) (oldest first; coast, all
+    zeros, before the episode's first action), and the stored next state a_(t-P+1) .. a_t."""
+    from replay import PrioritizedReplay
+
+    script, _, config = run_scripted(tmp_path, monkeypatch, learner, sets=(f"previous_actions={previous}",))
+    state = load_checkpoint(tmp_path / "s" / "latest.pt")
+    assert state["config"]["previous_actions"] == previous
+    replay = PrioritizedReplay.from_config(Config.from_dict(state["config"]), seed=0)
+    replay.load_state_dict(state["replay"])
+    stored = replay.transitions(np.arange(len(script.actions)))
+    start = 0  # the episode's first step
+    for t, action in enumerate(script.actions):
+        history = [script.actions[k] if k >= start else None for k in range(t - previous, t)]
+        vectors = [ACTION_VECTORS[a] if a is not None else np.zeros(3, np.float32) for a in history]
+        assert np.array_equal(stored["car"][t, 3:], np.concatenate(vectors)), (
+            f"step {t}: the state's previous actions are not a_(t-{previous}) .. a_(t-1)"
+        )
+        following = [*vectors[1:], ACTION_VECTORS[action]]
+        assert np.array_equal(stored["next_car"][t, 3:], np.concatenate(following)), (
+            f"step {t}: the next state must end with the action just taken, a_t"
+        )
+        if any(script.ends[t]):
+            start = t + 1
+
+
+# --- demonstrations -----------------------------------------------------------------------------------------
+def test_record_scripted_demonstrations_then_train_with_them_pretrained_and_resume(tmp_path, capsys):
+    root = tmp_path / "demos"
+    record = ["--env", "embedded", "--record-demos", "auto", "--driver", "scripted", "--demo-episodes", "2"]
+    assert env_tm.main([*record, "--demo-root", str(root), "--set", "ep_max_length=30"]) == env_tm.EXIT_OK
+    out = capsys.readouterr().out
+    assert "2 episodes recorded into" in out and "episode 2: 30 steps" in out
+    manifest = json.loads((root / "auto" / "manifest.json").read_text())
+    assert [e["steps"] for e in manifest["episodes"]] == [30, 30] and manifest["environment"] == "embedded"
+    assert all(e["driver"] == "scripted" for e in manifest["episodes"])
+
+    train = ["--env", "embedded", "--steps", "60", "--checkpoint-root", str(tmp_path), "--run-name", "d"]
+    train += ["--no-wandb", "--learner", "inline", "--demos", "auto", "--pretrain-steps", "20"]
+    train += ["--demo-root", str(root), *sum((["--set", a] for a in FAST), [])]
+    assert env_tm.main(train) == env_tm.EXIT_OK
+    out = capsys.readouterr().out
+    assert "demonstrations: 2 episodes, 60 transitions from auto" in out
+    assert "pretraining: 20 learn steps on the demonstrations alone" in out and "demos: 'auto'" in out
+    state = load_checkpoint(tmp_path / "d" / "latest.pt")
+    assert state["config"]["demos"] == "auto" and state["departures"]["demos"]["used"] == "auto"
+    assert state["replay"]["kind"] == "with_demonstrations"
+    assert state["replay"]["demos"]["next_transition"] == 60, "the demonstrations, whole, in the checkpoint"
+    assert state["agent"]["learn_steps"] == 20 + 60 - 4 + 1, "pretraining, then one learn step per env step"
+    steps = [r for r in read_jsonl(tmp_path / "d" / METRICS) if r["kind"] == "step"]
+    assert steps and all(
+        {"demo_share", "agent_td_error", "demo_q", "demo_loss_share"} <= r.keys() for r in steps
+    )
+
+    # Resumed: the demonstrations come from the checkpoint (the files may be gone), unchanged.
+    for path in (root / "auto").iterdir():
+        path.unlink()
+    resumed = [a if a != "60" else "90" for a in train]
+    assert env_tm.main(resumed) == env_tm.EXIT_OK
+    again = load_checkpoint(tmp_path / "d" / "latest.pt")
+    assert np.array_equal(again["replay"]["demos"]["frames"], state["replay"]["demos"]["frames"])
+    assert again["agent"]["learn_steps"] == 20 + 90 - 4 + 1, "no second pretraining on a resumed run"
+    other = [a if a != "auto" else "other" for a in resumed]
+    assert env_tm.main(other) == env_tm.EXIT_ERROR
+    err = capsys.readouterr().err.strip()
+    assert "incompatible config: demos='auto' (run: 'other')" in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--record-demos", "../x"], "--record-demos '../x' contains"),
+        (["--record-demos", "ok", "--demos", "a"], "--record-demos records on this PC only"),
+        (["--pretrain-steps", "5"], "--pretrain-steps learns from demonstrations: give them with --demos"),
+        (["--record-demos", "ok", "--demo-episodes", "0"], "--demo-episodes must be >= 1"),
+    ],
+)
+def test_bad_demonstration_options_are_usage_errors(arguments, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        env_tm.parse_args(arguments)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_training_with_missing_demonstrations_is_one_line(tmp_path, capsys):
+    args = ["--env", "embedded", "--steps", "20", "--checkpoint-root", str(tmp_path), "--no-wandb"]
+    args += ["--learner", "inline", "--demos", "nowhere", "--demo-root", str(tmp_path / "demos")]
+    assert env_tm.main(args) == env_tm.EXIT_ERROR
+    err = capsys.readouterr().err.strip()
+    assert "no demonstrations at" in err and "record some with --record-demos" in err and "\n" not in err

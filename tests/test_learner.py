@@ -245,3 +245,38 @@ def test_a_killed_actor_takes_its_learner_with_it(tmp_path):
                 return
         time.sleep(0.05)
     pytest.fail("the learner process outlived its actor by 10 s")
+
+
+def test_demonstrations_sit_beside_the_agents_data_with_their_bonus_and_never_leave(tmp_path):
+    """A learner with demonstrations: a part of its own, filled once, drawn with DQfD's bonus; pretraining
+    steps first, then one learn step per environment step as ever."""
+    from test_demos import episode
+
+    from demos import DemoWriter
+
+    writer = DemoWriter(tmp_path / "demos" / "laps", "embedded", "scripted")
+    for seed in range(2):
+        writer.write(episode(30, seed=seed))
+    config = small_config(demos="laps", demo_pretrain_steps=10, max_buffer_size=64)
+    replies: list[tuple] = []
+    server = LearnerServer(spec_for(tmp_path, config, demo_root=str(tmp_path / "demos")), replies.append)
+    info = server.open()
+    assert "demonstrations: 2 episodes, 60 transitions from laps" in " ".join(info["notes"])
+    learner = server.learner
+    replay = learner.replay
+    assert replay.demos.priority_epsilon == pytest.approx(
+        config.priority_epsilon + config.demo_priority_bonus
+    ), "a demonstration's priority carries the DQfD bonus"
+    assert learner.learn_target == 10, "pretraining steps are due before any environment step"
+    server.catch_up()
+    assert learner.agent.learn_steps == 10
+    pretraining = [reply[1] for reply in replies if reply[0] == "metrics"]
+    assert all(m["demo_share"] == 1.0 for m in pretraining), "pretraining draws demonstrations only"
+    for message in steps(np.random.default_rng(5), 300):  # the agent's 64-slot ring wraps many times
+        server.handle(message)
+        server.work()
+    assert learner.agent.learn_steps == 10 + 300 - config.batch_size + 1, SCHEDULE_WHY
+    assert len(replay.demos) == 60 and len(replay) == 64, "demonstrations are never evicted"
+    replay.check_consistency()
+    later = [reply[1] for reply in replies if reply[0] == "metrics"][10:]
+    assert 0 < np.mean([m["demo_share"] for m in later]) < 1, "both sources are drawn"

@@ -137,6 +137,19 @@ def test_car_floats_are_divided_by_the_documented_scales():
     assert seen["x"].abs().max() <= 1.0
 
 
+def test_previous_actions_widen_the_car_input_and_pass_unscaled():
+    config = small_config(previous_actions=2)
+    net = IQNNetwork(config)
+    assert net.car[0].in_features == 3 + 6, "speed, gear, rpm and two [gas, brake, steer] vectors"
+    seen = {}
+    net.car.register_forward_hook(lambda module, inputs, output: seen.update(x=inputs[0]))
+    frames, _, taus = sample_inputs(batch=1)
+    car = torch.tensor([[120.0, 3.0, 6000.0, 1.0, 0.0, -1.0, 0.0, 1.0, 0.3]])
+    net(frames, car, taus)
+    expected = torch.tensor([[0.12, 0.5, 0.6, 1.0, 0.0, -1.0, 0.0, 1.0, 0.3]])
+    torch.testing.assert_close(seen["x"], expected, msg="actions are fed as they are; car floats are scaled")
+
+
 # --- noise ---------------------------------------------------------------------------------------
 NOISE_WHY = (
     "(original-code.md defect 1: the reference's reset reached no NoisyLinear, so one noise draw was kept "
@@ -655,3 +668,67 @@ def test_adamw_weight_decay_is_the_pinned_value_on_every_parameter():
     assert sum(len(g["params"]) for g in groups) == len(list(agent.online.parameters()))
     other = make_agent(small_config(weight_decay=0.0))
     assert {group["weight_decay"] for group in other.optimizer.param_groups} == {0.0}, "and follows it"
+
+
+# --- demonstrations beside the agent's data (issue 17) ------------------------------------------------
+def mixed_batch(config: Config, demo_rows: list[int], seed: int = 0, demo_brightness: int = 0) -> dict:
+    """A batch whose demonstrations differ systematically from the agent's own transitions (brighter
+    frames, larger rewards)."""
+    batch = terminal_batch(config, [1.0] * config.batch_size, seed=seed)
+    is_demo = np.zeros(config.batch_size, np.float32)
+    is_demo[demo_rows] = 1.0
+    batch["is_demo"] = is_demo
+    batch["frames"][demo_rows] = np.clip(batch["frames"][demo_rows].astype(int) + demo_brightness, 0, 255)
+    batch["reward"][demo_rows] += 50.0
+    return batch
+
+
+def test_batchnorm_statistics_of_a_mixed_batch_are_computed_within_each_source():
+    """Seed 002: the agent's own states must not be normalised by the demonstrations' statistics."""
+    config = small_config(batch_size=8)
+    agent = RainbowAgent(config, replay=None, seed=0)
+    agent._online_mode(training=True)
+    taus = torch.rand(8, config.n_tau_train)
+    own = [0, 1, 2, 3, 4]
+    results = []
+    for brightness in (0, 120):  # the demonstrations change; the agent's own rows must not
+        batch = {
+            k: torch.as_tensor(v)
+            for k, v in mixed_batch(config, [5, 6, 7], demo_brightness=brightness).items()
+        }
+        with torch.no_grad():
+            results.append(agent.current_quantiles(batch, taus))
+    torch.testing.assert_close(
+        results[0][own], results[1][own], msg="the agent's quantiles moved with the demonstrations' frames"
+    )
+    assert not torch.allclose(results[0][5:], results[1][5:]), "the demonstrations' own rows do change"
+
+
+def test_the_margin_loss_applies_to_demonstrations_only_and_matches_its_definition():
+    config = small_config()
+    agent = RainbowAgent(config, replay=None, seed=0)
+    q = torch.tensor([[1.0, 3.0, 2.0], [0.0, 0.5, 4.0], [2.0, 1.0, 0.0]])
+    action = torch.tensor([0, 2, 1])
+    is_demo = torch.tensor([1.0, 1.0, 0.0])
+    # row 0: max(1, 3 + .8, 2 + .8) - 1 = 2.8; row 1: max(.8, 1.3, 4) - 4 = 0; row 2 (the agent's): excluded
+    margin = agent.demo_margin_loss(q, action, is_demo)
+    assert margin.item() == pytest.approx((2.8 + 0.0) / 2), "mean over the demonstrations, not the batch"
+    is_demo_all = torch.tensor([1.0, 1.0, 1.0])  # row 2: max(2.8, 1, .8) - 1 = 1.8
+    assert agent.demo_margin_loss(q, action, is_demo_all).item() == pytest.approx((2.8 + 0.0 + 1.8) / 3)
+    assert agent.demo_margin_loss(q, action, torch.zeros(3)).item() == 0.0
+
+
+def test_train_reports_each_sources_statistics_and_the_demonstrations_share_of_the_loss():
+    config = small_config(batch_size=8)
+    batch = mixed_batch(config, [5, 6, 7])
+    agent = RainbowAgent(config, FixedBatchReplay(batch), seed=0)
+    metrics = agent.train()
+    assert metrics["demo_share"] == pytest.approx(3 / 8)
+    rewards = batch["reward"]
+    assert metrics["demo_reward"] == pytest.approx(rewards[5:].mean()), "the demos' own reward mean"
+    assert metrics["agent_reward"] == pytest.approx(rewards[:5].mean()), "the agent's own reward mean"
+    assert metrics["agent_weight"] == 1.0 and metrics["demo_weight"] == 1.0
+    for key in ("agent_td_error", "demo_td_error", "agent_q", "demo_q", "margin_loss"):
+        assert np.isfinite(metrics[key]), key
+    assert 0.0 < metrics["demo_loss_share"] < 1.0
+    assert metrics["demo_td_error"] > metrics["agent_td_error"], "the demos' larger rewards: larger TD errors"

@@ -146,6 +146,16 @@ def test_checkpoint_of_an_incompatible_config_is_refused_in_one_line(tmp_path, c
     assert "incompatible config: hidden_dim=8 (run: 16)" in err and "(use --fresh to start over)" in err
 
 
+def test_resuming_with_other_previous_actions_is_refused_in_one_line(tmp_path, capsys):
+    train_briefly(tmp_path)
+    capsys.readouterr()
+    settings = [*CRASH_SETTINGS, "previous_actions=2"]
+    code = env_tm.main(run_args(tmp_path, 4 * EPISODE, "--resume", settings=settings))
+    err = capsys.readouterr().err.strip()
+    assert code == env_tm.EXIT_ERROR and "\n" not in err
+    assert "incompatible config: previous_actions=0 (run: 2)" in err
+
+
 def test_unwritable_checkpoint_folder_fails_before_training(tmp_path, capsys):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x")

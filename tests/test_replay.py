@@ -3,6 +3,7 @@ hand-computed weights, a chi-square goodness of fit), never against the implemen
 
 from __future__ import annotations
 
+import copy
 import gc
 import math
 import pickle
@@ -553,3 +554,129 @@ def test_a_young_memory_saves_only_its_written_rows_and_restores_exactly() -> No
     too_long = {**state, "rewards": np.zeros(1001, np.float32)}
     with pytest.raises(ValueError, match="'rewards' is float32"):
         PrioritizedReplay(1000).load_state_dict(too_long)
+
+
+# --- n-step returns -----------------------------------------------------------------------------------
+def test_n_step_returns_match_a_hand_computed_sum_across_episode_ends() -> None:
+    """n = 3, gamma = 0.5. Episode A (5 steps) terminates, B (4 steps) is truncated, C (2 steps) runs on.
+    A terminated window does not bootstrap; a truncated one bootstraps from the last state it reached; an
+    open episode's window stops at the newest stored step. Car float 0 names each observation."""
+    replay = PrioritizedReplay(16, stack=2, alpha=0.0, discount_factor=0.5, n_step=3)
+    observation = iter(range(100))
+
+    def car() -> np.ndarray:
+        return np.array([next(observation), 0.0, 0.0], np.float32)
+
+    def frame() -> np.ndarray:
+        return np.zeros((64, 64), np.uint8)
+
+    ids = []  # the id of each transition's next observation
+    episodes = [([1, 2, 3, 4, 5], "terminated"), ([10, 20, 30, 40], "truncated"), ([100, 200], None)]
+    for rewards, end in episodes:
+        replay.start_episode(np.zeros((2, 64, 64), np.uint8), car())
+        for k, reward in enumerate(rewards):
+            last = k == len(rewards) - 1
+            next_car = car()
+            ids.append(int(next_car[0]))
+            terminated, truncated = last and end == "terminated", last and end == "truncated"
+            replay.add(0, float(reward), terminated, truncated, frame(), next_car)
+    batch = replay.transitions(np.arange(11))
+    expected = {  # transition: (discounted return, discount, id of the bootstrap state)
+        0: (1 + 0.5 * 2 + 0.25 * 3, 0.125, ids[2]),
+        1: (2 + 0.5 * 3 + 0.25 * 4, 0.125, ids[3]),
+        2: (3 + 0.5 * 4 + 0.25 * 5, 0.0, ids[4]),  # the window ends in A's termination: no bootstrap
+        3: (4 + 0.5 * 5, 0.0, ids[4]),
+        4: (5.0, 0.0, ids[4]),
+        5: (10 + 0.5 * 20 + 0.25 * 30, 0.125, ids[7]),
+        6: (20 + 0.5 * 30 + 0.25 * 40, 0.125, ids[8]),  # truncated: bootstraps from the last state reached
+        7: (30 + 0.5 * 40, 0.25, ids[8]),
+        8: (40.0, 0.5, ids[8]),
+        9: (100 + 0.5 * 200, 0.25, ids[10]),  # C is still running: the newest step ends the window
+        10: (200.0, 0.5, ids[10]),
+    }
+    for t, (total, discount, bootstrap) in expected.items():
+        assert batch["reward"][t] == pytest.approx(total), f"transition {t}: n-step return"
+        assert batch["discount"][t] == pytest.approx(discount), f"transition {t}: gamma^m (0 if terminated)"
+        assert batch["next_car"][t, 0] == bootstrap, f"transition {t}: bootstraps from the wrong state"
+    assert batch["steps"].tolist() == [3, 3, 3, 2, 1, 3, 3, 2, 1, 2, 1]
+    # With n = 1 the same memory gives the plain transitions.
+    replay.n_step = 1
+    plain = replay.transitions(np.arange(11))
+    assert plain["reward"].tolist() == [1, 2, 3, 4, 5, 10, 20, 30, 40, 100, 200]
+    assert plain["discount"].tolist() == [0.5, 0.5, 0.5, 0.5, 0.0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]
+    assert plain["next_car"][:, 0].tolist() == ids
+
+
+# --- the demonstration part (issue 17) -----------------------------------------------------------------
+def demo_memory(own_transitions: int = 40, demo_transitions: int = 12, bonus: float = 1.0, **kwargs):
+    from replay import DemoReplay
+
+    options = dict(alpha=1.0, beta=0.4, priority_epsilon=1e-6, **kwargs)
+    own = PrioritizedReplay(32, seed=1, **options)
+    demos = PrioritizedReplay(demo_transitions + 4, seed=2, **{**options, "priority_epsilon": 1e-6 + bonus})
+    rng = np.random.default_rng(0)
+    for memory, count, reward in ((own, own_transitions, 0.0), (demos, demo_transitions, 10.0)):
+        memory.start_episode(rng.integers(0, 256, (4, 64, 64), dtype=np.uint8), np.zeros(3, np.float32))
+        for t in range(count):
+            car = np.array([t, 0, 0], np.float32)
+            memory.add(t % 11, reward, False, False, rng.integers(0, 256, (64, 64), dtype=np.uint8), car)
+    return DemoReplay(own, demos, seed=3)
+
+
+def test_demonstrations_are_never_evicted_and_carry_their_source_and_negative_numbers() -> None:
+    memory = demo_memory(own_transitions=200)  # the agent's ring (32) wrapped many times over
+    assert len(memory) == 32 and memory.transitions_added == 200 and len(memory.demos) == 12
+    batch = memory.sample(64)
+    demo = batch["is_demo"] > 0.5
+    assert demo.any() and (~demo).any()
+    assert (batch["indices"][demo] < 0).all() and (batch["indices"][~demo] >= 168).all()
+    assert (batch["reward"][demo] == 10.0).all() and (batch["reward"][~demo] == 0.0).all(), (
+        "tags match the data"
+    )
+    memory.check_consistency()
+
+
+def test_sampling_is_proportional_over_both_parts_with_the_demonstration_bonus() -> None:
+    memory = demo_memory(own_transitions=20, demo_transitions=10, bonus=1.0)
+    # Every priority is (|td| + eps)^1: 1.0 for the agent's (after an update with |td| = 1 - eps), and
+    # 1 + bonus = 2.0 for a demonstration (same |td|): demos hold 20 of the 40 units of mass.
+    memory.update_priorities(np.arange(20), np.full(20, 1.0 - 1e-6))
+    memory.update_priorities(-np.arange(1, 11), np.full(10, 1.0 - 1e-6))
+    assert memory.demos.tree.total == pytest.approx(20.0) and memory.own.tree.total == pytest.approx(20.0)
+    draws = np.concatenate([memory.sample(40)["is_demo"] for _ in range(200)])
+    assert draws.mean() == pytest.approx(0.5, abs=0.03), "half the mass, half the draws"
+
+
+def test_importance_weights_are_normalised_within_each_source() -> None:
+    """Seed 002: one source's systematically larger or smaller priorities must not scale the other's
+    weights. Whichever source holds the rarer (larger-weight) samples, each source's largest weight is 1."""
+    for demo_td in (50.0, 0.05):  # the demonstrations drawn far more often, then far less often
+        memory = demo_memory(own_transitions=20, demo_transitions=10)
+        memory.update_priorities(np.arange(20), np.linspace(0.5, 2.0, 20))
+        memory.update_priorities(-np.arange(1, 11), np.full(10, demo_td))
+        batch = memory.sample(64)
+        demo = batch["is_demo"] > 0.5
+        assert demo.any() and (~demo).any()
+        assert batch["weights"][~demo].max() == pytest.approx(1.0), "the agent's weights against its own max"
+        assert batch["weights"][demo].max() == pytest.approx(1.0), "the demos' weights against their own max"
+        # Within a source the weights keep their ratios: (N P)^-beta.
+        own = ~demo
+        priorities = memory.own.tree.leaf_priorities[batch["indices"][own] % memory.own.capacity]
+        raw = priorities**-memory.beta
+        np.testing.assert_allclose(batch["weights"][own], raw / raw.max(), rtol=1e-5)
+
+
+def test_a_memory_with_demonstrations_round_trips_exactly() -> None:
+    memory = demo_memory()
+    memory.update_priorities(np.arange(8, 40), np.linspace(0.1, 3.0, 32))
+    memory.advance_beta()
+    state = copy.deepcopy(memory.state_dict())
+    expected = memory.sample(16)
+    clone = demo_memory(own_transitions=0, demo_transitions=12)
+    clone.load_state_dict(state)
+    clone.check_consistency()
+    again = clone.sample(16)
+    for key, value in expected.items():
+        assert np.array_equal(again[key], value), f"{key} differs after a round trip"
+    with pytest.raises(ValueError, match="holds no demonstration part"):
+        clone.load_state_dict(memory.own.state_dict())

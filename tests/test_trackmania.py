@@ -43,6 +43,7 @@ from fake_openplanet import (  # noqa: E402
 )
 
 import trackmania  # noqa: E402
+from run_log import read_jsonl  # noqa: E402
 from tm_config import Config  # noqa: E402
 from trackmania import (  # noqa: E402
     GameNotRespondingError,
@@ -1092,6 +1093,129 @@ def child_game_dies(monkeypatch: pytest.MonkeyPatch, rtgym_id: str) -> dict[str,
         time.sleep(0.2)
     result["log"] = text
     return result
+
+
+# --- the training loop against the fake game: every fault ends in one line, saved, resumable --------------
+LOOP_SETTINGS = [
+    "conv_channels_1=4", "conv_channels_2=4", "car_feature_hidden_dim=16", "cosine_dim=8", "hidden_dim=8",
+    "batch_size=4", "max_buffer_size=512", "checkpoint_frequency=1", "log_every_steps=10",
+]  # fmt: skip
+
+
+def run_loop(tmp_path: Path, options: dict[str, Any], steps: int, *extra: str) -> subprocess.CompletedProcess:
+    """env_tm.py on the fake game (tests/fake_game.py): tmrl's real interface, rtgym's real 20 Hz."""
+    home = tmp_path / "home"
+    if not home.exists():
+        write_tmrl_data(home)
+    env = {**os.environ, "HOME": str(home), "USERPROFILE": str(home), "WANDB_MODE": "offline"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS)])
+    args = [sys.executable, str(TESTS / "fake_game.py"), json.dumps(options), "--", "--env", "trackmania"]
+    args += ["--steps", str(steps), "--checkpoint-root", str(tmp_path / "runs"), "--run-name", "tm"]
+    args += ["--no-wandb", "--learner", "inline", *extra, *sum((["--set", s] for s in LOOP_SETTINGS), [])]
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+
+def stored_transitions(run_dir: Path) -> dict[str, np.ndarray]:
+    from checkpoints import load_checkpoint
+    from replay import PrioritizedReplay
+
+    state = load_checkpoint(run_dir / "latest.pt")
+    replay = PrioritizedReplay.from_config(Config.from_dict(state["config"]), seed=0)
+    replay.load_state_dict(state["replay"])
+    replay.check_consistency()
+    return {"step": state["step"], **replay.transitions(np.arange(replay.transitions_added))}
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ("nan", "implausible telemetry from the OpenPlanet plugin: speed = nan (not a finite number)"),
+        # tmrl's client reads 44 of every 48 bytes: which field turns to nonsense first depends on timing.
+        ("12_floats", "implausible telemetry from the OpenPlanet plugin: "),
+        ("slip", "implausible telemetry from the OpenPlanet plugin: "),
+        ("freeze", "TrackMania did not answer within 2 s during step"),
+        # tmrl's client thread dies with the connection; the watchdog answers before tmrl's own 10 s.
+        ("crash", "TrackMania did not answer within 2 s during step"),
+    ],
+)
+def test_a_game_fault_ends_the_run_in_one_line_after_saving_and_it_resumes(tmp_path, fault, message):
+    result = run_loop(tmp_path, {"drive": 20, "fault": fault, "fault_at": 60}, 400)
+    error_lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 3, result.stdout[-2000:] + result.stderr[-2000:]
+    assert len(error_lines) == 1 and error_lines[0].startswith("error: ") and message in error_lines[0], (
+        f"one line, no traceback: {result.stderr[-3000:]}"
+    )
+    assert "Traceback" not in result.stdout + result.stderr
+    run_dir = tmp_path / "runs" / "tm"
+    stored = stored_transitions(run_dir)
+    # Telemetry faults are caught in the step they start in; a game that goes silent may still deliver
+    # the frame it had sent before.
+    assert stored["step"] == 59 or (fault in ("freeze", "crash") and stored["step"] == 60), (
+        "the steps before the fault were saved, the faulty one was not stored"
+    )
+    assert (
+        len(stored["reward"]) == stored["step"]
+        and np.isfinite(stored["car"]).all()
+        and np.isfinite(stored["next_car"]).all()
+    )
+    assert (stored["reward"] < 100).all(), "no finish bonus paid by garbage telemetry reached the replay"
+    assert (stored["next_car"][:, 0] <= 1000).all(), "no impossible speed reached the replay"
+    assert f"at step {stored['step']}: saved {run_dir / 'latest.pt'}" in result.stdout
+    if fault == "crash":  # tmrl's thread traceback went to the run folder's log, not to the terminal
+        assert "Traceback" in (run_dir / "trackmania.log").read_text()
+    again = run_loop(tmp_path, {"drive": 20}, 100)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert f"resumed tm from latest.pt: step {stored['step']}" in again.stdout
+
+
+def test_a_trajectory_of_another_map_is_named_at_the_first_reset(tmp_path):
+    result = run_loop(tmp_path, {"drive": 0, "spawn": [500.0, 0.0, 0.0]}, 100)
+    assert result.returncode == 3
+    err = result.stderr.strip()
+    assert "\n" not in err and "the car starts 500.0 m from the start of the reward trajectory" in err
+    assert "farther than MAX_STRAY (100 m)" in err and "python -m tmrl --record-reward" in err
+
+
+def test_race_results_and_finishes_that_cannot_be_real(tmp_path):
+    # The car drives the 100 m track at 20 m/s: every episode finishes, with its race time recorded.
+    result = run_loop(tmp_path, {"drive": 20}, 300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    episodes = [r for r in read_jsonl(tmp_path / "runs" / "tm" / "metrics.jsonl") if r["kind"] == "episode"]
+    assert episodes and all(
+        r["finished"] and r["race_time"] == pytest.approx(r["length"] * 0.05) for r in episodes
+    )
+    assert episodes[-1]["best_race_time"] == min(r["race_time"] for r in episodes)
+    assert (
+        episodes[-1]["finish_rate"] == 1.0
+        and "race results:" in result.stdout
+        and "finishes in" in result.stdout
+    )
+    # A plausible-looking "finished" right after the start: faster than the track can be driven.
+    result = run_loop(tmp_path, {"drive": 1, "fault": "finish_now", "fault_at": 3}, 60, "--fresh")
+    assert "RED FLAG implausible_finish" in result.stdout, result.stdout[-3000:]
+
+
+def test_episodes_that_get_nowhere_raise_no_progress(tmp_path):
+    result = run_loop(tmp_path, {"drive": 0}, 500, "--set", "no_progress_streak=3")
+    assert "RED FLAG no_progress: 3 episodes in a row made no progress along the track" in result.stdout, (
+        result.stdout[-3000:]
+    )
+
+
+def test_an_agent_too_slow_for_20_hz_counts_its_timeouts_quietly_and_raises_stale_observations(tmp_path):
+    result = run_loop(tmp_path, {"drive": 20, "slow_learn": 0.08}, 120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Time-step timed out" not in result.stdout + result.stderr, "rtgym's warning must not be printed"
+    episodes = [r for r in read_jsonl(tmp_path / "runs" / "tm" / "metrics.jsonl") if r["kind"] == "episode"]
+    total = sum(r["time_step_timeouts"] for r in episodes)
+    assert total > 10 and episodes[-1]["time_step_timeouts_total"] >= total
+    assert "RED FLAG stale_observations" in result.stdout
+    assert re.search(r"time-step timeouts: \d+ over the run", result.stdout)
+    # Resumed, the count goes on from the checkpoint's.
+    first_total = episodes[-1]["time_step_timeouts_total"]
+    again = run_loop(tmp_path, {"drive": 20}, 200)
+    resumed = [r for r in read_jsonl(tmp_path / "runs" / "tm" / "metrics.jsonl") if r["kind"] == "episode"]
+    assert resumed[-1]["time_step_timeouts_total"] >= first_total - 20 and again.returncode == 0
 
 
 if __name__ == "__main__":

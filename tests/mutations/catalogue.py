@@ -29,6 +29,11 @@ GUARD = "tests/test_config_guard.py"
 RAINBOW = "tests/test_rainbow.py"
 REPLAY = "tests/test_replay.py"
 LOOP = "tests/test_env_tm.py"
+DEMOS = "tests/test_demos.py"
+N_STEP = f"{REPLAY}::test_n_step_returns_match_a_hand_computed_sum_across_episode_ends"
+PREVIOUS_ACTIONS = (
+    f"{LOOP}::test_previous_actions_in_a_state_are_the_ones_before_it_never_the_one_about_to_be_chosen"
+)
 LEARNER = "tests/test_learner.py"
 LEARNER_SCHEDULE = f"{LEARNER}::test_the_server_learns_one_step_per_stored_step_and_never_ahead"
 LEARNER_BESIDE = f"{LEARNER}::test_a_learner_beside_the_actor_keeps_the_schedule_and_shares_its_weights"
@@ -241,7 +246,7 @@ CATALOGUE: tuple[Mutation, ...] = (
     Mutation(
         "importance_weights_dropped",
         "PER without importance weights biases every update toward high-priority samples",
-        (("rainbow.py", 'loss = (batch["weights"] * per_sample).mean()', "loss = per_sample.mean()"),),
+        (("rainbow.py", 'weighted = batch["weights"] * per_sample', "weighted = per_sample"),),
         (IQN_GRADIENT,),
     ),
     Mutation(
@@ -362,8 +367,8 @@ CATALOGUE: tuple[Mutation, ...] = (
         (
             (
                 "learner.py",
-                "return max(0, self.replay.transitions_added - self.config.batch_size + 1)",
-                "return max(0, self.replay.transitions_added - self.config.batch_size + 2)",
+                "return self.pretrain_steps + max(0, self.replay.transitions_added - self.config.batch_size + 1)",
+                "return self.pretrain_steps + max(0, self.replay.transitions_added - self.config.batch_size + 2)",
             ),
         ),
         (LEARNER_SCHEDULE, LOOP_STORES),
@@ -427,5 +432,139 @@ CATALOGUE: tuple[Mutation, ...] = (
             ),
         ),
         (f"{LEARNER}::test_a_checkpoint_holds_the_learner_caught_up_with_every_step_before_it",),
+    ),
+    # --- n-step returns and previous actions (issue 16) ---------------------------------------------------
+    Mutation(
+        "n_step_bootstraps_after_termination",
+        "a window that ends in a termination must not bootstrap: the episode has no future",
+        (
+            (
+                "replay.py",
+                "discount = np.where(self.terminated[last], 0.0, self.discount_factor**count)",
+                "discount = np.where(self.terminated[slots], 0.0, self.discount_factor**count)",
+            ),
+        ),
+        (N_STEP,),
+    ),
+    Mutation(
+        "n_step_discount_ignores_a_short_window",
+        "a window cut short by the episode's end bootstraps with gamma^m, not gamma^n",
+        (
+            (
+                "replay.py",
+                "discount = np.where(self.terminated[last], 0.0, self.discount_factor**count)",
+                "discount = np.where(self.terminated[last], 0.0, self.discount_factor**self.n_step)",
+            ),
+        ),
+        (N_STEP,),
+    ),
+    Mutation(
+        "n_step_window_crosses_into_the_next_episode",
+        "rewards of the next episode are not this episode's return",
+        (
+            (
+                "replay.py",
+                "inside = (window < self._next_transition) & ~ended_before",
+                "inside = window < self._next_transition",
+            ),
+        ),
+        (N_STEP,),
+    ),
+    Mutation(
+        "n_step_rewards_undiscounted",
+        "seed 001: rewards summed without discounting imply impossible returns",
+        (
+            (
+                "replay.py",
+                "returns = (np.where(inside, self.rewards[window_slots], 0.0) * gammas).sum(axis=1)",
+                "returns = np.where(inside, self.rewards[window_slots], 0.0).sum(axis=1)",
+            ),
+        ),
+        (N_STEP,),
+    ),
+    Mutation(
+        "previous_action_is_the_older_one",
+        "the state must carry the newest action (the one the car applies next), not the one before it",
+        (
+            (
+                "environment.py",
+                "car = np.concatenate([car, *actions[2 - config.previous_actions :]])",
+                "car = np.concatenate([car, *actions[: config.previous_actions]])",
+            ),
+        ),
+        (PREVIOUS_ACTIONS,),
+    ),
+    Mutation(
+        "demo_state_holds_the_next_action",
+        "a demonstration's state must never hold the action about to be chosen (it would leak the label)",
+        (
+            (
+                "demos.py",
+                "older, newest = vectors[: episode.steps + 1], vectors[1 : episode.steps + 2]",
+                "older, newest = vectors[1 : episode.steps + 2], vectors[2 : episode.steps + 3]",
+            ),
+        ),
+        (f"{DEMOS}::test_state_rows_put_the_previous_actions_before_the_state_never_the_next_one",),
+    ),
+    # --- demonstrations (issue 17) --------------------------------------------------------------------------
+    Mutation(
+        "weights_normalised_across_the_mixed_batch",
+        "seed 002: a statistic over the mixed expert + agent batch suppressed the agent's own data",
+        (
+            (
+                "replay.py",
+                "        for source in (is_demo, ~is_demo):  # normalised within each source (class docstring)\n            if source.any():\n                weights[source] /= weights[source].max()\n",
+                "        weights /= weights.max()\n",
+            ),
+        ),
+        (f"{REPLAY}::test_importance_weights_are_normalised_within_each_source",),
+    ),
+    Mutation(
+        "batchnorm_over_the_mixed_batch",
+        "seed 002: BatchNorm statistics of the mixed batch let the demonstrations set the agent's scale",
+        (("rainbow.py", "if demo is None or bool(demo.all()) or not bool(demo.any()):", "if True:"),),
+        (f"{RAINBOW}::test_batchnorm_statistics_of_a_mixed_batch_are_computed_within_each_source",),
+    ),
+    Mutation(
+        "margin_loss_on_the_agents_own_transitions",
+        "the large margin teaches the expert's action: applied to the agent's data it imitates the agent",
+        (
+            (
+                "rainbow.py",
+                "return ((q + margins).max(dim=1).values - expert)[demo].mean()",
+                "return ((q + margins).max(dim=1).values - expert).mean()",
+            ),
+        ),
+        (f"{RAINBOW}::test_the_margin_loss_applies_to_demonstrations_only_and_matches_its_definition",),
+    ),
+    Mutation(
+        "no_demonstration_bonus",
+        "DQfD: without the bonus the demonstrations are drawn as any old transition and fade from the batches",
+        (("learner.py", "priority_bonus=config.demo_priority_bonus", "priority_bonus=0.0"),),
+        (f"{LEARNER}::test_demonstrations_sit_beside_the_agents_data_with_their_bonus_and_never_leave",),
+    ),
+    Mutation(
+        "pretraining_counted_as_env_steps_learned",
+        "pretraining must come on top of the one learn step per environment step, not instead of it",
+        (
+            (
+                "learner.py",
+                "return self.pretrain_steps + max(0, self.replay.transitions_added - self.config.batch_size + 1)",
+                "return max(0, self.replay.transitions_added - self.config.batch_size + 1)",
+            ),
+        ),
+        (f"{LEARNER}::test_demonstrations_sit_beside_the_agents_data_with_their_bonus_and_never_leave",),
+    ),
+    Mutation(
+        "player_action_taken_at_the_wrong_moment",
+        "rtgym applies an action a step late: a player's input must be matched to the step it drives",
+        (
+            (
+                "demos.py",
+                "positions = np.minimum(np.arange(steps) + delay, steps)",
+                "positions = np.arange(steps)",
+            ),
+        ),
+        (f"{DEMOS}::test_the_players_action_of_step_t_is_the_input_the_car_reports_two_observations_later",),
     ),
 )

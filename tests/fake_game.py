@@ -1,0 +1,115 @@
+"""env_tm.py against the fake game, in this process: tmrl's real interface and rtgym's real timing, with the
+game, its window and its controls replaced by the fakes of fake_openplanet.py.
+
+    HOME=<folder with TmrlData> python tests/fake_game.py '{"drive": 20}' -- --steps 400 --run-name x ...
+
+HOME (and USERPROFILE) must hold a TmrlData folder (fake_openplanet.write_tmrl_data). The JSON picks the game:
+    drive          the car's speed in m/s along the straight 100 m trajectory (0: it stands still)
+    spawn          [x, y, z] where a respawn puts the car (far from the trajectory: the wrong map)
+    fault          null, "nan", "slip", "12_floats", "freeze", "crash" or "finish_now", at env step `fault_at`
+    slow_learn     seconds each learn step sleeps (inline learner): an agent too slow for 20 Hz
+    step_timeout   seconds before a silent game is reported (the watchdog; default 2 here)
+The exit code is env_tm.main's. Tests and bench/bench_loop.py run it as a child process.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+from fake_openplanet import ControlRecorder, FakeOpenPlanet, FakeScreen, install_fake_game  # noqa: E402
+
+import env_tm  # noqa: E402
+import environment  # noqa: E402
+import trackmania  # noqa: E402
+
+TRACK_LENGTH = 100.0  # write_tmrl_data's trajectory: 100 m along x
+
+
+def main() -> int:
+    options = json.loads(sys.argv[1])
+    argv = sys.argv[sys.argv.index("--") + 1 :]
+    patch = pytest.MonkeyPatch()
+    game = FakeOpenPlanet(
+        spawn=tuple(options.get("spawn", (0.0, 0.0, 0.0))),
+        frame_interval=float(options.get("frame_interval", 0.005)),
+    )
+    if options.get("drive"):
+        game.drive(float(options["drive"]), TRACK_LENGTH)
+    screen, recorder = FakeScreen(), ControlRecorder(on_respawn=game.respawn)
+    patch.setattr(trackmania, "OPENPLANET_PORT", game.port)
+    fault, fault_at = options.get("fault"), int(options.get("fault_at", 10**9))
+    real_make = trackmania.make_trackmania_env
+
+    def make(config, **kwargs):
+        env = real_make(
+            config, allow_non_windows=True, step_timeout=float(options.get("step_timeout", 2.0)), **kwargs
+        )
+        install_fake_game(patch, game.port, screen, recorder)
+        real_step, steps = env.step, [0]
+
+        def step(action):
+            steps[0] += 1
+            if steps[0] == fault_at:
+                start_fault(game, fault)
+            return real_step(action)
+
+        env.step = step
+        return env
+
+    patch.setattr(environment, "make_trackmania_env", make)
+    patch.setattr(
+        environment,
+        "check_tmrl_available",
+        functools.partial(trackmania.check_tmrl_available, allow_non_windows=True),
+    )
+    if options.get("slow_learn"):
+        import rainbow
+
+        real_train, pause = rainbow.RainbowAgent.train, float(options["slow_learn"])
+
+        def slow_train(self):
+            time.sleep(pause)
+            return real_train(self)
+
+        patch.setattr(rainbow.RainbowAgent, "train", slow_train)
+    try:
+        return env_tm.main(argv)
+    finally:
+        game.close()
+        pressed = [event for event in recorder.events if event[0] == "keys" and event[1]]
+        print("FAKE_GAME " + json.dumps({"controls_pressed": len(pressed), "events": len(recorder.events)}))
+
+
+def start_fault(game: FakeOpenPlanet, fault: str | None) -> None:
+    if fault == "nan":
+        game.stop_driving()  # the physics would overwrite the speed at the next frame
+        game.set_state(speed=float("nan"))
+    elif fault == "slip":
+        game.slip("drop")
+    elif fault == "12_floats":
+        game.extra_floats = (1.0,)
+    elif fault == "freeze":
+        game.freeze()
+    elif fault == "crash":
+        game.crash()
+    elif fault == "finish_now":  # a plausible frame that says "finished" a moment after the start
+        game.set_state(finished=1.0)
+    elif fault is not None:
+        raise ValueError(f"unknown fault {fault!r}")
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # tmrl's client thread and rtgym's worker never end by themselves
