@@ -500,6 +500,12 @@ class RemoteEpisodes:
         car, frames = first[1]
         if np.shape(frames) != (config.conv_input, config.img_y, config.img_x):
             return f"its first frames have shape {np.shape(frames)}"
+        cars = [car] + [sample[1][0] for sample in episode[1:]]
+        if any(np.shape(c) != (config.state_floats,) for c in cars):
+            return (
+                f"its state floats are not {config.state_floats} (a worker with another previous_actions "
+                "than the trainer's)"
+            )
         for sample in episode[1:]:
             if action_index(sample[0]) is None:
                 return f"action {np.asarray(sample[0]).tolist()} is not in the action table"

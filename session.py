@@ -712,4 +712,4 @@ def default_run_name(env_name: str, seed: int, overrides: list[str], diagnosing:
         import hashlib
 
         tag = f"{tag[:40]}-{hashlib.sha1('+'.join(parts).encode()).hexdigest()[:8]}"
-    return f"{name}-{tag}"
+    return f"{name}-{tag}".rstrip(". ")  # Windows drops trailing dots and spaces from folder names

@@ -2,7 +2,7 @@
 prioritized sample(32) + update_priorities(32) against torchrl and a naive numpy sampler.
 
     python bench/bench_replay.py                                    # memory + PER (torchrl if importable)
-    /work/venv-bench/bin/python bench/bench_replay.py --json bench/results/replay.json   # with torchrl
+    .venv-bench/bin/python bench/bench_replay.py --json bench/results/replay.json   # with torchrl
 
 Memory: the pinned replay (capacity 100k) is filled through its public API until every slot of its frame
 ring has been written, then the process RSS is read, before and after building the pinned agent and

@@ -362,3 +362,39 @@ def test_the_relay_over_tls_passes_on_what_the_password_holder_sends_and_nothing
             made.stop()
         server.send_signal(signal.SIGTERM)
         assert server.wait(60) == 0
+
+
+def test_a_trainer_with_demonstrations_keeps_them_apart_from_the_workers_episodes(tmp_path):
+    from test_demos import episode
+
+    from demos import DemoWriter
+
+    writer = DemoWriter(tmp_path / "demos" / "laps", "embedded", "scripted")
+    writer.write(episode(25, seed=1))
+    args = env_tm.parse_args(
+        ["--role", "trainer", "--no-wandb", "--checkpoint-root", str(tmp_path), "--run-name", "t", *FAST_SETS,
+         "--demos", "laps", "--demo-root", str(tmp_path / "demos")]
+    )  # fmt: skip
+    trainer = session.Session(args, "trainer", "inline")
+    try:
+        replay = trainer.learner.learner.replay
+        remote = distributed.RemoteEpisodes(trainer)
+        compressor = distributed.EpisodeCompressor("A", trainer.config)
+        stored, _ = remote.ingest(
+            worker_episode(compressor, 10, episode=0, length=12, action_rows=[1], end="terminated")
+        )
+        assert stored and replay.transitions_added == 12 and trainer.run.step == 12, (
+            "the worker's steps: its own"
+        )
+        assert len(replay.demos) == 25, "the demonstrations stay apart, untouched by the workers' data"
+    finally:
+        trainer.close()
+
+
+def test_a_worker_with_other_state_floats_is_rejected_whole(trainer_session):
+    other = Config().with_assignments([*FAST, "previous_actions=2"])
+    compressor = distributed.EpisodeCompressor("B", other)
+    samples = worker_episode(compressor, 10, episode=0, length=5, action_rows=[1], end="terminated")
+    remote = distributed.RemoteEpisodes(trainer_session)
+    stored, _ = remote.ingest(samples)
+    assert not stored and remote.rejected == 1 and trainer_session.run.step == 0

@@ -753,3 +753,123 @@ def test_training_with_missing_demonstrations_is_one_line(tmp_path, capsys):
     assert env_tm.main(args) == env_tm.EXIT_ERROR
     err = capsys.readouterr().err.strip()
     assert "no demonstrations at" in err and "record some with --record-demos" in err and "\n" not in err
+
+
+# --- the first hour: run names, departures, --help, the status line, --steps ----------------------------
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("../tests", "contains '/'"),
+        ("..", "points outside"),
+        ("a/b", "contains '/'"),
+        ("a\\b", "contains '\\\\'"),
+        ("", "is empty"),
+        ("   ", "is empty"),
+        ("con", "is a device name Windows reserves"),
+        ("NUL.txt", "is a device name Windows reserves"),
+        ("run.", "ends with a dot or a space"),
+        ("run ", "ends with a dot or a space"),
+        ("what?", "contains '?'"),
+    ],
+)
+def test_a_run_name_must_be_one_plain_folder_name(name, problem, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        env_tm.parse_args(["--run-name", name, "--checkpoint-root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"--run-name {name!r} {problem}" in err
+    assert not any(tmp_path.iterdir()), "nothing was created or moved"
+
+
+def test_a_run_with_departures_never_continues_the_plain_run(tmp_path, capsys):
+    from session import default_run_name
+
+    base = ["--env", "embedded", "--steps", "40", "--checkpoint-root", str(tmp_path), "--no-wandb"]
+    base += ["--learner", "inline", *sum((["--set", a] for a in FAST), [])]
+    assert env_tm.main(base) == env_tm.EXIT_OK
+    assert env_tm.main([*base, "--set", "discount_factor=0.99"]) == env_tm.EXIT_OK
+    plain = tmp_path / default_run_name("embedded", 0, FAST, False)
+    experiment = tmp_path / default_run_name("embedded", 0, [*FAST, "discount_factor=0.99"], False)
+    assert plain != experiment and sorted(tmp_path.iterdir()) == sorted([plain, experiment])
+    assert f"no checkpoint in {experiment}: starting fresh" in capsys.readouterr().out
+    assert load_checkpoint(plain / "latest.pt")["config"]["discount_factor"] == 0.997, "left alone"
+    assert load_checkpoint(experiment / "latest.pt")["config"]["discount_factor"] == 0.99
+
+
+def test_the_default_run_name_names_the_departures():
+    from session import default_run_name
+
+    assert default_run_name("embedded", 0, [], False) == "embedded-seed0"
+    assert default_run_name("embedded", 3, ["n_step=3", "batch_size=64"], False) == (
+        "embedded-seed3-batch_size=64+n_step=3"
+    )
+    assert default_run_name("trackmania", 0, [], True) == "trackmania-diagnose-seed0"
+    long = default_run_name("embedded", 0, [f"key{k}=value{k}" for k in range(20)], False)
+    assert len(long) < 80 and env_tm.run_name_problem(long) is None, (
+        "long departures are shortened, stay valid"
+    )
+    assert env_tm.run_name_problem(default_run_name("embedded", 0, ["demos=a,b", "x=1.5."], False)) is None
+
+
+def test_help_is_fast_explains_resuming_and_shows_each_default_once():
+    import importlib.util
+
+    modules = "('torch', 'gymnasium', 'wandb')"
+    code = f"import sys, env_tm; print(sorted(m for m in {modules} if m in sys.modules))"
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert result.stdout.strip() == "[]", "importing env_tm must not import torch: --help answers at once"
+    help_text = subprocess.run(
+        [sys.executable, str(ROOT / "env_tm.py"), "--help"], capture_output=True, text=True, timeout=60
+    ).stdout
+    assert time.perf_counter() - started < 30 and importlib.util.find_spec("torch") is not None
+    flat = " ".join(help_text.split())
+    assert "(default: None)" not in flat and "(default: True)" not in flat
+    assert "default 10,000,000" in flat or "10,000,000" in flat, "the real step default is shown"
+    assert "resumes from its newest good checkpoint" in flat and "seeds the agent" in flat
+    assert "examples:" in help_text and "--diagnose" in help_text
+    assert flat.count("(default: auto)") <= 1
+
+
+def test_steps_below_where_the_run_stands_is_said_in_one_line(tmp_path, capsys):
+    assert run_quietly(tmp_path, 40, "--fresh") == env_tm.EXIT_OK
+    capsys.readouterr()
+    assert run_quietly(tmp_path, 20) == env_tm.EXIT_ERROR
+    err = capsys.readouterr().err.strip()
+    assert "--steps 20 is not beyond step 40, where q stands: nothing to train" in err and "\n" not in err
+
+
+def test_the_status_line_measures_its_rate_over_a_window_and_fits_the_terminal(monkeypatch, capsys):
+    import session
+
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(session.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(
+        session.shutil, "get_terminal_size", lambda fallback: __import__("os").terminal_size((60, 20))
+    )
+    progress = session.Progress(total_steps=10_000)
+    progress.interactive = True
+    assert progress.rate(0) is None, "no rate before it is measured"
+    progress.show(1, "ep 1", force=True)
+    assert "-- steps/s" in capsys.readouterr().out
+    for second in range(1, 41):  # 20 steps/s for 40 s, with a 3 s pause (a reset) in the middle
+        clock["now"] = 1000.0 + second + (3 if second > 20 else 0)
+        progress.rate(20 * second)
+    rate = progress.rate(800)
+    assert rate == pytest.approx(20 * 30 / 30, rel=0.15), "over the last 30 s, not since the start"
+    progress.show(800, "ep 9 | R 1.0", force=True)
+    line = capsys.readouterr().out.split("\r")[-1]
+    assert len(line) == 59 and "ETA" in line, "sized to the terminal, with an ETA"
+
+
+def test_the_run_ends_with_an_evaluation_even_between_boundaries(tmp_path, capsys):
+    # ep_max_length 40: episodes end at 40 and 80; 80 is past 50, the end (90) is not past 100, yet it is
+    # evaluated: "at the end of the run" means at the end of the run.
+    assert (
+        env_tm.main(health_args(tmp_path, 90, "--eval-every", "50", "--eval-episodes", "1")) == env_tm.EXIT_OK
+    )
+    evals = [r["step"] for r in read_jsonl(tmp_path / "h" / METRICS) if r["kind"] == "eval"]
+    assert evals == [0, 80, 90]
+    out = capsys.readouterr().out
+    assert "1 greedy episode" in out and "1 greedy episodes" not in out

@@ -1139,7 +1139,7 @@ def stored_transitions(run_dir: Path) -> dict[str, np.ndarray]:
     ],
 )
 def test_a_game_fault_ends_the_run_in_one_line_after_saving_and_it_resumes(tmp_path, fault, message):
-    result = run_loop(tmp_path, {"drive": 20, "fault": fault, "fault_at": 60}, 400)
+    result = run_loop(tmp_path, {"drive": 20, "fault": fault, "fault_at": 30}, 400)
     error_lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 3, result.stdout[-2000:] + result.stderr[-2000:]
     assert len(error_lines) == 1 and error_lines[0].startswith("error: ") and message in error_lines[0], (
@@ -1150,7 +1150,7 @@ def test_a_game_fault_ends_the_run_in_one_line_after_saving_and_it_resumes(tmp_p
     stored = stored_transitions(run_dir)
     # Telemetry faults are caught in the step they start in; a game that goes silent may still deliver
     # the frame it had sent before.
-    assert stored["step"] == 59 or (fault in ("freeze", "crash") and stored["step"] == 60), (
+    assert stored["step"] == 29 or (fault in ("freeze", "crash") and stored["step"] == 30), (
         "the steps before the fault were saved, the faulty one was not stored"
     )
     assert (
@@ -1163,7 +1163,7 @@ def test_a_game_fault_ends_the_run_in_one_line_after_saving_and_it_resumes(tmp_p
     assert f"at step {stored['step']}: saved {run_dir / 'latest.pt'}" in result.stdout
     if fault == "crash":  # tmrl's thread traceback went to the run folder's log, not to the terminal
         assert "Traceback" in (run_dir / "trackmania.log").read_text()
-    again = run_loop(tmp_path, {"drive": 20}, 100)
+    again = run_loop(tmp_path, {"drive": 20}, 50)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert f"resumed tm from latest.pt: step {stored['step']}" in again.stdout
 
@@ -1178,10 +1178,10 @@ def test_a_trajectory_of_another_map_is_named_at_the_first_reset(tmp_path):
 
 def test_race_results_and_finishes_that_cannot_be_real(tmp_path):
     # The car drives the 100 m track at 20 m/s: every episode finishes, with its race time recorded.
-    result = run_loop(tmp_path, {"drive": 20}, 300)
+    result = run_loop(tmp_path, {"drive": 20}, 160)
     assert result.returncode == 0, result.stderr[-2000:]
     episodes = [r for r in read_jsonl(tmp_path / "runs" / "tm" / "metrics.jsonl") if r["kind"] == "episode"]
-    assert episodes and all(
+    assert len(episodes) >= 2 and all(
         r["finished"] and r["race_time"] == pytest.approx(r["length"] * 0.05) for r in episodes
     )
     assert episodes[-1]["best_race_time"] == min(r["race_time"] for r in episodes)
@@ -1191,13 +1191,13 @@ def test_race_results_and_finishes_that_cannot_be_real(tmp_path):
         and "finishes in" in result.stdout
     )
     # A plausible-looking "finished" right after the start: faster than the track can be driven.
-    result = run_loop(tmp_path, {"drive": 1, "fault": "finish_now", "fault_at": 3}, 60, "--fresh")
+    result = run_loop(tmp_path, {"drive": 1, "fault": "finish_now", "fault_at": 3}, 20, "--fresh")
     assert "RED FLAG implausible_finish" in result.stdout, result.stdout[-3000:]
 
 
 def test_episodes_that_get_nowhere_raise_no_progress(tmp_path):
-    result = run_loop(tmp_path, {"drive": 0}, 500, "--set", "no_progress_streak=3")
-    assert "RED FLAG no_progress: 3 episodes in a row made no progress along the track" in result.stdout, (
+    result = run_loop(tmp_path, {"drive": 0}, 200, "--set", "no_progress_streak=2")
+    assert "RED FLAG no_progress: 2 episodes in a row made no progress along the track" in result.stdout, (
         result.stdout[-3000:]
     )
 
@@ -1213,7 +1213,7 @@ def test_an_agent_too_slow_for_20_hz_counts_its_timeouts_quietly_and_raises_stal
     assert re.search(r"time-step timeouts: \d+ over the run", result.stdout)
     # Resumed, the count goes on from the checkpoint's.
     first_total = episodes[-1]["time_step_timeouts_total"]
-    again = run_loop(tmp_path, {"drive": 20}, 200)
+    again = run_loop(tmp_path, {"drive": 20}, 160)
     resumed = [r for r in read_jsonl(tmp_path / "runs" / "tm" / "metrics.jsonl") if r["kind"] == "episode"]
     assert resumed[-1]["time_step_timeouts_total"] >= first_total - 20 and again.returncode == 0
 

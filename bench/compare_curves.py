@@ -1,0 +1,157 @@
+"""Learning curves of several runs side by side: steps to a mean evaluation return of 400 and 700, the
+final return, and one PNG with a line per run and the mean of each group.
+
+    python bench/compare_curves.py --run pin=checkpoints/curve-pin-s0 --run pin=checkpoints/curve-pin-s1 \
+        --run demos=checkpoints/curve-demos-s0 --png bench/curves_demos.png --json bench/results/demos.json
+
+Runs are `env_tm.py` runs with `--eval-every` (their `eval` records: the greedy policy, noise off, on the
+held-out tracks). `--run LABEL=DIR` is repeatable; runs with the same label are one group (seeds). The
+figures use every evaluation up to `--steps` (default: the shortest run's last evaluation), so groups are
+compared over the same budget. "Steps to 400" is the first evaluation whose mean reached 400; "final" is
+the mean of the last `--final-evals` evaluations within the budget (one evaluation is noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import write_json  # noqa: E402
+
+from run_log import METRICS_FILE, read_jsonl  # noqa: E402
+
+THRESHOLDS = (400.0, 700.0)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", action="append", required=True, metavar="LABEL=DIR", help="repeatable")
+    parser.add_argument("--steps", type=int, default=None, help="the budget (default: the shortest run's)")
+    parser.add_argument("--final-evals", type=int, default=3, help="evaluations averaged for 'final'")
+    parser.add_argument("--png", type=Path, default=None)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--title", default="Greedy evaluation on 5 held-out tracks (embedded track)")
+    parser.add_argument("--reference", type=float, default=None, help="a horizontal line (e.g. the demos')")
+    parser.add_argument("--reference-label", default="reference")
+    return parser.parse_args()
+
+
+def load(spec: str) -> tuple[str, Path, list[dict[str, Any]]]:
+    label, sep, folder = spec.partition("=")
+    if not sep or not label or not folder:
+        raise SystemExit(f"error: --run {spec!r} is not LABEL=DIR")
+    path = Path(folder) / METRICS_FILE
+    if not path.is_file():
+        raise SystemExit(f"error: no {METRICS_FILE} in {folder}")
+    evals = [r for r in read_jsonl(path) if r["kind"] == "eval"]
+    if not evals:
+        raise SystemExit(f"error: {path} has no eval records (train with --eval-every)")
+    return label, Path(folder), evals
+
+
+def steps_to(evals: list[dict[str, Any]], threshold: float) -> int | None:
+    return next((int(r["step"]) for r in evals if r["return_mean"] >= threshold), None)
+
+
+def summarize(evals: list[dict[str, Any]], budget: int, final_evals: int) -> dict[str, Any]:
+    within = [r for r in evals if r["step"] <= budget]
+    finals = [r["return_mean"] for r in within[-final_evals:]]
+    return {
+        **{f"steps_to_{int(t)}": steps_to(within, t) for t in THRESHOLDS},
+        "final": float(np.mean(finals)),
+        "best": float(max(r["return_mean"] for r in within)),
+        "last_step": int(within[-1]["step"]),
+        "evaluations": len(within),
+    }
+
+
+def fmt_steps(value: int | None) -> str:
+    return "not reached" if value is None else f"{value:,}"
+
+
+def main() -> int:
+    args = parse_args()
+    runs = [load(spec) for spec in args.run]
+    budget = args.steps or min(int(evals[-1]["step"]) for _, _, evals in runs)
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    print(f"budget: {budget:,} steps; 'final' = mean of the last {args.final_evals} evaluations within it\n")
+    print(f"{'run':<34} {'steps to 400':>13} {'steps to 700':>13} {'final':>8} {'best':>8}")
+    for label, folder, evals in runs:
+        figures = summarize(evals, budget, args.final_evals)
+        groups[label].append({"run": folder.name, **figures})
+        print(
+            f"{label + ': ' + folder.name:<34} {fmt_steps(figures['steps_to_400']):>13} "
+            f"{fmt_steps(figures['steps_to_700']):>13} {figures['final']:>8.1f} {figures['best']:>8.1f}"
+        )
+    print(
+        f"\n{'group':<20} {'runs':>4} {'steps to 400 (each)':>24} {'steps to 700 (each)':>24} "
+        f"{'final mean':>11}"
+    )
+    summary = {}
+    for label, members in groups.items():
+        finals = [m["final"] for m in members]
+        summary[label] = {"runs": members, "final_mean": float(np.mean(finals))}
+        to_400 = ", ".join(fmt_steps(m["steps_to_400"]) for m in members)
+        to_700 = ", ".join(fmt_steps(m["steps_to_700"]) for m in members)
+        print(f"{label:<20} {len(members):>4} {to_400:>24} {to_700:>24} {np.mean(finals):>11.1f}")
+    if args.png:
+        plot(runs, budget, args)
+        print(f"\ncurves: {args.png}")
+    write_json(
+        args.json, {"budget": budget, "groups": summary, "args": {k: str(v) for k, v in vars(args).items()}}
+    )
+    return 0
+
+
+def plot(runs: list[tuple[str, Path, list[dict[str, Any]]]], budget: int, args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    labels = list(dict.fromkeys(label for label, _, _ in runs))
+    fig, ax = plt.subplots(figsize=(10, 5.5), dpi=110)
+    for index, label in enumerate(labels):
+        colour = colours[index % len(colours)]
+        members = [evals for name, _, evals in runs if name == label]
+        grid = np.arange(0, budget + 1, 10_000)
+        curves = []
+        for evals in members:
+            steps = np.array([r["step"] for r in evals if r["step"] <= budget])
+            means = np.array([r["return_mean"] for r in evals if r["step"] <= budget])
+            ax.plot(steps, means, "-", color=colour, alpha=0.35, lw=1)
+            curves.append(np.interp(grid, steps, means, right=np.nan))
+        mean = np.nanmean(np.vstack(curves), axis=0)
+        ax.plot(grid, mean, "o-", color=colour, lw=2, ms=3, label=f"{label} (mean of {len(members)})")
+    for threshold in THRESHOLDS:
+        ax.axhline(threshold, color="k", ls=":", lw=0.8)
+    if args.reference is not None:
+        ax.axhline(
+            args.reference,
+            color="tab:red",
+            ls="--",
+            lw=1,
+            label=f"{args.reference_label} ({args.reference:.0f})",
+        )
+    ax.set_xlim(0, budget * 1.02)
+    ax.set_xlabel("environment steps (50 ms each)")
+    ax.set_ylabel("mean greedy return, 5 held-out tracks")
+    ax.set_title(args.title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    args.png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.png)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
