@@ -347,6 +347,7 @@ def train(args: argparse.Namespace) -> Any:
         session.absorb(learner.sync())  # the newest weights, for the policy as of this step
         progress.message(f"evaluating at step {run.step:,}: {plural(args.eval_episodes, 'greedy episode')}")
         result = environment.evaluate(actor.agent, env, config, args.eval_episodes)
+        progress.restart_rate(run.step)  # the evaluation's minutes are not training's pace
         run.last_eval_step = run.step
         record = result.record()
         log.write("eval", run.step, **record)
@@ -370,6 +371,7 @@ def train(args: argparse.Namespace) -> Any:
     try:
         session.pretrain()
         evaluate_if_due()
+        progress.restart_rate(session.run.step)  # the pace of training, from its first step
         episode_reward, episode_length, episode_start = 0.0, 0, time.perf_counter()
         env_timeouts = getattr(env, "time_step_timeouts", 0)
         episode_timeouts = 0

@@ -76,8 +76,11 @@ CLEAR_AFTER_EPISODES = 50
 DEMO_DOMINANCE_SHARE = 0.5
 DEMO_WINDOW_EPISODES = 100
 # agent_q_below_demo: the agent's greedy Q on its own states far below the demonstrations' (the net values
-# only what the expert does): mean over DEMO_Q_STEPS learn steps below demo Q - max(1, |demo Q| / 2).
-DEMO_Q_STEPS = 100
+# only what the expert does). Early on the agent's own states are worse than the expert's and their Q
+# rightly lower, so the gap must be wide and lasting: mean over DEMO_Q_STEPS learn steps below
+# demo Q - max(DEMO_Q_GAP, |demo Q|).
+DEMO_Q_STEPS = 1000
+DEMO_Q_GAP = 2.0
 
 # Flags that mean "do not launch the long run". early_exploitation and reward_decline need thousands of
 # episodes to mean anything; nonfinite_loss is counted by its own criterion (a few skipped steps are
@@ -554,7 +557,7 @@ class HealthMonitor:
         full = len(self._agent_q) == DEMO_Q_STEPS
         agent_mean = float(np.mean(self._agent_q)) if full else math.nan
         demo_mean = float(np.mean(self._demo_q)) if full else math.nan
-        below = full and agent_mean < demo_mean - max(1.0, abs(demo_mean) / 2)
+        below = full and agent_mean < demo_mean - max(DEMO_Q_GAP, abs(demo_mean))
         flag = self._update(
             "agent_q_below_demo",
             below,

@@ -618,6 +618,7 @@ class BesideLearner:
         info = reply[1]
         config = Config.from_dict(info["config"])
         self.batch_size = config.batch_size
+        self.pretrain = config.demo_pretrain_steps if config.demos else 0
         self.sent = info["transitions"]
         self.mailbox = WeightsMailbox(info.pop("weights"), self.version, self.lock)
         self.actor = Actor(config, self.spec.seed, device="cpu")
@@ -635,7 +636,7 @@ class BesideLearner:
     @property
     def lag(self) -> int:
         """Learn steps due for the transitions handed over but not run yet."""
-        return max(0, self.sent - self.batch_size + 1) - int(self.learned.value)
+        return self.pretrain + max(0, self.sent - self.batch_size + 1) - int(self.learned.value)
 
     def learn(self) -> list[dict[str, float]]:
         """Nothing to do here but collect what the learner did meanwhile."""

@@ -415,3 +415,58 @@ def test_q_floor_moves_down_with_negative_rewards_only() -> None:
     ]
     fired = monitor.observe_learn_step({**base, "q_mean": -200.0}, 2, 0)
     assert "q_negative" in [f.name for f in fired]
+
+
+# --- demonstrations and the game's own red flags (issues 13 and 17) --------------------------------------
+def test_demo_dominance_fires_when_demos_carry_the_loss_and_own_returns_stall() -> None:
+    from health import DEMO_WINDOW_EPISODES
+
+    monitor = HealthMonitor(Config())
+    fired: list[RedFlag] = []
+    for step in range(50):
+        fired += monitor.observe_sources({"demo_loss_share": 0.8, "agent_q": 1.0, "demo_q": 1.2}, step, 0)
+    for episode in range(1, DEMO_WINDOW_EPISODES + 1):  # flat, noisy own returns
+        fired += monitor.observe_episode(100.0 + (episode % 3), 500, 0.9, 500 * episode, episode)
+    flag = only(fired, "demo_dominance")
+    assert "80% of the loss" in flag.message and "seed 002" in flag.message
+    rising = HealthMonitor(Config())
+    for step in range(50):
+        rising.observe_sources({"demo_loss_share": 0.8, "agent_q": 1.0, "demo_q": 1.2}, step, 0)
+    flags = []
+    for episode in range(1, DEMO_WINDOW_EPISODES + 1):  # the agent's own returns climb: not dominance
+        flags += rising.observe_episode(10.0 * episode, 500, 0.9, 500 * episode, episode)
+    assert not [f for f in flags if f.name == "demo_dominance"]
+
+
+def test_agent_q_below_demo_needs_a_wide_and_lasting_gap() -> None:
+    from health import DEMO_Q_STEPS
+
+    monitor = HealthMonitor(Config())
+    early = []
+    for step in range(DEMO_Q_STEPS):  # the agent's random early play is worth less: not a flag
+        early += monitor.observe_sources({"demo_loss_share": 0.3, "agent_q": 0.7, "demo_q": 1.7}, step, 0)
+    assert not early
+    fired = []
+    for step in range(DEMO_Q_STEPS, 3 * DEMO_Q_STEPS):
+        fired += monitor.observe_sources({"demo_loss_share": 0.3, "agent_q": -5.0, "demo_q": 3.0}, step, 0)
+    flag = only(fired, "agent_q_below_demo")
+    assert "far below the demonstrations'" in flag.message
+
+
+def test_race_flags_no_progress_implausible_finish_and_stale_observations() -> None:
+    monitor = HealthMonitor(Config(no_progress_streak=3))
+    fired = []
+    for episode in range(1, 4):
+        fired += monitor.observe_episode(0.0, 81, 0.9, 81 * episode, episode, progress=0)
+    assert only(fired, "no_progress").value == 3.0
+    fired = monitor.observe_episode(
+        100.0, 2, 0.9, 300, 4, finished=True, race_time=0.1, min_finish_seconds=0.36
+    )
+    assert (
+        "finished in 0.10 s, faster than the track can be driven" in only(fired, "implausible_finish").message
+    )
+    fired = monitor.observe_episode(5.0, 100, 0.9, 400, 5, progress=50, timeouts=11)
+    assert "11 of episode 5's 100 time steps timed out" in only(fired, "stale_observations").message
+    race = {"finished": True, "race_time": 5.0, "min_finish_seconds": 0.36}
+    quiet = monitor.observe_episode(5.0, 100, 0.9, 500, 6, progress=50, timeouts=10, **race)
+    assert not quiet, "10% is the limit, 5 s is a plausible finish, progress was made"

@@ -391,8 +391,8 @@ CATALOGUE: tuple[Mutation, ...] = (
         (
             (
                 "learner.py",
-                "return max(0, self.sent - self.batch_size + 1) - int(self.learned.value)",
-                "return max(0, self.sent - self.batch_size - 99) - int(self.learned.value)",
+                "return self.pretrain + max(0, self.sent - self.batch_size + 1) - int(self.learned.value)",
+                "return self.pretrain + max(0, self.sent - self.batch_size - 99) - int(self.learned.value)",
             ),
         ),
         (LEARNER_BESIDE,),
