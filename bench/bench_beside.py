@@ -52,6 +52,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--learners", default="inline,beside")
     parser.add_argument("--hog", choices=["off", "on", "both"], default="both")
     parser.add_argument("--threads", type=int, default=1, help="the learner's CPU threads (default 1)")
+    parser.add_argument(
+        "--thread-or-process",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="instead: act every 2 ms for SECONDS beside a learner in a thread, in a process, and alone",
+    )
     parser.add_argument("--json", default=None)
     parser.add_argument("--max-load", type=float, default=None)
     parser.add_argument("--wait", type=float, default=600.0)
@@ -115,6 +122,16 @@ def run_case(env: str, learner: str, hog: bool, steps: int, folder: Path, thread
 def main() -> None:
     args = parse_args()
     load = wait_for_quiet(args.max_load, args.wait)
+    if args.thread_or_process:
+        rows = [act_latency_beside(kind, args.thread_or_process) for kind in ("none", "thread", "process")]
+        print_table(
+            "Acting beside a learner that learns as fast as it can",
+            rows,
+            [("kind", "learner", "s"), ("act_ms_median", "act median ms", ".2f"),
+             ("act_ms_p99", "act p99 ms", ".2f"), ("learn_steps_per_s", "learn steps/s", ".1f")],
+        )  # fmt: skip
+        finish({"thread_or_process": rows}, load, args.json)
+        return
     hogs = {"off": [False], "on": [True], "both": [False, True]}[args.hog]
     rows = []
     folder = Path(tempfile.mkdtemp(prefix="bench-beside-"))
@@ -147,6 +164,82 @@ def main() -> None:
         ],
     )
     finish({"cases": rows, "args": vars(args)}, load, args.json)
+
+
+# --- thread or process: the measurement behind the choice ---------------------------------------------------
+def act_latency_beside(kind: str, seconds: float, seed: int = 0) -> dict[str, Any]:
+    """Act (pinned network, greedy) every 2 ms while a learner learns beside it as fast as it can: in a
+    thread of this process ("thread"), in its own process ("process"), or not at all ("none")."""
+    import queue
+    import threading
+
+    import numpy as np
+    import torch
+
+    from learner import Actor, BesideLearner, LearnerServer, LearnerSpec
+    from tm_config import Config
+
+    torch.set_num_threads(1)
+    config = Config(epsilon_start=0.01, epsilon_end=0.01)
+    rng = np.random.default_rng(seed)
+    frames = rng.integers(0, 256, (4, 64, 64), dtype=np.uint8)
+    car = np.array([120.0, 3.0, 6000.0], np.float32)
+    spec = LearnerSpec(config.to_dict(), [], tempfile.mkdtemp(prefix="bench-learner-"), 3, False, False, seed,
+                       "cpu", 1, 4)  # fmt: skip
+    actor, stop, learned, feed = Actor(config, seed), threading.Event(), [0], None
+    if kind == "thread":
+        commands: queue.Queue = queue.Queue()
+        server = LearnerServer(spec, lambda reply: None)
+        server.open()
+
+        def serve_in_thread() -> None:
+            while not stop.is_set():
+                try:
+                    while True:
+                        server.handle(commands.get_nowait())
+                except queue.Empty:
+                    pass
+                if server.work():
+                    learned[0] = server.learner.agent.learn_steps
+                else:
+                    time.sleep(0.001)
+
+        worker = threading.Thread(target=serve_in_thread, daemon=True)
+        worker.start()
+        feed = commands.put
+    elif kind == "process":
+        beside = BesideLearner(spec)
+        beside.open()
+
+        def feed(message: tuple) -> None:
+            if message[0] == "step":
+                beside.add(*message[1:])
+            else:
+                beside.start_episode(*message[1:])
+
+    if feed is not None:  # enough data that the learner never runs dry: 5000 steps, learned as fast as it can
+        feed(("episode", frames, car))
+        for t in range(5000):
+            feed(("step", int(rng.integers(11)), 0.1, False, t == 4999, frames[-1], car))
+    times = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        began = time.perf_counter()
+        actor.act(frames, car, 10**6)
+        times.append(time.perf_counter() - began)
+        time.sleep(0.002)
+    elapsed = time.perf_counter() - start
+    if kind == "process":
+        learned[0] = int(beside.learned.value)
+        beside.close()
+    stop.set()
+    ms = np.asarray(times) * 1000
+    return {
+        "kind": kind,
+        "act_ms_median": float(np.median(ms)),
+        "act_ms_p99": float(np.percentile(ms, 99)),
+        "learn_steps_per_s": learned[0] / elapsed,
+    }
 
 
 if __name__ == "__main__":
