@@ -614,7 +614,7 @@ class BesideLearner:
 
     def open(self) -> dict[str, Any]:
         self.process.start()
-        reply = self._wait(lambda: self._answer_kind("opened"), START_TIMEOUT, "starting")
+        reply = self._wait(lambda: self._answer_kind("opened"), START_TIMEOUT, "waiting for it to start")
         info = reply[1]
         config = Config.from_dict(info["config"])
         self.batch_size = config.batch_size
@@ -669,7 +669,7 @@ class BesideLearner:
     def sync(self) -> list[dict[str, float]]:
         request = next(self.requests)
         self.commands.put(("sync", request))
-        self._wait(lambda: self.answers.pop(request, None), None, "catching up")
+        self._wait(lambda: self.answers.pop(request, None), None, "waiting for it to catch up")
         self.refresh_actor()
         return self.take_metrics()
 
@@ -682,7 +682,7 @@ class BesideLearner:
     def save(self, run: dict[str, Any], periodic: bool, is_best: bool) -> tuple[bool, str]:
         request = next(self.requests)
         self.commands.put(("save", request, run, periodic, is_best))
-        answer = self._wait(lambda: self.answers.pop(request, None), None, "saving a checkpoint")
+        answer = self._wait(lambda: self.answers.pop(request, None), None, "waiting for a checkpoint")
         return answer[2], answer[3]
 
     def take_saves(self) -> list[tuple[bool, str]]:
@@ -693,7 +693,7 @@ class BesideLearner:
     def roll_back(self, paths: list[Path], seed: int) -> dict[str, Any] | None:
         request = next(self.requests)
         self.commands.put(("rollback", request, [str(p) for p in paths], seed))
-        answer = self._wait(lambda: self.answers.pop(request, None), None, "rolling back")
+        answer = self._wait(lambda: self.answers.pop(request, None), None, "waiting for a rollback")
         self.metrics.clear()  # learn steps before the rollback: their history was undone
         info = answer[2]
         if info is not None:
@@ -709,11 +709,7 @@ class BesideLearner:
         self.last_alive_check = now
         self._drain()
         if not self.process.is_alive():
-            raise LearnerDiedError(
-                f"the learner process stopped (exit code {self.process.exitcode}) without saying why: the "
-                f"actor stops rather than drive on with a frozen policy; the last checkpoint stands "
-                f"(details, if any, in {Path(self.spec.run_dir) / LEARNER_LOG})"
-            )
+            raise self._died("acting")
 
     def close(self) -> None:
         if self.closed:
@@ -730,6 +726,13 @@ class BesideLearner:
             with contextlib.suppress(Exception):
                 channel.cancel_join_thread()
                 channel.close()
+
+    def _died(self, what: str) -> LearnerDiedError:
+        return LearnerDiedError(
+            f"the learner process stopped (exit code {self.process.exitcode}) while the actor was {what}: "
+            f"the actor stops rather than drive on with a frozen policy; the last checkpoint stands (details, if "
+            f"any, in {Path(self.spec.run_dir) / LEARNER_LOG})"
+        )
 
     def _answer_kind(self, kind: str) -> tuple | None:
         return self.answers.pop(kind, None)
@@ -767,10 +770,7 @@ class BesideLearner:
                 found = answer()
                 if found is not None:
                     return found
-                raise LearnerDiedError(
-                    f"the learner process stopped (exit code {self.process.exitcode}) while {what}; the last "
-                    f"checkpoint stands (details, if any, in {Path(self.spec.run_dir) / LEARNER_LOG})"
-                )
+                raise self._died(what)
             if deadline is not None and time.monotonic() > deadline:
                 raise LearnerDiedError(
                     f"the learner process did not answer within {timeout:g} s while {what}"

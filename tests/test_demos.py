@@ -165,3 +165,39 @@ def test_the_scripted_driver_follows_the_track_and_makes_progress():
         env.close()
     # 300 steps (15 s) at its modest pace: it stays on the road and keeps visiting new tiles.
     assert steps == 300 and tiles > 60 and total > 150, (steps, tiles, total)
+
+
+def test_the_keyboard_driver_maps_the_arrow_keys_to_the_action_table(monkeypatch):
+    import os
+
+    monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
+    import pygame
+
+    pressed: set[int] = set()
+
+    class Keys:
+        def __getitem__(self, key: int) -> bool:
+            return key in pressed
+
+    monkeypatch.setattr(pygame.key, "get_pressed", lambda: Keys())
+    driver = demos.KeyboardDriver(period=0.0)
+    try:
+        cases = [
+            (set(), 0),
+            ({pygame.K_UP}, 1),
+            ({pygame.K_DOWN}, 2),
+            ({pygame.K_UP, pygame.K_LEFT}, 3),
+            ({pygame.K_w, pygame.K_d}, 4),
+            ({pygame.K_LEFT}, 5),
+            ({pygame.K_RIGHT}, 6),
+        ]
+        for keys, action in cases:
+            pressed.clear()
+            pressed.update(keys)
+            assert nearest_action(driver.inputs()) == action, f"keys {keys} -> action {action}"
+        pygame.event.post(pygame.event.Event(pygame.QUIT))
+        driver.inputs()
+        assert driver.quit_requested, "closing the window stops the recording"
+    finally:
+        driver.close()
+    assert os.environ["SDL_VIDEODRIVER"] == "dummy"

@@ -368,3 +368,33 @@ def test_a_stop_request_ends_at_a_step_boundary_and_saves(tmp_path, signal_name,
     replay = PrioritizedReplay.from_config(Config.from_dict(saved["config"]), seed=0)
     replay.load_state_dict(saved["replay"])
     replay.check_consistency()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="finds the learner through /proc")
+def test_a_learner_that_dies_stops_the_run_in_one_line_within_seconds(tmp_path):
+    import signal
+
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "env_tm.py"),
+            *run_args(tmp_path, 10**6, "--fresh", "--learner", "beside"),
+        ],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while latest_logged_step(tmp_path / "r") < 2 * EPISODE and time.monotonic() < deadline:
+        time.sleep(0.05)
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    learner = next(int(pid) for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text())
+    os.kill(learner, signal.SIGKILL)
+    killed = time.monotonic()
+    out, err = process.communicate(timeout=60)
+    assert time.monotonic() - killed < 10, "detected within seconds"
+    assert process.returncode == env_tm.EXIT_ERROR
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "the learner process stopped (exit code -9)" in lines[0], err
+    assert "frozen policy" in lines[0] and "Traceback" not in out + err

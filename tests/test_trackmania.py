@@ -1218,6 +1218,40 @@ def test_an_agent_too_slow_for_20_hz_counts_its_timeouts_quietly_and_raises_stal
     assert resumed[-1]["time_step_timeouts_total"] >= first_total - 20 and again.returncode == 0
 
 
+def test_recording_demonstrations_takes_the_players_inputs_from_the_telemetry_and_sends_no_control(tmp_path):
+    """The player drives (the fake car runs the track with the gas held); the program only watches."""
+    home = tmp_path / "home"
+    write_tmrl_data(home)
+    env = {**os.environ, "HOME": str(home), "USERPROFILE": str(home)}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS)])
+    args = [
+        sys.executable,
+        str(TESTS / "fake_game.py"),
+        json.dumps({"drive": 20}),
+        "--",
+        "--env",
+        "trackmania",
+    ]
+    args += ["--record-demos", "laps", "--demo-episodes", "2", "--demo-root", str(tmp_path / "demos")]
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "the program sends no control" in result.stdout and "2 episodes recorded into" in result.stdout
+    fake = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("FAKE_GAME "))[10:])
+    assert fake["controls_pressed"] == 0, "the program must not drive while the player records"
+    import demos
+
+    manifest = demos.read_manifest(tmp_path / "demos" / "laps")
+    assert manifest["environment"] == "trackmania" and len(manifest["episodes"]) == 2
+    assert all(e["finished"] and e["driver"] == "player" for e in manifest["episodes"])
+    episodes = demos.load_sets(tmp_path / "demos", Config(demos="laps"), report=pytest.fail)
+    for episode in episodes:
+        # The car holds the gas to the line, then stops: the last observation reports it released.
+        assert np.allclose(episode.inputs[:-1, 0], 1.0) and episode.inputs[-1, 0] == 0.0, "the reported gas"
+        assert (episode.actions[:-2] == 1).all(), "the nearest action to full gas, straight: gas"
+        assert (episode.actions[-2:] == 0).all(), "the inputs two observations later: released, coast"
+        assert episode.rewards[-1] >= 100.0, "the finish bonus of the player's lap"
+
+
 if __name__ == "__main__":
     scenario, params = sys.argv[1], json.loads(sys.argv[2])
     try:
