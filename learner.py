@@ -730,8 +730,8 @@ class BesideLearner:
     def _died(self, what: str) -> LearnerDiedError:
         return LearnerDiedError(
             f"the learner process stopped (exit code {self.process.exitcode}) while the actor was {what}: "
-            f"the actor stops rather than drive on with a frozen policy; the last checkpoint stands (details, if "
-            f"any, in {Path(self.spec.run_dir) / LEARNER_LOG})"
+            "the actor stops rather than drive on with a frozen policy; the last checkpoint stands "
+            f"(details, if any, in {Path(self.spec.run_dir) / LEARNER_LOG})"
         )
 
     def _answer_kind(self, kind: str) -> tuple | None:
