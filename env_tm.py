@@ -430,8 +430,8 @@ def train(args: argparse.Namespace) -> Any:
                 observed = time.perf_counter()
         if not stop.requested:
             evaluate_if_due(final=True)
-        session.absorb(learner.sync())
-        saved = session.save(is_periodic=False)
+            session.absorb(learner.sync())
+        saved = session.save(is_periodic=False, catch_up=not stop.requested)
         run = session.run
         if stop.requested:
             progress.message(f"stopped at step {run.step:,} (on request): {saved}; run again to resume")
@@ -600,7 +600,7 @@ def race_fields(run: Any) -> dict[str, Any]:
 def save_before_exit(session: Any) -> str:
     """A checkpoint on the way out of an error, if one can be written (it never raises)."""
     try:
-        return session.save(is_periodic=False)
+        return session.save(is_periodic=False, catch_up=False)
     except Exception as error:  # the learner died, or checkpoints kept failing: the last good one stands
         return (
             f"no checkpoint could be written ({' '.join(str(error).split())[:160]}); the last good one stands"

@@ -18,7 +18,8 @@ handed to it before the request, so the agent, optimizer, replay and step counte
 Messages to the server, in order (a queue in the beside mode, direct calls inline):
     ("episode", frames, car)                                   the reset observation of a new episode
     ("step", action, reward, terminated, truncated, frame, car)  one environment step
-    ("save", id, run, periodic, is_best)                        write a checkpoint with `run`'s counters
+    ("save", id, run, periodic, is_best, catch_up)              a checkpoint with `run`'s counters, after the
+                                                                learner caught up (unless the run is leaving)
     ("rollback", id, paths, seed)                               restore the newest good of `paths`
     ("sync", id)                                                learn until caught up, then answer
     ("stop",)
@@ -39,7 +40,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -213,7 +214,6 @@ class LearnerSpec:
     threads: int | None = None  # torch CPU threads of the learner (None: torch's default)
     refresh_every: int = 1  # publish the weights for the actor every this many learn steps
     demo_root: str = "demos"  # where the demonstration sets of config.demos are
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class LearnerServer:
@@ -288,8 +288,9 @@ class LearnerServer:
         elif kind == "episode":
             learner.replay.start_episode(*message[1:])
         elif kind == "save":
-            _, request, run, periodic, is_best = message
-            self.catch_up()
+            _, request, run, periodic, is_best, catch_up = message
+            if catch_up:  # else the run is leaving: the due learn steps are done when it resumes
+                self.catch_up()
             self.reply(("saved", request, *self.save(run, periodic, is_best)))
         elif kind == "rollback":
             _, request, paths, seed = message
@@ -326,7 +327,7 @@ class LearnerServer:
         state = self.learner.checkpoint_state(run)
         try:
             if periodic:
-                path = self.store.save(state, int(run["episode"]), int(run["step"]), is_best)
+                self.store.save(state, int(run["episode"]), int(run["step"]), is_best)
                 path = self.store.latest_path
             else:
                 path = self.store.save_latest_only(state)
@@ -339,12 +340,8 @@ class LearnerServer:
         """Restore the newest of `paths` that loads (None if none does), then draw fresh random streams:
         restored, they would replay the draws that led to the failure."""
         learner = self.learner
-
-        def use(state: dict[str, Any], path: Path) -> dict[str, Any]:
-            return learner.restore(state, path)
-
         try:
-            loaded = self.store.load_newest_good(use, paths)
+            loaded = self.store.load_newest_good(learner.restore, paths)
         except CheckpointError:  # none of them restores
             loaded = None
         if loaded is None:
@@ -406,6 +403,7 @@ class InlineLearner:
     def __init__(self, spec: LearnerSpec) -> None:
         self.spec = spec
         self.replies: list[tuple] = []
+        self.finished_saves: list[tuple[bool, str]] = []
         self.server = LearnerServer(spec, self.replies.append)
 
     def open(self) -> dict[str, Any]:
@@ -444,14 +442,16 @@ class InlineLearner:
         self.server.catch_up()
         return self.take_metrics()
 
-    def save(self, run: dict[str, Any], periodic: bool, is_best: bool) -> tuple[bool, str]:
-        return self.server.save(run, periodic, is_best)
+    def save(
+        self, run: dict[str, Any], periodic: bool, is_best: bool, catch_up: bool = True
+    ) -> tuple[bool, str]:
+        return self.server.save(run, periodic, is_best)  # inline, the learner is always caught up
 
     def request_save(self, run: dict[str, Any], periodic: bool, is_best: bool) -> None:
-        self.finished_saves = [self.save(run, periodic, is_best)]
+        self.finished_saves.append(self.save(run, periodic, is_best))
 
     def take_saves(self) -> list[tuple[bool, str]]:
-        saves, self.finished_saves = getattr(self, "finished_saves", []), []
+        saves, self.finished_saves = self.finished_saves, []
         return saves
 
     def roll_back(self, paths: list[Path], seed: int) -> dict[str, Any] | None:
@@ -677,11 +677,13 @@ class BesideLearner:
         """Ask for a checkpoint of this moment and go on: it is written once the learner has caught up."""
         request = next(self.requests)
         self.pending_saves.add(request)
-        self.commands.put(("save", request, run, periodic, is_best))
+        self.commands.put(("save", request, run, periodic, is_best, True))
 
-    def save(self, run: dict[str, Any], periodic: bool, is_best: bool) -> tuple[bool, str]:
+    def save(
+        self, run: dict[str, Any], periodic: bool, is_best: bool, catch_up: bool = True
+    ) -> tuple[bool, str]:
         request = next(self.requests)
-        self.commands.put(("save", request, run, periodic, is_best))
+        self.commands.put(("save", request, run, periodic, is_best, catch_up))
         answer = self._wait(lambda: self.answers.pop(request, None), None, "waiting for a checkpoint")
         return answer[2], answer[3]
 

@@ -84,6 +84,8 @@ class RunLog:
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
         self.wandb_run: Any = None
         self.wandb_note = "W&B disabled"
+        self._wandb_step = 0
+        self._wandb_resumed_at = 0  # the W&B run's step when this process resumed it
 
     # W&B ------------------------------------------------------------------------------------------
     def start_wandb(
@@ -127,15 +129,22 @@ class RunLog:
             self.wandb_note = f"W&B offline ({why}): files in {where}; upload later with `wandb sync`"
         else:
             self.wandb_note = f"W&B online: {self.wandb_run.url}"
+        self._wandb_resumed_at = self._wandb_step = int(getattr(self.wandb_run, "step", 0) or 0)
         return self.wandb_run.id
 
     def _to_wandb(self, record: dict[str, Any]) -> None:
         if self.wandb_run is None:
             return
         kind = record["kind"]
-        payload = {f"{kind}/{k}": v for k, v in record.items() if k not in ("kind", "step", "time")}
+        payload = {f"{kind}/{k}": v for k, v in record.items() if k not in ("kind", "time")}
+        # W&B takes only increasing steps. A resumed run redoes the steps after its checkpoint, which W&B
+        # has already: it keeps their first version. A learner beside the actor reports its learn steps a
+        # little after the actor's own records: they go in at the newest step, their own in `<kind>/step`.
+        if int(record["step"]) < self._wandb_resumed_at:
+            return
+        self._wandb_step = max(self._wandb_step, int(record["step"]))
         try:
-            self.wandb_run.log(payload, step=int(record["step"]))
+            self.wandb_run.log(payload, step=self._wandb_step)
             if kind == "event" and record.get("level") == "red_flag":
                 self.wandb_run.summary[f"red_flag/{record.get('name', 'unknown')}"] = record.get(
                     "message", ""

@@ -573,9 +573,11 @@ class Session:
             return True
         return False
 
-    def save(self, is_periodic: bool, wait: bool = True) -> str:
+    def save(self, is_periodic: bool, wait: bool = True, catch_up: bool = True) -> str:
         """Write a checkpoint (beside: ask for it and, unless `wait`, go on). A failed write is reported
-        and training goes on; 3 in a row stop it."""
+        and training goes on; 3 in a row stop it. A run on its way out (Ctrl+C, an error) saves without
+        `catch_up`: the learner's state as it is, the replay with every step; the learn steps still due
+        are done first when it resumes, and the replay ratio holds."""
         if not self.config.checkpoint:
             return "checkpoints are off (checkpoint=False)"
         is_best = self._is_best() if is_periodic else False
@@ -587,7 +589,12 @@ class Session:
             self.learner.request_save(run, is_periodic, is_best)
             self.collect_saves()
             return f"checkpoint of step {self.run.step:,} requested"
-        return self._saved(*self.learner.save(run, is_periodic, is_best))
+        if not catch_up and self.learner.lag > 0:
+            self.progress.message(
+                f"saving without waiting for the learner ({self.learner.lag:,} learn steps behind: "
+                "it does them first when the run resumes)"
+            )
+        return self._saved(*self.learner.save(run, is_periodic, is_best, catch_up))
 
     def collect_saves(self) -> None:
         for ok, text in self.learner.take_saves():

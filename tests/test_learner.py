@@ -124,13 +124,35 @@ def test_a_checkpoint_holds_the_learner_caught_up_with_every_step_before_it(tmp_
         server.handle(message)  # nothing learned yet: the steps arrived faster than the learner
     assert server.learner.agent.learn_steps == 0
     run = {"step": 75, "episode": 3, "best_interval_reward": 0.0, "python_rng": None, "numpy_rng": None}
-    server.handle(("save", 7, run, False, False))
+    server.handle(("save", 7, run, False, False, True))
     assert replies[-1][:3] == ("saved", 7, True)
     state = load_checkpoint(tmp_path / "run" / "latest.pt")
     assert (
         state["agent"]["learn_steps"] == 75 - config.batch_size + 1 == state["step"] - config.batch_size + 1
     ), "a checkpoint's learner must have caught up with the steps it holds"
     assert state["replay"]["next_transition"] == 75
+
+
+def test_an_exit_save_does_not_wait_and_the_resumed_learner_learns_the_due_steps_first(tmp_path):
+    config = small_config()
+    replies: list[tuple] = []
+    server = LearnerServer(spec_for(tmp_path, config), replies.append)
+    server.open()
+    for message in steps(np.random.default_rng(2), 75):
+        server.handle(message)
+    run = {"step": 75, "episode": 3, "best_interval_reward": 0.0, "python_rng": None, "numpy_rng": None}
+    server.handle(("save", 8, run, False, False, False))  # Ctrl+C: save now, learn later
+    assert replies[-1][:3] == ("saved", 8, True)
+    state = load_checkpoint(tmp_path / "run" / "latest.pt")
+    assert state["agent"]["learn_steps"] == 0 and state["replay"]["next_transition"] == 75
+    resumed = LearnerServer(spec_for(tmp_path, config, resume=True, require_checkpoint=True), replies.append)
+    info = resumed.open()
+    assert info["run"]["step"] == 75
+    due = 75 - config.batch_size + 1
+    owed = resumed.learner.learn_target - resumed.learner.agent.learn_steps
+    assert owed == due, "the resumed learner owes exactly the learn steps the exit skipped"
+    resumed.catch_up()
+    assert resumed.learner.agent.learn_steps == due and not resumed.learner.behind
 
 
 @pytest.fixture

@@ -94,7 +94,7 @@ def test_wandb_offline_without_api_key_and_same_id_on_resume(tmp_path, monkeypat
     )
     log.write("episode", 40, reward=3.0)
     log.write("event", 41, level="red_flag", name="q_negative", message="Q -12 < -10")
-    assert fake.logged[0] == (40, {"episode/reward": 3.0})
+    assert fake.logged[0] == (40, {"episode/step": 40, "episode/reward": 3.0})
     log.close()
 
 
@@ -134,3 +134,37 @@ def test_wandb_login_through_netrc_counts_as_logged_in(tmp_path, monkeypatch):
 
 def test_metrics_file_name_is_stable():
     assert run_log.METRICS_FILE == "metrics.jsonl"
+
+
+def test_wandb_steps_only_increase_and_redone_steps_keep_their_first_version(tmp_path, monkeypatch):
+    """A learner beside the actor logs learn steps a little behind the actor's records; a resumed run
+    redoes steps W&B already has. W&B refuses (and prints a warning for) any step below its newest."""
+    logged: list[tuple[int, dict]] = []
+
+    class Run:
+        step, id, dir, url = 500, "abc", str(tmp_path), "https://example.invalid/run"
+        summary: dict = {}
+
+        def log(self, payload, step):
+            assert step >= (logged[-1][0] if logged else 0), "W&B would drop this record with a warning"
+            logged.append((step, payload))
+
+    import wandb
+
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: Run())
+    monkeypatch.setenv("WANDB_MODE", "online")
+    log = RunLog(tmp_path)
+    log.start_wandb("p", "r", "abc", {}, {})
+    log.write("step", 400)  # redone after a resume from step 400: W&B has it already
+    log.write("episode", 600)
+    log.write("step", 590)  # a learn step reported after the actor's episode record
+    log.write("episode", 700)
+    log.close()
+    assert [(step, payload.get("step/step", payload.get("episode/step"))) for step, payload in logged] == [
+        (600, 600),
+        (600, 590),
+        (700, 700),
+    ]
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [400, 600, 590, 700], (
+        "JSONL keeps all"
+    )
