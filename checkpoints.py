@@ -223,12 +223,13 @@ class CheckpointStore:
     def best_path(self) -> Path:
         return self.run_dir / BEST_NAME
 
-    def periodic(self) -> list[Path]:
-        """Periodic checkpoints, oldest first (ordered by step)."""
+    def periodic(self, before_step: int | None = None) -> list[Path]:
+        """Periodic checkpoints, oldest first (ordered by step); only those of steps before `before_step`
+        when it is given."""
         found = []
         for path in self.run_dir.glob("ckpt_ep*_step*.pt"):
             match = CHECKPOINT_PATTERN.match(path.name)
-            if match:
+            if match and (before_step is None or int(match.group(2)) < before_step):
                 found.append((int(match.group(2)), int(match.group(1)), path))
         return [path for _, _, path in sorted(found)]
 

@@ -369,8 +369,9 @@ def train(args: argparse.Namespace) -> Any:
     start_step, announced = session.run.step, not diagnosing
     started = time.perf_counter()
     try:
-        session.pretrain()
-        evaluate_if_due()
+        session.pretrain(stop)
+        if not stop.requested:
+            evaluate_if_due()
         progress.restart_rate(session.run.step)  # the pace of training, from its first step
         episode_reward, episode_length, episode_start = 0.0, 0, time.perf_counter()
         env_timeouts = getattr(env, "time_step_timeouts", 0)
@@ -415,12 +416,15 @@ def train(args: argparse.Namespace) -> Any:
                     **step_latency.take_episode(),
                 )  # fmt: skip
             rolled_back = session.handle(flags) if flags else False
-            if episode_over and not rolled_back and session.checkpoint_due():
-                session.save(is_periodic=True, wait=False)
             if episode_over or rolled_back:
-                flags = session.absorb(learner.sync())  # the learner catches up while the car respawns
+                # The learner catches up while the car respawns, and the red flags of the steps it caught up
+                # on are handled before a checkpoint is asked for: a checkpoint written after a failure must
+                # never become the one a rollback returns to.
+                flags = session.absorb(learner.sync())
                 if flags:
-                    session.handle(flags)  # a rollback here just means the next episode starts from it
+                    rolled_back = session.handle(flags) or rolled_back
+                if episode_over and not rolled_back and session.checkpoint_due():
+                    session.save(is_periodic=True, wait=False)
                 evaluate_if_due()
                 episode_reward, episode_length, episode_start = 0.0, 0, time.perf_counter()
                 episode_timeouts = 0
@@ -430,7 +434,9 @@ def train(args: argparse.Namespace) -> Any:
                 observed = time.perf_counter()
         if not stop.requested:
             evaluate_if_due(final=True)
-            session.absorb(learner.sync())
+            flags = session.absorb(learner.sync())
+            if flags:
+                session.handle(flags)  # the last steps' flags are reported (and acted on) before the save
         saved = session.save(is_periodic=False, catch_up=not stop.requested)
         run = session.run
         if stop.requested:

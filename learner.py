@@ -351,6 +351,8 @@ class LearnerServer:
         torch.manual_seed(agent_seed)
         learner.agent.online.reset_noise()
         learner.agent.target.reset_noise()
+        if self.learned is not None:  # before the reply: the actor's lag counts from the restored step
+            self.learned.value = learner.agent.learn_steps
         if self.publish is not None:
             self.publish()
         return {
@@ -654,6 +656,9 @@ class BesideLearner:
         start = time.perf_counter()
         while self.lag > limit:
             self._drain(timeout=0.002)
+            if self.lag > limit and not self.process.is_alive():
+                self._drain()
+                raise self._died("waiting for it to catch up")
         return time.perf_counter() - start
 
     def refresh_actor(self, force: bool = False) -> bool:

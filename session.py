@@ -456,16 +456,16 @@ class Session:
             f"{self.total_wait:.1f} s of waiting for it mid-episode"
         )
 
-    def pretrain(self) -> None:
+    def pretrain(self, stop: StopRequest) -> None:
         """`demo_pretrain_steps` learn steps on the demonstrations alone, before the first environment step
-        (a resumed run has done them already)."""
+        (a resumed run has done them already; one stopped by Ctrl+C does the rest when it resumes)."""
         total = self.config.demo_pretrain_steps if self.config.demos else 0
         done = lambda: int(self.last_metrics.get("learn_step", 0))  # noqa: E731
         if not total or self.run.step or self.learner_steps_at_open >= total:
             return
         self.progress.message(f"pretraining: {total:,} learn steps on the demonstrations alone")
         started = time.perf_counter()
-        while done() < total:
+        while done() < total and not stop.requested:
             flags = self.absorb(self.learner.learn())
             if flags:
                 self.handle(flags)
@@ -473,6 +473,9 @@ class Session:
             self.progress.show(0, f"pretraining {done():,}/{total:,} learn steps")
             if self.learner.mode == "beside":
                 time.sleep(0.05)
+        if stop.requested:
+            self.progress.message(f"pretraining stopped at {done():,} of {total:,} learn steps (on request)")
+            return
         self.progress.message(f"pretraining done in {duration(time.perf_counter() - started)}")
 
     def learn(self) -> list[RedFlag]:
@@ -622,9 +625,8 @@ class Session:
                 f"stopped on red flag {flag.name} at step {flag.step:,} ({MAX_ROLLBACKS} rollbacks already): "
                 f"{flag.message}"
             )
-        older_first = (
-            list(reversed(self.store.periodic()))[self.rollbacks :] if self.config.checkpoint else []
-        )
+        before_flag = self.store.periodic(before_step=flag.step) if self.config.checkpoint else []
+        older_first = list(reversed(before_flag))[self.rollbacks :]
         seed = self.args.seed + 7919 * (self.rollbacks + 1)
         restored = self.learner.roll_back(older_first, seed) if older_first else None
         if restored is None:

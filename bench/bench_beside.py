@@ -9,6 +9,8 @@ run folder:
 - `embedded`: the embedded track (CarRacing at 20 Hz simulated, no pacing: the actor runs as fast as it can);
 - `trackmania`: tmrl's real interface and rtgym's real 20 Hz timing against the fake game of
   tests/fake_game.py (the car driving along a 100 m track), so time-step timeouts are rtgym's own;
+- `trackmania-apart`: the same with the fake game's telemetry server in a process of its own, as the real
+  game is (in `trackmania` its 200 frames per second are sent by a thread of the agent's process);
 each with `--learner inline` and `--learner beside`, and each with and without a CPU hog: a process spinning
 on one core, as the game itself does on a single PC.
 
@@ -44,7 +46,7 @@ LATENCY = re.compile(
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", default="embedded,trackmania", help="embedded, trackmania or both")
+    parser.add_argument("--cases", default="embedded,trackmania", help="embedded,trackmania,trackmania-apart")
     parser.add_argument("--steps", type=int, default=3000, help="env steps per embedded run (default 3000)")
     parser.add_argument(
         "--tm-steps", type=int, default=2000, help="env steps per TrackMania run (default 2000)"
@@ -81,7 +83,8 @@ def run_case(env: str, learner: str, hog: bool, steps: int, folder: Path, thread
             from fake_openplanet import write_tmrl_data
 
             write_tmrl_data(home)
-        command = [sys.executable, str(ROOT / "tests" / "fake_game.py"), json.dumps({"drive": 20.0}), "--"]
+        game = {"drive": 20.0, "game_process": env == "trackmania-apart"}
+        command = [sys.executable, str(ROOT / "tests" / "fake_game.py"), json.dumps(game), "--"]
         command += ["--env", "trackmania", *common]
         environment = dict(os.environ, HOME=str(home), USERPROFILE=str(home))
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if hog else None

@@ -9,6 +9,8 @@ HOME (and USERPROFILE) must hold a TmrlData folder (fake_openplanet.write_tmrl_d
     fault          null, "nan", "slip", "12_floats", "freeze", "crash" or "finish_now", at env step `fault_at`
     slow_learn     seconds each learn step sleeps (inline learner): an agent too slow for 20 Hz
     step_timeout   seconds before a silent game is reported (the watchdog; default 2 here)
+    game_process   true: the telemetry server runs in a process of its own, as the real game does, so its
+                   200 frames per second cost this process only their reception (no faults then)
 The exit code is env_tm.main's. Tests and bench/bench_loop.py run it as a child process.
 """
 
@@ -16,10 +18,12 @@ from __future__ import annotations
 
 import functools
 import json
+import multiprocessing
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,12 +43,16 @@ def main() -> int:
     options = json.loads(sys.argv[1])
     argv = sys.argv[sys.argv.index("--") + 1 :]
     patch = pytest.MonkeyPatch()
-    game = FakeOpenPlanet(
-        spawn=tuple(options.get("spawn", (0.0, 0.0, 0.0))),
-        frame_interval=float(options.get("frame_interval", 0.005)),
-    )
-    if options.get("drive"):
-        game.drive(float(options["drive"]), TRACK_LENGTH)
+    spawn = tuple(options.get("spawn", (0.0, 0.0, 0.0)))
+    frame_interval, drive = float(options.get("frame_interval", 0.005)), float(options.get("drive", 0.0))
+    if options.get("game_process"):
+        if options.get("fault"):
+            raise ValueError("faults need the game in this process (leave game_process out)")
+        game = GameInAnotherProcess(spawn, frame_interval, drive)
+    else:
+        game = FakeOpenPlanet(spawn=spawn, frame_interval=frame_interval)
+        if drive:
+            game.drive(drive, TRACK_LENGTH)
     screen, recorder = FakeScreen(), ControlRecorder(on_respawn=game.respawn)
     patch.setattr(trackmania, "OPENPLANET_PORT", game.port)
     fault, fault_at = options.get("fault"), int(options.get("fault_at", 10**9))
@@ -88,6 +96,44 @@ def main() -> int:
         game.close()
         pressed = [event for event in recorder.events if event[0] == "keys" and event[1]]
         print("FAKE_GAME " + json.dumps({"controls_pressed": len(pressed), "events": len(recorder.events)}))
+
+
+class GameInAnotherProcess:
+    """FakeOpenPlanet in a spawned process: this one knows its port and can press "respawn", no more."""
+
+    def __init__(self, spawn: tuple, frame_interval: float, drive: float) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._commands, theirs = context.Pipe()
+        self._process = context.Process(
+            target=serve_game, args=(theirs, spawn, frame_interval, drive), name="fake game", daemon=True
+        )
+        self._process.start()
+        if not self._commands.poll(60):
+            raise RuntimeError("the fake game's process did not start within 60 s")
+        self.port: int = self._commands.recv()
+
+    def respawn(self) -> None:
+        self._commands.send("respawn")
+
+    def close(self) -> None:
+        self._commands.send("close")
+        self._process.join(5)
+
+
+def serve_game(commands: Any, spawn: tuple, frame_interval: float, drive: float) -> None:
+    game = FakeOpenPlanet(spawn=spawn, frame_interval=frame_interval)
+    if drive:
+        game.drive(drive, TRACK_LENGTH)
+    commands.send(game.port)
+    while True:
+        try:
+            command = commands.recv()
+        except EOFError:  # the agent's process is gone
+            break
+        if command != "respawn":
+            break
+        game.respawn()
+    game.close()
 
 
 def start_fault(game: FakeOpenPlanet, fault: str | None) -> None:

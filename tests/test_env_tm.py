@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -343,6 +344,59 @@ def test_on_red_flag_rollback_restores_the_last_checkpoint_and_continues(tmp_pat
     episodes = [r["episode"] for r in records if r["kind"] == "episode"]
     assert episodes == list(range(1, 7)), "episodes after the checkpoint were redone, not double counted"
     assert load_checkpoint(tmp_path / "h" / "latest.pt")["step"] == 240
+
+
+def test_a_rollback_never_returns_to_a_checkpoint_written_after_the_flagged_step(
+    tmp_path, capsys, monkeypatch
+):
+    """Beside the actor, a learn step's flag can arrive after a checkpoint of later steps was written. Faked
+    here: the flag raised at learn step 150 reports env step 119, before the checkpoint of step 120. The
+    rollback must go to the checkpoint of step 80, the newest one from before the failure."""
+    import learner
+
+    poisoned, original = {"left": 1}, learner.Learner.learn
+
+    def learn(self):
+        metrics = original(self)
+        if self.agent.learn_steps == 150 and poisoned["left"]:
+            poisoned["left"] -= 1
+            metrics["grad_norm"] = 1e9  # an exploding gradient: fatal
+            metrics["env_step"] = 119  # reported late: as if learnt before the checkpoint of step 120
+        return metrics
+
+    monkeypatch.setattr(learner.Learner, "learn", learn)
+    assert env_tm.main(health_args(tmp_path, 200, "--on-red-flag", "rollback")) == env_tm.EXIT_OK
+    out = capsys.readouterr().out
+    assert "rolled back to ckpt_ep0000002_step0000000080.pt (step 80, episode 2)" in out, out
+
+
+def test_ctrl_c_during_pretraining_stops_it_saves_and_the_resumed_run_finishes_it(
+    tmp_path, capsys, monkeypatch
+):
+    root = tmp_path / "demos"
+    record = ["--env", "embedded", "--record-demos", "auto", "--driver", "scripted", "--demo-episodes", "1"]
+    assert env_tm.main([*record, "--demo-root", str(root), "--set", "ep_max_length=30"]) == env_tm.EXIT_OK
+    original = rainbow.RainbowAgent.train
+
+    def train(self):  # Ctrl+C arrives during the 5th pretraining step
+        if self.learn_steps == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(rainbow.RainbowAgent, "train", train)
+    args = ["--env", "embedded", "--steps", "40", "--checkpoint-root", str(tmp_path), "--run-name", "p"]
+    args += ["--no-wandb", "--learner", "inline", "--demos", "auto", "--pretrain-steps", "30"]
+    args += ["--demo-root", str(root), *sum((["--set", a] for a in FAST), [])]
+    assert env_tm.main(args) == env_tm.EXIT_INTERRUPTED
+    out = capsys.readouterr().out
+    assert "pretraining stopped at 5 of 30 learn steps (on request)" in out, out
+    assert "stopped at step 0 (on request): saved" in out and "evaluation" not in out
+    assert load_checkpoint(tmp_path / "p" / "latest.pt")["agent"]["learn_steps"] == 5
+    monkeypatch.setattr(rainbow.RainbowAgent, "train", original)
+    assert env_tm.main(args) == env_tm.EXIT_OK
+    out = capsys.readouterr().out
+    assert "pretraining done" in out
+    assert load_checkpoint(tmp_path / "p" / "latest.pt")["agent"]["learn_steps"] == 30 + 40 - 4 + 1
 
 
 def test_diagnose_says_no_go_on_a_diverging_run(tmp_path, capsys, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -179,7 +180,7 @@ def test_a_learner_beside_the_actor_keeps_the_schedule_and_shares_its_weights(be
     learner.sync()
     assert learner.lag == 0 and int(learner.learned.value) == 300 - config.batch_size + 1, SCHEDULE_WHY
     metrics = learner.learn()  # the metrics of every learn step come back, in order
-    assert learner.refresh_actor() or True
+    learner.refresh_actor()  # whether or not a copy was due, the actor must now hold the newest weights
     ok, path = learner.save({"step": 300, "episode": 12, "best_interval_reward": 0.0}, False, False)
     assert ok and path.endswith("latest.pt")
     state = load_checkpoint(Path(path))
@@ -191,6 +192,46 @@ def test_a_learner_beside_the_actor_keeps_the_schedule_and_shares_its_weights(be
             msg=f"the actor's {name} is not the learner's",
         )
     assert all(m["env_step"] == m["learn_step"] + config.batch_size - 1 for m in metrics)
+
+
+def test_a_rollback_beside_restores_the_learner_the_actor_and_the_lag_together(beside):
+    learner, config = beside
+    learner.open()
+    rng = np.random.default_rng(5)
+    messages = list(steps(rng, 160, episode_length=20))
+
+    def hand_over(part):
+        for message in part:
+            if message[0] == "episode":
+                learner.start_episode(*message[1:])
+            else:
+                learner.add(*message[1:])
+
+    hand_over(messages[:84])  # 80 steps in 4 whole episodes of 20
+    learner.sync()
+    ok, path = learner.save({"step": 80, "episode": 4, "best_interval_reward": 0.0}, True, False)
+    periodic = sorted(Path(path).parent.glob("ckpt_ep*_step*.pt"))
+    assert ok and [p.name for p in periodic] == ["ckpt_ep0000004_step0000000080.pt"]
+    path = str(periodic[0])
+    saved = load_checkpoint(periodic[0])
+    hand_over(messages[84:])
+    learner.sync()
+    assert int(learner.learned.value) == 160 - config.batch_size + 1
+    info = learner.roll_back([Path(path)], seed=11)
+    assert info is not None and info["run"]["step"] == 80
+    assert info["transitions"] == 80 and info["learn_steps"] == 80 - config.batch_size + 1
+    assert learner.lag == 0, "after a rollback the lag counts from the restored learner, never negative"
+    for name, value in learner.actor.agent.online.state_dict().items():
+        if "noise" in name or "epsilon" in name:
+            continue  # a rollback draws fresh noise on purpose
+        torch.testing.assert_close(
+            value,
+            torch.as_tensor(saved["agent"]["online"][name]),
+            msg=f"the actor's {name} was not rolled back",
+        )
+    hand_over(steps(np.random.default_rng(6), 20, episode_length=20))
+    learner.sync()
+    assert int(learner.learned.value) == 100 - config.batch_size + 1, SCHEDULE_WHY
 
 
 def test_a_learner_process_that_dies_is_reported_in_one_line_within_seconds(beside):
@@ -205,6 +246,35 @@ def test_a_learner_process_that_dies_is_reported_in_one_line_within_seconds(besi
     message = str(error.value)
     assert "the learner process stopped (exit code -9)" in message and "\n" not in message
     assert "frozen policy" in message and "last checkpoint stands" in message
+
+
+def test_an_actor_waiting_for_a_learner_that_died_is_told_within_seconds(beside):
+    """The learner killed (OOM killer, Task Manager) while the actor waits for it to catch up: keep_pace must
+    notice the dead process, never wait forever for a counter that no longer moves."""
+    learner, _ = beside
+    learner.open()
+    os.kill(learner.process.pid, signal.SIGKILL)
+    learner.process.join(5)
+    rng = np.random.default_rng(4)
+    for message in steps(rng, 200):
+        if message[0] == "episode":
+            learner.start_episode(*message[1:])
+        else:
+            learner.add(*message[1:])
+    raised: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            learner.keep_pace(8)
+        except BaseException as error:  # noqa: BLE001 - whatever it is, the test reports it
+            raised.append(error)
+
+    waiting = threading.Thread(target=wait, daemon=True)  # a hang fails the test instead of hanging it
+    waiting.start()
+    waiting.join(10)
+    assert not waiting.is_alive(), "keep_pace still waits for a learner that died 10 s ago"
+    assert len(raised) == 1 and isinstance(raised[0], LearnerDiedError), raised
+    assert "while the actor was waiting for it to catch up" in str(raised[0])
 
 
 def test_a_learner_that_cannot_open_its_run_says_why_in_the_actor(tmp_path):

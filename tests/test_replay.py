@@ -607,6 +607,25 @@ def test_n_step_returns_match_a_hand_computed_sum_across_episode_ends() -> None:
     assert plain["next_car"][:, 0].tolist() == ids
 
 
+def test_an_episode_cut_off_by_a_stop_ends_before_the_next_one_starts() -> None:
+    """A run stopped mid-episode and resumed: the cut episode's last step has neither flag, and the next
+    episode's steps follow it in the memory. No n-step return may reach across: the cut ends as a truncation
+    (bootstrapping from the last state it reached)."""
+    replay = PrioritizedReplay(16, stack=2, alpha=0.0, discount_factor=0.5, n_step=3)
+    cars = iter(range(100))
+    for rewards in ([1.0, 2.0, 4.0], [100.0, 200.0, 400.0]):  # the first episode is never ended
+        replay.start_episode(np.zeros((2, 64, 64), np.uint8), np.array([next(cars), 0, 0], np.float32))
+        for reward in rewards:
+            car = np.array([next(cars), 0, 0], np.float32)
+            replay.add(0, reward, False, False, np.zeros((64, 64), np.uint8), car)
+    batch = replay.transitions(np.arange(6))
+    expected = [1 + 0.5 * 2 + 0.25 * 4, 2 + 0.5 * 4, 4.0]
+    assert batch["reward"][:3].tolist() == expected, "an n-step return crossed the cut"
+    assert batch["discount"][:3].tolist() == [0.125, 0.25, 0.5]
+    assert batch["next_car"][:3, 0].tolist() == [3.0, 3.0, 3.0], "the cut bootstraps from its own last state"
+    assert replay.truncated[:6].tolist() == [False, False, True, False, False, False]
+
+
 # --- the demonstration part (issue 17) -----------------------------------------------------------------
 def demo_memory(own_transitions: int = 40, demo_transitions: int = 12, bonus: float = 1.0, **kwargs):
     from replay import DemoReplay

@@ -567,4 +567,40 @@ CATALOGUE: tuple[Mutation, ...] = (
         ),
         (f"{DEMOS}::test_the_players_action_of_step_t_is_the_input_the_car_reports_two_observations_later",),
     ),
+    Mutation(
+        "rollback_to_a_checkpoint_written_after_the_flag",
+        "beside, a flag can arrive after a later checkpoint: restoring it would restore the failure",
+        (("session.py", "self.store.periodic(before_step=flag.step)", "self.store.periodic()"),),
+        (f"{LOOP}::test_a_rollback_never_returns_to_a_checkpoint_written_after_the_flagged_step",),
+    ),
+    Mutation(
+        "n_step_return_across_a_resumed_cut",
+        "a run stopped mid-episode: the next episode's rewards must not leak into the cut one's n-step returns",
+        (("replay.py", "if self._episode_open and self._next_transition:", "if False:"),),
+        (f"{REPLAY}::test_an_episode_cut_off_by_a_stop_ends_before_the_next_one_starts",),
+    ),
+    Mutation(
+        "actor_waits_forever_for_a_dead_learner",
+        "a learner killed while the actor waits for it must stop the run, never hang it",
+        (("learner.py", "if self.lag > limit and not self.process.is_alive():", "if False:"),),
+        (f"{LEARNER}::test_an_actor_waiting_for_a_learner_that_died_is_told_within_seconds",),
+    ),
+    Mutation(
+        "ctrl_c_ignored_during_pretraining",
+        "Ctrl+C must stop a long pretraining and save it, not run on until a second Ctrl+C loses it all",
+        (("session.py", "while done() < total and not stop.requested:", "while done() < total:"),),
+        (f"{LOOP}::test_ctrl_c_during_pretraining_stops_it_saves_and_the_resumed_run_finishes_it",),
+    ),
+    Mutation(
+        "lag_not_reset_by_a_rollback",
+        "after a rollback the actor's lag must count from the restored learner, or keep_pace stops bounding it",
+        (
+            (
+                "learner.py",
+                "        if self.learned is not None:  # before the reply",
+                "        if False:  # before the reply",
+            ),
+        ),
+        (f"{LEARNER}::test_a_rollback_beside_restores_the_learner_the_actor_and_the_lag_together",),
+    ),
 )
