@@ -380,7 +380,7 @@ CATALOGUE: tuple[Mutation, ...] = (
             (
                 "learner.py",
                 "        while self.lag > limit:\n            self._drain(timeout=0.002)\n",
-                "        self._drain()\n",
+                "        if True:\n            self._drain(timeout=0.002)\n",
             ),
         ),
         (LEARNER_BESIDE,),
