@@ -420,9 +420,11 @@ def train(args: argparse.Namespace) -> Any:
                 # The learner catches up while the car respawns, and the red flags of the steps it caught up
                 # on are handled before a checkpoint is asked for: a checkpoint written after a failure must
                 # never become the one a rollback returns to.
-                flags = session.absorb(learner.sync())
+                flags = session.absorb(learner.sync(give_up=lambda: stop.requested))
                 if flags:
                     rolled_back = session.handle(flags) or rolled_back
+                if stop.requested:
+                    break  # Ctrl+C: the exit save follows at once (no catch-up, checkpoint or evaluation)
                 if episode_over and not rolled_back and session.checkpoint_due():
                     session.save(is_periodic=True, wait=False)
                 evaluate_if_due()

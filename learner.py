@@ -440,8 +440,8 @@ class InlineLearner:
     def keep_pace(self, limit: int) -> float:
         return 0.0  # always caught up
 
-    def sync(self) -> list[dict[str, float]]:
-        self.server.catch_up()
+    def sync(self, give_up: Callable[[], bool] | None = None) -> list[dict[str, float]]:
+        self.server.catch_up()  # inline it is at most one learn step: nothing to give up
         return self.take_metrics()
 
     def save(
@@ -671,10 +671,12 @@ class BesideLearner:
         return True
 
     # requests ---------------------------------------------------------------------------------------------
-    def sync(self) -> list[dict[str, float]]:
+    def sync(self, give_up: Callable[[], bool] | None = None) -> list[dict[str, float]]:
+        """Wait until the learner has caught up (or `give_up()` says to stop waiting: Ctrl+C), then take
+        its newest weights and the metrics of every learn step so far."""
         request = next(self.requests)
         self.commands.put(("sync", request))
-        self._wait(lambda: self.answers.pop(request, None), None, "waiting for it to catch up")
+        self._wait(lambda: self.answers.pop(request, None), None, "waiting for it to catch up", give_up)
         self.refresh_actor()
         return self.take_metrics()
 
@@ -765,13 +767,21 @@ class BesideLearner:
             elif kind == "error":
                 raise _learner_error(reply[1], reply[2], Path(self.spec.run_dir))
 
-    def _wait(self, answer: Callable[[], tuple | None], timeout: float | None, what: str) -> tuple:
+    def _wait(
+        self,
+        answer: Callable[[], tuple | None],
+        timeout: float | None,
+        what: str,
+        give_up: Callable[[], bool] | None = None,
+    ) -> tuple | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._drain(timeout=0.05)
             found = answer()
             if found is not None:
                 return found
+            if give_up is not None and give_up():
+                return None
             if not self.process.is_alive():
                 self._drain()
                 found = answer()

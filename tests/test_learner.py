@@ -234,6 +234,24 @@ def test_a_rollback_beside_restores_the_learner_the_actor_and_the_lag_together(b
     assert int(learner.learned.value) == 100 - config.batch_size + 1, SCHEDULE_WHY
 
 
+def test_ctrl_c_during_a_catch_up_stops_the_wait_and_a_later_sync_completes_it(beside):
+    """At an episode end the actor waits for the learner to catch up; Ctrl+C must end that wait at once (the
+    exit save does not wait either), and the learn steps stay due: a later sync still runs every one."""
+    learner, config = beside
+    learner.open()
+    rng = np.random.default_rng(8)
+    for message in steps(rng, 600):
+        if message[0] == "episode":
+            learner.start_episode(*message[1:])
+        else:
+            learner.add(*message[1:])
+    started = time.monotonic()
+    learner.sync(give_up=lambda: True)
+    assert time.monotonic() - started < 2 and learner.lag > 0, "the wait did not end on request"
+    learner.sync()
+    assert learner.lag == 0 and int(learner.learned.value) == 600 - config.batch_size + 1, SCHEDULE_WHY
+
+
 def test_a_learner_process_that_dies_is_reported_in_one_line_within_seconds(beside):
     learner, _ = beside
     learner.open()

@@ -603,4 +603,10 @@ CATALOGUE: tuple[Mutation, ...] = (
         ),
         (f"{LEARNER}::test_a_rollback_beside_restores_the_learner_the_actor_and_the_lag_together",),
     ),
+    Mutation(
+        "ctrl_c_waits_for_the_learner_to_catch_up",
+        "Ctrl+C at an episode end must not wait for up to learner_max_lag learn steps before saving",
+        (("learner.py", "            if give_up is not None and give_up():", "            if False:"),),
+        (f"{LEARNER}::test_ctrl_c_during_a_catch_up_stops_the_wait_and_a_later_sync_completes_it",),
+    ),
 )
