@@ -129,7 +129,9 @@ def plot(runs: list[tuple[str, Path, list[dict[str, Any]]]], budget: int, args: 
             means = np.array([r["return_mean"] for r in evals if r["step"] <= budget])
             ax.plot(steps, means, "-", color=colour, alpha=0.35, lw=1)
             curves.append(np.interp(grid, steps, means, right=np.nan))
-        mean = np.nanmean(np.vstack(curves), axis=0)
+        stacked = np.vstack(curves)
+        present = (~np.isnan(stacked)).sum(axis=0)  # grid points past a run's last evaluation are NaN
+        mean = np.where(present > 0, np.nansum(stacked, axis=0) / np.maximum(present, 1), np.nan)
         ax.plot(grid, mean, "o-", color=colour, lw=2, ms=3, label=f"{label} (mean of {len(members)})")
     for threshold in THRESHOLDS:
         ax.axhline(threshold, color="k", ls=":", lw=0.8)

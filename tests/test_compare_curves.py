@@ -1,0 +1,74 @@
+"""bench/compare_curves.py: the figures that learning-curve comparisons report (steps to 400 and 700)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+import compare_curves  # noqa: E402
+
+
+def write_run(folder: Path, evals: list[tuple[int, float]]) -> Path:
+    folder.mkdir(parents=True)
+    records = [{"kind": "episode", "step": 5, "time": 0.0, "reward": 1.0}]
+    records += [{"kind": "eval", "step": s, "time": 0.0, "return_mean": r} for s, r in evals]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder
+
+
+def compare(monkeypatch, *argv: str) -> int:
+    monkeypatch.setattr(sys, "argv", ["compare_curves.py", *argv])
+    return compare_curves.main()
+
+
+def test_steps_to_each_threshold_and_the_final_mean_within_the_shortest_budget(tmp_path, monkeypatch, capsys):
+    k = 10_000
+    fast = write_run(tmp_path / "fast", [(0, -240), (k, 420), (2 * k, 380), (3 * k, 710), (4 * k, 690)])
+    slow = write_run(tmp_path / "slow", [(0, -240), (k, -200), (2 * k, 100), (3 * k, 450)])
+    late = write_run(tmp_path / "late", [(0, -240), (k, -210), (2 * k, 405), (3 * k, 520), (4 * k, 800)])
+    out = tmp_path / "out"
+    code = compare(
+        monkeypatch,
+        *("--run", f"a={fast}", "--run", f"b={slow}", "--run", f"a={late}"),
+        *("--png", str(out / "curves.png"), "--json", str(out / "curves.json")),
+    )
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "budget: 30,000 steps" in text, "the budget is the shortest run's last evaluation"
+    result = json.loads((out / "curves.json").read_text())
+    a, b = result["groups"]["a"]["runs"], result["groups"]["b"]["runs"]
+    assert [(m["steps_to_400"], m["steps_to_700"]) for m in a] == [(10_000, 30_000), (20_000, None)]
+    assert (b[0]["steps_to_400"], b[0]["steps_to_700"]) == (30_000, None)
+    # 'final' is the mean of the last 3 evaluations within the budget: 40k is beyond it
+    assert a[0]["final"] == pytest.approx((420 + 380 + 710) / 3)
+    assert a[1]["final"] == pytest.approx((-210 + 405 + 520) / 3)
+    assert result["groups"]["a"]["final_mean"] == pytest.approx((a[0]["final"] + a[1]["final"]) / 2)
+    assert "not reached" in text
+    png = (out / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("no-equals-sign", "is not LABEL=DIR"),
+        ("a=", "is not LABEL=DIR"),
+        ("a={missing}", "no metrics.jsonl in"),
+        ("a={empty}", "has no eval records (train with --eval-every)"),
+    ],
+)
+def test_bad_runs_are_one_line_errors(tmp_path, monkeypatch, spec, message):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text(json.dumps({"kind": "episode", "step": 1, "time": 0.0}) + "\n")
+    spec = spec.format(missing=tmp_path / "nowhere", empty=empty)
+    with pytest.raises(SystemExit) as error:
+        compare(monkeypatch, "--run", spec)
+    assert str(error.value).startswith("error: ") and message in str(error.value)
+    assert "\n" not in str(error.value)
