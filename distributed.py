@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from environment import build_environment, checked_reward, choose_environment, split_observation
+from health import FATAL_FLAGS
 from learner import Actor
 from rainbow import ACTION_VECTORS, resolve_device
 from session import EXIT_INTERRUPTED, EXIT_OK, Session, StepLatency, StopRequest, TrainResult
@@ -598,8 +599,9 @@ def run_trainer(args: argparse.Namespace) -> TrainResult:
             for episode in split_episodes(received.memory):
                 stored, episode_flags = remote.ingest(episode)
                 flags += episode_flags
-                if stored and session.checkpoint_due():
-                    session.save(is_periodic=True)
+                fatal_pending = any(flag.name in FATAL_FLAGS for flag in flags)
+                if stored and not fatal_pending and session.checkpoint_due():
+                    session.save(is_periodic=True)  # never one of a failure a rollback returns to
             if agent.learn_steps < learn_target():
                 flags += session.learn()
             if flags and session.handle(flags):

@@ -344,7 +344,9 @@ def train(args: argparse.Namespace) -> Any:
         due = run.last_eval_step is None or run.step // every > run.last_eval_step // every
         if not (due or final):
             return
-        session.absorb(learner.sync())  # the newest weights, for the policy as of this step
+        flags = session.absorb(learner.sync())  # the newest weights, for the policy as of this step
+        if flags and session.handle(flags):
+            return  # rolled back: this step's policy is gone; the evaluation comes when it is due again
         progress.message(f"evaluating at step {run.step:,}: {plural(args.eval_episodes, 'greedy episode')}")
         result = environment.evaluate(actor.agent, env, config, args.eval_episodes)
         progress.restart_rate(run.step)  # the evaluation's minutes are not training's pace
@@ -376,7 +378,8 @@ def train(args: argparse.Namespace) -> Any:
         episode_reward, episode_length, episode_start = 0.0, 0, time.perf_counter()
         env_timeouts = getattr(env, "time_step_timeouts", 0)
         episode_timeouts = 0
-        frames, car = reset()
+        if not stop.requested:  # Ctrl+C during pretraining: straight to the exit save, no respawn
+            frames, car = reset()
         observed = time.perf_counter()  # the game waits for us from here until the next env.step
         while session.run.step < session.total_steps and not stop.requested:
             run = session.run
@@ -417,6 +420,8 @@ def train(args: argparse.Namespace) -> Any:
                 )  # fmt: skip
             rolled_back = session.handle(flags) if flags else False
             if episode_over or rolled_back:
+                if stop.requested:
+                    break  # Ctrl+C: the exit save follows at once (no catch-up, checkpoint or evaluation)
                 # The learner catches up while the car respawns, and the red flags of the steps it caught up
                 # on are handled before a checkpoint is asked for: a checkpoint written after a failure must
                 # never become the one a rollback returns to.
@@ -424,9 +429,9 @@ def train(args: argparse.Namespace) -> Any:
                 if flags:
                     rolled_back = session.handle(flags) or rolled_back
                 if stop.requested:
-                    break  # Ctrl+C: the exit save follows at once (no catch-up, checkpoint or evaluation)
+                    break
                 if episode_over and not rolled_back and session.checkpoint_due():
-                    session.save(is_periodic=True, wait=False)
+                    session.save(is_periodic=True)  # written while the car respawns, not while it drives
                 evaluate_if_due()
                 episode_reward, episode_length, episode_start = 0.0, 0, time.perf_counter()
                 episode_timeouts = 0
@@ -435,10 +440,18 @@ def train(args: argparse.Namespace) -> Any:
                 env_timeouts = getattr(env, "time_step_timeouts", 0)
                 observed = time.perf_counter()
         if not stop.requested:
-            evaluate_if_due(final=True)
+            # The last learn steps' red flags are handled before the end; a rollback here leaves steps to do.
             flags = session.absorb(learner.sync())
-            if flags:
-                session.handle(flags)  # the last steps' flags are reported (and acted on) before the save
+            if flags and session.handle(flags):
+                saved = session.save(is_periodic=False)
+                left = session.total_steps - session.run.step
+                progress.message(
+                    f"rolled back at the end of the run: {saved}; run the same command again for the "
+                    f"{left:,} steps left"
+                )
+                log.write("run", session.run.step, event="interrupted")
+                return TrainResult(INTERRUPTED, session.run_dir, config)
+            evaluate_if_due(final=True)
         saved = session.save(is_periodic=False, catch_up=not stop.requested)
         run = session.run
         if stop.requested:

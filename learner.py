@@ -226,6 +226,9 @@ class LearnerServer:
         self.learner: Learner | None = None
         self.publish: Callable[[], None] | None = None  # set by the beside mode: share the weights
         self.learned: Any = None  # the beside mode's shared counter of learn steps, updated before replies
+        # Beside, a sync is answered by the serve loop once the learner has caught up, so that commands sent
+        # after it (an exit save that must not wait) are served between learn steps. None: at once.
+        self.pending_syncs: list[int] | None = None
 
     # opening -------------------------------------------------------------------------------------------
     def open(self) -> dict[str, Any]:
@@ -296,15 +299,25 @@ class LearnerServer:
             _, request, paths, seed = message
             self.reply(("rolled_back", request, self.roll_back([Path(p) for p in paths], seed)))
         elif kind == "sync":
-            self.catch_up()
-            if self.publish is not None:  # the actor then acts (or is evaluated) with this very moment's net
-                self.publish()
-            self.reply(("synced", message[1]))
+            if self.pending_syncs is not None:
+                self.pending_syncs.append(message[1])
+            else:
+                self.catch_up()
+                self.answer_syncs([message[1]])
         elif kind == "stop":
             return False
         else:
             raise ValueError(f"unknown learner message {kind!r}")
         return True
+
+    def answer_syncs(self, requests: list[int]) -> None:
+        """Tell the actor it has caught up, with the weights of this very moment (it then acts or is
+        evaluated with them)."""
+        if requests and self.publish is not None:
+            self.publish()
+        for request in requests:
+            self.reply(("synced", request))
+        requests.clear()
 
     def work(self) -> bool:
         """One learn step if one is due (its metrics are replied); returns whether it learned."""
@@ -549,6 +562,7 @@ def serve(spec: LearnerSpec, commands: Any, replies: Any, learned: Any, version:
         mailbox = WeightsMailbox.of(server.learner.agent, version, lock)
         server.publish = lambda: mailbox.write(server.learner.agent)
         server.learned = learned
+        server.pending_syncs = []
         learned.value = server.learner.agent.learn_steps
         replies.put(("opened", {**info, "weights": mailbox.tensors}))
         since_check = 0
@@ -564,6 +578,7 @@ def serve(spec: LearnerSpec, commands: Any, replies: Any, learned: Any, version:
                 if since_check % 50 == 0 and parent is not None and not parent.is_alive():
                     return  # the actor is gone: nothing will ask for a checkpoint any more
                 continue
+            server.answer_syncs(server.pending_syncs)  # caught up with everything before them
             try:  # nothing to learn: wait for data
                 message = commands.get(timeout=0.1)
             except queue.Empty:

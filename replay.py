@@ -291,10 +291,12 @@ class PrioritizedReplay:
         """Store the reset observation: all `stack` frames (oldest first) and its car floats."""
         frames = self._check_frames(frames, (self.stack, *self.frame_shape), "start_episode frames")
         car = self._check_car(car, "start_episode car")
-        if self._episode_open and self._next_transition:
+        last = (self._next_transition - 1) % self.capacity
+        ended = bool(self.terminated[last] or self.truncated[last])
+        if self._episode_open and self._next_transition and not ended:
             # The previous episode was cut off (the run stopped mid-episode and resumed): its last step ends
             # it as a truncation, so no n-step return reaches into this episode.
-            self.truncated[(self._next_transition - 1) % self.capacity] = True
+            self.truncated[last] = True
         first = self._next_frame
         evicted = self._evict_for_frame(first + self.stack - 1)
         if evicted.size:

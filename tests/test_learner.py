@@ -248,6 +248,13 @@ def test_ctrl_c_during_a_catch_up_stops_the_wait_and_a_later_sync_completes_it(b
     started = time.monotonic()
     learner.sync(give_up=lambda: True)
     assert time.monotonic() - started < 2 and learner.lag > 0, "the wait did not end on request"
+    # The exit save that follows is served between learn steps, not after the whole catch-up.
+    ok, path = learner.save({"step": 600, "episode": 24, "best_interval_reward": 0.0}, False, False, False)
+    saved = load_checkpoint(Path(path))
+    assert ok and saved["agent"]["learn_steps"] < 600 - config.batch_size + 1, (
+        "the exit save waited for the catch-up the actor had stopped waiting for"
+    )
+    assert saved["replay"]["next_transition"] == 600, "every step handed over is in the exit save"
     learner.sync()
     assert learner.lag == 0 and int(learner.learned.value) == 600 - config.batch_size + 1, SCHEDULE_WHY
 
@@ -320,6 +327,35 @@ def test_the_inline_learner_is_the_same_engine_without_a_process(tmp_path):
             learner.add(*message[1:])
             learner.learn()
     assert learner.lag == 0 and learner.learner.agent.learn_steps == 40 - config.batch_size + 1
+
+
+def test_beside_and_inline_learn_the_same_weights_from_the_same_steps(tmp_path):
+    """The learner in its own process is the inline engine: handed the same steps in the same order (one at a
+    time, each learnt before the next), it ends with the same weights, bit for bit."""
+    config = small_config()
+    rng_steps = list(steps(np.random.default_rng(12), 60, episode_length=20))
+    inline = InlineLearner(spec_for(tmp_path / "inline", config))
+    inline.open()
+    beside = BesideLearner(spec_for(tmp_path / "beside", config))
+    try:
+        beside.open()
+        for message in rng_steps:
+            for learner in (inline, beside):
+                if message[0] == "episode":
+                    learner.start_episode(*message[1:])
+                else:
+                    learner.add(*message[1:])
+                    learner.learn()
+            if message[0] == "step":
+                beside.sync()
+        assert inline.learner.agent.learn_steps == 60 - config.batch_size + 1 == int(beside.learned.value)
+        for name, value in inline.learner.agent.online.state_dict().items():
+            torch.testing.assert_close(
+                beside.actor.agent.online.state_dict()[name], value, rtol=0, atol=0,
+                msg=f"{name}: the learner beside the actor learnt something else from the same steps",
+            )  # fmt: skip
+    finally:
+        beside.close()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the kernel's parent-death signal is Linux's")

@@ -624,6 +624,12 @@ def test_an_episode_cut_off_by_a_stop_ends_before_the_next_one_starts() -> None:
     assert batch["discount"][:3].tolist() == [0.125, 0.25, 0.5]
     assert batch["next_car"][:3, 0].tolist() == [3.0, 3.0, 3.0], "the cut bootstraps from its own last state"
     assert replay.truncated[:6].tolist() == [False, False, True, False, False, False]
+    # Stopped during the reset that followed a terminated episode: the open episode has no step, and the
+    # terminated one is not marked truncated when the run resumes.
+    replay.add(0, 1.0, True, False, np.zeros((64, 64), np.uint8), np.array([50, 0, 0], np.float32))
+    for _ in range(2):
+        replay.start_episode(np.zeros((2, 64, 64), np.uint8), np.array([60, 0, 0], np.float32))
+    assert (bool(replay.terminated[6]), bool(replay.truncated[6])) == (True, False)
 
 
 # --- the demonstration part (issue 17) -----------------------------------------------------------------

@@ -1177,8 +1177,8 @@ def test_a_trajectory_of_another_map_is_named_at_the_first_reset(tmp_path):
 
 
 def test_race_results_and_finishes_that_cannot_be_real(tmp_path):
-    # The car drives the 100 m track at 20 m/s: every episode finishes, with its race time recorded.
-    result = run_loop(tmp_path, {"drive": 20}, 160)
+    # The car drives the 100 m track at 40 m/s (~50 steps): every episode finishes, with its race time.
+    result = run_loop(tmp_path, {"drive": 40}, 160)
     assert result.returncode == 0, result.stderr[-2000:]
     episodes = [r for r in read_jsonl(tmp_path / "runs" / "tm" / "metrics.jsonl") if r["kind"] == "episode"]
     assert len(episodes) >= 2 and all(

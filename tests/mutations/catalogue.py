@@ -576,7 +576,7 @@ CATALOGUE: tuple[Mutation, ...] = (
     Mutation(
         "n_step_return_across_a_resumed_cut",
         "a run stopped mid-episode: the next episode's rewards must not leak into the cut one's n-step returns",
-        (("replay.py", "if self._episode_open and self._next_transition:", "if False:"),),
+        (("replay.py", "            self.truncated[last] = True", "            pass"),),
         (f"{REPLAY}::test_an_episode_cut_off_by_a_stop_ends_before_the_next_one_starts",),
     ),
     Mutation(
@@ -607,6 +607,12 @@ CATALOGUE: tuple[Mutation, ...] = (
         "ctrl_c_waits_for_the_learner_to_catch_up",
         "Ctrl+C at an episode end must not wait for up to learner_max_lag learn steps before saving",
         (("learner.py", "            if give_up is not None and give_up():", "            if False:"),),
+        (f"{LEARNER}::test_ctrl_c_during_a_catch_up_stops_the_wait_and_a_later_sync_completes_it",),
+    ),
+    Mutation(
+        "exit_save_queued_behind_a_full_catch_up",
+        "a sync answered only after a whole catch-up holds up the exit save that Ctrl+C asked for",
+        (("learner.py", "            if self.pending_syncs is not None:", "            if False:"),),
         (f"{LEARNER}::test_ctrl_c_during_a_catch_up_stops_the_wait_and_a_later_sync_completes_it",),
     ),
 )
