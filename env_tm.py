@@ -330,8 +330,9 @@ def train(args: argparse.Namespace) -> Any:
         raise
     # A real-time game cannot pause mid-episode: the actor runs up to learner_max_lag steps ahead of a
     # slower learner and lets it catch up at the episode's end, while the car respawns. The embedded track
-    # keeps the same rule, so that what is measured on it holds for the game.
-    max_lag = config.learner_max_lag
+    # can wait, so it stays within simulator_max_lag: its data then comes from a policy as fresh as inline
+    # or in the game when the learner keeps up with 20 Hz (tm_config.py).
+    max_lag = config.learner_max_lag if env_name == "trackmania" else config.simulator_max_lag
     diagnosing = args.diagnose is not None
 
     def env_seed() -> int:

@@ -142,9 +142,14 @@ class Config:
     # LEARNING BESIDE ACTING (learner.py): the actor copies the learner's weights every this many learn
     # steps. Mid-episode it never waits for the learner unless it is `learner_max_lag` steps ahead (a
     # real-time game cannot pause); the learner catches up at each episode's end, while the car respawns.
-    # Either way the replay ratio stays one learn step per environment step.
+    # A simulator that can wait (the embedded track) waits whenever the learner is `simulator_max_lag`
+    # steps behind: unpaced it runs ~4x faster than the learner, and with the game's bound every episode
+    # would be driven by the policy of its first step (measured: ~950 learn steps stale), not by one a few
+    # learn steps old as inline or in the 20 Hz game. Either way the replay ratio stays one learn step per
+    # environment step.
     actor_refresh_learn_steps: int = 4
     learner_max_lag: int = 1000
+    simulator_max_lag: int = 4
 
     # DEMONSTRATIONS (demos.py, replay.DemoReplay; none in the pin): the recorded demos/<name>/ folders to
     # learn from beside the agent's own data (comma-separated), learn steps on them alone before the first
@@ -398,6 +403,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "log_every_steps": (_positive, ">= 1"),
     "actor_refresh_learn_steps": (_positive, ">= 1 learn step"),
     "learner_max_lag": (_positive, ">= 1 step"),
+    "simulator_max_lag": (_positive, ">= 1 step"),
     "timeout_share_flag": (_unit, "in [0, 1]"),
     "demos": (
         lambda v: all(folder_name_problem(n) is None for n in demo_names(v)),

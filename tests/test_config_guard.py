@@ -95,6 +95,7 @@ PINNED = {
     # Added by rainbow-tm for learning beside acting and run health: pinned too.
     "actor_refresh_learn_steps": 4,
     "learner_max_lag": 1000,
+    "simulator_max_lag": 4,
     "timeout_share_flag": 0.1,
     # Demonstrations (issue 17): none in the pin; DQfD's bonus, margin and weight when --demos is given.
     "demos": "",

@@ -428,6 +428,21 @@ def run_quietly(tmp_path: Path, steps: int, *extra: str, sets: list[str] = FAST)
     return env_tm.main(args + ["--no-wandb", *learner, *extra] + sum((["--set", a] for a in sets), []))
 
 
+def test_a_simulator_waits_for_the_learner_within_its_small_bound(tmp_path):
+    """The embedded track can wait: beside, the actor never runs more than simulator_max_lag learn steps
+    ahead (with the game's bound it drove whole episodes with the policy of their first step). The pinned
+    network learns several times slower than the track runs; episodes of 150 steps."""
+    args = ["--env", "embedded", "--steps", "330", "--checkpoint-root", str(tmp_path), "--run-name", "q"]
+    args += ["--no-wandb", "--learner", "beside", "--threads", "1"]
+    args += ["--set", "max_buffer_size=1024", "--set", "ep_max_length=150", "--set", "log_every_steps=10"]
+    assert env_tm.main(args) == env_tm.EXIT_OK
+    episodes = [r for r in read_jsonl(tmp_path / "q" / METRICS) if r["kind"] == "episode"]
+    assert len(episodes) == 2 and all(r["learner_lag_max"] <= 4 for r in episodes), (
+        "the actor ran ahead of the learner: " + str([r["learner_lag_max"] for r in episodes])
+    )
+    assert all(r["learner_wait_ms"] > 0 for r in episodes), "the actor must have waited for the learner"
+
+
 def test_fresh_moves_an_old_run_aside_instead_of_mixing_into_it(tmp_path, capsys):
     assert run_quietly(tmp_path, 80, "--fresh") == env_tm.EXIT_OK
     assert run_quietly(tmp_path, 40, "--fresh") == env_tm.EXIT_OK

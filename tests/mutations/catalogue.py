@@ -615,4 +615,16 @@ CATALOGUE: tuple[Mutation, ...] = (
         (("learner.py", "            if self.pending_syncs is not None:", "            if False:"),),
         (f"{LEARNER}::test_ctrl_c_during_a_catch_up_stops_the_wait_and_a_later_sync_completes_it",),
     ),
+    Mutation(
+        "simulator_runs_a_whole_episode_ahead",
+        "unbounded, the embedded track's episodes are driven by a policy ~950 learn steps stale, not inline's",
+        (
+            (
+                "env_tm.py",
+                'max_lag = config.learner_max_lag if env_name == "trackmania" else config.simulator_max_lag',
+                "max_lag = config.learner_max_lag",
+            ),
+        ),
+        (f"{LOOP}::test_a_simulator_waits_for_the_learner_within_its_small_bound",),
+    ),
 )
