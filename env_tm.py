@@ -403,7 +403,9 @@ def train(args: argparse.Namespace) -> Any:
             frames, car = next_frames, next_car
             episode_over = terminated or truncated
             if not episode_over:
-                session.keep_pace(max_lag)
+                waited = session.keep_pace(max_lag)
+                if env_name != "trackmania":
+                    observed += waited  # a simulator's chosen wait for the learner, reported on its own
             session.status(f"R {episode_reward:.1f}")
             if not announced and run.step - start_step >= 200:
                 pace = (run.step - start_step) / (time.perf_counter() - started)

@@ -438,15 +438,16 @@ class Session:
         self.monitor.observe_reward(reward)
         return self.monitor.observe_frames(frames, self.run.step, self.run.episode, speed=float(car[0]))
 
-    def keep_pace(self, max_lag: int) -> None:
+    def keep_pace(self, max_lag: int) -> float:
         """Wait while the learner is more than `max_lag` learn steps behind; the lag and the wait are
-        measured for the episode record and the final summary."""
+        measured for the episode record and the final summary. Returns the seconds waited."""
         waited = self.learner.keep_pace(max_lag)
         lag = self.learner.lag
         self.episode_wait += waited
         self.total_wait += waited
         self.episode_lag_max = max(self.episode_lag_max, lag)
         self.lag_max = max(self.lag_max, lag)
+        return waited
 
     def pace_summary(self) -> str | None:
         if self.learner.mode != "beside":
