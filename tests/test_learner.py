@@ -156,6 +156,15 @@ def test_an_exit_save_does_not_wait_and_the_resumed_learner_learns_the_due_steps
     assert resumed.learner.agent.learn_steps == due and not resumed.learner.behind
 
 
+def hand_over(learner, messages) -> None:
+    """Give the learner each (kind, payload) of `steps` as the actor's loop would."""
+    for message in messages:
+        if message[0] == "episode":
+            learner.start_episode(*message[1:])
+        else:
+            learner.add(*message[1:])
+
+
 @pytest.fixture
 def beside(tmp_path):
     config = small_config(actor_refresh_learn_steps=2)
@@ -169,11 +178,7 @@ def test_a_learner_beside_the_actor_keeps_the_schedule_and_shares_its_weights(be
     info = learner.open()
     assert info["run"] is None and learner.process.is_alive()
     rng = np.random.default_rng(3)
-    for message in steps(rng, 300):
-        if message[0] == "episode":
-            learner.start_episode(*message[1:])
-        else:
-            learner.add(*message[1:])
+    hand_over(learner, steps(rng, 300))
     assert learner.lag > 8, "300 steps handed over at once: the learner is behind"
     waited = learner.keep_pace(8)
     assert learner.lag <= 8 and waited > 0, "keep_pace must wait until the learner is within the bound"
@@ -200,21 +205,14 @@ def test_a_rollback_beside_restores_the_learner_the_actor_and_the_lag_together(b
     rng = np.random.default_rng(5)
     messages = list(steps(rng, 160, episode_length=20))
 
-    def hand_over(part):
-        for message in part:
-            if message[0] == "episode":
-                learner.start_episode(*message[1:])
-            else:
-                learner.add(*message[1:])
-
-    hand_over(messages[:84])  # 80 steps in 4 whole episodes of 20
+    hand_over(learner, messages[:84])  # 80 steps in 4 whole episodes of 20
     learner.sync()
     ok, path = learner.save({"step": 80, "episode": 4, "best_interval_reward": 0.0}, True, False)
     periodic = sorted(Path(path).parent.glob("ckpt_ep*_step*.pt"))
     assert ok and [p.name for p in periodic] == ["ckpt_ep0000004_step0000000080.pt"]
     path = str(periodic[0])
     saved = load_checkpoint(periodic[0])
-    hand_over(messages[84:])
+    hand_over(learner, messages[84:])
     learner.sync()
     assert int(learner.learned.value) == 160 - config.batch_size + 1
     info = learner.roll_back([Path(path)], seed=11)
@@ -229,7 +227,7 @@ def test_a_rollback_beside_restores_the_learner_the_actor_and_the_lag_together(b
             torch.as_tensor(saved["agent"]["online"][name]),
             msg=f"the actor's {name} was not rolled back",
         )
-    hand_over(steps(np.random.default_rng(6), 20, episode_length=20))
+    hand_over(learner, steps(np.random.default_rng(6), 20, episode_length=20))
     learner.sync()
     assert int(learner.learned.value) == 100 - config.batch_size + 1, SCHEDULE_WHY
 
@@ -240,11 +238,7 @@ def test_ctrl_c_during_a_catch_up_stops_the_wait_and_a_later_sync_completes_it(b
     learner, config = beside
     learner.open()
     rng = np.random.default_rng(8)
-    for message in steps(rng, 600):
-        if message[0] == "episode":
-            learner.start_episode(*message[1:])
-        else:
-            learner.add(*message[1:])
+    hand_over(learner, steps(rng, 600))
     started = time.monotonic()
     learner.sync(give_up=lambda: True)
     assert time.monotonic() - started < 2 and learner.lag > 0, "the wait did not end on request"
@@ -281,11 +275,7 @@ def test_an_actor_waiting_for_a_learner_that_died_is_told_within_seconds(beside)
     os.kill(learner.process.pid, signal.SIGKILL)
     learner.process.join(5)
     rng = np.random.default_rng(4)
-    for message in steps(rng, 200):
-        if message[0] == "episode":
-            learner.start_episode(*message[1:])
-        else:
-            learner.add(*message[1:])
+    hand_over(learner, steps(rng, 200))
     raised: list[BaseException] = []
 
     def wait() -> None:
