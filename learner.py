@@ -418,7 +418,6 @@ class InlineLearner:
     def __init__(self, spec: LearnerSpec) -> None:
         self.spec = spec
         self.replies: list[tuple] = []
-        self.finished_saves: list[tuple[bool, str]] = []
         self.server = LearnerServer(spec, self.replies.append)
 
     def open(self) -> dict[str, Any]:
@@ -461,13 +460,6 @@ class InlineLearner:
         self, run: dict[str, Any], periodic: bool, is_best: bool, catch_up: bool = True
     ) -> tuple[bool, str]:
         return self.server.save(run, periodic, is_best)  # inline, the learner is always caught up
-
-    def request_save(self, run: dict[str, Any], periodic: bool, is_best: bool) -> None:
-        self.finished_saves.append(self.save(run, periodic, is_best))
-
-    def take_saves(self) -> list[tuple[bool, str]]:
-        saves, self.finished_saves = self.finished_saves, []
-        return saves
 
     def roll_back(self, paths: list[Path], seed: int) -> dict[str, Any] | None:
         return self.server.roll_back(paths, seed)
@@ -622,8 +614,6 @@ class BesideLearner:
         self.sent = 0  # environment steps handed over
         self.metrics: list[dict[str, float]] = []
         self.answers: dict[int, tuple] = {}
-        self.finished_saves: list[tuple[bool, str]] = []
-        self.pending_saves: set[int] = set()
         self.requests = itertools.count(1)
         self.seen_version = -1
         self.last_alive_check = 0.0
@@ -695,12 +685,6 @@ class BesideLearner:
         self.refresh_actor()
         return self.take_metrics()
 
-    def request_save(self, run: dict[str, Any], periodic: bool, is_best: bool) -> None:
-        """Ask for a checkpoint of this moment and go on: it is written once the learner has caught up."""
-        request = next(self.requests)
-        self.pending_saves.add(request)
-        self.commands.put(("save", request, run, periodic, is_best, True))
-
     def save(
         self, run: dict[str, Any], periodic: bool, is_best: bool, catch_up: bool = True
     ) -> tuple[bool, str]:
@@ -708,11 +692,6 @@ class BesideLearner:
         self.commands.put(("save", request, run, periodic, is_best, catch_up))
         answer = self._wait(lambda: self.answers.pop(request, None), None, "waiting for a checkpoint")
         return answer[2], answer[3]
-
-    def take_saves(self) -> list[tuple[bool, str]]:
-        self._drain()
-        saves, self.finished_saves = self.finished_saves, []
-        return saves
 
     def roll_back(self, paths: list[Path], seed: int) -> dict[str, Any] | None:
         request = next(self.requests)
@@ -772,9 +751,6 @@ class BesideLearner:
             kind = reply[0]
             if kind == "metrics":
                 self.metrics.append(reply[1])
-            elif kind == "saved" and reply[1] in self.pending_saves:
-                self.pending_saves.discard(reply[1])
-                self.finished_saves.append((reply[2], reply[3]))
             elif kind in ("saved", "rolled_back", "synced"):
                 self.answers[reply[1]] = reply
             elif kind == "opened":

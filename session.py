@@ -506,7 +506,6 @@ class Session:
                 )  # fmt: skip
             flags += self.monitor.observe_learn_step(metrics, step, self.run.episode)
             flags += self.monitor.observe_sources(metrics, step, self.run.episode)
-        self.collect_saves()
         return flags
 
     def end_episode(
@@ -577,8 +576,8 @@ class Session:
             return True
         return False
 
-    def save(self, is_periodic: bool, wait: bool = True, catch_up: bool = True) -> str:
-        """Write a checkpoint (beside: ask for it and, unless `wait`, go on). A failed write is reported
+    def save(self, is_periodic: bool, catch_up: bool = True) -> str:
+        """Write a checkpoint and wait until it is written. A failed write is reported
         and training goes on; 3 in a row stop it. A run on its way out (Ctrl+C, an error) saves without
         `catch_up`: the learner's state as it is, the replay with every step; the learn steps still due
         are done first when it resumes, and the replay ratio holds."""
@@ -589,20 +588,12 @@ class Session:
             self.run.interval_rewards.clear()
             self.run.interval_race_times.clear()
         run = self._checkpoint_run()
-        if not wait:
-            self.learner.request_save(run, is_periodic, is_best)
-            self.collect_saves()
-            return f"checkpoint of step {self.run.step:,} requested"
         if not catch_up and self.learner.lag > 0:
             self.progress.message(
                 f"saving without waiting for the learner ({self.learner.lag:,} learn steps behind: "
                 "it does them first when the run resumes)"
             )
         return self._saved(*self.learner.save(run, is_periodic, is_best, catch_up))
-
-    def collect_saves(self) -> None:
-        for ok, text in self.learner.take_saves():
-            self._saved(ok, text)
 
     def _saved(self, ok: bool, text: str) -> str:
         if ok:
