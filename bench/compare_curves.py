@@ -9,11 +9,19 @@ held-out tracks). `--run LABEL=DIR` is repeatable; runs with the same label are 
 figures use every evaluation up to `--steps` (default: the shortest run's last evaluation), so groups are
 compared over the same budget. "Steps to 400" is the first evaluation whose mean reached 400; "final" is
 the mean of the last `--final-evals` evaluations within the budget (one evaluation is noisy).
+
+A run's folder holds its checkpoints and does not outlive the machine it ran on; `--keep DIR` writes each
+run's start, event and evaluation records to `DIR/<run name>.jsonl` (a few kB), and `--run LABEL=FILE.jsonl`
+reads such a kept file, so finished curves can be committed and compared with runs of a later sitting:
+
+    python bench/compare_curves.py --run pin=bench/curves/curve-pin-s0.jsonl \
+        --run pin=checkpoints/curve-pin-s1
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -32,7 +40,9 @@ THRESHOLDS = (400.0, 700.0)
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", action="append", required=True, metavar="LABEL=DIR", help="repeatable")
+    parser.add_argument(
+        "--run", action="append", required=True, metavar="LABEL=DIR", help="a run folder or a kept .jsonl"
+    )
     parser.add_argument("--steps", type=int, default=None, help="the budget (default: the shortest run's)")
     parser.add_argument("--final-evals", type=int, default=3, help="evaluations averaged for 'final'")
     parser.add_argument("--png", type=Path, default=None)
@@ -40,20 +50,33 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--title", default="Greedy evaluation on 5 held-out tracks (embedded track)")
     parser.add_argument("--reference", type=float, default=None, help="a horizontal line (e.g. the demos')")
     parser.add_argument("--reference-label", default="reference")
+    parser.add_argument("--keep", type=Path, default=None, help="write each run's records to DIR/<run>.jsonl")
     return parser.parse_args()
+
+
+KEPT_KINDS = ("run", "event", "eval")  # departures (start record), red flags and rollbacks, the curve
 
 
 def load(spec: str) -> tuple[str, Path, list[dict[str, Any]]]:
     label, sep, folder = spec.partition("=")
     if not sep or not label or not folder:
         raise SystemExit(f"error: --run {spec!r} is not LABEL=DIR")
-    path = Path(folder) / METRICS_FILE
+    kept = folder.endswith(".jsonl")
+    path = Path(folder) if kept else Path(folder) / METRICS_FILE
     if not path.is_file():
-        raise SystemExit(f"error: no {METRICS_FILE} in {folder}")
-    evals = [r for r in read_jsonl(path) if r["kind"] == "eval"]
+        raise SystemExit(f"error: no {path.name} in {path.parent}")
+    records = [r for r in read_jsonl(path) if r["kind"] in KEPT_KINDS]
+    evals = [r for r in records if r["kind"] == "eval"]
     if not evals:
         raise SystemExit(f"error: {path} has no eval records (train with --eval-every)")
-    return label, Path(folder), evals
+    return label, path.with_suffix("") if kept else Path(folder), records
+
+
+def keep(records: list[dict[str, Any]], name: str, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
 
 
 def steps_to(evals: list[dict[str, Any]], threshold: float) -> int | None:
@@ -78,7 +101,11 @@ def fmt_steps(value: int | None) -> str:
 
 def main() -> int:
     args = parse_args()
-    runs = [load(spec) for spec in args.run]
+    loaded = [load(spec) for spec in args.run]
+    if args.keep:
+        for _, folder, records in loaded:
+            print(f"kept: {keep(records, folder.name, args.keep)}")
+    runs = [(label, folder, [r for r in records if r["kind"] == "eval"]) for label, folder, records in loaded]
     budget = args.steps or min(int(evals[-1]["step"]) for _, _, evals in runs)
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     print(f"budget: {budget:,} steps; 'final' = mean of the last {args.final_evals} evaluations within it\n")

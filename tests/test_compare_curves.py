@@ -72,3 +72,35 @@ def test_bad_runs_are_one_line_errors(tmp_path, monkeypatch, spec, message):
         compare(monkeypatch, "--run", spec)
     assert str(error.value).startswith("error: ") and message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_a_kept_curve_gives_the_same_figures_as_its_run_folder(tmp_path, monkeypatch):
+    k = 10_000
+    run = write_run(tmp_path / "curve-pin-s0", [(0, -240), (k, 420), (2 * k, 710), (3 * k, 650)])
+    with (run / "metrics.jsonl").open("a") as log:
+        log.write(
+            json.dumps({"kind": "run", "step": 0, "time": 0.0, "event": "start", "departures": {}}) + "\n"
+        )
+    kept = tmp_path / "kept"
+    assert (
+        compare(monkeypatch, "--run", f"pin={run}", "--keep", str(kept), "--json", str(tmp_path / "a.json"))
+        == 0
+    )
+    records = [json.loads(line) for line in (kept / "curve-pin-s0.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["eval"] * 4 + ["run"], "only the start and evaluation records"
+    assert (
+        compare(
+            monkeypatch, "--run", f"pin={kept / 'curve-pin-s0.jsonl'}", "--json", str(tmp_path / "b.json")
+        )
+        == 0
+    )
+    from_folder, from_kept = (json.loads((tmp_path / n).read_text())["groups"] for n in ("a.json", "b.json"))
+    assert from_kept == from_folder
+    assert from_kept["pin"]["runs"][0]["run"] == "curve-pin-s0"
+    assert from_kept["pin"]["runs"][0]["steps_to_700"] == 2 * k
+
+
+def test_a_missing_kept_curve_is_a_one_line_error(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit) as error:
+        compare(monkeypatch, "--run", f"pin={tmp_path / 'gone.jsonl'}")
+    assert str(error.value) == f"error: no gone.jsonl in {tmp_path}"
