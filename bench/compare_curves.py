@@ -50,6 +50,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--title", default="Greedy evaluation on 5 held-out tracks (embedded track)")
     parser.add_argument("--reference", type=float, default=None, help="a horizontal line (e.g. the demos')")
     parser.add_argument("--reference-label", default="reference")
+    parser.add_argument(
+        "--table", action="store_true", help="also print every evaluation as a markdown table"
+    )
     parser.add_argument("--keep", type=Path, default=None, help="write each run's records to DIR/<run>.jsonl")
     return parser.parse_args()
 
@@ -128,6 +131,8 @@ def main() -> int:
         to_400 = ", ".join(fmt_steps(m["steps_to_400"]) for m in members)
         to_700 = ", ".join(fmt_steps(m["steps_to_700"]) for m in members)
         print(f"{label:<20} {len(members):>4} {to_400:>24} {to_700:>24} {np.mean(finals):>11.1f}")
+    if args.table:
+        print("\n" + markdown_table(runs, budget))
     if args.png:
         plot(runs, budget, args)
         print(f"\ncurves: {args.png}")
@@ -135,6 +140,23 @@ def main() -> int:
         args.json, {"budget": budget, "groups": summary, "args": {k: str(v) for k, v in vars(args).items()}}
     )
     return 0
+
+
+def markdown_table(runs: list[tuple[str, Path, list[dict[str, Any]]]], budget: int) -> str:
+    """One row per evaluation step (to the nearest 1,000), one column per run: mean +- std over the tracks."""
+    cells: dict[int, dict[int, str]] = defaultdict(dict)
+    for column, (_, _, evals) in enumerate(runs):
+        for r in evals:
+            if r["step"] <= budget:
+                cells[round(r["step"], -3)][column] = (
+                    f"{r['return_mean']:.1f} ± {r.get('return_std', 0.0):.0f}"
+                )
+    header = ["step (~)"] + [f"{label}: {folder.name}" for label, folder, _ in runs]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for step in sorted(cells):
+        row = [f"{step:,}"] + [cells[step].get(column, "") for column in range(len(runs))]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 def plot(runs: list[tuple[str, Path, list[dict[str, Any]]]], budget: int, args: argparse.Namespace) -> None:

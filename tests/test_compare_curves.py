@@ -104,3 +104,16 @@ def test_a_missing_kept_curve_is_a_one_line_error(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as error:
         compare(monkeypatch, "--run", f"pin={tmp_path / 'gone.jsonl'}")
     assert str(error.value) == f"error: no gone.jsonl in {tmp_path}"
+
+
+def test_the_table_has_a_row_per_evaluation_and_a_column_per_run(tmp_path, monkeypatch, capsys):
+    a = write_run(tmp_path / "a", [(0, -240), (10_000, 420.25), (20_412, 710)])
+    b = write_run(tmp_path / "b", [(0, -240), (10_000, -200)])
+    assert compare(monkeypatch, "--run", f"x={a}", "--run", f"y={b}", "--steps", "30000", "--table") == 0
+    table = capsys.readouterr().out.split("\n\n")[-1].strip().splitlines()
+    assert table[0] == "| step (~) | x: a | y: b |"
+    assert table[2:] == [
+        "| 0 | -240.0 ± 0 | -240.0 ± 0 |",
+        "| 10,000 | 420.2 ± 0 | -200.0 ± 0 |",
+        "| 20,000 | 710.0 ± 0 |  |",
+    ]
