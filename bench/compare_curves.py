@@ -143,15 +143,16 @@ def main() -> int:
 
 
 def markdown_table(runs: list[tuple[str, Path, list[dict[str, Any]]]], budget: int) -> str:
-    """One row per evaluation step (to the nearest 1,000), one column per run: mean +- std over the tracks."""
+    """One row per 10,000 steps (an evaluation runs at the first episode end after its step is due), one
+    column per run: mean +- std over the tracks."""
     cells: dict[int, dict[int, str]] = defaultdict(dict)
     for column, (_, _, evals) in enumerate(runs):
         for r in evals:
             if r["step"] <= budget:
-                cells[round(r["step"], -3)][column] = (
+                cells[r["step"] // 10_000 * 10_000][column] = (
                     f"{r['return_mean']:.1f} ± {r.get('return_std', 0.0):.0f}"
                 )
-    header = ["step (~)"] + [f"{label}: {folder.name}" for label, folder, _ in runs]
+    header = ["step (due)"] + [f"{label}: {folder.name}" for label, folder, _ in runs]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for step in sorted(cells):
         row = [f"{step:,}"] + [cells[step].get(column, "") for column in range(len(runs))]

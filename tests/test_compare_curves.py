@@ -111,7 +111,7 @@ def test_the_table_has_a_row_per_evaluation_and_a_column_per_run(tmp_path, monke
     b = write_run(tmp_path / "b", [(0, -240), (10_000, -200)])
     assert compare(monkeypatch, "--run", f"x={a}", "--run", f"y={b}", "--steps", "30000", "--table") == 0
     table = capsys.readouterr().out.split("\n\n")[-1].strip().splitlines()
-    assert table[0] == "| step (~) | x: a | y: b |"
+    assert table[0] == "| step (due) | x: a | y: b |"
     assert table[2:] == [
         "| 0 | -240.0 ± 0 | -240.0 ± 0 |",
         "| 10,000 | 420.2 ± 0 | -200.0 ± 0 |",
