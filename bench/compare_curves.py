@@ -76,9 +76,12 @@ def load(spec: str) -> tuple[str, Path, list[dict[str, Any]]]:
 
 
 def keep(records: list[dict[str, Any]], name: str, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    except OSError as error:
+        raise SystemExit(f"error: cannot keep the curve in {path}: {error.strerror or error}") from None
     return path
 
 

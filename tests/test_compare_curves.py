@@ -117,3 +117,14 @@ def test_the_table_has_a_row_per_evaluation_and_a_column_per_run(tmp_path, monke
         "| 10,000 | 420.2 ± 0 | -200.0 ± 0 |",
         "| 20,000 | 710.0 ± 0 |  |",
     ]
+
+
+def test_keeping_into_a_file_is_a_one_line_error(tmp_path, monkeypatch):
+    run = write_run(tmp_path / "run", [(0, -240), (10_000, 420)])
+    (tmp_path / "taken").write_text("a file, not a folder")
+    with pytest.raises(SystemExit) as error:
+        compare(monkeypatch, "--run", f"pin={run}", "--keep", str(tmp_path / "taken"))
+    assert str(error.value).startswith(
+        f"error: cannot keep the curve in {tmp_path / 'taken' / 'run.jsonl'}: "
+    )
+    assert "\n" not in str(error.value)
