@@ -36,6 +36,7 @@ from common import write_json  # noqa: E402
 from run_log import METRICS_FILE, read_jsonl  # noqa: E402
 
 THRESHOLDS = (400.0, 700.0)
+EVAL_EVERY = 10_000  # the curves' --eval-every: the plot's grid and the table's rows
 
 
 def parse_args() -> argparse.Namespace:
@@ -146,13 +147,13 @@ def main() -> int:
 
 
 def markdown_table(runs: list[tuple[str, Path, list[dict[str, Any]]]], budget: int) -> str:
-    """One row per 10,000 steps (an evaluation runs at the first episode end after its step is due), one
+    """One row per EVAL_EVERY steps (an evaluation runs at the first episode end after its step is due), one
     column per run: mean +- std over the tracks."""
     cells: dict[int, dict[int, str]] = defaultdict(dict)
     for column, (_, _, evals) in enumerate(runs):
         for r in evals:
             if r["step"] <= budget:
-                cells[r["step"] // 10_000 * 10_000][column] = (
+                cells[r["step"] // EVAL_EVERY * EVAL_EVERY][column] = (
                     f"{r['return_mean']:.1f} ± {r.get('return_std', 0.0):.0f}"
                 )
     header = ["step (due)"] + [f"{label}: {folder.name}" for label, folder, _ in runs]
@@ -175,7 +176,7 @@ def plot(runs: list[tuple[str, Path, list[dict[str, Any]]]], budget: int, args: 
     for index, label in enumerate(labels):
         colour = colours[index % len(colours)]
         members = [evals for name, _, evals in runs if name == label]
-        grid = np.arange(0, budget + 1, 10_000)
+        grid = np.arange(0, budget + 1, EVAL_EVERY)
         curves = []
         for evals in members:
             steps = np.array([r["step"] for r in evals if r["step"] <= budget])
