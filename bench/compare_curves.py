@@ -90,15 +90,21 @@ def steps_to(evals: list[dict[str, Any]], threshold: float) -> int | None:
     return next((int(r["step"]) for r in evals if r["return_mean"] >= threshold), None)
 
 
-def summarize(evals: list[dict[str, Any]], budget: int, final_evals: int) -> dict[str, Any]:
+def within_budget(evals: list[dict[str, Any]], budget: int, folder: Path) -> list[dict[str, Any]]:
     within = [r for r in evals if r["step"] <= budget]
-    finals = [r["return_mean"] for r in within[-final_evals:]]
+    if not within:
+        raise SystemExit(f"error: {folder.name} has no evaluation within the budget of {budget:,} steps")
+    return within
+
+
+def summarize(evals: list[dict[str, Any]], final_evals: int) -> dict[str, Any]:
+    finals = [r["return_mean"] for r in evals[-final_evals:]]
     return {
-        **{f"steps_to_{int(t)}": steps_to(within, t) for t in THRESHOLDS},
+        **{f"steps_to_{int(t)}": steps_to(evals, t) for t in THRESHOLDS},
         "final": float(np.mean(finals)),
-        "best": float(max(r["return_mean"] for r in within)),
-        "last_step": int(within[-1]["step"]),
-        "evaluations": len(within),
+        "best": float(max(r["return_mean"] for r in evals)),
+        "last_step": int(evals[-1]["step"]),
+        "evaluations": len(evals),
     }
 
 
@@ -114,11 +120,12 @@ def main() -> int:
             print(f"kept: {keep(records, folder.name, args.keep)}")
     runs = [(label, folder, [r for r in records if r["kind"] == "eval"]) for label, folder, records in loaded]
     budget = args.steps or min(int(evals[-1]["step"]) for _, _, evals in runs)
+    runs = [(label, folder, within_budget(evals, budget, folder)) for label, folder, evals in runs]
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     print(f"budget: {budget:,} steps; 'final' = mean of the last {args.final_evals} evaluations within it\n")
     print(f"{'run':<34} {'steps to 400':>13} {'steps to 700':>13} {'final':>8} {'best':>8}")
     for label, folder, evals in runs:
-        figures = summarize(evals, budget, args.final_evals)
+        figures = summarize(evals, args.final_evals)
         groups[label].append({"run": folder.name, **figures})
         print(
             f"{label + ': ' + folder.name:<34} {fmt_steps(figures['steps_to_400']):>13} "
@@ -136,7 +143,7 @@ def main() -> int:
         to_700 = ", ".join(fmt_steps(m["steps_to_700"]) for m in members)
         print(f"{label:<20} {len(members):>4} {to_400:>24} {to_700:>24} {np.mean(finals):>11.1f}")
     if args.table:
-        print("\n" + markdown_table(runs, budget))
+        print("\n" + markdown_table(runs))
     if args.png:
         plot(runs, budget, args)
         print(f"\ncurves: {args.png}")
@@ -146,16 +153,15 @@ def main() -> int:
     return 0
 
 
-def markdown_table(runs: list[tuple[str, Path, list[dict[str, Any]]]], budget: int) -> str:
+def markdown_table(runs: list[tuple[str, Path, list[dict[str, Any]]]]) -> str:
     """One row per EVAL_EVERY steps (an evaluation runs at the first episode end after its step is due), one
     column per run: mean +- std over the tracks."""
     cells: dict[int, dict[int, str]] = defaultdict(dict)
     for column, (_, _, evals) in enumerate(runs):
         for r in evals:
-            if r["step"] <= budget:
-                cells[r["step"] // EVAL_EVERY * EVAL_EVERY][column] = (
-                    f"{r['return_mean']:.1f} ± {r.get('return_std', 0.0):.0f}"
-                )
+            cells[r["step"] // EVAL_EVERY * EVAL_EVERY][column] = (
+                f"{r['return_mean']:.1f} ± {r.get('return_std', 0.0):.0f}"
+            )
     header = ["step (due)"] + [f"{label}: {folder.name}" for label, folder, _ in runs]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for step in sorted(cells):
@@ -179,8 +185,8 @@ def plot(runs: list[tuple[str, Path, list[dict[str, Any]]]], budget: int, args: 
         grid = np.arange(0, budget + 1, EVAL_EVERY)
         curves = []
         for evals in members:
-            steps = np.array([r["step"] for r in evals if r["step"] <= budget])
-            means = np.array([r["return_mean"] for r in evals if r["step"] <= budget])
+            steps = np.array([r["step"] for r in evals])
+            means = np.array([r["return_mean"] for r in evals])
             ax.plot(steps, means, "-", color=colour, alpha=0.35, lw=1)
             curves.append(np.interp(grid, steps, means, right=np.nan))
         stacked = np.vstack(curves)

@@ -128,3 +128,15 @@ def test_keeping_into_a_file_is_a_one_line_error(tmp_path, monkeypatch):
         f"error: cannot keep the curve in {tmp_path / 'taken' / 'run.jsonl'}: "
     )
     assert "\n" not in str(error.value)
+
+
+def test_evaluations_past_the_budget_are_left_out_of_the_table_and_a_budget_before_any_is_an_error(
+    tmp_path, monkeypatch, capsys
+):
+    run = write_run(tmp_path / "run", [(0, -240), (10_000, 420), (20_000, 710)])
+    assert compare(monkeypatch, "--run", f"pin={run}", "--steps", "15000", "--table") == 0
+    table = capsys.readouterr().out.split("\n\n")[-1].strip().splitlines()
+    assert table[2:] == ["| 0 | -240.0 ± 0 |", "| 10,000 | 420.0 ± 0 |"]
+    with pytest.raises(SystemExit) as error:
+        compare(monkeypatch, "--run", f"pin={run}", "--steps", "-1")
+    assert str(error.value) == "error: run has no evaluation within the budget of -1 steps"
