@@ -315,7 +315,7 @@ class RainbowActor:
     ) -> None:
         self.observation_space, self.action_space = observation_space, action_space
         self.config = config
-        self.actor = Actor(config, seed, device)  # acts exactly as the single-PC actor beside its learner
+        self.actor = Actor.new(config, seed, device)  # acts exactly as the single-PC actor beside its learner
         self.agent = self.actor.agent
         self.trainer_step: int | None = None  # the global step of the last weights received
         self.learn_steps = 0

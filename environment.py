@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from rainbow import ACTION_VECTORS, RainbowAgent
 from tm_config import Config
@@ -29,6 +30,7 @@ from trackmania import (  # imports tmrl lazily (Windows-only): importing this m
 # Evaluation tracks: seeds no training episode draws (training seeds are seed * 1_000_003 + episode, below
 # this for --seed < 3,999), the same list for every evaluation so the points of a curve are comparable.
 EVAL_SEED_BASE = 4_000_000_000
+TRAIN_SEED_STRIDE = 1_000_003  # training tracks of --seed s: s * stride + episode
 
 
 class ObservationError(ValueError):
@@ -111,6 +113,12 @@ class Evaluation:
         }
 
 
+def training_seed(run_seed: int, episode: int) -> int:
+    """The track of a training episode: distinct for every (--seed, episode) pair of seeds 0..3998 and the
+    first million episodes, and always below EVAL_SEED_BASE, so never one of the held-out tracks."""
+    return (run_seed * TRAIN_SEED_STRIDE + episode) % EVAL_SEED_BASE
+
+
 def evaluation_seeds(episodes: int) -> list[int]:
     return [EVAL_SEED_BASE + k for k in range(episodes)]
 
@@ -136,10 +144,14 @@ def drive_episodes(
 
 
 def evaluate(agent: RainbowAgent, env: Any, config: Config, episodes: int) -> Evaluation:
-    """The greedy policy (no epsilon, noise off: the mean weights) on the held-out tracks. The agent's
-    epsilon stream is untouched, so training goes on as it would have."""
+    """The greedy policy (no epsilon, noise off: the mean weights) on the held-out tracks. Its quantile
+    fractions come from a stream of its own, so the agent's streams are untouched (training goes on as it
+    would have) and the same weights always score the same."""
     agent.online.set_noise(False)
+    generator = torch.Generator(device=agent.device).manual_seed(EVAL_SEED_BASE)
     try:
-        return drive_episodes(env, config, evaluation_seeds(episodes), agent.greedy_action)
+        return drive_episodes(
+            env, config, evaluation_seeds(episodes), lambda f, c: agent.greedy_action(f, c, generator)
+        )
     finally:
         agent.online.set_noise(True)

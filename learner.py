@@ -4,7 +4,11 @@ One engine, driven three ways:
 - beside (`python env_tm.py`, the default): the engine runs in a process of its own, spawned (so it works
   on Windows), at a lower OS priority than the actor. The actor only acts, steps the environment and hands
   each transition over through a queue; it copies the learner's weights every `actor_refresh_learn_steps`
-  learn steps from shared memory, never waiting for a learn step.
+  learn steps from shared memory, with the learn step they come from, so that the loop knows how many
+  learn steps older than inline's its policy is (`policy_age`). The learner announces a learn step only
+  after publishing its weights: in lockstep (`simulator_max_lag=0`, weights after every step) the actor
+  then acts exactly as inline does, bit for bit. The actor draws only from the agent's acting streams and
+  the learner only from its learning one (rainbow.py: one seed, independent streams).
 - inline (`--learner inline`): the same engine in the actor's process, one learn step after each
   environment step, as the reference ran: the exact reproduction of a recorded run.
 - the scale-out trainer (distributed.py), inline, fed with the workers' episodes.
@@ -324,11 +328,11 @@ class LearnerServer:
         if not self.learner.behind:
             return False
         metrics = self.learner.learn()
-        if self.learned is not None:
-            self.learned.value = self.learner.agent.learn_steps
-        self.reply(("metrics", metrics))
         if self.publish is not None and self.learner.agent.learn_steps % self.spec.refresh_every == 0:
             self.publish()
+        if self.learned is not None:  # after the weights: an actor that sees this step can also read them
+            self.learned.value = self.learner.agent.learn_steps
+        self.reply(("metrics", metrics))
         return True
 
     def catch_up(self) -> None:
@@ -361,9 +365,7 @@ class LearnerServer:
             return None
         agent_seed, replay_seed = stream_seeds(seed)
         learner.replay.reseed(replay_seed)
-        torch.manual_seed(agent_seed)
-        learner.agent.online.reset_noise()
-        learner.agent.target.reset_noise()
+        learner.agent.reseed(agent_seed)
         if self.learned is not None:  # before the reply: the actor's lag counts from the restored step
             self.learned.value = learner.agent.learn_steps
         if self.publish is not None:
@@ -377,29 +379,20 @@ class LearnerServer:
         }
 
 
-# --- acting for a learner that lives elsewhere --------------------------------------------------------------
+# --- acting -------------------------------------------------------------------------------------------------
 class Actor:
-    """Acts as the inline loop does, for a learner that lives elsewhere (a process beside this one, or a
-    scale-out trainer): epsilon-greedy at the global step, the online net's noise redrawn at every step as
-    a learn step would, BatchNorm in eval mode, and the learner's weights loaded when they arrive."""
-
-    def __init__(self, config: Config, seed: int, device: str | torch.device = "cpu") -> None:
-        self.agent = RainbowAgent(config, replay=None, device=device, seed=stream_seeds(seed)[0])
-
-    @property
-    def epsilon(self) -> float:
-        return self.agent.epsilon
-
-    def act(self, frames: np.ndarray, car: np.ndarray, step: int) -> int:
-        self.agent.online.reset_noise()
-        return self.agent.act(frames, car, step)
-
-
-class InlineActor:
-    """The inline mode's actor: the learner's own agent, acting with the noise of its last learn step."""
+    """The acting side of a run: epsilon-greedy at the global step, fresh noise from the acting stream at
+    every action, BatchNorm in eval mode (RainbowAgent.act). Inline it wraps the learner's own agent; for a
+    learner that lives elsewhere (a process beside this one, or a scale-out trainer) an agent of its own,
+    made from the same seed, into which the learner's weights are copied when they arrive. Either way it
+    draws only from the acting streams, never from the learning one."""
 
     def __init__(self, agent: RainbowAgent) -> None:
         self.agent = agent
+
+    @classmethod
+    def new(cls, config: Config, seed: int, device: str | torch.device = "cpu") -> Actor:
+        return cls(RainbowAgent(config, replay=None, device=device, seed=stream_seeds(seed)[0]))
 
     @property
     def epsilon(self) -> float:
@@ -422,7 +415,7 @@ class InlineLearner:
 
     def open(self) -> dict[str, Any]:
         info = self.server.open()
-        self.actor = InlineActor(self.server.learner.agent)
+        self.actor = Actor(self.server.learner.agent)
         return info
 
     @property
@@ -432,6 +425,10 @@ class InlineLearner:
     @property
     def lag(self) -> int:
         return 0
+
+    @property
+    def policy_age(self) -> int:
+        return 0  # the actor is the learner's own agent, caught up after every step
 
     def start_episode(self, frames: np.ndarray, car: np.ndarray) -> None:
         self.server.handle(("episode", frames, car))
@@ -476,10 +473,11 @@ class InlineLearner:
 
 class WeightsMailbox:
     """The online net's weights in shared memory, written by the learner, read by the actor; a version
-    number says when new ones are there, a lock keeps a copy from reading half-written weights."""
+    number says when new ones are there, the learn step they come from is written with them, and a lock
+    keeps a copy from reading half-written weights."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], version: Any, lock: Any) -> None:
-        self.tensors, self.version, self.lock = tensors, version, lock
+    def __init__(self, tensors: dict[str, torch.Tensor], version: Any, lock: Any, learn_step: Any) -> None:
+        self.tensors, self.version, self.lock, self.learn_step = tensors, version, lock, learn_step
         self._copies: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # per net: (to, from) pairs
 
     def _pairs(self, net: torch.nn.Module, outgoing: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -495,24 +493,28 @@ class WeightsMailbox:
         return self._copies[key]
 
     @classmethod
-    def of(cls, agent: RainbowAgent, version: Any, lock: Any) -> WeightsMailbox:
+    def of(cls, agent: RainbowAgent, version: Any, lock: Any, learn_step: Any) -> WeightsMailbox:
         tensors = {
             k: v.detach().to("cpu", copy=True).share_memory_() for k, v in agent.online.state_dict().items()
         }
-        return cls(tensors, version, lock)
+        learn_step.value = agent.learn_steps
+        return cls(tensors, version, lock, learn_step)
 
     def write(self, agent: RainbowAgent) -> None:
         pairs = self._pairs(agent.online, outgoing=True)
         with self.lock, torch.no_grad():
             for destination, source in pairs:
                 destination.copy_(source)
+            self.learn_step.value = agent.learn_steps
             self.version.value += 1
 
-    def read_into(self, actor: Actor) -> None:
+    def read_into(self, actor: Actor) -> int:
+        """Copy the weights into the actor's net; returns the learn step they come from."""
         pairs = self._pairs(actor.agent.online, outgoing=False)
         with self.lock, torch.no_grad():
             for destination, source in pairs:
                 destination.copy_(source)
+            return int(self.learn_step.value)
 
 
 def lower_priority() -> None:
@@ -536,7 +538,9 @@ def die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def serve(spec: LearnerSpec, commands: Any, replies: Any, learned: Any, version: Any, lock: Any) -> None:
+def serve(
+    spec: LearnerSpec, commands: Any, replies: Any, learned: Any, version: Any, lock: Any, weights_step: Any
+) -> None:
     """The learner process: open, then ingest transitions and learn until told to stop or the actor dies."""
     import multiprocessing
 
@@ -551,7 +555,7 @@ def serve(spec: LearnerSpec, commands: Any, replies: Any, learned: Any, version:
     server = LearnerServer(spec, replies.put)
     try:
         info = server.open()
-        mailbox = WeightsMailbox.of(server.learner.agent, version, lock)
+        mailbox = WeightsMailbox.of(server.learner.agent, version, lock, weights_step)
         server.publish = lambda: mailbox.write(server.learner.agent)
         server.learned = learned
         server.pending_syncs = []
@@ -604,10 +608,19 @@ class BesideLearner:
         self.commands, self.replies = context.Queue(), context.Queue()
         self.learned = context.Value("q", 0, lock=False)
         self.version = context.Value("q", 0, lock=False)
+        self.weights_step = context.Value("q", 0, lock=False)  # the learn step of the published weights
         self.lock = context.Lock()
         self.process = context.Process(
             target=serve,
-            args=(spec, self.commands, self.replies, self.learned, self.version, self.lock),
+            args=(
+                spec,
+                self.commands,
+                self.replies,
+                self.learned,
+                self.version,
+                self.lock,
+                self.weights_step,
+            ),
             name="rainbow-tm learner",
             daemon=True,
         )
@@ -616,6 +629,7 @@ class BesideLearner:
         self.answers: dict[int, tuple] = {}
         self.requests = itertools.count(1)
         self.seen_version = -1
+        self.actor_learn_step = 0  # the learn step of the weights the actor drives with
         self.last_alive_check = 0.0
         self.closed = False
 
@@ -627,8 +641,8 @@ class BesideLearner:
         self.batch_size = config.batch_size
         self.pretrain = config.demo_pretrain_steps if config.demos else 0
         self.sent = info["transitions"]
-        self.mailbox = WeightsMailbox(info.pop("weights"), self.version, self.lock)
-        self.actor = Actor(config, self.spec.seed, device="cpu")
+        self.mailbox = WeightsMailbox(info.pop("weights"), self.version, self.lock, self.weights_step)
+        self.actor = Actor.new(config, self.spec.seed, device="cpu")
         self.refresh_actor(force=True)
         return info
 
@@ -641,9 +655,19 @@ class BesideLearner:
         self.sent += 1
 
     @property
+    def due(self) -> int:
+        """Learn steps due for the transitions handed over so far (what inline would have run)."""
+        return self.pretrain + max(0, self.sent - self.batch_size + 1)
+
+    @property
     def lag(self) -> int:
         """Learn steps due for the transitions handed over but not run yet."""
-        return self.pretrain + max(0, self.sent - self.batch_size + 1) - int(self.learned.value)
+        return self.due - int(self.learned.value)
+
+    @property
+    def policy_age(self) -> int:
+        """How many learn steps older than inline's the weights the actor drives with are."""
+        return max(0, self.due - self.actor_learn_step)
 
     def learn(self) -> list[dict[str, float]]:
         """Nothing to do here but collect what the learner did meanwhile."""
@@ -671,7 +695,7 @@ class BesideLearner:
         version = int(self.version.value)
         if version == self.seen_version and not force:
             return False
-        self.mailbox.read_into(self.actor)
+        self.actor_learn_step = self.mailbox.read_into(self.actor)
         self.seen_version = version
         return True
 

@@ -18,8 +18,14 @@ eval mode (running statistics), so a single-frame batch never normalises by its 
 target net's statistics stay frozen between hard copies.
 
 Noise: the online net draws new factorised-Gaussian noise at every learn step; the target net draws new
-noise at every target evaluation. Acting uses the online net's current noise (that is NoisyNet's
-exploration). `set_noise(False)` switches noise off for a deterministic, evaluation-only greedy policy.
+noise at every target evaluation; every action draws new noise for the online net (NoisyNet's exploration).
+`set_noise(False)` switches noise off for a deterministic, evaluation-only greedy policy.
+
+Random streams: one seed spawns (numpy.random.SeedSequence) independent streams: the learn steps' noise and
+quantile fractions, the actions' noise and quantile fractions, and the epsilon draws. The actor beside a
+learner and the learner each use only their own, so no acting draw ever repeats a learning draw (issue 25:
+a shared seed made the two processes draw the same numbers), and the inline agent uses the same two
+streams, so that inline and a lockstep learner beside the actor act and learn alike, bit for bit.
 """
 
 from __future__ import annotations
@@ -113,12 +119,13 @@ class NoisyLinear(nn.Module):
         self.reset_noise()
 
     @torch.no_grad()
-    def reset_noise(self) -> None:
-        """New noise f(x) = sign(x) sqrt(|x|), x ~ N(0, 1): epsilon_in first, then epsilon_out."""
+    def reset_noise(self, generator: torch.Generator | None = None) -> None:
+        """New noise f(x) = sign(x) sqrt(|x|), x ~ N(0, 1): epsilon_in first, then epsilon_out, drawn from
+        `generator` (torch's global stream when None)."""
         # Drawn in place: the same normal_ draws as a fresh torch.randn, and copysign gives exactly
         # sign(x) * sqrt(|x|), in 4 kernels instead of 6 and without temporaries of the layer's size.
         for buffer in (self.epsilon_in, self.epsilon_out):
-            buffer.normal_()
+            buffer.normal_(generator=generator)
             torch.copysign(buffer.abs().sqrt_(), buffer, out=buffer)
 
     def noisy_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,9 +197,9 @@ class IQNNetwork(nn.Module):
     def noisy_layers(self) -> list[NoisyLinear]:
         return [m for m in self.modules() if isinstance(m, NoisyLinear)]
 
-    def reset_noise(self) -> None:
+    def reset_noise(self, generator: torch.Generator | None = None) -> None:
         for layer in self.noisy_layers():
-            layer.reset_noise()
+            layer.reset_noise(generator)
 
     def set_noise(self, enabled: bool) -> None:
         for layer in self.noisy_layers():
@@ -269,7 +276,7 @@ class RainbowAgent:
         self.config = config
         self.replay = replay
         self.device = resolve_device(device) if isinstance(device, str) else device
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # the initial weights: the same seed gives the same net in every process
         self.online = IQNNetwork(config).to(self.device)
         self.target = copy.deepcopy(self.online)
         self.target.eval()
@@ -279,7 +286,9 @@ class RainbowAgent:
         self.optimizer, self._optimizer_impl = _adamw(
             list(self.online.parameters()), config.learning_rate, config.weight_decay
         )
-        self.rng = np.random.default_rng(seed)
+        self.learn_generator = torch.Generator(device=self.device)
+        self.act_generator = torch.Generator(device=self.device)
+        self.reseed(seed)
         self.learn_steps = 0  # learn steps run, skipped ones included (the replay ratio counts these)
         self.applied_steps = 0  # gradient updates applied: the clock of the hard target copy
         self.target_updates = 0
@@ -287,21 +296,36 @@ class RainbowAgent:
         self.consecutive_skipped_steps = 0
         self.epsilon = epsilon_at(0, config)
 
+    def reseed(self, seed: int) -> None:
+        """Independent random streams from one seed (module docstring): learning's, acting's and epsilon's.
+        A rollback calls it with a new seed, so that the restored run does not replay the same draws."""
+        learn, act, explore = (int(s) for s in np.random.SeedSequence(seed).generate_state(3))
+        self.learn_generator.manual_seed(learn)
+        self.act_generator.manual_seed(act)
+        self.rng = np.random.default_rng(explore)
+
     # acting ---------------------------------------------------------------------------------------
     def act(self, frames: np.ndarray, car: np.ndarray, step: int) -> int:
-        """Epsilon-greedy action index at global environment step `step`."""
+        """Epsilon-greedy action index at global environment step `step`, with fresh noise from the acting
+        stream for the online net (NoisyNet's exploration)."""
         self.epsilon = epsilon_at(step, self.config)
+        self.online.reset_noise(self.act_generator)
         if self.rng.random() < self.epsilon:
             return int(self.rng.integers(self.config.output_dim))
         return self.greedy_action(frames, car)
 
     @torch.inference_mode()
-    def greedy_action(self, frames: np.ndarray, car: np.ndarray) -> int:
-        """argmax over the mean of `n_tau_action` quantiles, BatchNorm in eval mode."""
+    def greedy_action(
+        self, frames: np.ndarray, car: np.ndarray, generator: torch.Generator | None = None
+    ) -> int:
+        """argmax over the mean of `n_tau_action` quantiles (drawn from `generator`, by default the acting
+        stream), BatchNorm in eval mode."""
         self._online_mode(training=False)
         frames_t = torch.as_tensor(frames, device=self.device).unsqueeze(0)
         car_t = torch.as_tensor(car, dtype=torch.float32, device=self.device).unsqueeze(0)
-        taus = self._quantile_fractions(1, self.config.n_tau_action)
+        taus = torch.rand(
+            1, self.config.n_tau_action, device=self.device, generator=generator or self.act_generator
+        )
         q = self.online(frames_t, car_t, taus).mean(dim=1)
         return int(q.argmax(dim=1).item())
 
@@ -312,8 +336,8 @@ class RainbowAgent:
             module.__dict__["training"] = training  # a plain attribute: skip Module.__setattr__'s checks
 
     def _quantile_fractions(self, rows: int, count: int) -> torch.Tensor:
-        """Quantile fractions tau ~ U(0, 1), (rows, count): every tau of the agent is drawn here."""
-        return torch.rand(rows, count, device=self.device)
+        """A learn step's quantile fractions tau ~ U(0, 1), (rows, count), from the learning stream."""
+        return torch.rand(rows, count, device=self.device, generator=self.learn_generator)
 
     # learning -------------------------------------------------------------------------------------
     def _batch_to_device(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -327,7 +351,7 @@ class RainbowAgent:
         n_batch = cfg.batch_size
 
         self._online_mode(training=True)
-        self.online.reset_noise()
+        self.online.reset_noise(self.learn_generator)
         taus = self._quantile_fractions(n_batch, cfg.n_tau_train)  # the online quantile fractions
         target_taus = self._quantile_fractions(n_batch, cfg.n_tau_train)  # where the target is read
         quantiles = self.current_quantiles(batch, taus)  # (B, N, A)
@@ -474,7 +498,7 @@ class RainbowAgent:
         termination: a truncated episode keeps its future)."""
         cfg = self.config
         n_batch = batch["reward"].shape[0]
-        self.target.reset_noise()
+        self.target.reset_noise(self.learn_generator)
         if target_taus is None:
             target_taus = self._quantile_fractions(n_batch, cfg.n_tau_train)
         next_target = self.target(batch["next_frames"], batch["next_car"], target_taus)  # (B, N', A)
@@ -495,7 +519,7 @@ class RainbowAgent:
     def update_target_network(self) -> None:
         """Hard copy: the target becomes the online net (weights and BatchNorm statistics), then frozen."""
         self.target.load_state_dict(self.online.state_dict())
-        self.target.reset_noise()
+        self.target.reset_noise(self.learn_generator)
         self.target_updates += 1
 
     # checkpoints ----------------------------------------------------------------------------------
@@ -509,10 +533,19 @@ class RainbowAgent:
             "target_updates": self.target_updates,
             "skipped_steps": self.skipped_steps,
             "epsilon": self.epsilon,
-            "agent_rng": self.rng.bit_generator.state,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            **self.acting_streams(),
+            "learn_generator": self.learn_generator.get_state(),
         }
+
+    def acting_streams(self) -> dict[str, Any]:
+        """The acting side's random streams (an actor beside its learner saves these alone). Generator
+        states are CPU tensors whatever the device: saving them never touches another device."""
+        return {"agent_rng": self.rng.bit_generator.state, "act_generator": self.act_generator.get_state()}
+
+    def load_acting_streams(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["agent_rng"]
+        if "act_generator" in state:  # checkpoints before issue 25 shared torch's global stream: reseeded
+            self.act_generator.set_state(state["act_generator"])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.online.load_state_dict(state["online"])
@@ -526,7 +559,6 @@ class RainbowAgent:
         self.target_updates = int(state["target_updates"])
         self.skipped_steps = int(state["skipped_steps"])
         self.epsilon = float(state["epsilon"])
-        self.rng.bit_generator.state = state["agent_rng"]
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.load_acting_streams(state)
+        if "learn_generator" in state:
+            self.learn_generator.set_state(state["learn_generator"])

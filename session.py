@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from checkpoints import CheckpointStore
-from health import DIAG_MIN_LEARN_STEPS, FATAL_FLAGS, HealthMonitor, RedFlag
+from health import DIAG_MIN_LEARN_STEPS, FATAL_FLAGS, HealthMonitor, RedFlag, stale_share
 from learner import LearnerSpec, make_learner, stream_seeds
 from rainbow import resolve_device, unused_gpu_notice
 from run_log import METRICS_FILE, RunLog, truncate_after_step
@@ -231,11 +231,7 @@ def actor_streams(actor: Any) -> dict[str, Any]:
     return {
         "python_rng": random.getstate(),
         "numpy_rng": np.random.get_state(),
-        "actor_rng": {
-            "agent_rng": actor.agent.rng.bit_generator.state,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        },
+        "actor_rng": actor.agent.acting_streams(),
     }
 
 
@@ -245,10 +241,7 @@ def restore_actor_streams(run: dict[str, Any], actor: Any) -> None:
     streams = run.get("actor_rng")
     if streams is None:  # a checkpoint from before the learner moved beside the actor: the agent's are it
         return
-    actor.agent.rng.bit_generator.state = streams["agent_rng"]
-    torch.set_rng_state(streams["torch_rng"])
-    if streams.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(streams["cuda_rng"])
+    actor.agent.load_acting_streams(streams)
 
 
 def move_aside(run_dir: Path) -> Path | None:
@@ -411,6 +404,9 @@ class Session:
         self.last_metrics: dict[str, float] = {}
         self.episode_lag_max = self.lag_max = 0  # learn steps the actor ran ahead of the learner, at most
         self.episode_wait = self.total_wait = 0.0  # seconds the actor waited for the learner
+        self.policy_ages: list[
+            int
+        ] = []  # this episode's: learn steps the acting weights were behind inline's
 
     # --- health ----------------------------------------------------------------------------------------
     def new_monitor(self) -> HealthMonitor:
@@ -437,6 +433,12 @@ class Session:
         self.run.step += 1
         self.monitor.observe_reward(reward)
         return self.monitor.observe_frames(frames, self.run.step, self.run.episode, speed=float(car[0]))
+
+    def refresh_actor(self) -> None:
+        """Give the actor the learner's newest weights, if there are new ones, and note how old the weights
+        it is about to act with are (in learn steps behind inline's)."""
+        self.learner.refresh_actor()
+        self.policy_ages.append(self.learner.policy_age)
 
     def keep_pace(self, max_lag: int) -> float:
         """Wait while the learner is more than `max_lag` learn steps behind; the lag and the wait are
@@ -519,10 +521,12 @@ class Session:
         progress: float | None = None,
         timeouts: int = 0,
         min_finish_seconds: float | None = None,
+        real_time: bool = False,
         **extra: Any,
     ) -> list[RedFlag]:
         """Log a finished episode with its race result and check it; returns red flags."""
         run, config = self.run, self.config
+        ages, self.policy_ages = self.policy_ages, []
         run.episode += 1
         run.interval_rewards.append(reward)
         race_time = length * config.time_step_duration if finished else None
@@ -543,13 +547,18 @@ class Session:
             seconds=seconds, q_mean=self.last_metrics.get("q_mean"),
             q_greedy=self.last_metrics.get("q_greedy"),
             loss=self.last_metrics.get("loss"), learner_lag=self.learner.lag,
-            learner_lag_max=self.episode_lag_max, learner_wait_ms=round(1000 * self.episode_wait, 1), **extra,
+            learner_lag_max=self.episode_lag_max, learner_wait_ms=round(1000 * self.episode_wait, 1),
+            policy_age_max=max(ages, default=0), policy_age_mean=float(np.mean(ages)) if ages else 0.0,
+            policy_stale_share=stale_share(ages), **extra,
         )  # fmt: skip
         self.episode_lag_max, self.episode_wait = 0, 0.0
-        return self.monitor.observe_episode(
+        flags = self.monitor.observe_episode(
             reward, length, epsilon_at(run.step, config), run.step, run.episode, finished=finished,
             race_time=race_time, min_finish_seconds=min_finish_seconds, progress=progress, timeouts=timeouts,
         )  # fmt: skip
+        if real_time:
+            flags += self.monitor.observe_policy_ages(ages, run.step, run.episode)
+        return flags
 
     # --- checkpoints ------------------------------------------------------------------------------------
     def checkpoint_due(self) -> bool:
@@ -632,13 +641,11 @@ class Session:
         self.run.wandb_run_id = wandb_run_id
         restore_actor_streams(restored["run"], self.actor)
         # The checkpoint carries its random streams: replaying them would replay the same failure.
-        agent_seed, _ = stream_seeds(seed)
-        self.actor.agent.rng = np.random.default_rng(agent_seed)
-        torch.manual_seed(agent_seed)  # new noise and taus: restored, torch's stream would draw the same ones
-        self.actor.agent.online.reset_noise()
-        self.actor.agent.target.reset_noise()
+        # New acting streams: restored, they would draw the same epsilon, noise and taus again.
+        self.actor.agent.reseed(stream_seeds(seed)[0])
         self.reward_range = restored["reward_range"]
         self.monitor = self.new_monitor()
+        self.policy_ages = []  # the rolled-back episode's actions are not an episode's
         self.progress.restart_rate(self.run.step)
         self.log.truncate_after_step(self.run.step)
         self.log.write(

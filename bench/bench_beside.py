@@ -189,7 +189,7 @@ def act_latency_beside(kind: str, seconds: float, seed: int = 0) -> dict[str, An
     car = np.array([120.0, 3.0, 6000.0], np.float32)
     spec = LearnerSpec(config.to_dict(), [], tempfile.mkdtemp(prefix="bench-learner-"), 3, False, False, seed,
                        "cpu", 1, 4)  # fmt: skip
-    actor, stop, learned, feed = Actor(config, seed), threading.Event(), [0], None
+    actor, stop, learned, feed = Actor.new(config, seed), threading.Event(), [0], None
     if kind == "thread":
         commands: queue.Queue = queue.Queue()
         server = LearnerServer(spec, lambda reply: None)

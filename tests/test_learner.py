@@ -94,6 +94,30 @@ def test_the_server_learns_one_step_per_stored_step_and_never_ahead(tmp_path):
     ], "each learn step names the environment step it belongs to (where the inline loop runs it)"
 
 
+def test_the_learner_announces_a_learn_step_only_once_its_weights_are_published(tmp_path):
+    """An actor that sees learn step k done (the shared counter) and copies the weights must get step k's
+    when k is a publishing step: in lockstep it then acts exactly as inline (issue 25)."""
+    config = small_config(actor_refresh_learn_steps=3)
+    server = LearnerServer(spec_for(tmp_path, config), lambda reply: None)
+    server.open()
+    published: list[int] = []
+    announced: list[tuple[int, int | None]] = []
+
+    class Counter:
+        def __setattr__(self, name, value):
+            announced.append((value, published[-1] if published else None))
+
+    server.publish = lambda: published.append(server.learner.agent.learn_steps)
+    server.learned = Counter()
+    for message in steps(np.random.default_rng(3), 40):
+        server.handle(message)
+        server.work()
+    assert len(announced) == 40 - config.batch_size + 1
+    for step, newest_published in announced:
+        if step % 3 == 0:
+            assert newest_published == step, f"learn step {step} announced before its weights were published"
+
+
 def test_the_hard_copy_stays_at_every_1500_learn_steps_through_the_server(tmp_path):
     config = small_config()
     assert config.target_network_update_frequency == 1500
@@ -403,6 +427,9 @@ def test_demonstrations_sit_beside_the_agents_data_with_their_bonus_and_never_le
     assert replay.demos.priority_epsilon == pytest.approx(
         config.priority_epsilon + config.demo_priority_bonus
     ), "a demonstration's priority carries the DQfD bonus"
+    assert replay.own.priority_epsilon == config.priority_epsilon, (
+        "the agent's own transitions must not get the demonstrations' bonus (issue 25)"
+    )
     assert learner.learn_target == 10, "pretraining steps are due before any environment step"
     server.catch_up()
     assert learner.agent.learn_steps == 10
@@ -416,3 +443,7 @@ def test_demonstrations_sit_beside_the_agents_data_with_their_bonus_and_never_le
     replay.check_consistency()
     later = [reply[1] for reply in replies if reply[0] == "metrics"][10:]
     assert 0 < np.mean([m["demo_share"] for m in later]) < 1, "both sources are drawn"
+    newest = replay.own.transitions_added - 1
+    replay.own.update_priorities(np.array([newest]), np.array([0.5]))
+    leaf = replay.own.tree.leaf_priorities[newest % replay.own.capacity]
+    assert leaf == pytest.approx((0.5 + config.priority_epsilon) ** config.alpha), "own priority: no bonus"

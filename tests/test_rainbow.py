@@ -260,11 +260,11 @@ def test_double_dqn_target_uses_the_online_argmax_and_the_target_value():
     targets, next_action = agent.td_targets(batch)
     assert next_action.tolist() == [3] * len(next_action), "Double DQN: the online net chooses the action"
     # Recompute by hand: r + discount * Q_target(s', 3) at the same taus, discount = gamma (1 - terminated).
-    torch.manual_seed(123)
+    agent.learn_generator.manual_seed(123)
     targets, _ = agent.td_targets(batch)
-    torch.manual_seed(123)
-    agent.target.reset_noise()
-    taus = torch.rand(len(next_action), agent.config.n_tau_train)
+    agent.learn_generator.manual_seed(123)  # the learn step's own stream: the same draws again
+    agent.target.reset_noise(agent.learn_generator)
+    taus = torch.rand(len(next_action), agent.config.n_tau_train, generator=agent.learn_generator)
     q_next = agent.target(batch["next_frames"], batch["next_car"], taus)[:, :, 3]
     torch.testing.assert_close(batch["discount"], 0.997 * (1 - batch["terminated"]))
     expected = batch["reward"][:, None] + 0.997 * (1 - batch["terminated"][:, None]) * q_next
@@ -295,11 +295,11 @@ def test_truncation_bootstraps_and_termination_does_not():
         "a terminated transition must not bootstrap, a truncated one (time limit) must"
     )
     agent = RainbowAgent(config, replay, seed=0)
-    torch.manual_seed(7)
+    agent.learn_generator.manual_seed(7)
     targets, next_action = agent.td_targets(batch)
-    torch.manual_seed(7)
-    agent.target.reset_noise()
-    taus = torch.rand(4, config.n_tau_train)
+    agent.learn_generator.manual_seed(7)
+    agent.target.reset_noise(agent.learn_generator)
+    taus = torch.rand(4, config.n_tau_train, generator=agent.learn_generator)
     q_next = agent.target(batch["next_frames"], batch["next_car"], taus)
     q_next = q_next.gather(2, next_action.view(-1, 1, 1).expand(-1, config.n_tau_train, 1)).squeeze(2)
     torch.testing.assert_close(targets[0], torch.ones(config.n_tau_train))
