@@ -221,6 +221,7 @@ class EmbeddedTrackEnv(gymnasium.Env):
     """CarRacing-v3 at TrackMania's 20 Hz with tmrl's TM20FULL observation and action (module docstring)."""
 
     metadata = {"render_modes": []}
+    real_time = False  # a simulator: it waits for the agent, so the actor may wait for the learner
 
     def __init__(
         self,

@@ -332,11 +332,12 @@ def train(args: argparse.Namespace) -> Any:
     # slower learner and lets it catch up at the episode's end, while the car respawns. The embedded track
     # can wait, so it stays within simulator_max_lag: its data then comes from a policy as fresh as inline
     # or in the game when the learner keeps up with 20 Hz (tm_config.py).
-    max_lag = config.learner_max_lag if env_name == "trackmania" else config.simulator_max_lag
+    real_time = bool(getattr(env, "real_time", False))
+    max_lag = config.learner_max_lag if real_time else config.simulator_max_lag
     diagnosing = args.diagnose is not None
 
     def env_seed() -> int:
-        return args.seed * 1_000_003 + session.run.episode  # distinct tracks per (seed, episode) pair
+        return environment.training_seed(args.seed, session.run.episode)
 
     def evaluate_if_due(final: bool = False) -> None:
         every, run = args.eval_every, session.run
@@ -385,7 +386,7 @@ def train(args: argparse.Namespace) -> Any:
         while session.run.step < session.total_steps and not stop.requested:
             run = session.run
             learner.check_alive()  # never drive on with a frozen policy
-            learner.refresh_actor()
+            session.refresh_actor()
             action = actor.act(frames, car, run.step)
             step_latency.add(time.perf_counter() - observed)
             obs, reward, terminated, truncated, info = env.step(ACTION_VECTORS[action].copy())
@@ -404,7 +405,7 @@ def train(args: argparse.Namespace) -> Any:
             episode_over = terminated or truncated
             if not episode_over:
                 waited = session.keep_pace(max_lag)
-                if env_name != "trackmania":
+                if not real_time:
                     observed += waited  # a simulator's chosen wait for the learner, reported on its own
             session.status(f"R {episode_reward:.1f}")
             if not announced and run.step - start_step >= 200:
@@ -419,6 +420,7 @@ def train(args: argparse.Namespace) -> Any:
                     episode_reward, episode_length, bool(terminated), time.perf_counter() - episode_start,
                     finished=bool(info.get("finished", False)), progress=info.get("progress"),
                     timeouts=episode_timeouts, min_finish_seconds=getattr(env, "min_finish_seconds", None),
+                    real_time=real_time,
                     **step_latency.take_episode(),
                 )  # fmt: skip
             rolled_back = session.handle(flags) if flags else False

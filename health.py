@@ -65,6 +65,13 @@ HEAD_FROZEN_STEPS = 100
 # picture, so frames only count while the car reports a speed above MOVING_SPEED (km/h).
 FROZEN_FRAME_STEPS = 100
 MOVING_SPEED = 1.0
+# Issue 25: on a real-time game the actor cannot wait for a learner slower than the game; it drives with
+# the newest weights it has, up to learner_max_lag learn steps behind inline's. stale_policy (advisory)
+# fires when more than STALE_POLICY_SHARE of an episode's actions used weights over
+# STALE_POLICY_LEARN_STEPS learn steps old (100: 5 s of play at 20 Hz): its data then comes from an older
+# policy than the known-good run's.
+STALE_POLICY_LEARN_STEPS = 100
+STALE_POLICY_SHARE = 0.5
 # A fired flag re-arms once its condition has been clear this many observations in a row: without it, a
 # value hovering around a threshold would print a flag every other step.
 CLEAR_AFTER_LEARN_STEPS = 100
@@ -104,6 +111,11 @@ DIAG_MIN_STEP_RECORDS = 5
 DIAG_MAX_SKIPPED_STEPS = 10  # the loop itself stops at 100 in a row (max_consecutive_nonfinite_steps)
 DIAG_LOSS_GROWTH_FACTOR = 10.0  # last-window mean loss may not exceed 10x the first-window mean
 DIAG_EPSILON_TOLERANCE = 1e-6
+
+
+def stale_share(ages: Sequence[int]) -> float:
+    """The share of actions chosen with weights over STALE_POLICY_LEARN_STEPS learn steps old."""
+    return sum(age > STALE_POLICY_LEARN_STEPS for age in ages) / len(ages) if ages else 0.0
 
 
 def q_floor(min_reward: float, config: Config) -> float:
@@ -306,6 +318,27 @@ class HealthMonitor:
             )
 
         flag = self._update("observations_frozen", n >= self.frozen_frame_steps, make, clear_after=1)
+        return [flag] if flag else []
+
+    def observe_policy_ages(self, ages: Sequence[int], step: int, episode: int) -> list[RedFlag]:
+        """Every finished episode of a real-time game: the age in learn steps of the weights each action
+        was chosen with (0: as fresh as inline)."""
+        share = stale_share(ages)
+
+        def make() -> RedFlag:
+            return RedFlag(
+                "stale_policy",
+                f"{share:.0%} of episode {episode:,}'s actions used weights over {STALE_POLICY_LEARN_STEPS} "
+                f"learn steps old (at most {max(ages):,}): the learner is slower than the game, so the agent "
+                "drives an older policy than inline's; learn on the GPU (--device cuda), close other "
+                "programs, or give the game fewer CPU threads",
+                share,
+                step,
+                episode,
+                STALE_POLICY_SHARE,
+            )
+
+        flag = self._update("stale_policy", share > STALE_POLICY_SHARE, make, CLEAR_AFTER_EPISODES)
         return [flag] if flag else []
 
     def observe_learn_step(self, metrics: dict[str, Any], step: int, episode: int) -> list[RedFlag]:

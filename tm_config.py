@@ -403,7 +403,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "log_every_steps": (_positive, ">= 1"),
     "actor_refresh_learn_steps": (_positive, ">= 1 learn step"),
     "learner_max_lag": (_positive, ">= 1 step"),
-    "simulator_max_lag": (_positive, ">= 1 step"),
+    "simulator_max_lag": (lambda v: v >= 0, ">= 0 steps (0: lockstep, the actor waits for every learn step)"),
     "timeout_share_flag": (_unit, "in [0, 1]"),
     "demos": (
         lambda v: all(folder_name_problem(n) is None for n in demo_names(v)),

@@ -907,8 +907,12 @@ class TrackManiaEnv(gymnasium.Wrapper):
     - each step's info has "finished" (bool, the plugin's finish flag for that step's frame) and
       `last_telemetry` holds the newest returned frame's 11 values by name (TELEMETRY_FIELDS);
     - `track_length_m` is the reward trajectory's length and `min_finish_seconds` the time the track takes
-      at the game's top speed: a finish in less is not a real one.
+      at the game's top speed: a finish in less is not a real one;
+    - `real_time` is True: the game runs on whether the agent is ready or not, so the actor never waits
+      for the learner mid-episode (learner_max_lag bounds how far it runs ahead).
     """
+
+    real_time = True
 
     def __init__(
         self,

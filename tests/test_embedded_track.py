@@ -82,6 +82,31 @@ def test_reset_fills_the_history_with_copies_and_each_step_shifts_it_by_one(env:
     assert not np.array_equal(previous[3], previous[0])
 
 
+def test_every_reset_starts_a_fresh_history_of_its_own_first_frame() -> None:
+    """Issue 25: a reset that kept the previous episode's frames would show them in the first stacks."""
+    env, fresh = EmbeddedTrackEnv(seed=SEED), EmbeddedTrackEnv()
+    env.reset()
+    driven = drive(env, [GAS] * 12)[-1][0][3]
+    images = env.reset(seed=SEED + 1)[0][3]
+    assert all(np.array_equal(images[i], images[0]) for i in range(4)), "not 4 copies of the reset frame"
+    assert not any(np.array_equal(images[0], frame) for frame in driven), "a frame of the last episode"
+    assert np.array_equal(images, fresh.reset(seed=SEED + 1)[0][3]), "not the reset of a fresh track"
+
+
+def test_each_seed_resets_to_its_own_track() -> None:
+    """Issue 25: training episodes must not all drive the same track; a seed picks its track, every time."""
+    env = EmbeddedTrackEnv()
+    tracks = {}
+    for seed in (SEED, SEED + 1, SEED + 2, SEED):
+        env.reset(seed=seed)
+        tracks.setdefault(seed, []).append(np.array(env.car_racing.track, dtype=np.float64))
+    assert np.array_equal(*tracks[SEED]), "the same seed must give the same track"
+    shapes = [tracks[s][0] for s in (SEED, SEED + 1, SEED + 2)]
+    assert not any(
+        a.shape == b.shape and np.array_equal(a, b) for i, a in enumerate(shapes) for b in shapes[i + 1 :]
+    ), "different seeds gave the same track"
+
+
 def test_observations_are_fresh_arrays_the_caller_may_keep_or_modify(env: EmbeddedTrackEnv) -> None:
     obs, _ = env.reset()
     kept = [o.copy() for o in obs]

@@ -564,8 +564,11 @@ class ScriptedTM20:
     with a scripted course: episodes of fixed lengths ending by termination or truncation, rewards that
     name their step, frames and car floats that name the observation they belong to."""
 
-    def __init__(self, episodes: list[tuple[int, str]]) -> None:
+    def __init__(self, episodes: list[tuple[int, str]], real_time: bool = False) -> None:
         self.episodes = episodes  # (length, "terminated" | "truncated"), repeated in turn
+        self.real_time = real_time  # True: the loop treats it as the game (it never waits mid-episode)
+        self.seeds: list[int | None] = []  # the seed of every reset, in order
+        self.returned: list[tuple] = []  # every observation handed out, in order
         self.observations = 0  # observations handed out so far: each gets the next id
         self.episode = -1
         self.actions: list[int] = []  # every action index received, in order
@@ -592,9 +595,12 @@ class ScriptedTM20:
         else:
             self.stack = self.stack[1:] + [self.frame(obs_id)]
         car = [np.array([v], np.float32) for v in (float(obs_id), 1.0 + obs_id % 5, 1000.0 + obs_id)]
-        return (*car, np.stack(self.stack), self.act_buf[0].copy(), self.act_buf[1].copy())
+        obs = (*car, np.stack(self.stack), self.act_buf[0].copy(), self.act_buf[1].copy())
+        self.returned.append(tuple(np.array(part, copy=True) for part in obs))
+        return obs
 
     def reset(self, *, seed=None, options=None):
+        self.seeds.append(seed)
         self.episode += 1
         self.length, self.end = self.episodes[self.episode % len(self.episodes)]
         self.steps = 0
@@ -618,21 +624,33 @@ class ScriptedTM20:
 
 
 def run_scripted(
-    tmp_path, monkeypatch, learner: str, steps: int = 45, sets: tuple[str, ...] = ()
+    tmp_path,
+    monkeypatch,
+    learner: str,
+    steps: int = 45,
+    sets: tuple[str, ...] = (),
+    script: ScriptedTM20 | None = None,
+    extra: tuple[str, ...] = (),
+    seen: list | None = None,
 ) -> tuple[ScriptedTM20, list, Config]:
-    script = ScriptedTM20([(5, "terminated"), (7, "truncated"), (3, "terminated"), (6, "truncated")])
+    """Train on `script` (by default short episodes ending both ways); `used` gets (step, epsilon) of every
+    act() and `seen`, when given, a copy of the (frames, car) act() was given."""
+    if script is None:
+        script = ScriptedTM20([(5, "terminated"), (7, "truncated"), (3, "terminated"), (6, "truncated")])
     monkeypatch.setattr(environment, "build_environment", lambda name, config, seed: script)
     used: list[tuple[int, float]] = []
     original_act = rainbow.RainbowAgent.act
 
     def act(self, frames, car, step):
+        if seen is not None:
+            seen.append((np.array(frames, copy=True), np.array(car, copy=True)))
         action = original_act(self, frames, car, step)
         used.append((step, self.epsilon))
         return action
 
     monkeypatch.setattr(rainbow.RainbowAgent, "act", act)
     args = ["--env", "embedded", "--steps", str(steps), "--checkpoint-root", str(tmp_path), "--run-name", "s"]
-    args += ["--no-wandb", "--learner", learner, "--unpin-epsilon", "--set", "epsilon_decay_to=40"]
+    args += ["--no-wandb", "--learner", learner, "--unpin-epsilon", "--set", "epsilon_decay_to=40", *extra]
     args += sum((["--set", a] for a in [*FAST, *sets]), [])
     assert env_tm.main(args) == env_tm.EXIT_OK
     config = Config().with_assignments([*FAST, "epsilon_decay_to=40", *sets])
@@ -703,6 +721,200 @@ def test_the_loop_acts_with_the_epsilon_of_the_global_step_and_logs_the_one_used
         )
     lengths = [r["length"] for r in episodes]
     assert lengths == [5, 7, 3, 6, 5, 7, 3, 6], f"episode lengths {lengths} are not the script's"
+
+
+# --- the actor loop as a whole (issue 25) ------------------------------------------------------------------
+def acted_observations(script: ScriptedTM20) -> list[tuple]:
+    """The observations the loop must act on: every one the script returned, except those that ended an
+    episode (the next act is on the reset observation) and the very last one."""
+    ended = [False]  # the first observation is a reset's
+    for terminated, truncated in script.ends:
+        ended.append(terminated or truncated)
+        if terminated or truncated:
+            ended.append(False)  # the reset observation that follows
+    return [obs for obs, last in zip(script.returned, ended, strict=True) if not last][: len(script.actions)]
+
+
+@pytest.mark.parametrize("learner", ["inline", "beside"])
+def test_act_receives_exactly_the_observation_the_environment_just_returned(tmp_path, monkeypatch, learner):
+    """Every step the agent acts on the frames and the car floats of the observation just returned: never
+    the reset observation's speed, gear and rpm for a whole episode, never last step's frames."""
+    seen: list[tuple[np.ndarray, np.ndarray]] = []
+    script, _, _ = run_scripted(tmp_path, monkeypatch, learner, seen=seen)
+    expected = acted_observations(script)
+    assert len(seen) == len(expected) == len(script.actions) == 45
+    for t, ((frames, car), obs) in enumerate(zip(seen, expected, strict=True)):
+        assert np.array_equal(frames, obs[3]), f"step {t}: act() got other frames than the observation's"
+        assert car.tolist() == [float(obs[0][0]), float(obs[1][0]), float(obs[2][0])], (
+            f"step {t}: act() got car floats {car.tolist()}, the observation has "
+            f"{[float(obs[k][0]) for k in range(3)]}"
+        )
+
+
+def episode_records(tmp_path: Path) -> list[dict]:
+    return [r for r in read_jsonl(tmp_path / "s" / METRICS) if r["kind"] == "episode"]
+
+
+def capture_learner(monkeypatch) -> list:
+    """The learner driver the run opens, for a test to read the actor's state as the loop leaves it."""
+    import learner as learner_module
+
+    opened: list = []
+    for cls in (learner_module.InlineLearner, learner_module.BesideLearner):
+
+        def open_and_keep(self, original=cls.open):
+            opened.append(self)
+            return original(self)
+
+        monkeypatch.setattr(cls, "open", open_and_keep)
+    return opened
+
+
+@pytest.mark.parametrize("learner", ["inline", "beside"])
+def test_mid_episode_weights_are_never_more_than_the_simulators_bound_old(tmp_path, monkeypatch, learner):
+    """On a simulator the actor drives with weights at most actor_refresh_learn_steps + simulator_max_lag
+    learn steps behind inline's, mid-episode too (not those of the last episode end); inline, 0. The age
+    is read from the learner driver at every act (the learn step its copied weights came from) and must be
+    what the episode records report."""
+    opened = capture_learner(monkeypatch)
+    ages: list[int] = []
+    original_act = rainbow.RainbowAgent.act
+
+    def act(self, frames, car, step):
+        ages.append(opened[0].policy_age)
+        return original_act(self, frames, car, step)
+
+    monkeypatch.setattr(rainbow.RainbowAgent, "act", act)
+    script = ScriptedTM20([(90, "truncated")])
+    run_scripted(tmp_path, monkeypatch, learner, steps=270, script=script)
+    config = Config()
+    bound = config.actor_refresh_learn_steps + config.simulator_max_lag
+    records = episode_records(tmp_path)
+    assert len(records) == 3 and len(ages) == 270
+    per_episode = [max(ages[90 * k : 90 * (k + 1)]) for k in range(3)]
+    assert [r["policy_age_max"] for r in records] == per_episode, "the records must report the ages"
+    if learner == "inline":
+        assert per_episode == [0, 0, 0], (
+            "inline acts with the learner's own agent, caught up after every step"
+        )
+    else:
+        assert max(ages) <= bound, f"mid-episode weights up to {max(ages)} learn steps old, bound {bound}"
+    assert not any(r["policy_stale_share"] for r in records)
+
+
+def test_on_a_real_time_game_the_weights_age_is_bounded_reported_and_flagged(tmp_path, monkeypatch, capsys):
+    """A game cannot wait: the actor runs up to learner_max_lag steps ahead and never waits mid-episode;
+    the age of its weights is in every episode record, and stale_policy says so when most of an episode
+    was driven with old weights (here: weights refreshed only every 40 learn steps, flag at 10)."""
+    import health
+
+    monkeypatch.setattr(health, "STALE_POLICY_LEARN_STEPS", 10)
+    script = ScriptedTM20([(120, "truncated")], real_time=True)
+    sets = ("actor_refresh_learn_steps=40", "learner_max_lag=60")
+    run_scripted(tmp_path, monkeypatch, "beside", steps=240, script=script, sets=sets)
+    records = episode_records(tmp_path)
+    assert len(records) == 2
+    assert all(10 < r["policy_age_max"] <= 60 + 40 for r in records), [r["policy_age_max"] for r in records]
+    assert all(r["policy_stale_share"] > 0.5 for r in records)
+    out = capsys.readouterr().out
+    assert "RED FLAG stale_policy:" in out and "learn on the GPU (--device cuda)" in out
+    flags = [r for r in read_jsonl(tmp_path / "s" / METRICS) if r.get("name") == "stale_policy"]
+    assert flags and flags[0]["level"] == "red_flag"
+
+
+def test_a_simulator_never_raises_stale_policy(tmp_path, monkeypatch, capsys):
+    import health
+
+    monkeypatch.setattr(health, "STALE_POLICY_LEARN_STEPS", 10)
+    script = ScriptedTM20([(120, "truncated")])
+    run_scripted(
+        tmp_path, monkeypatch, "beside", steps=240, script=script, sets=("actor_refresh_learn_steps=40",)
+    )
+    assert "stale_policy" not in capsys.readouterr().out, "a simulator waits: its weights are never that old"
+
+
+def test_training_episodes_use_distinct_tracks_never_the_evaluation_ones(tmp_path, monkeypatch):
+    """Each training episode resets with a seed of its own, distinct across episodes and across run seeds,
+    and never one of the held-out evaluation tracks."""
+    training: list[set[int]] = []
+    for seed in (0, 1):
+        script = ScriptedTM20([(5, "terminated")])
+        extra = ("--seed", str(seed), "--eval-every", "20", "--eval-episodes", "2")
+        run_scripted(tmp_path / str(seed), monkeypatch, "inline", steps=45, script=script, extra=extra)
+        held_out = set(environment.evaluation_seeds(2))
+        train = [s for s in script.seeds if s not in held_out]
+        assert len(train) == 10, f"9 episodes and the one cut at the end, got resets {script.seeds}"
+        assert len(set(train)) == len(train), f"training tracks repeat: {train}"
+        assert all(s is not None and s < environment.EVAL_SEED_BASE for s in train)
+        assert [s for s in script.seeds if s in held_out] == sorted(held_out) * 4, (
+            "evaluations at 0, 20, 40, 45"
+        )
+        training.append(set(train))
+    assert not training[0] & training[1], "two run seeds drove the same training tracks"
+
+
+def test_in_lockstep_the_learner_beside_the_actor_acts_and_learns_exactly_as_inline(tmp_path, monkeypatch):
+    """simulator_max_lag=0 and weights after every learn step: the actor beside its learner then acts on
+    the weights inline would, with the same acting streams, so the two modes take the same actions and
+    end with the same weights, bit for bit. Any other difference between the modes breaks this."""
+    runs = {}
+    for learner in ("inline", "beside"):
+        script = ScriptedTM20([(30, "truncated"), (17, "terminated")])
+        sets = ("simulator_max_lag=0", "actor_refresh_learn_steps=1")
+        run_scripted(tmp_path / learner, monkeypatch, learner, steps=150, script=script, sets=sets)
+        runs[learner] = (script.actions, load_checkpoint(tmp_path / learner / "s" / "latest.pt"))
+    (inline_actions, inline), (beside_actions, beside) = runs["inline"], runs["beside"]
+    assert inline_actions == beside_actions, "the two modes chose other actions from the same start"
+    assert inline["agent"]["learn_steps"] == beside["agent"]["learn_steps"] == 150 - 4 + 1
+    for name, value in inline["agent"]["online"].items():
+        assert torch.equal(beside["agent"]["online"][name], value), f"{name}: the modes learnt apart"
+    assert np.array_equal(inline["replay"]["tree"], beside["replay"]["tree"]), "other priorities"
+
+
+def test_the_actor_never_initialises_cuda(tmp_path, monkeypatch):
+    """The actor (this process) acts on the CPU: saving its random streams with every checkpoint must not
+    create a CUDA context (GPU memory for nothing; an error on a GPU in exclusive-process mode)."""
+
+    def poisoned() -> None:
+        raise AssertionError("the actor initialised CUDA")
+
+    monkeypatch.setattr(torch.cuda, "_lazy_init", poisoned)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a PC with a GPU
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: poisoned())
+    run_scripted(tmp_path, monkeypatch, "beside", extra=("--device", "cpu"))
+    state = load_checkpoint(tmp_path / "s" / "latest.pt")
+    assert state["episode"] >= 5 and "act_generator" in state["actor_rng"]
+
+
+def test_the_actor_and_the_learner_draw_from_independent_streams(tmp_path):
+    """The same seed gives the actor and the learner the same initial weights but never the same draws:
+    none of the actor's first 1,000 acting noise values is one of the learner's learn-step noise values
+    (a shared torch seed made the first ones equal, and ~4% repeat later)."""
+    from conftest import fill_replay, small_config
+
+    from learner import Actor, Learner
+
+    config = small_config(max_buffer_size=512)
+    learner = Learner(config, seed=5, device=torch.device("cpu"))
+    actor = Actor.new(config, seed=5)
+    for name, value in learner.agent.online.state_dict().items():
+        assert torch.equal(actor.agent.online.state_dict()[name], value), f"{name}: other initial weights"
+    fill_replay(learner.replay, 200)
+    frames, car = np.zeros((4, 64, 64), np.uint8), np.zeros(3, np.float32)
+
+    def noise(agent) -> np.ndarray:
+        return np.concatenate([layer.epsilon_in.numpy().copy() for layer in agent.online.noisy_layers()])
+
+    acting = []
+    while sum(map(len, acting)) < 1000:
+        actor.act(frames, car, step=10**8)  # epsilon 0: a greedy action, noise and taus drawn
+        acting.append(noise(actor.agent))
+    learning = []
+    for _ in range(len(acting)):
+        learner.learn()
+        learning.append(noise(learner.agent))
+    shared = np.intersect1d(np.concatenate(acting)[:1000], np.concatenate(learning))
+    assert shared.size == 0, f"{shared.size} acting noise values are also learning draws"
 
 
 def test_a_rollback_draws_fresh_noise_and_quantile_fractions(tmp_path, capsys, monkeypatch):

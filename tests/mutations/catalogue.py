@@ -191,7 +191,13 @@ CATALOGUE: tuple[Mutation, ...] = (
     Mutation(
         "online_noise_never_resampled",
         "NoisyNet explores only if the online noise is redrawn at every learn step",
-        (("rainbow.py", "        self.online.reset_noise()\n        taus = ", "        taus = "),),
+        (
+            (
+                "rainbow.py",
+                "        self.online.reset_noise(self.learn_generator)\n        taus = ",
+                "        taus = ",
+            ),
+        ),
         (f"{RAINBOW}::test_every_learn_step_resamples_online_noise_and_target_noise",),
     ),
     Mutation(
@@ -200,7 +206,7 @@ CATALOGUE: tuple[Mutation, ...] = (
         (
             (
                 "rainbow.py",
-                "        self.target.reset_noise()\n        if target_taus is None:",
+                "        self.target.reset_noise(self.learn_generator)\n        if target_taus is None:",
                 "        if target_taus is None:",
             ),
         ),
@@ -337,12 +343,12 @@ CATALOGUE: tuple[Mutation, ...] = (
         (
             (
                 "session.py",
-                "        torch.manual_seed(agent_seed)  # new noise and taus: restored, torch's stream would draw the same ones\n        self.actor.agent.online.reset_noise()\n        self.actor.agent.target.reset_noise()\n",
+                "        self.actor.agent.reseed(stream_seeds(seed)[0])\n",
                 "",
             ),
             (
                 "learner.py",
-                "        torch.manual_seed(agent_seed)\n        learner.agent.online.reset_noise()\n        learner.agent.target.reset_noise()\n",
+                "        learner.agent.reseed(agent_seed)\n",
                 "",
             ),
         ),
@@ -621,10 +627,128 @@ CATALOGUE: tuple[Mutation, ...] = (
         (
             (
                 "env_tm.py",
-                'max_lag = config.learner_max_lag if env_name == "trackmania" else config.simulator_max_lag',
+                "max_lag = config.learner_max_lag if real_time else config.simulator_max_lag",
                 "max_lag = config.learner_max_lag",
             ),
         ),
         (f"{LOOP}::test_a_simulator_waits_for_the_learner_within_its_small_bound",),
+    ),
+    # --- issue 25: the actor loop as a whole and the two processes' random streams ------------------------
+    Mutation(
+        "loop_stops_copying_weights_mid_episode",
+        "issue 25: the actor then drives each episode with the weights of the last episode-end sync",
+        (("env_tm.py", "            session.refresh_actor()\n", ""),),
+        (f"{LOOP}::test_mid_episode_weights_are_never_more_than_the_simulators_bound_old",),
+    ),
+    Mutation(
+        "loop_acts_on_the_reset_car_floats",
+        "issue 25: the agent acts on speed 0, the reset gear and rpm all episode while the replay stores the "
+        "true ones",
+        (
+            (
+                "env_tm.py",
+                "            frames, car = next_frames, next_car\n",
+                "            frames = next_frames\n",
+            ),
+        ),
+        (f"{LOOP}::test_act_receives_exactly_the_observation_the_environment_just_returned",),
+    ),
+    Mutation(
+        "embedded_history_kept_across_resets",
+        "issue 25: frames of the previous episode in the first stacks of the next",
+        (
+            (
+                "embedded_track.py",
+                "        self._images = np.repeat(frame[np.newaxis], self.history_length, axis=0)\n",
+                "        self._images = (\n"
+                "            np.repeat(frame[np.newaxis], self.history_length, axis=0)\n"
+                "            if self._images is None\n"
+                "            else np.concatenate([self._images[1:], frame[np.newaxis]])\n"
+                "        )\n",
+            ),
+        ),
+        ("tests/test_embedded_track.py::test_every_reset_starts_a_fresh_history_of_its_own_first_frame",),
+    ),
+    Mutation(
+        "embedded_track_same_track_every_episode",
+        "issue 25: every training episode on one track: the agent learns a track, not to drive",
+        (
+            (
+                "embedded_track.py",
+                "        rgb, _ = self.car_racing.reset(seed=seed, options=options)",
+                "        rgb, _ = self.car_racing.reset(seed=self._first_seed, options=options)",
+            ),
+        ),
+        ("tests/test_embedded_track.py::test_each_seed_resets_to_its_own_track",),
+    ),
+    Mutation(
+        "training_resets_repeat_one_seed",
+        "issue 25: the loop asks for the same track every episode (or for a held-out one)",
+        (
+            (
+                "env_tm.py",
+                "        return environment.training_seed(args.seed, session.run.episode)",
+                "        return environment.training_seed(args.seed, 0)",
+            ),
+        ),
+        (f"{LOOP}::test_training_episodes_use_distinct_tracks_never_the_evaluation_ones",),
+    ),
+    Mutation(
+        "demo_bonus_on_the_agents_own_part",
+        "issue 25 / seed 002: the agent's own transitions drawn with the demonstrations' DQfD bonus",
+        (
+            (
+                "learner.py",
+                "    own = PrioritizedReplay.from_config(config, seed=seed)\n",
+                "    own = PrioritizedReplay.from_config(\n"
+                "        config, seed=seed, priority_bonus=config.demo_priority_bonus if config.demos else 0.0\n"
+                "    )\n",
+            ),
+        ),
+        (f"{LEARNER}::test_demonstrations_sit_beside_the_agents_data_with_their_bonus_and_never_leave",),
+    ),
+    Mutation(
+        "actor_and_learner_share_a_stream",
+        "issue 25: the actor's acting draws repeat the learner's learn-step draws (one seed, one stream)",
+        (
+            (
+                "rainbow.py",
+                "        self.act_generator.manual_seed(act)",
+                "        self.act_generator.manual_seed(learn)",
+            ),
+        ),
+        (f"{LOOP}::test_the_actor_and_the_learner_draw_from_independent_streams",),
+    ),
+    Mutation(
+        "weights_announced_before_they_are_published",
+        "issue 25: an actor that sees a learn step done may still read the weights of the step before it",
+        (
+            (
+                "learner.py",
+                "        if self.learned is not None:  # after the weights: an actor that sees this step can also "
+                "read them\n            self.learned.value = self.learner.agent.learn_steps\n",
+                "",
+            ),
+            (
+                "learner.py",
+                "        metrics = self.learner.learn()\n",
+                "        metrics = self.learner.learn()\n        if self.learned is not None:\n"
+                "            self.learned.value = self.learner.agent.learn_steps\n",
+            ),
+        ),
+        (f"{LEARNER}::test_the_learner_announces_a_learn_step_only_once_its_weights_are_published",),
+    ),
+    Mutation(
+        "actor_saves_the_cuda_random_state",
+        "issue 26: the CPU actor created a CUDA context at its first checkpoint to save CUDA's random state",
+        (
+            (
+                "session.py",
+                '        "actor_rng": actor.agent.acting_streams(),',
+                '        "actor_rng": {**actor.agent.acting_streams(), "cuda": torch.cuda.get_rng_state_all() '
+                "if torch.cuda.is_available() else None},",
+            ),
+        ),
+        (f"{LOOP}::test_the_actor_never_initialises_cuda",),
     ),
 )
