@@ -73,7 +73,14 @@ def load(spec: str) -> tuple[str, Path, list[dict[str, Any]]]:
     evals = [r for r in records if r["kind"] == "eval"]
     if not evals:
         raise SystemExit(f"error: {path} has no eval records (train with --eval-every)")
-    return label, path.with_suffix("") if kept else Path(folder), records
+    return marked(label, records), path.with_suffix("") if kept else Path(folder), records
+
+
+def marked(label: str, records: list[dict[str, Any]]) -> str:
+    """The label, marked "(unpinned: ...)" when the run departed from a sacred schedule (issue 25: the
+    curves of sections 6-10 ran with a shortened epsilon schedule and were labelled "pin")."""
+    unpinned = sorted({key for r in records if r.get("event") == "start" for key in r.get("unpinned") or []})
+    return f"{label} (unpinned: {', '.join(unpinned)})" if unpinned else label
 
 
 def keep(records: list[dict[str, Any]], name: str, folder: Path) -> Path:

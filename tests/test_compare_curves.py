@@ -140,3 +140,17 @@ def test_evaluations_past_the_budget_are_left_out_of_the_table_and_a_budget_befo
     with pytest.raises(SystemExit) as error:
         compare(monkeypatch, "--run", f"pin={run}", "--steps", "-1")
     assert str(error.value) == "error: run has no evaluation within the budget of -1 steps"
+
+
+def test_a_run_off_the_sacred_schedule_is_labelled_unpinned(tmp_path, monkeypatch, capsys):
+    """Issue 25: the curves of BENCHMARKS sections 6-10 ran with a shortened epsilon schedule; a label
+    such as "pin" must not hide that."""
+    run = write_run(tmp_path / "short-eps", [(0, -240), (10_000, 100)])
+    start = {"kind": "run", "step": 0, "time": 0.0, "event": "start", "unpinned": ["epsilon_decay_to"]}
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(json.dumps(start) + "\n" + metrics.read_text())
+    pinned = write_run(tmp_path / "as-pinned", [(0, -240), (10_000, 90)])
+    assert compare(monkeypatch, "--run", f"pin={run}", "--run", f"other={pinned}") == 0
+    out = capsys.readouterr().out
+    assert "pin (unpinned: epsilon_decay_to): short-eps" in out
+    assert "other: as-pinned" in out and "other (unpinned" not in out
