@@ -158,8 +158,8 @@ CATALOGUE: tuple[Mutation, ...] = (
         (
             (
                 "rainbow.py",
-                "        self.rng = np.random.default_rng(seed)\n        self.learn_steps = 0",
-                "        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=100, gamma=0.5)\n        self.rng = np.random.default_rng(seed)\n        self.learn_steps = 0",
+                "        self.reseed(seed)\n        self.learn_steps = 0",
+                "        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=100, gamma=0.5)\n        self.reseed(seed)\n        self.learn_steps = 0",
             ),
             (
                 "rainbow.py",
@@ -397,8 +397,8 @@ CATALOGUE: tuple[Mutation, ...] = (
         (
             (
                 "learner.py",
-                "return self.pretrain + max(0, self.sent - self.batch_size + 1) - int(self.learned.value)",
-                "return self.pretrain + max(0, self.sent - self.batch_size - 99) - int(self.learned.value)",
+                "return self.pretrain + max(0, self.sent - self.batch_size + 1)",
+                "return self.pretrain + max(0, self.sent - self.batch_size - 99)",
             ),
         ),
         (LEARNER_BESIDE,),
@@ -409,7 +409,7 @@ CATALOGUE: tuple[Mutation, ...] = (
         (
             (
                 "learner.py",
-                "        self.mailbox.read_into(self.actor)\n        self.seen_version = version",
+                "        self.actor_learn_step = self.mailbox.read_into(self.actor)\n        self.seen_version = version",
                 "        self.seen_version = version",
             ),
         ),
@@ -421,8 +421,9 @@ CATALOGUE: tuple[Mutation, ...] = (
         (
             (
                 "learner.py",
-                "            self.publish()\n        return True",
-                "            self.publish()\n            self.learner.agent.update_target_network()\n        return True",
+                "            self.publish()\n        if self.learned is not None:  # after the weights",
+                "            self.publish()\n            self.learner.agent.update_target_network()\n"
+                "        if self.learned is not None:  # after the weights",
             ),
         ),
         (f"{LEARNER}::test_the_hard_copy_stays_at_every_1500_learn_steps_through_the_server",),
