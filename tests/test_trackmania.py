@@ -1264,3 +1264,13 @@ if __name__ == "__main__":
     sys.stderr.flush()
     # rtgym's env joins its worker thread when collected, and tmrl's client thread never ends: leave now.
     os._exit(exit_code)
+
+
+def test_the_game_is_real_time_and_the_embedded_track_is_not():
+    """The loop reads `real_time` to choose its bound (issue 25): the game never waits for the learner
+    mid-episode (learner_max_lag), the simulator does (simulator_max_lag). A TrackMania env that lost the
+    flag would make the car wait for learn steps in the middle of a race."""
+    from embedded_track import EmbeddedTrackEnv
+
+    assert trackmania.TrackManiaEnv.real_time is True
+    assert EmbeddedTrackEnv.real_time is False

@@ -752,4 +752,10 @@ CATALOGUE: tuple[Mutation, ...] = (
         ),
         (f"{LOOP}::test_the_actor_never_initialises_cuda",),
     ),
+    Mutation(
+        "trackmania_waits_for_the_learner_mid_race",
+        "issue 25: a game that is not marked real-time makes the car wait for learn steps mid-episode",
+        (("trackmania.py", "    real_time = True\n", "    real_time = False\n"),),
+        ("tests/test_trackmania.py::test_the_game_is_real_time_and_the_embedded_track_is_not",),
+    ),
 )
