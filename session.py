@@ -404,9 +404,8 @@ class Session:
         self.last_metrics: dict[str, float] = {}
         self.episode_lag_max = self.lag_max = 0  # learn steps the actor ran ahead of the learner, at most
         self.episode_wait = self.total_wait = 0.0  # seconds the actor waited for the learner
-        self.policy_ages: list[
-            int
-        ] = []  # this episode's: learn steps the acting weights were behind inline's
+        # This episode's, one per action: how many learn steps the acting weights were behind inline's.
+        self.policy_ages: list[int] = []
 
     # --- health ----------------------------------------------------------------------------------------
     def new_monitor(self) -> HealthMonitor:
@@ -640,8 +639,8 @@ class Session:
         self.run = RunState.from_checkpoint(restored["run"])
         self.run.wandb_run_id = wandb_run_id
         restore_actor_streams(restored["run"], self.actor)
-        # The checkpoint carries its random streams: replaying them would replay the same failure.
-        # New acting streams: restored, they would draw the same epsilon, noise and taus again.
+        # The checkpoint carries its random streams: restored, they would draw the same epsilon, noise and
+        # taus that led to the failure, so the acting side gets new ones (the learner reseeds its own).
         self.actor.agent.reseed(stream_seeds(seed)[0])
         self.reward_range = restored["reward_range"]
         self.monitor = self.new_monitor()
