@@ -131,7 +131,8 @@ def run_one(arm: Arm, seed: int, args: argparse.Namespace) -> Result:
     with open(log, "w", encoding="utf-8") as out:
         code = subprocess.call(command(arm, seed, args), stdout=out, stderr=subprocess.STDOUT, cwd=arm.code)
     if code != 0:
-        raise RuntimeError(f"{run_name(arm.label, seed)} exited with {code}: see {log}")
+        last = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] or [""]
+        raise SystemExit(f"error: {run_name(arm.label, seed)} exited with {code}: {last[0]} (log: {log})")
     records = [r for r in read_jsonl(folder / METRICS_FILE) if r["kind"] in KEPT_KINDS]
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)

@@ -77,3 +77,9 @@ def test_the_harness_departs_only_where_recorded_and_says_so():
         assert flag in harness
     command = parity.command(parity.Arm("x", ["--learner", "beside"]), 3, parity.parse_args(["--arm", "x="]))
     assert command[-2:] == ["--learner", "beside"] and "--seed" in command and "3" in command
+
+
+def test_a_run_that_fails_stops_the_harness_in_one_line_naming_its_log(tmp_path, capsys):
+    args = ["--seeds", "2", "--steps", "1000", "--root", str(tmp_path), "--arm", "bad=--set nonsense_key=1"]
+    with pytest.raises(SystemExit, match=r"bad-s\d exited with \d: .*nonsense_key.* \(log: "):
+        parity.main(args)
