@@ -309,10 +309,19 @@ def train(args: argparse.Namespace) -> Any:
     import numpy as np
 
     import environment
+    from learner import LearnerDiedError
     from rainbow import ACTION_VECTORS
     from session import EXIT_INTERRUPTED as INTERRUPTED
     from session import EXIT_OK as OK
-    from session import Session, StepLatency, StopRequest, TrainingStoppedError, TrainResult, duration
+    from session import (
+        RedFlagStopError,
+        Session,
+        StepLatency,
+        StopRequest,
+        TrainingStoppedError,
+        TrainResult,
+        duration,
+    )
     from trackmania import GameNotRespondingError, TrackManiaError, route_thread_errors
 
     env_name = environment.choose_environment(args.env, Config().with_assignments(args.overrides))
@@ -334,6 +343,9 @@ def train(args: argparse.Namespace) -> Any:
     # or in the game when the learner keeps up with 20 Hz (tm_config.py).
     real_time = bool(getattr(env, "real_time", False))
     max_lag = config.learner_max_lag if real_time else config.simulator_max_lag
+    # The game's checks condemn a frozen stream or capture a few steps after it began: its latest steps
+    # wait that long before they reach the learner, so a lie is dropped whole, never learned from.
+    session.verdict_steps = int(getattr(env, "verdict_steps", 0))
     diagnosing = args.diagnose is not None
 
     def env_seed() -> int:
@@ -419,6 +431,8 @@ def train(args: argparse.Namespace) -> Any:
                 flags += session.end_episode(
                     episode_reward, episode_length, bool(terminated), time.perf_counter() - episode_start,
                     finished=bool(info.get("finished", False)), progress=info.get("progress"),
+                    race_time=info.get("race_time"), telemetry_fps=info.get("telemetry_fps"),
+                    telemetry_wait_share=info.get("telemetry_wait_share"),
                     timeouts=episode_timeouts, min_finish_seconds=getattr(env, "min_finish_seconds", None),
                     real_time=real_time,
                     **step_latency.take_episode(),
@@ -444,6 +458,7 @@ def train(args: argparse.Namespace) -> Any:
                 step_latency.take_episode()  # a rolled-back episode's steps are not an episode's
                 env_timeouts = getattr(env, "time_step_timeouts", 0)
                 observed = time.perf_counter()
+        session.release_quarantine()  # the run ends well: nothing condemned the latest steps
         if not stop.requested:
             # The last learn steps' red flags are handled before the end; a rollback here leaves steps to do.
             flags = session.absorb(learner.sync())
@@ -472,7 +487,14 @@ def train(args: argparse.Namespace) -> Any:
         environment.ObservationError,
         TrainingStoppedError,
     ) as error:
-        # Every exit that can save saves first; the bad transition was never handed to the learner.
+        # Every exit that can save saves first. A fault seen over several steps (a frozen stream) condemns
+        # its first ones, still held back; the bad transition itself was never returned by the environment.
+        if isinstance(error, TrainingStoppedError):
+            session.release_quarantine()
+        else:
+            dropped = session.drop_quarantine(getattr(error, "condemned_steps", 0))
+            if dropped:
+                progress.message(f"the last {plural(dropped, 'step')} before the fault were not stored")
         saved = save_before_exit(session)
         kind = type(error).__name__
         why = {
@@ -484,6 +506,11 @@ def train(args: argparse.Namespace) -> Any:
         }.get(kind, f"stopped ({kind})")
         progress.message(f"{why} at step {session.run.step:,}: {saved}")
         log.write("run", session.run.step, event="error", error=kind, message=str(error))
+        raise
+    except (LearnerDiedError, RedFlagStopError) as error:
+        # Nothing to save: the learner that holds the state is gone, or the state is what failed. The
+        # record says why the run ended, for whoever reads metrics.jsonl (compare_runs.py, a person).
+        log.write("run", session.run.step, event="error", error=type(error).__name__, message=str(error))
         raise
     except KeyboardInterrupt:  # the second Ctrl+C: no save, the state may be mid-update
         progress.message(
@@ -616,7 +643,8 @@ def race_fields(run: Any) -> dict[str, Any]:
     import numpy as np
 
     return {
-        "finishes": len(run.race_times),
+        "finishes": run.finishes,
+        "unreliable_finishes": run.unreliable_finishes,
         "best_race_time": run.best_race_time,
         "median_race_time": float(np.median(run.race_times)) if run.race_times else None,
         "time_step_timeouts_total": run.time_step_timeouts,

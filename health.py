@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -104,6 +105,19 @@ FATAL_FLAGS = frozenset(
         "observations_frozen",
     }
 )
+
+# The game's faults: fatal under `--on-red-flag stop` (the run stops: it would train on a lie), but never
+# rolled back under `rollback` (restoring the agent's checkpoint does not change the game).
+GAME_FLAGS = frozenset({"implausible_finish", "stale_observations_sustained"})
+# stale_observations is shown for every episode over `timeout_share_flag`, at most once per
+# STALE_REPEAT_SECONDS; stale_observations_sustained fires when the last STALE_SUSTAINED_EPISODES episodes
+# averaged more than STALE_SUSTAINED_SHARE of timed-out steps.
+STALE_REPEAT_SECONDS = 60.0
+STALE_SUSTAINED_EPISODES = 5
+STALE_SUSTAINED_SHARE = 0.5
+# Above this share of an episode spent waiting for the plugin's frames, the game (its frame rate) is the
+# cause of the timeouts rather than the agent.
+PLUGIN_BOUND_WAIT_SHARE = 0.2
 
 # --- go/no-go criteria of a diagnostic run (default 5,000 environment steps) -----------------------
 DIAG_MIN_LEARN_STEPS = 1_000  # a 5,000-step run makes ~4,968 learn steps (learning starts at 32 stored)
@@ -236,6 +250,7 @@ class HealthMonitor:
         frozen_frame_steps: int = FROZEN_FRAME_STEPS,
         grad_zero_steps: int = GRAD_ZERO_STEPS,
         head_frozen_steps: int = HEAD_FROZEN_STEPS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.reward_bound_given = max_abs_reward is not None
@@ -261,6 +276,9 @@ class HealthMonitor:
         self._episode_demo_share: deque[float] = deque(maxlen=DEMO_WINDOW_EPISODES)
         self._own_returns: deque[float] = deque(maxlen=DEMO_WINDOW_EPISODES)
         self._skipped = 0
+        self._clock = clock
+        self._stale_shown_at: float | None = None
+        self._stale_shares: deque[float] = deque(maxlen=STALE_SUSTAINED_EPISODES)
 
     # the fire-once / re-arm rule ----------------------------------------------------------------
     def _update(
@@ -524,6 +542,8 @@ class HealthMonitor:
         min_finish_seconds: float | None = None,
         progress: float | None = None,
         timeouts: int = 0,
+        telemetry_fps: float | None = None,
+        telemetry_wait_share: float | None = None,
     ) -> list[RedFlag]:
         """Every finished episode (`episode` counts it). `progress` is how far the car got (trajectory
         points on TrackMania, tiles on the embedded track; None when the env does not say),
@@ -532,8 +552,9 @@ class HealthMonitor:
         average_length = step / episode if episode else float(length)
         fired += self._observe_demonstrations(reward, step, episode)
         fired += self._observe_race(
-            length, step, episode, finished, race_time, min_finish_seconds, progress, timeouts
-        )
+            length, step, episode, finished, race_time, min_finish_seconds, progress, timeouts,
+            telemetry_fps, telemetry_wait_share,
+        )  # fmt: skip
 
         flag = self._update(
             "early_exploitation",
@@ -645,6 +666,8 @@ class HealthMonitor:
         min_finish_seconds: float | None,
         progress: float | None,
         timeouts: int,
+        telemetry_fps: float | None = None,
+        telemetry_wait_share: float | None = None,
     ) -> list[RedFlag]:
         """The red flags of a game that trains on nonsense: no progress, impossible finishes, stale data."""
         fired: list[RedFlag] = []
@@ -698,27 +721,62 @@ class HealthMonitor:
         if flag:
             fired.append(flag)
         # stale_observations: too many of the episode's time steps timed out (the observation was stale,
-        # the car drove on the previous action).
+        # the car drove on the previous action). Shown for every such episode, at most once a minute.
         share = timeouts / length if length else 0.0
-        flag = self._update(
-            "stale_observations",
-            share > config.timeout_share_flag,
-            lambda: RedFlag(
+        cause = _stale_cause(telemetry_fps, telemetry_wait_share)
+        now = self._clock()
+        recent = self._stale_shown_at is not None and now - self._stale_shown_at < STALE_REPEAT_SECONDS
+        if share > config.timeout_share_flag and not recent:
+            self._stale_shown_at = now
+            flag = RedFlag(
                 "stale_observations",
                 f"{timeouts} of episode {episode:,}'s {length} time steps timed out ({100 * share:.0f}% > "
                 f"{100 * config.timeout_share_flag:.0f}%): their observations were stale and are in the "
-                "replay; give the learner fewer --threads, use the GPU, keep the learner beside the actor "
-                "(the default), lower the game's graphics or close other programs",
+                f"replay; {cause}",
                 share,
                 step,
                 episode,
                 config.timeout_share_flag,
+            )
+            self.history.append(flag)
+            fired.append(flag)
+        self._stale_shares.append(share)
+        sustained = sum(self._stale_shares) / len(self._stale_shares)
+        flag = self._update(
+            "stale_observations_sustained",
+            len(self._stale_shares) == STALE_SUSTAINED_EPISODES and sustained > STALE_SUSTAINED_SHARE,
+            lambda: RedFlag(
+                "stale_observations_sustained",
+                f"{100 * sustained:.0f}% of the time steps of the last {STALE_SUSTAINED_EPISODES} episodes "
+                f"timed out (to episode {episode:,}, step {step:,}): most of what the agent learns from is "
+                f"stale; {cause}",
+                sustained,
+                step,
+                episode,
+                STALE_SUSTAINED_SHARE,
             ),
-            1,
+            STALE_SUSTAINED_EPISODES,
         )
         if flag:
             fired.append(flag)
         return fired
+
+
+def _stale_cause(telemetry_fps: float | None, telemetry_wait_share: float | None) -> str:
+    """What made an episode's steps late, as measured, and what to do about it."""
+    if telemetry_wait_share is not None and telemetry_wait_share > PLUGIN_BOUND_WAIT_SHARE:
+        rate = f"~{telemetry_fps:.0f} frames/s" if telemetry_fps is not None else "too few frames"
+        return (
+            f"the cause is the game: its telemetry came at {rate} (the plugin sends one frame per game "
+            f"frame; the agent waited for it {100 * telemetry_wait_share:.0f}% of the episode), slower than "
+            "the agent's 20 steps/s: raise the game's frame rate (lower its graphics, no frame cap below "
+            "30 fps, keep its window visible)"
+        )
+    return (
+        "the cause is the agent (it took longer than a time step between observations; the game's telemetry "
+        "kept up): give the learner fewer --threads, use the GPU, keep the learner beside the actor (the "
+        "default), close other programs"
+    )
 
 
 # --- go / no-go ------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from checkpoints import CheckpointStore
-from health import DIAG_MIN_LEARN_STEPS, FATAL_FLAGS, HealthMonitor, RedFlag, stale_share
+from health import DIAG_MIN_LEARN_STEPS, FATAL_FLAGS, GAME_FLAGS, HealthMonitor, RedFlag, stale_share
 from learner import LearnerSpec, make_learner, stream_seeds
 from rainbow import resolve_device, unused_gpu_notice
 from run_log import METRICS_FILE, RunLog, truncate_after_step
@@ -204,8 +204,11 @@ class RunState:
     step: int = 0  # global environment steps, across resumes
     episode: int = 0  # completed episodes, across resumes
     best_interval_reward: float = -math.inf
-    best_race_time: float | None = None  # the fastest finish so far (seconds), None before the first
-    race_times: list[float] = field(default_factory=list)  # every finish's time, for the median
+    best_race_time: float | None = None  # the fastest reliable finish so far (seconds), None before one
+    race_times: list[float] = field(default_factory=list)  # every reliable finish's time, for the median
+    # Finishes whose race time is not to be trusted (time-step timeouts in the episode): they count as
+    # finishes, never as times (never the best, never best.pt).
+    unreliable_finishes: int = 0
     time_step_timeouts: int = 0  # rtgym's timed-out time steps, across resumes
     wandb_run_id: str | None = None
     last_eval_step: int | None = None  # None: never evaluated
@@ -213,7 +216,7 @@ class RunState:
     interval_race_times: list[float] = field(default_factory=list)
 
     KEPT = ("step", "episode", "best_interval_reward", "best_race_time", "race_times", "time_step_timeouts",
-            "wandb_run_id", "last_eval_step")  # fmt: skip
+            "wandb_run_id", "last_eval_step", "unreliable_finishes")  # fmt: skip
 
     @classmethod
     def from_checkpoint(cls, run: dict[str, Any]) -> RunState:
@@ -224,6 +227,10 @@ class RunState:
     def checkpoint_fields(self) -> dict[str, Any]:
         values = asdict(self)
         return {key: values[key] for key in self.KEPT}
+
+    @property
+    def finishes(self) -> int:
+        return len(self.race_times) + self.unreliable_finishes
 
 
 def actor_streams(actor: Any) -> dict[str, Any]:
@@ -406,6 +413,11 @@ class Session:
         self.episode_wait = self.total_wait = 0.0  # seconds the actor waited for the learner
         # This episode's, one per action: how many learn steps the acting weights were behind inline's.
         self.policy_ages: list[int] = []
+        # Steps an environment's checks may still condemn (TrackManiaEnv.verdict_steps; 0: none) wait here,
+        # in order with the episode starts between them, before they are handed to the learner.
+        self.verdict_steps = 0
+        self.quarantine: collections.deque[tuple] = collections.deque()
+        self.quarantined_steps = 0
 
     # --- health ----------------------------------------------------------------------------------------
     def new_monitor(self) -> HealthMonitor:
@@ -416,7 +428,7 @@ class Session:
         return monitor
 
     def start_episode(self, frames: np.ndarray, car: np.ndarray) -> None:
-        self.learner.start_episode(frames, car)
+        self._hold(("episode", np.array(frames, copy=True), np.array(car, copy=True)))
 
     def store_step(
         self,
@@ -427,11 +439,51 @@ class Session:
         frames: np.ndarray,
         car: np.ndarray,
     ) -> list[RedFlag]:
-        """Hand one environment step to the learner and count it; returns the red flags it raised."""
-        self.learner.add(action, reward, bool(terminated), bool(truncated), frames[-1], car)
+        """Hand one environment step to the learner (once the environment's checks can no longer condemn
+        it) and count it; returns the red flags it raised."""
+        self._hold(
+            ("step", action, reward, bool(terminated), bool(truncated), np.array(frames[-1], copy=True),
+             np.array(car, copy=True))
+        )  # fmt: skip
         self.run.step += 1
         self.monitor.observe_reward(reward)
         return self.monitor.observe_frames(frames, self.run.step, self.run.episode, speed=float(car[0]))
+
+    def _hold(self, call: tuple) -> None:
+        if not self.verdict_steps:  # nothing can condemn a step: straight to the learner
+            self._hand_over(call)
+            return
+        self.quarantine.append(call)
+        self.quarantined_steps += call[0] == "step"
+        while self.quarantined_steps > self.verdict_steps:
+            call = self.quarantine.popleft()
+            self.quarantined_steps -= call[0] == "step"
+            self._hand_over(call)
+
+    def _hand_over(self, call: tuple) -> None:
+        if call[0] == "episode":
+            self.learner.start_episode(*call[1:])
+        else:
+            self.learner.add(*call[1:])
+
+    def release_quarantine(self) -> None:
+        """Hand every held step to the learner (the run ends well: nothing condemned them)."""
+        while self.quarantine:
+            self._hand_over(self.quarantine.popleft())
+        self.quarantined_steps = 0
+
+    def drop_quarantine(self, condemned: int) -> int:
+        """Forget the newest `condemned` held steps (a check condemned them: a lie's first steps) and hand the
+        older ones to the learner; the step count goes back by as many as were dropped (returned)."""
+        kept, dropped = list(self.quarantine), 0
+        while kept and dropped < condemned:
+            dropped += kept.pop()[0] == "step"
+        while kept and kept[-1][0] == "episode":  # an episode whose steps were all dropped
+            kept.pop()
+        self.quarantine = collections.deque(kept)
+        self.release_quarantine()
+        self.run.step -= dropped
+        return dropped
 
     def refresh_actor(self) -> None:
         """Give the actor the learner's newest weights, if there are new ones, and note how old the weights
@@ -521,26 +573,42 @@ class Session:
         timeouts: int = 0,
         min_finish_seconds: float | None = None,
         real_time: bool = False,
+        race_time: float | None = None,
+        telemetry_fps: float | None = None,
+        telemetry_wait_share: float | None = None,
         **extra: Any,
     ) -> list[RedFlag]:
-        """Log a finished episode with its race result and check it; returns red flags."""
+        """Log a finished episode with its race result and check it; returns red flags.
+
+        `race_time` is the environment's clock from the start to the finish (TrackMania); without one the
+        steps are the clock (a simulator's steps are exactly `time_step_duration` apart). A finish in an
+        episode with time-step timeouts has an unreliable race time: it counts as a finish, not as a time.
+        `telemetry_fps` and `telemetry_wait_share` say how fast the game delivered its telemetry."""
         run, config = self.run, self.config
         ages, self.policy_ages = self.policy_ages, []
         run.episode += 1
         run.interval_rewards.append(reward)
-        race_time = length * config.time_step_duration if finished else None
-        if race_time is not None:
+        if not finished:
+            race_time = None
+        elif race_time is None:
+            race_time = length * config.time_step_duration
+        reliable = race_time is not None and timeouts == 0
+        if reliable:
             run.race_times.append(race_time)
             run.interval_race_times.append(race_time)
             run.best_race_time = (
                 race_time if run.best_race_time is None else min(run.best_race_time, race_time)
             )
+        elif race_time is not None:
+            run.unreliable_finishes += 1
         self.log.write(
             "episode", run.step, episode=run.episode, reward=reward, length=length,
             terminated=bool(terminated),
-            finished=bool(finished), race_time=race_time, best_race_time=run.best_race_time,
+            finished=bool(finished), race_time=race_time,
+            race_time_reliable=reliable if race_time is not None else None, best_race_time=run.best_race_time,
             median_race_time=float(np.median(run.race_times)) if run.race_times else None,
-            finish_rate=len(run.race_times) / run.episode, progress=progress,
+            finish_rate=run.finishes / run.episode, progress=progress,
+            telemetry_fps=telemetry_fps, telemetry_wait_share=telemetry_wait_share,
             epsilon=self.actor.epsilon,  # the one the episode's last action was chosen with, as used
             time_step_timeouts=timeouts, time_step_timeouts_total=run.time_step_timeouts,
             seconds=seconds, q_mean=self.last_metrics.get("q_mean"),
@@ -554,6 +622,7 @@ class Session:
         flags = self.monitor.observe_episode(
             reward, length, epsilon_at(run.step, config), run.step, run.episode, finished=finished,
             race_time=race_time, min_finish_seconds=min_finish_seconds, progress=progress, timeouts=timeouts,
+            telemetry_fps=telemetry_fps, telemetry_wait_share=telemetry_wait_share,
         )  # fmt: skip
         if real_time:
             flags += self.monitor.observe_policy_ages(ages, run.step, run.episode)
@@ -564,8 +633,10 @@ class Session:
         return self.run.episode % self.config.checkpoint_frequency == 0
 
     def _checkpoint_run(self) -> dict[str, Any]:
+        # Held steps are not in the learner's replay yet: the checkpoint's step count is the replay's.
         return {
             **self.run.checkpoint_fields(),
+            "step": self.run.step - self.quarantined_steps,
             # epsilon is restored from the step; kept for people reading a checkpoint.
             "epsilon": epsilon_at(self.run.step, self.config),
             **actor_streams(self.actor),
@@ -645,6 +716,8 @@ class Session:
         self.reward_range = restored["reward_range"]
         self.monitor = self.new_monitor()
         self.policy_ages = []  # the rolled-back episode's actions are not an episode's
+        self.quarantine.clear()  # steps after the restored checkpoint
+        self.quarantined_steps = 0
         self.progress.restart_rate(self.run.step)
         self.log.truncate_after_step(self.run.step)
         self.log.write(
@@ -663,13 +736,20 @@ class Session:
             self.progress.message(f"RED FLAG {flag.name}: {flag.message}")
             self.log.write("event", flag.step, **flag.as_event())
             self.log.alert(f"red flag: {flag.name}", flag.message)
-            if rolled_back or flag.name not in FATAL_FLAGS or self.args.on_red_flag == "warn":
+            stops = flag.name in FATAL_FLAGS or flag.name in GAME_FLAGS
+            if rolled_back or not stops or self.args.on_red_flag == "warn":
                 continue
             if self.args.on_red_flag == "stop":
+                latest = self.store.latest_path
+                kept = (
+                    f"last good checkpoint: {latest}" if latest.exists() else "no checkpoint was written yet"
+                )
                 raise RedFlagStopError(
                     f"stopped on red flag {flag.name} at step {flag.step:,} (--on-red-flag stop): "
-                    f"{flag.message}; last good checkpoint: {self.store.latest_path}"
+                    f"{flag.message}; {kept}"
                 )
+            if flag.name in GAME_FLAGS:
+                continue  # the game's fault: restoring the agent's checkpoint would not change it
             self.roll_back(flag)
             rolled_back = True
         return rolled_back
@@ -690,13 +770,17 @@ class Session:
         run = self.run
         if not run.episode:
             return None
-        if not run.race_times:
+        if not run.finishes:
             return f"race results: no finish in {run.episode:,} episodes"
-        return (
-            f"race results: {len(run.race_times):,} finishes in {run.episode:,} episodes "
-            f"({100 * len(run.race_times) / run.episode:.1f}%), best {run.best_race_time:.2f} s, median "
-            f"{float(np.median(run.race_times)):.2f} s"
+        text = (
+            f"race results: {run.finishes:,} finishes in {run.episode:,} episodes "
+            f"({100 * run.finishes / run.episode:.1f}%)"
         )
+        if run.race_times:
+            text += f", best {run.best_race_time:.2f} s, median {float(np.median(run.race_times)):.2f} s"
+        if run.unreliable_finishes:
+            text += f" ({run.unreliable_finishes:,} with time-step timeouts: no reliable race time)"
+        return text
 
     def close(self) -> None:
         try:

@@ -120,12 +120,54 @@ INPUT_TOLERANCE = 1e-3
 # jump by kilometres. Only a respawn teleports the car, and it happens at reset, which is never compared.
 JUMP_MARGIN = 2.0
 FRAME_AGE_SLACK = 0.25
+# --- telemetry consistency: frames whose every value is plausible but which cannot all be true --------------
+# Between two frames of an episode, and over any CONSISTENCY_WINDOW_S of it, the car covers at most
+# SPEED_MARGIN times the distance its largest reported speed allows in the elapsed time (plus the frames'
+# possible age on both ends), plus POSITION_SLACK_M for the physics' jitter. This is what a frozen speed with
+# a moving car, a teleport of a few frames, or a distance counter that runs ahead of the car breaks.
+SPEED_MARGIN = 1.5
+POSITION_SLACK_M = 2.0
+CONSISTENCY_WINDOW_S = 1.0
+# A car reporting more than this (km/h) moves: its position cannot stay bit for bit the same for
+# STILL_POSITION_S (a frozen telemetry stream repeats one frame while the car drives on; tmrl's client
+# returns only frames newer than the last, so a real stream never repeats one while the car moves). Short
+# enough to beat tmrl's failure countdown, which ends an episode 10 steps (0.5 s) after progress stops.
+MOVING_KMH = 5.0
+STILL_POSITION_S = 0.4
+# A real finish comes after the car drove at least this share of the reward trajectory's length (shortcuts
+# and another racing line shorten a lap, never by half), and is an edge: never in an episode's first frame
+# (right after the respawn) and never two frames in a row.
+FINISH_MIN_TRACK_SHARE = 0.5
+# ... and with tmrl's reward function at least this far along the trajectory (the recorded lap ends at the
+# finish line; the index it last matched is at most one step behind the car).
+FINISH_MIN_PROGRESS = 0.8
+# The reward trajectory tmrl pays along: `python -m tmrl --record-reward` resamples a driven lap to one point
+# every 0.1 m, so a real one is long and its points advance. Shorter than MIN_TRAJECTORY_M, or with more than
+# MAX_STILL_POINTS_SHARE of its steps shorter than STILL_POINT_M, it pays for nothing the car does.
+MIN_TRAJECTORY_M = 50.0
+STILL_POINT_M = 0.01
+MAX_STILL_POINTS_SHARE = 0.01
 
 # --- watchdog defaults ---------------------------------------------------------------------------------
 DEFAULT_STEP_TIMEOUT = 10.0  # seconds; a step normally takes 0.05 s, or ~0.6 s when the episode ends
 DEFAULT_RESET_TIMEOUT = 60.0  # seconds; a reset waits SLEEP_TIME_AT_RESET and may first connect to the game
-DEFAULT_MAX_IDENTICAL_FRAMES = 100  # 5 s at 20 Hz of an unchanged picture while the car reports moving
-MOVING_SPEED = 1.0  # above this reported speed the picture must change from one step to the next
+# The picture must change from one step to the next while the car reports more than MOVING_SPEED km/h
+# (the camera follows it: 0.14 m per step at 10 km/h); 8 unchanged steps (0.4 s at 20 Hz) is a frozen capture.
+DEFAULT_MAX_IDENTICAL_FRAMES = 8
+MOVING_SPEED = 10.0
+# At any speed, a picture unchanged for PAUSE_SECONDS of steps is a paused (or minimised) game: counted
+# across episodes, since tmrl ends a frozen episode after 81 steps and its respawn changes nothing on screen.
+PAUSE_SECONDS = 10.0
+# The telemetry repeating one frame bit for bit while the picture moves (more than PICTURE_MOTION_SHARE of
+# its pixels change by more than PICTURE_MOTION_LEVELS at every step, as when the camera follows a car) for
+# FROZEN_TELEMETRY_STEPS steps: the plugin stopped updating while the game goes on. A still car's picture
+# changes in a few pixels at most (the race clock), so it never counts.
+FROZEN_TELEMETRY_STEPS = 8
+PICTURE_MOTION_LEVELS = 2
+PICTURE_MOTION_SHARE = 0.25
+# When a step's telemetry took longer than this to arrive, the plugin (one frame per game frame) was slower
+# than the agent: a stale step is then the game's fault, not the agent's.
+PLUGIN_WAIT_S = 0.005
 _POLL_INTERVAL = 0.1  # how often a waiting call checks whether tmrl's worker thread has failed
 _TIMEOUT_WARNING_PREFIX = "Time-step timed out"
 
@@ -142,7 +184,10 @@ _INSTALL_HINT = (
 
 
 class TrackManiaError(RuntimeError):
-    """Base of the errors below; every message is one line."""
+    """Base of the errors below; every message is one line. `condemned_steps`: how many of the steps
+    already returned were part of the fault (a frozen stream is seen only after a few of them)."""
+
+    condemned_steps = 0
 
 
 class TrackManiaSetupError(TrackManiaError):
@@ -312,7 +357,28 @@ def load_reward_trajectory(folder: Path) -> np.ndarray:
         )
     if not np.isfinite(points).all():
         raise TrackManiaSetupError(f"the reward trajectory {path} holds non-finite points: {record}")
+    problem = trajectory_problem(points)
+    if problem is not None:
+        raise TrackManiaSetupError(f"the reward trajectory {path} {problem}: {record}")
     return points
+
+
+def trajectory_problem(points: np.ndarray) -> str | None:
+    """Why a trajectory of (N, 3) finite points cannot pay for driving a track, or None."""
+    steps = np.linalg.norm(np.diff(points, axis=0), axis=1)
+    length = float(steps.sum())
+    if length < MIN_TRAJECTORY_M:
+        return (
+            f"is {length:.1f} m long ({len(points):,} points), shorter than any track "
+            f"(at least {MIN_TRAJECTORY_M:g} m): the car would finish it, or stray from it, at once"
+        )
+    still = int((steps < STILL_POINT_M).sum())
+    if still > MAX_STILL_POINTS_SHARE * len(steps):
+        return (
+            f"has {still:,} of its {len(steps):,} steps shorter than {100 * STILL_POINT_M:g} cm "
+            f"(tmrl records one point every 10 cm): points that do not advance pay for progress never made"
+        )
+    return None
 
 
 def trajectory_length_m(points: np.ndarray) -> float:
@@ -554,6 +620,39 @@ def _jump_problem(frame: tuple[float, ...], previous: tuple[float, ...], elapsed
 
 
 _TELEMETRY_INFO_KEY = "_trackmania_telemetry"  # carries the step's frame from the interface to the env
+_WAITED_INFO_KEY = "_trackmania_waited"  # seconds tmrl waited for that frame to arrive from the plugin
+
+
+def _inconsistent_telemetry_error(detail: str) -> TelemetryError:
+    return TelemetryError(
+        _one_line(
+            f"inconsistent telemetry from the OpenPlanet plugin: {detail}; every value is plausible but "
+            "together they cannot be true (a paused game, a plugin that stopped updating or repeats a frame, "
+            "a stuck finish flag): unpause the game, reload the plugin (F3 > Developer > (Re)load plugin > "
+            "TMRL Grab Data) and run again (it resumes from the checkpoint saved now)"
+        )
+    )
+
+
+def _reach(speed_kmh: float, elapsed: float) -> float:
+    """How far (m) a car whose speed never exceeded `speed_kmh` can get in `elapsed` s between two frames."""
+    seconds = max(elapsed, 0.0) + 2 * FRAME_AGE_SLACK  # either frame may be that much older than read
+    return SPEED_MARGIN * abs(speed_kmh) / 3.6 * seconds + POSITION_SLACK_M
+
+
+def _speed_problem(
+    frame: tuple[float, ...], since: tuple[float, ...], elapsed: float, top_kmh: float
+) -> str | None:
+    """Why the car cannot have gone from `since` to `frame` in `elapsed` s at speeds up to `top_kmh`."""
+    reach = _reach(top_kmh, elapsed)
+    moved, driven = math.dist(frame[2:5], since[2:5]), abs(frame[1] - since[1])
+    for what, metres in (("the position (x, y, z) moved", moved), ("distance grew", driven)):
+        if metres > reach:
+            return (
+                f"{what} {_show(metres)} m in {elapsed:.2f} s while the speed never exceeded "
+                f"{_show(top_kmh)} km/h (at most {reach:.1f} m)"
+            )
+    return None
 
 
 class _TelemetryGuard:
@@ -561,8 +660,14 @@ class _TelemetryGuard:
 
     A bad frame is recorded in `errors` (the calling thread raises it) and replaced by the last good one, so
     tmrl computes nothing from garbage (a garbage "finished" would pay +100 and respawn the car). After the
-    first error every frame is replaced: the env is unusable from then on. The first reset's frame is also
-    compared with the reward trajectory's start (a trajectory recorded on another map).
+    first error every frame is replaced: the env is unusable from then on. Checked: each value alone
+    (`_field_problem`), each frame against the previous one of its episode (no teleport at top speed, no
+    move the reported speed cannot make), every CONSISTENCY_WINDOW_S of an episode (the same, and a position
+    that stays put while the car reports driving), and each finish (an edge after a real run: not in the
+    episode's first frame, not twice in a row, not before the car drove FINISH_MIN_TRACK_SHARE of the track,
+    not faster than the track can be driven). The first reset's frame is compared with the reward
+    trajectory's start (a trajectory recorded on another map). A finish's race time is the wall-clock time
+    from the episode's first frame to the finish frame.
     """
 
     def __init__(
@@ -572,42 +677,137 @@ class _TelemetryGuard:
         trajectory_start: np.ndarray | None = None,
         trajectory_path: Path | None = None,
         max_stray: float = REWARD_CONFIG["MAX_STRAY"],
+        track_length_m: float = math.nan,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._errors = errors
+        self._clock = clock
         self._trajectory_start = trajectory_start
         self._trajectory_path = trajectory_path
         self._max_stray = max_stray
+        self._track_length_m = float(track_length_m)
         self._failed = False
         self._spawn_checked = False
-        self._previous: tuple[tuple[float, ...], float] | None = None  # (frame, time) in this episode
         self._last_good: tuple[float, ...] = (0.0,) * len(TELEMETRY_FIELDS)
         self.latest: tuple[float, ...] | None = None  # the frame tmrl got last
+        self.latest_waited = 0.0  # seconds tmrl's client waited for it
+        self.race_time: float | None = None  # the latest frame's finish, timed
+        # How far along the reward trajectory (0..1) tmrl's reward function last placed the car; set by the
+        # interface, whose reward function it is.
+        self.track_progress: Callable[[], float] = lambda: math.nan
+        self.new_episode()
 
     def new_episode(self) -> None:
         """A respawn comes: the next frame may be anywhere, so it is not compared with the previous one."""
-        self._previous = None
+        self._previous: tuple[tuple[float, ...], float] | None = None  # (frame, time) in this episode
+        self._start: tuple[tuple[float, ...], float] | None = None  # the episode's first frame
+        self._window: tuple[tuple[float, ...], float, float] | None = None  # (frame, time, top speed)
+        self._still_since: float | None = None  # since when the position repeats while the car drives
+        self._still_frames = 0  # frames accepted since then: each repeated the one before
+        self.race_time = None
 
     def _fail(self, where: str, error: TrackManiaError) -> None:
         self._failed = True
         self._errors.record(where, error)
 
-    def filter(self, data: Any) -> tuple[float, ...]:
-        now = time.monotonic()
+    def filter(self, data: Any, waited: float = 0.0) -> tuple[float, ...]:
+        now = self._clock()
+        self.latest_waited = waited
+        self.race_time = None
         if not self._failed:
             frame = tuple(float(value) for value in data)
             problem = _field_problem(frame)
-            if problem is None and self._previous is not None:
+            if problem is None and self._previous is not None:  # garbage: kilometres between two frames
                 problem = _jump_problem(frame, self._previous[0], now - self._previous[1])
-            if problem is None:
-                self._previous = (frame, now)
-                self._last_good = frame
-            else:
+            if problem is not None:
                 self._fail("reading the telemetry", _telemetry_error(problem))
+            else:
+                problem = self._episode_problem(frame, now)
+                if problem is not None:
+                    error = _inconsistent_telemetry_error(problem)
+                    error.condemned_steps = self._still_frames  # 0 unless a repeated position was seen
+                    self._fail("checking the telemetry", error)
+                else:
+                    self._accept(frame, now)
         if self._failed:
             # Still, released controls and not finished: nothing for tmrl to act on.
             frame = (0.0, *self._last_good[1:5], 0.0, 0.0, 0.0, 0.0, *self._last_good[9:])
         self.latest = frame
         return frame
+
+    def _episode_problem(self, frame: tuple[float, ...], now: float) -> str | None:
+        """Why `frame` cannot follow this episode's earlier frames, or None."""
+        finished = frame[8] == 1.0
+        if self._previous is None:  # the episode's first frame: right after the respawn
+            if finished:
+                return "the finish flag is 1 in the first frame after the respawn (a stuck finish flag)"
+            return None
+        previous, then = self._previous
+        elapsed = now - then
+        problem = _speed_problem(frame, previous, elapsed, max(abs(frame[0]), abs(previous[0])))
+        if problem is not None:
+            return problem
+        window, window_time, top_kmh = self._window  # type: ignore[misc]  # set with _previous
+        top_kmh = max(top_kmh, abs(frame[0]))
+        if now - window_time >= CONSISTENCY_WINDOW_S:
+            problem = _speed_problem(frame, window, now - window_time, top_kmh)
+            if problem is not None:
+                return problem
+        if min(abs(frame[0]), abs(previous[0])) > MOVING_KMH and frame[2:5] == previous[2:5]:
+            still_since = self._still_since if self._still_since is not None else then
+            if now - still_since >= STILL_POSITION_S:
+                return (
+                    f"the position (x, y, z) has not changed for {now - still_since:.2f} s while the speed "
+                    f"is {_show(abs(frame[0]))} km/h (a frozen telemetry stream)"
+                )
+        if finished:
+            start, start_time = self._start  # type: ignore[misc]  # set with _previous
+            race_time, driven = now - start_time, frame[1] - start[1]
+            if previous[8] == 1.0:
+                return "the finish flag stayed 1 for two frames in a row (a stuck finish flag)"
+            if math.isfinite(self._track_length_m):
+                fastest = self._track_length_m / TOP_SPEED_M_S
+                if race_time < fastest:
+                    return (
+                        f"a finish {race_time:.2f} s after the start, faster than the track "
+                        f"({self._track_length_m:.0f} m) can be driven at {TOP_SPEED_KMH:g} km/h "
+                        f"({fastest:.2f} s)"
+                    )
+                if driven < FINISH_MIN_TRACK_SHARE * self._track_length_m:
+                    return (
+                        f"a finish after the car drove {_show(driven)} m of the track's "
+                        f"{self._track_length_m:.0f} m (at least {100 * FINISH_MIN_TRACK_SHARE:.0f}% for a "
+                        "real one)"
+                    )
+            along = self.track_progress()
+            if along < FINISH_MIN_PROGRESS:  # False for NaN: no reward function to ask
+                return (
+                    f"a finish with the car {100 * along:.0f}% along the reward trajectory (at least "
+                    f"{100 * FINISH_MIN_PROGRESS:.0f}% for a real one: the recorded lap ends at the finish "
+                    "line)"
+                )
+        return None
+
+    def _accept(self, frame: tuple[float, ...], now: float) -> None:
+        previous = self._previous
+        if previous is None:
+            self._start = (frame, now)
+            self._window = (frame, now, abs(frame[0]))
+        else:
+            window, window_time, top_kmh = self._window  # type: ignore[misc]
+            if now - window_time >= CONSISTENCY_WINDOW_S:
+                self._window = (frame, now, abs(frame[0]))
+            else:
+                self._window = (window, window_time, max(top_kmh, abs(frame[0])))
+            if frame[2:5] == previous[0][2:5] and min(abs(frame[0]), abs(previous[0][0])) > MOVING_KMH:
+                self._still_since = self._still_since if self._still_since is not None else previous[1]
+                self._still_frames += 1
+            else:
+                self._still_since, self._still_frames = None, 0
+            if frame[8] == 1.0:
+                self.race_time = now - self._start[1]  # type: ignore[index]
+        self._previous = (frame, now)
+        self._last_good = frame
 
     def check_spawn(self) -> None:
         """At the first reset: the car must start near the trajectory's first point, or it is another map."""
@@ -622,6 +822,9 @@ class _TelemetryGuard:
         info = dict(info or {})
         if self.latest is not None:
             info[_TELEMETRY_INFO_KEY] = dict(zip(TELEMETRY_FIELDS, self.latest, strict=True))
+            info[_WAITED_INFO_KEY] = self.latest_waited
+        if self.race_time is not None:
+            info["race_time"] = self.race_time
         return info
 
 
@@ -648,10 +851,46 @@ class _CheckedClient:
         self._guard = guard
 
     def retrieve_data(self, *args: Any, **kwargs: Any) -> tuple[float, ...]:
-        return self._guard.filter(self._client.retrieve_data(*args, **kwargs))
+        # tmrl's client blocks until a frame newer than the last one it returned has arrived: the wait is
+        # how much slower than the agent the plugin (one frame per game frame) sends.
+        started = time.monotonic()
+        data = self._client.retrieve_data(*args, **kwargs)
+        return self._guard.filter(data, waited=time.monotonic() - started)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
+
+
+class _CheckedWindow:
+    """tmrl's WindowInterface, with the size of every capture compared with the first one's: tmrl sizes the
+    window once, when it starts, and a window resized later (maximised, dragged) would be squeezed into the
+    64x64 frames as another picture, silently. (The first capture's size is the reference rather than
+    WINDOW_WIDTH x WINDOW_HEIGHT, which Windows' display scaling may turn into other pixel counts.)"""
+
+    def __init__(self, window: Any, errors: _InterfaceErrors) -> None:
+        self._window = window
+        self._errors = errors
+        self.size: tuple[int, int] | None = None  # (width, height) of the first capture
+
+    def screenshot(self, *args: Any, **kwargs: Any) -> Any:
+        image = self._window.screenshot(*args, **kwargs)
+        height, width = (int(n) for n in np.shape(image)[:2])
+        if self.size is None:
+            self.size = (width, height)
+        elif (width, height) != self.size:
+            self._errors.record(
+                "capturing the game window",
+                TrackManiaSetupError(
+                    f"the game window is now {width}x{height} pixels, not the {self.size[0]}x{self.size[1]} "
+                    "tmrl sized it to at the start: every frame would be another picture squeezed into the "
+                    "agent's 64x64; do not resize or maximise the game window while training, and run again "
+                    "(it resumes from the checkpoint saved now)"
+                ),
+            )
+        return image
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._window, name)
 
 
 def _guarded_interface(base: type) -> type:
@@ -668,8 +907,14 @@ def _guarded_interface(base: type) -> type:
         ) -> None:
             self._errors = errors
             self._telemetry = telemetry if telemetry is not None else _TelemetryGuard(errors)
+            self._telemetry.track_progress = self._trajectory_share
             with errors.recording("creating the interface"):
                 super().__init__(*args, **kwargs)
+
+        def _trajectory_share(self) -> float:
+            reward = self.__dict__.get("reward_function")  # tmrl creates it when it first resets
+            points = int(getattr(reward, "datalen", 0))
+            return float(reward.cur_idx) / (points - 1) if points >= 2 else math.nan
 
         # tmrl creates its telemetry client when it first resets (initialize_common); whatever it assigns
         # to `self.client` is wrapped, so every frame it reads is checked.
@@ -682,6 +927,15 @@ def _guarded_interface(base: type) -> type:
             self.__dict__["_checked_client"] = (
                 None if value is None else _CheckedClient(value, self._telemetry)
             )
+
+        # The same for the window tmrl captures (initialize_common): every capture's size is checked.
+        @property
+        def window_interface(self) -> Any:
+            return self.__dict__.get("_checked_window")
+
+        @window_interface.setter
+        def window_interface(self, value: Any) -> None:
+            self.__dict__["_checked_window"] = None if value is None else _CheckedWindow(value, self._errors)
 
         def reset(self, seed: Any = None, options: Any = None) -> Any:
             self._telemetry.new_episode()
@@ -768,6 +1022,7 @@ def make_trackmania_env(
         trajectory_start=trajectory[0],
         trajectory_path=reward_trajectory_path(folder),
         max_stray=REWARD_CONFIG["MAX_STRAY"],
+        track_length_m=trajectory_length_m(trajectory),
     )
     interface_kwargs = {
         "img_hist_len": config.conv_input,
@@ -899,7 +1154,14 @@ class TrackManiaEnv(gymnasium.Wrapper):
     - reset() and step() fail with GameNotRespondingError after `reset_timeout` / `step_timeout` seconds,
       or as soon as tmrl raised in rtgym's worker thread; the env is unusable afterwards;
     - `max_identical_frames` consecutive steps with an unchanged newest frame while the car reports a
-      speed above MOVING_SPEED raise GameNotRespondingError (a hidden, minimised or paused game);
+      speed above MOVING_SPEED, or a picture unchanged for `pause_seconds` at any speed and across
+      episodes, raise GameNotRespondingError (a hidden, minimised or paused game);
+    - telemetry that repeats one frame bit for bit for FROZEN_TELEMETRY_STEPS steps while the picture moves
+      raises TelemetryError (the plugin stopped updating);
+    - the last step of an episode has "telemetry_fps" in its info: the rate at which the plugin delivered
+      frames when the agent had to wait for them (None when it never had to: the plugin kept up), and
+      "telemetry_wait_share", the share of the episode spent waiting for the plugin;
+    - a finish's info has "race_time": wall-clock seconds from the episode's first frame to the finish frame;
     - `time_step_timeouts` counts rtgym's "Time-step timed out" warnings for this env (the PC could not
       keep the pace); they are never printed;
     - every telemetry frame is checked: an implausible one raises TelemetryError and is never returned;
@@ -908,11 +1170,19 @@ class TrackManiaEnv(gymnasium.Wrapper):
       `last_telemetry` holds the newest returned frame's 11 values by name (TELEMETRY_FIELDS);
     - `track_length_m` is the reward trajectory's length and `min_finish_seconds` the time the track takes
       at the game's top speed: a finish in less is not a real one;
+    - `verdict_steps`: the steps it may still condemn (see the property);
     - `real_time` is True: the game runs on whether the agent is ready or not, so the actor never waits
       for the learner mid-episode (learner_max_lag bounds how far it runs ahead).
     """
 
     real_time = True
+
+    @property
+    def verdict_steps(self) -> int:
+        """How many of the latest steps a check may still condemn (the frozen picture and telemetry need
+        a few steps to see): the training loop hands a step to the learner only once it is this old, so
+        that none of a lie's steps reaches the replay."""
+        return max(self.max_identical_frames, FROZEN_TELEMETRY_STEPS) + 2
 
     def __init__(
         self,
@@ -923,13 +1193,24 @@ class TrackManiaEnv(gymnasium.Wrapper):
         reset_timeout: float = DEFAULT_RESET_TIMEOUT,
         max_identical_frames: int = DEFAULT_MAX_IDENTICAL_FRAMES,
         track_length_m: float = math.nan,
+        pause_seconds: float = PAUSE_SECONDS,
     ) -> None:
         super().__init__(env)
-        if step_timeout <= 0 or reset_timeout <= 0 or max_identical_frames < 1:
-            raise ValueError("step_timeout and reset_timeout must be > 0, max_identical_frames >= 1")
+        if step_timeout <= 0 or reset_timeout <= 0 or max_identical_frames < 1 or pause_seconds <= 0:
+            raise ValueError(
+                "step_timeout, reset_timeout and pause_seconds must be > 0, max_identical_frames >= 1"
+            )
         self.step_timeout = step_timeout
         self.reset_timeout = reset_timeout
         self.max_identical_frames = max_identical_frames
+        self.pause_seconds = pause_seconds
+        self._picture_since = time.monotonic()  # when the picture last changed (across episodes)
+        self._picture_steps = 0  # steps and resets since then
+        self._picture_resets = 0
+        self._previous_telemetry: dict[str, float] | None = None
+        self._frozen_telemetry = 0  # steps in a row with repeated telemetry and a moving picture
+        self._episode_waits: list[float] = []  # per frame: seconds tmrl waited for the plugin
+        self._episode_started = time.monotonic()
         self.track_length_m = float(track_length_m)
         self.min_finish_seconds = self.track_length_m / TOP_SPEED_M_S
         self.last_telemetry: dict[str, float] | None = None
@@ -977,10 +1258,15 @@ class TrackManiaEnv(gymnasium.Wrapper):
             "reset", lambda: self.env.reset(seed=seed, options=options), self.reset_timeout
         )
         _check_layout(obs, self.observation_space.spaces[3].shape)
-        self._previous_frame = obs[3][-1]
         self._identical_frames = 0
+        self._watch_pause(obs[3][-1], reset=True)
+        self._previous_frame = obs[3][-1]
+        self._episode_waits = []  # (the frozen-telemetry count goes on: a respawn does not unfreeze it)
+        self._episode_started = time.monotonic()
         self._controls_held = True
-        return obs, self._take_telemetry(info)
+        info = self._take_telemetry(info)
+        self._previous_telemetry = self.last_telemetry
+        return obs, info
 
     def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict]:
         # None sends no control at all: the player drives (recording demonstrations, demos.py).
@@ -990,36 +1276,82 @@ class TrackManiaEnv(gymnasium.Wrapper):
         )
         # At the end of an episode rtgym already called tmrl's wait(), which released the controls.
         self._controls_held = not (terminated or truncated)
+        info = self._take_telemetry(info)
         self._watch_frames(obs)
-        return obs, reward, terminated, truncated, self._take_telemetry(info)
+        if terminated or truncated:
+            info.update(self._plugin_pace())
+        return obs, reward, terminated, truncated, info
 
     def _take_telemetry(self, info: Any) -> dict:
         """Move the frame the interface attached to this observation into `last_telemetry`."""
         info = dict(info or {})
         frame = info.pop(_TELEMETRY_INFO_KEY, None)
+        self._episode_waits.append(float(info.pop(_WAITED_INFO_KEY, 0.0)))
         if frame is not None:
             self.last_telemetry = frame
         info["finished"] = bool(frame is not None and frame["finished"])
         return info
 
+    def _plugin_pace(self) -> dict[str, float | None]:
+        """How fast the plugin delivered this episode's frames, when the agent had to wait for them."""
+        waits = self._episode_waits
+        seconds = max(time.monotonic() - self._episode_started, 1e-9)
+        waited = [w for w in waits if w > PLUGIN_WAIT_S]
+        # Waiting for each frame, the agent got one per plugin frame: frames per second of waiting and acting.
+        fps = len(waits) / seconds if len(waited) > len(waits) / 2 else None
+        return {"telemetry_fps": fps, "telemetry_wait_share": min(sum(waited) / seconds, 1.0)}
+
+    def _stop(self, failure: TrackManiaError, condemned_steps: int = 0) -> None:
+        """Fail with `failure`; `condemned_steps` of the steps returned before this one were part of it."""
+        failure.condemned_steps = max(condemned_steps, 0)
+        self._fail(failure)
+        raise failure
+
     def _watch_frames(self, obs: Any) -> None:
         frame, speed = obs[3][-1], float(obs[0][0])
-        if (
-            self._previous_frame is not None
-            and speed > MOVING_SPEED
-            and np.array_equal(frame, self._previous_frame)
-        ):
-            self._identical_frames += 1
-        else:
-            self._identical_frames = 0
-        self._previous_frame = frame
+        previous = self._previous_frame
+        same = previous is not None and np.array_equal(frame, previous)
+        self._identical_frames = self._identical_frames + 1 if same and speed > MOVING_SPEED else 0
         if self._identical_frames >= self.max_identical_frames:
-            failure = GameNotRespondingError(
-                f"the game picture has not changed for {self._identical_frames} steps while the car reports "
-                f"speed {speed:.1f} (a frozen capture or a paused game): {_GAME_CHECKS}"
+            self._stop(
+                GameNotRespondingError(
+                    f"the game picture has not changed for {self._identical_frames} steps while the car "
+                    f"reports speed {speed:.1f} km/h (a frozen capture or a paused game): {_GAME_CHECKS}"
+                ),
+                self._identical_frames - 1,
             )
-            self._fail(failure)
-            raise failure
+        self._watch_pause(frame, reset=False)
+        telemetry, repeated = self.last_telemetry, self._previous_telemetry
+        moving_picture = previous is not None and _picture_moves(previous, frame)
+        repeats = telemetry is not None and telemetry == repeated and moving_picture
+        self._frozen_telemetry = self._frozen_telemetry + 1 if repeats else 0
+        if self._frozen_telemetry >= FROZEN_TELEMETRY_STEPS:
+            self._stop(
+                _inconsistent_telemetry_error(
+                    f"the telemetry repeated one frame bit for bit for {self._frozen_telemetry} steps while "
+                    "the game picture moved at every one (the plugin stopped updating)"
+                ),
+                self._frozen_telemetry - 1,
+            )
+        self._previous_frame, self._previous_telemetry = frame, telemetry
+
+    def _watch_pause(self, frame: np.ndarray, reset: bool) -> None:
+        """A picture that stays the same, at any speed and across episodes, for `pause_seconds`."""
+        now = time.monotonic()
+        if self._previous_frame is None or not np.array_equal(frame, self._previous_frame):
+            self._picture_since, self._picture_steps, self._picture_resets = now, 0, 0
+            return
+        self._picture_steps += not reset
+        self._picture_resets += reset
+        if now - self._picture_since >= self.pause_seconds:
+            self._stop(
+                GameNotRespondingError(
+                    f"the game picture has not changed for {now - self._picture_since:.1f} s "
+                    f"({self._picture_steps} steps, {self._picture_resets} respawns): the game is paused, "
+                    f"or its window is minimised or covered: {_GAME_CHECKS}"
+                ),
+                self._picture_steps - (not reset),
+            )
 
     def close(self) -> None:
         # wait() releases the controls (a held virtual pedal would keep the car going) and respawns it.
@@ -1030,6 +1362,12 @@ class TrackManiaEnv(gymnasium.Wrapper):
             except GameNotRespondingError as failure:
                 logger.warning("could not release the TrackMania controls on close: %s", failure)
         super().close()
+
+
+def _picture_moves(before: np.ndarray, after: np.ndarray) -> bool:
+    """Whether most of the picture changed, as when the camera follows a moving car (not just a clock)."""
+    changed = np.abs(after.astype(np.int16) - before.astype(np.int16)) > PICTURE_MOTION_LEVELS
+    return bool(changed.mean() > PICTURE_MOTION_SHARE)
 
 
 def _check_layout(obs: Any, image_shape: tuple[int, ...]) -> None:

@@ -6,7 +6,13 @@ game, its window and its controls replaced by the fakes of fake_openplanet.py.
 HOME (and USERPROFILE) must hold a TmrlData folder (fake_openplanet.write_tmrl_data). The JSON picks the game:
     drive          the car's speed in m/s along the straight 100 m trajectory (0: it stands still)
     spawn          [x, y, z] where a respawn puts the car (far from the trajectory: the wrong map)
-    fault          null, "nan", "slip", "12_floats", "freeze", "crash" or "finish_now", at env step `fault_at`
+    fault          null, "nan", "slip", "12_floats", "freeze", "crash" or "finish_now" (garbage, a dead
+                   game), or the plausible lies: "finish_stuck" (the finish flag stays 1),
+                   "telemetry_frozen" (the plugin repeats one frame while the car and the picture go on),
+                   "pause" (the game pauses: car, telemetry and picture stop), "teleport" (95 m forward for
+                   0.3 s), "resize" (the window becomes 1280x720), at env step `fault_at`
+    fault_episode  count `fault_at` from the start of this episode (1: the first) instead of the run's
+    frame_interval seconds between the plugin's frames (default 0.005; 0.1 is a plugin sending at 10 Hz)
     slow_learn     seconds each learn step sleeps (inline learner): an agent too slow for 20 Hz
     step_timeout   seconds before a silent game is reported (the watchdog; default 2 here)
     game_process   true: the telemetry server runs in a process of its own, as the real game does, so its
@@ -53,9 +59,13 @@ def main() -> int:
         game = FakeOpenPlanet(spawn=spawn, frame_interval=frame_interval)
         if drive:
             game.drive(drive, TRACK_LENGTH)
-    screen, recorder = FakeScreen(), ControlRecorder(on_respawn=game.respawn)
+    # The camera follows the car's true position (a game in another process: the picture moves anyway).
+    follow = None if options.get("game_process") else (lambda: game.state["x"])
+    screen, recorder = FakeScreen(follow=follow), ControlRecorder(on_respawn=game.respawn)
     patch.setattr(trackmania, "OPENPLANET_PORT", game.port)
     fault, fault_at = options.get("fault"), int(options.get("fault_at", 10**9))
+    faults = {"game": game, "screen": screen}
+    timing: dict[str, float] = {}  # when the fault started and the env raised (bench/fault_detection.py)
     real_make = trackmania.make_trackmania_env
 
     def make(config, **kwargs):
@@ -63,15 +73,35 @@ def main() -> int:
             config, allow_non_windows=True, step_timeout=float(options.get("step_timeout", 2.0)), **kwargs
         )
         install_fake_game(patch, game.port, screen, recorder)
-        real_step, steps = env.step, [0]
+        real_step, real_reset, steps, episodes = env.step, env.reset, [0], [0]
+        fault_episode = options.get("fault_episode")  # counts steps from that episode's start
+
+        def reset(**kwargs):
+            episodes[0] += 1
+            if fault_episode is not None:
+                steps[0] = 0
+            try:
+                return real_reset(**kwargs)
+            except trackmania.TrackManiaError:
+                timing.setdefault("error_step", steps[0])
+                timing.setdefault("error_episode", episodes[0])
+                timing.setdefault("error_time", time.monotonic())
+                raise
 
         def step(action):
             steps[0] += 1
-            if steps[0] == fault_at:
-                start_fault(game, fault)
-            return real_step(action)
+            if steps[0] == fault_at and (fault_episode is None or episodes[0] == fault_episode):
+                start_fault(faults, fault)
+                timing.update(fault_step=steps[0], fault_time=time.monotonic(), fault_episode=episodes[0])
+            try:
+                return real_step(action)
+            except trackmania.TrackManiaError:
+                timing.setdefault("error_step", steps[0])
+                timing.setdefault("error_episode", episodes[0])
+                timing.setdefault("error_time", time.monotonic())
+                raise
 
-        env.step = step
+        env.step, env.reset = step, reset
         return env
 
     patch.setattr(environment, "make_trackmania_env", make)
@@ -95,7 +125,14 @@ def main() -> int:
     finally:
         game.close()
         pressed = [event for event in recorder.events if event[0] == "keys" and event[1]]
-        print("FAKE_GAME " + json.dumps({"controls_pressed": len(pressed), "events": len(recorder.events)}))
+        detection = {}
+        if "fault_time" in timing and "error_time" in timing:
+            detection = {
+                "detected_after_s": round(timing["error_time"] - timing["fault_time"], 3),
+                "detected_after_episodes": timing["error_episode"] - timing["fault_episode"],
+            }
+        summary = {"controls_pressed": len(pressed), "events": len(recorder.events), **detection}
+        print("FAKE_GAME " + json.dumps(summary))
 
 
 class GameInAnotherProcess:
@@ -136,7 +173,8 @@ def serve_game(commands: Any, spawn: tuple, frame_interval: float, drive: float)
     game.close()
 
 
-def start_fault(game: FakeOpenPlanet, fault: str | None) -> None:
+def start_fault(faults: dict[str, Any], fault: str | None) -> None:
+    game, screen = faults["game"], faults["screen"]
     if fault == "nan":
         game.stop_driving()  # the physics would overwrite the speed at the next frame
         game.set_state(speed=float("nan"))
@@ -150,6 +188,17 @@ def start_fault(game: FakeOpenPlanet, fault: str | None) -> None:
         game.crash()
     elif fault == "finish_now":  # a plausible frame that says "finished" a moment after the start
         game.set_state(finished=1.0)
+    elif fault == "finish_stuck":  # no respawn clears it
+        game.stick(finished=1.0)
+    elif fault == "telemetry_frozen":
+        game.repeat_frame()
+    elif fault == "pause":
+        game.pause()
+        screen.frozen = True
+    elif fault == "teleport":
+        game.teleport(95.0, seconds=0.3)
+    elif fault == "resize":
+        screen.size = (1280, 720)
     elif fault is not None:
         raise ValueError(f"unknown fault {fault!r}")
 

@@ -8,6 +8,10 @@
   dies: connection reset, nobody listening), `slip()` (one byte lost or added once: a misaligned stream),
   `extra_floats` (a plugin of another version sending 12 floats), NaN or any other value through
   `set_state`, and `spawn` (where a respawn puts the car: far from the reward trajectory on a wrong map).
+  And the plausible lies: `stick(finished=1.0)` (a field no respawn clears: a stuck finish flag),
+  `repeat_frame()` (the plugin repeats one frame while the car drives on), `teleport(dx, seconds)` (the
+  position jumps forward for a while), `pause()` (the game stops: the car, its telemetry and, with
+  `FakeScreen.frozen`, its picture), and `frame_interval` (0.1: a plugin sending at 10 Hz).
 - `slow_agent_steps`: an agent that thinks longer than a time-step between steps (rtgym times out).
 - `FakeScreen`: the game window as tmrl's `WindowInterface` sees it; `screenshot()` returns BGRA uint8
   (height, width, 4) like the Windows capture, a picture that changes at every capture unless frozen.
@@ -69,6 +73,13 @@ class FakeOpenPlanet:
         self._closed = threading.Event()
         self._crashed = threading.Event()
         self._drive: tuple[float, float] | None = None  # (m/s, finish line along x) while the car drives
+        self.stuck: dict[str, float] = {}  # fields sent as these values whatever the car does
+        self.repeating: bytes | None = None  # a frame sent again and again instead of the live one
+        self._teleport: tuple[float, float] | None = None  # (metres along x, until when)
+        self.paused = False
+        # After a respawn the game holds the car through its start countdown (tmrl waits 1.4-1.5 s for it).
+        self.countdown = 1.3
+        self._held_until = 0.0
         self._server = socket.create_server(("127.0.0.1", 0))
         self._server.settimeout(0.1)  # lets close() stop the accept loop
         self.port: int = self._server.getsockname()[1]
@@ -81,9 +92,13 @@ class FakeOpenPlanet:
         self.state.update({name: float(value) for name, value in fields.items()})
 
     def respawn(self) -> None:
-        """What the game does when tmrl presses "respawn": the car is back, still, at the start."""
+        """What the game does when tmrl presses "respawn": the car is back, still, at the start (not in a
+        paused game: nothing moves there)."""
+        if self.paused:
+            return
         x, y, z = self.spawn
         self.set_state(speed=0.0, distance=0.0, x=x, y=y, z=z, finished=0.0)
+        self._held_until = time.monotonic() + self.countdown
 
     def drive(self, speed_mps: float, finish_x: float) -> None:
         """Physics along the straight trajectory: from each respawn the car runs along x at `speed_mps` and
@@ -93,8 +108,29 @@ class FakeOpenPlanet:
     def stop_driving(self) -> None:
         self._drive = None
 
+    def stick(self, **fields: float) -> None:
+        """Send these values in every frame from now on, whatever the car does (a stuck field)."""
+        self.stuck.update({name: float(value) for name, value in fields.items()})
+
+    def repeat_frame(self) -> None:
+        """The plugin repeats the frame it sends now, bit for bit, while the car drives on."""
+        self.repeating = self.frame()
+
+    def teleport(self, metres: float, seconds: float) -> None:
+        """The position reads `metres` farther along x for `seconds`, then true again."""
+        self._teleport = (float(metres), time.monotonic() + seconds)
+
+    def pause(self) -> None:
+        """The game pauses: the car stops where it is and the plugin keeps sending its frozen state."""
+        self.paused = True
+
     def _advance(self, seconds: float) -> None:
-        if self._drive is None or self.state["finished"]:
+        if (
+            self._drive is None
+            or self.state["finished"]
+            or self.paused
+            or time.monotonic() < self._held_until
+        ):
             return
         speed, finish_x = self._drive
         step = speed * seconds
@@ -122,7 +158,10 @@ class FakeOpenPlanet:
         self._crashed.set()
 
     def frame(self) -> bytes:
-        values = (*(self.state[name] for name in FIELDS), *self.extra_floats)
+        state = {**self.state, **self.stuck}
+        if self._teleport is not None and time.monotonic() < self._teleport[1]:
+            state["x"] += self._teleport[0]
+        values = (*(state[name] for name in FIELDS), *self.extra_floats)
         return struct.pack(f"<{len(values)}f", *values)
 
     def close(self) -> None:
@@ -130,7 +169,7 @@ class FakeOpenPlanet:
         self._server.close()
 
     def _next_bytes(self) -> bytes:
-        data = self.frame()
+        data = self.repeating if self.repeating is not None else self.frame()
         slip, self._slip = self._slip, None
         if slip == "drop":
             return data[1:]
@@ -147,14 +186,18 @@ class FakeOpenPlanet:
             except OSError:  # closed
                 return
             self.connections += 1
+            last_advance = time.monotonic()
             with client:
                 while not self._closed.is_set():
                     if self._crashed.is_set():
                         # A zero linger time makes close() send a reset, as when the OS reaps a dead process.
                         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                         break
+                    now = time.monotonic()
+                    # The physics runs on the wall clock, as the game's does, however late this thread is.
+                    elapsed, last_advance = now - last_advance, now
                     if self._sending.is_set():
-                        self._advance(self.frame_interval)
+                        self._advance(elapsed)
                         try:
                             client.sendall(self._next_bytes())
                             self.frames_sent += 1
@@ -179,7 +222,11 @@ def slow_agent_steps(env: Any, steps: int, think_s: float, action: Any = (0.0, 0
 class FakeScreen:
     """The game window; `window_interface_class()` gives the class that replaces tmrl's WindowInterface."""
 
-    def __init__(self) -> None:
+    def __init__(self, follow: Any = None) -> None:
+        # With `follow` (a function giving the car's true x in metres) the scenery moves with the car, as the
+        # game's camera does, and only a small clock in a corner changes while the car stands still;
+        # without it the whole picture moves at every capture.
+        self.follow = follow
         self.frozen = False  # the same picture at every capture
         self.delay = 0.0  # seconds each capture takes (a PC too slow for 20 Hz)
         self.error: str | None = None  # the window is gone: captures raise like tmrl's Windows capture
@@ -187,6 +234,7 @@ class FakeScreen:
         self.window_names: list[str] = []
         self.resizes: list[tuple[int, int, int, int]] = []
         self.size = (0, 0)  # (width, height), set by move_and_resize
+        self._last: np.ndarray | None = None  # the latest capture: a frozen screen returns it again
 
     def window_interface_class(self, default_width: int, default_height: int) -> type:
         screen = self
@@ -211,16 +259,22 @@ class FakeScreen:
             raise AssertionError(self.error)
         if self.delay:
             time.sleep(self.delay)
-        if not self.frozen:
-            self.captures += 1
+        if self.frozen and self._last is not None and self._last.shape[:2] == self.size[::-1]:
+            return self._last.copy()
+        self.captures += 1
         width, height = self.size
-        # Diagonal stripes that move at every capture, so every downscaled grayscale frame differs.
-        stripes = (np.add.outer(np.arange(height), np.arange(width)) * 4 + self.captures * 16) % 256
+        # Diagonal stripes that move at every capture (or with the car), so every downscaled grayscale frame
+        # differs; with `follow`, a 16x16 clock in the corner ticks at every capture.
+        shift = self.captures * 16 if self.follow is None else int(self.follow() * 16)
+        stripes = (np.add.outer(np.arange(height), np.arange(width)) * 4 + shift) % 256
+        if self.follow is not None:
+            stripes[:16, :16] = (self.captures * 37) % 256
         image = np.empty((height, width, 4), dtype=np.uint8)
         image[..., 0] = stripes  # B
         image[..., 1] = 255 - stripes  # G
         image[..., 2] = stripes // 2  # R
         image[..., 3] = 255  # A
+        self._last = image
         return image
 
 
@@ -378,8 +432,10 @@ def write_tmrl_data(
     remove: tuple[str, ...] = (),
     reward: bool = True,
     trajectory_start: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    trajectory: np.ndarray | None = None,
 ) -> Path:
-    """Create `home`/TmrlData as `python -m tmrl --install` would; `changes`/`remove` use dotted keys."""
+    """Create `home`/TmrlData as `python -m tmrl --install` would; `changes`/`remove` use dotted keys;
+    `trajectory` replaces the straight 100 m reward trajectory."""
     values = json.loads(json.dumps(TMRL_CONFIG))
     for dotted, value in (changes or {}).items():
         *parents, last = dotted.split(".")
@@ -399,7 +455,8 @@ def write_tmrl_data(
     (folder / "config" / "config.json").write_text(json.dumps(values, indent=2), encoding="utf-8")
     if reward:
         with (folder / "reward" / "reward.pkl").open("wb") as file:
-            pickle.dump(reward_trajectory(start=trajectory_start), file)
+            points = reward_trajectory(start=trajectory_start) if trajectory is None else trajectory
+            pickle.dump(points, file)
     return folder
 
 

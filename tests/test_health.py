@@ -470,3 +470,45 @@ def test_race_flags_no_progress_implausible_finish_and_stale_observations() -> N
     race = {"finished": True, "race_time": 5.0, "min_finish_seconds": 0.36}
     quiet = monitor.observe_episode(5.0, 100, 0.9, 500, 6, progress=50, timeouts=10, **race)
     assert not quiet, "10% is the limit, 5 s is a plausible finish, progress was made"
+
+
+def test_stale_observations_shows_every_stale_episode_at_most_once_a_minute_and_names_the_measured_cause():
+    clock = [0.0]
+    monitor = HealthMonitor(Config(), clock=lambda: clock[0])
+    shown = []
+    for episode in range(1, 13):  # one stale episode every 20 s, the agent too slow
+        clock[0] = 20.0 * episode
+        fired = monitor.observe_episode(5.0, 100, 0.9, 100 * episode, episode, progress=50, timeouts=30)
+        shown += [(episode, flag) for flag in fired if flag.name == "stale_observations"]
+    assert [episode for episode, _ in shown] == [1, 4, 7, 10]  # 0, 60, 120, 180 s later: never more often
+    assert "the cause is the agent (it took longer than a time step" in shown[0][1].message
+    assert "the game's telemetry kept up" in shown[0][1].message
+    # The plugin delivered 10 frames/s and the agent waited for them most of the episode: the game's fault.
+    clock[0] += 61.0
+    fired = monitor.observe_episode(
+        5.0, 100, 0.9, 2000, 13, progress=50, timeouts=60, telemetry_fps=10.2, telemetry_wait_share=0.45
+    )
+    message = only(fired, "stale_observations").message
+    assert "60 of episode 13's 100 time steps timed out (60% > 10%)" in message
+    assert "the cause is the game: its telemetry came at ~10 frames/s" in message
+    assert (
+        "the agent waited for it 45% of the episode" in message and "raise the game's frame rate" in message
+    )
+
+
+def test_sustained_staleness_fires_after_five_mostly_stale_episodes_and_is_a_game_flag():
+    monitor = HealthMonitor(Config(), clock=lambda: 0.0)
+    names = []
+    for episode, timeouts in enumerate([60, 70, 20, 80, 90, 60, 70], start=1):
+        fired = monitor.observe_episode(5.0, 100, 0.9, 100 * episode, episode, progress=50, timeouts=timeouts)
+        names.append([flag.name for flag in fired if flag.name == "stale_observations_sustained"])
+    # The mean of the last 5 shares: 0.64 at episode 5 (first full window), fired once, not again while on.
+    assert names == [[], [], [], [], ["stale_observations_sustained"], [], []]
+    flag = monitor.active["stale_observations_sustained"]
+    assert flag.value == pytest.approx(0.64) and "of the last 5 episodes timed out" in flag.message
+    assert {"implausible_finish", "stale_observations_sustained"} == health.GAME_FLAGS
+    assert not health.GAME_FLAGS & health.FATAL_FLAGS  # stop stops on them; rollback never rolls back
+    quiet = HealthMonitor(Config(), clock=lambda: 0.0)
+    for episode in range(1, 10):  # 40% of every episode: stale, but not most of the data
+        fired = quiet.observe_episode(5.0, 100, 0.9, 100 * episode, episode, progress=50, timeouts=40)
+        assert all(flag.name != "stale_observations_sustained" for flag in fired)

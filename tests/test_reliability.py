@@ -398,3 +398,7 @@ def test_a_learner_that_dies_stops_the_run_in_one_line_within_seconds(tmp_path):
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "the learner process stopped (exit code -9)" in lines[0], err
     assert "frozen policy" in lines[0] and "Traceback" not in out + err
+    # The death is on record for whoever reads the run's metrics (issue 24).
+    last = read_jsonl(tmp_path / "r" / "metrics.jsonl")[-1]
+    assert last["kind"] == "run" and last["event"] == "error" and last["error"] == "LearnerDiedError"
+    assert "the learner process stopped (exit code -9)" in last["message"]

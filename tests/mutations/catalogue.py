@@ -35,6 +35,7 @@ PREVIOUS_ACTIONS = (
     f"{LOOP}::test_previous_actions_in_a_state_are_the_ones_before_it_never_the_one_about_to_be_chosen"
 )
 LEARNER = "tests/test_learner.py"
+TM = "tests/test_trackmania.py"
 LEARNER_SCHEDULE = f"{LEARNER}::test_the_server_learns_one_step_per_stored_step_and_never_ahead"
 LEARNER_BESIDE = f"{LEARNER}::test_a_learner_beside_the_actor_keeps_the_schedule_and_shares_its_weights"
 
@@ -75,8 +76,8 @@ CATALOGUE: tuple[Mutation, ...] = (
         (
             (
                 "session.py",
-                "self.learner.add(action, reward, bool(terminated), bool(truncated),",
-                "self.learner.add(action, reward, bool(terminated or truncated), bool(truncated),",
+                '("step", action, reward, bool(terminated), bool(truncated),',
+                '("step", action, reward, bool(terminated or truncated), bool(truncated),',
             ),
         ),
         (LOOP_STORES,),
@@ -757,5 +758,122 @@ CATALOGUE: tuple[Mutation, ...] = (
         "issue 25: a game that is not marked real-time makes the car wait for learn steps mid-episode",
         (("trackmania.py", "    real_time = True\n", "    real_time = False\n"),),
         ("tests/test_trackmania.py::test_the_game_is_real_time_and_the_embedded_track_is_not",),
+    ),
+    Mutation(
+        "finish_flag_stuck_from_the_respawn_is_a_race",
+        "issue 24: a finish flag stuck at 1 paid +100 every episode with race time 0.05 s and chose best.pt",
+        (
+            (
+                "trackmania.py",
+                '            if finished:\n                return "the finish flag is 1 in the first frame',
+                '            if False:\n                return "the finish flag is 1 in the first frame',
+            ),
+        ),
+        (f"{TM}::test_a_finish_that_cannot_be_real_is_refused_as_it_comes",),
+    ),
+    Mutation(
+        "finish_before_the_car_covered_the_track",
+        "issue 24: a finish flag that comes mid-track (stuck late in a lap) counted as a race",
+        (("trackmania.py", "            if along < FINISH_MIN_PROGRESS:", "            if along < 0.0:"),),
+        (f"{TM}::test_a_finish_that_cannot_be_real_is_refused_as_it_comes",),
+    ),
+    Mutation(
+        "moves_checked_against_top_speed_only",
+        "issue 24: a 95 m teleport for a few frames paid +9.5: only the 1000 km/h bound was checked",
+        (
+            (
+                "trackmania.py",
+                "        problem = _speed_problem(frame, previous, elapsed, max(abs(frame[0]), abs(previous[0])))",
+                "        problem = None",
+            ),
+        ),
+        (f"{TM}::test_a_move_the_reported_speed_cannot_make_is_refused",),
+    ),
+    Mutation(
+        "frozen_position_at_speed_is_accepted",
+        "issue 24: the plugin repeating one frame while the car drove trained 2,400 frozen transitions",
+        (
+            (
+                "trackmania.py",
+                "            if now - still_since >= STILL_POSITION_S:",
+                "            if False:",
+            ),
+        ),
+        (f"{TM}::test_a_position_that_stands_still_at_speed_is_a_frozen_stream_and_condemns_its_frames",),
+    ),
+    Mutation(
+        "race_time_from_the_step_count",
+        "issue 24: steps x 50 ms shrank a loaded PC's 8.58 s finish to 'best 2.55 s'",
+        (
+            (
+                "session.py",
+                "        elif race_time is None:\n            race_time = length * config.time_step_duration",
+                "        else:\n            race_time = length * config.time_step_duration",
+            ),
+        ),
+        (
+            "tests/test_session.py::test_a_finish_takes_its_race_time_from_the_clock_and_one_with_timeouts_never_sets_the_best",
+        ),
+    ),
+    Mutation(
+        "a_race_with_timeouts_sets_the_best",
+        "issue 24: an episode with time-step timeouts has no reliable race time: it must never choose best.pt",
+        (
+            (
+                "session.py",
+                "        reliable = race_time is not None and timeouts == 0",
+                "        reliable = race_time is not None",
+            ),
+        ),
+        (
+            "tests/test_session.py::test_a_finish_takes_its_race_time_from_the_clock_and_one_with_timeouts_never_sets_the_best",
+        ),
+    ),
+    Mutation(
+        "a_lies_first_steps_reach_the_learner",
+        "issue 24: the steps a frozen stream took to be seen were trained on before the error",
+        (
+            (
+                "session.py",
+                "        if not self.verdict_steps:  # nothing can condemn a step",
+                "        if True:  # nothing can condemn a step",
+            ),
+        ),
+        (
+            "tests/test_session.py::test_held_steps_reach_the_learner_in_order_once_old_enough_or_when_the_run_ends_well",
+        ),
+    ),
+    Mutation(
+        "stale_observations_once_per_run",
+        "issue 24: a 10 Hz plugin made every episode 40-78% stale and the flag was shown once per run",
+        (("health.py", "STALE_REPEAT_SECONDS = 60.0", "STALE_REPEAT_SECONDS = 1e12"),),
+        (
+            "tests/test_health.py::test_stale_observations_shows_every_stale_episode_at_most_once_a_minute_and_names_the_measured_cause",
+        ),
+    ),
+    Mutation(
+        "pause_counted_within_one_episode",
+        "issue 24: tmrl ends a frozen episode after 81 steps, so a per-episode count never reached a paused game",
+        (
+            (
+                "trackmania.py",
+                "        self._identical_frames = 0\n        self._watch_pause(obs[3][-1], reset=True)",
+                "        self._identical_frames = 0\n        self._previous_frame = None\n"
+                "        self._watch_pause(obs[3][-1], reset=True)",
+            ),
+        ),
+        (f"{TM}::test_a_game_paused_at_the_start_is_caught_across_episodes_within_ten_seconds",),
+    ),
+    Mutation(
+        "learner_death_not_on_record",
+        "issue 24: a learner killed mid-episode left no error record in metrics.jsonl",
+        (
+            (
+                "env_tm.py",
+                '        log.write("run", session.run.step, event="error", error=type(error).__name__, message=str(error))\n        raise\n',
+                "        raise\n",
+            ),
+        ),
+        ("tests/test_reliability.py::test_a_learner_that_dies_stops_the_run_in_one_line_within_seconds",),
     ),
 )
