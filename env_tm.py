@@ -419,7 +419,7 @@ def train(args: argparse.Namespace) -> Any:
                 waited = session.keep_pace(max_lag)
                 if not real_time:
                     observed += waited  # a simulator's chosen wait for the learner, reported on its own
-            session.status(f"R {episode_reward:.1f}")
+            session.status(episode_reward)
             if not announced and run.step - start_step >= 200:
                 pace = (run.step - start_step) / (time.perf_counter() - started)
                 progress.message(

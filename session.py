@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,29 @@ def duration(seconds: float) -> str:
     if seconds < 90 * 60:
         return f"{seconds / 60:.0f} min"
     hours, minutes = divmod(int(seconds // 60), 60)
-    return f"{hours} h {minutes:02d} min"
+    return f"{hours} h" if hours >= 10 else f"{hours} h {minutes:02d} min"
+
+
+def compact(count: int) -> str:
+    """A round count in few characters (10M, 60k), any other one in full (1,234,567)."""
+    for size, suffix in ((1_000_000, "M"), (1_000, "k")):
+        if count >= size and count % size == 0:
+            return f"{count // size:,}{suffix}"
+    return f"{count:,}"
+
+
+def fit_fields(fields: Sequence[tuple[int, str]], width: int) -> str:
+    """The fields joined by " | ", leaving out the least important (highest priority number, the later of
+    equals) until the line fits `width`; the most important one alone is kept whatever its length."""
+    kept = list(fields)
+    while len(kept) > 1 and len(" | ".join(text for _, text in kept)) > width:
+        worst = max(range(len(kept)), key=lambda i: (kept[i][0], i))
+        del kept[worst]
+    return " | ".join(text for _, text in kept)
+
+
+# One line per finished episode, at most one per this many seconds (short episodes then share a line).
+EPISODE_LINE_SECONDS = 2.0
 
 
 # --- the status line --------------------------------------------------------------------------------------
@@ -92,21 +115,26 @@ class Progress:
             return None
         return (step - start_step) / (now - start_time)
 
-    def show(self, step: int, text: str, force: bool = False) -> None:
+    def show(self, step: int, fields: str | Sequence[tuple[int, str]], force: bool = False) -> None:
+        """The status line: progress, rate and ETA, then `fields` ((priority, text) pairs, 0 the most
+        important, or one text). On a terminal the line fits its width: the least important fields are
+        left out whole, never cut mid-field."""
         now = time.perf_counter()
         if not force and now - self.last_print < self.interval:
             return
         self.last_print = now
         rate = self.rate(step)
-        pace = "-- steps/s" if rate is None else f"{rate:.1f} steps/s"
-        eta = "" if not rate else f" | ETA {duration((self.total_steps - step) / rate)}"
-        done = f"step {step:,}/{self.total_steps:,} ({100 * step / self.total_steps:.1f}%)"
-        line = f"{done}{eta} | {pace} | {text}"
+        parts = [(0, f"step {step:,}/{compact(self.total_steps)} ({100 * step / self.total_steps:.1f}%)")]
+        if rate:
+            parts.append((1, f"ETA {duration((self.total_steps - step) / rate)}"))
+        parts.append((1, "-- steps/s" if rate is None else f"{rate:.1f} steps/s"))
+        parts += [(2, fields)] if isinstance(fields, str) else list(fields)
         if self.interactive:
             width = max(20, shutil.get_terminal_size((100, 24)).columns - 1)
+            line = fit_fields(parts, width)
             print("\r" + line[:width].ljust(width), end="", flush=True)
         else:
-            print(line, flush=True)
+            print(" | ".join(text for _, text in parts), flush=True)
 
     def message(self, text: str) -> None:
         """A permanent line (an event), not overwritten by the status line."""
@@ -413,6 +441,8 @@ class Session:
         self.episode_wait = self.total_wait = 0.0  # seconds the actor waited for the learner
         # This episode's, one per action: how many learn steps the acting weights were behind inline's.
         self.policy_ages: list[int] = []
+        self.recent_returns: collections.deque[float] = collections.deque(maxlen=10)
+        self.last_episode_line, self.unshown_episodes = -math.inf, 0
         # Steps an environment's checks may still condemn (TrackManiaEnv.verdict_steps; 0: none) wait here,
         # in order with the episode starts between them, before they are handed to the learner.
         self.verdict_steps = 0
@@ -619,6 +649,8 @@ class Session:
             policy_stale_share=stale_share(ages), **extra,
         )  # fmt: skip
         self.episode_lag_max, self.episode_wait = 0, 0.0
+        self.recent_returns.append(reward)
+        self.episode_line(reward, length, race_time, reliable)
         flags = self.monitor.observe_episode(
             reward, length, epsilon_at(run.step, config), run.step, run.episode, finished=finished,
             race_time=race_time, min_finish_seconds=min_finish_seconds, progress=progress, timeouts=timeouts,
@@ -755,16 +787,42 @@ class Session:
         return rolled_back
 
     # --- the terminal -------------------------------------------------------------------------------------
-    def status(self, text: str) -> None:
+    def status(self, episode_return: float) -> None:
+        """The status line, its fields by importance: at 80 columns it keeps the step, rate, ETA, episode
+        and the mean return of the last 10 episodes."""
         last, run = self.last_metrics, self.run
-        extra = f" | timeouts {run.time_step_timeouts:,}" if run.time_step_timeouts else ""
-        extra += f" | best {run.best_race_time:.2f} s" if run.best_race_time is not None else ""
-        extra += f" | lag {self.learner.lag}" if self.learner.mode == "beside" else ""
-        self.progress.show(
-            run.step,
-            f"ep {run.episode + 1:,} | {text} | eps {epsilon_at(run.step, self.config):.3f} | loss "
-            f"{fmt(last.get('loss'))} | Q {fmt(last.get('q_mean'))}{extra}",
+        fields = [(0, f"ep {run.episode + 1:,}")]
+        if self.recent_returns:
+            fields.append((1, f"R10 {np.mean(self.recent_returns):.1f}"))
+        fields.append((2, f"R {episode_return:.1f}"))
+        if run.best_race_time is not None:
+            fields.append((2, f"best {run.best_race_time:.2f} s"))
+        if run.time_step_timeouts:
+            fields.append((3, f"timeouts {run.time_step_timeouts:,}"))
+        fields.append((3, f"eps {epsilon_at(run.step, self.config):.3f}"))
+        fields += [(4, f"loss {fmt(last.get('loss'))}"), (4, f"Q {fmt(last.get('q_mean'))}")]
+        if self.learner.mode == "beside":
+            fields.append((5, f"lag {self.learner.lag}"))
+        self.progress.show(run.step, fields)
+
+    def episode_line(self, reward: float, length: int, race_time: float | None, reliable: bool) -> None:
+        """A permanent line per finished episode, at most one every EPISODE_LINE_SECONDS (short episodes
+        are then reported together): its return and length, the mean of the last 10, its race."""
+        self.unshown_episodes += 1
+        now = time.perf_counter()
+        if now - self.last_episode_line < EPISODE_LINE_SECONDS:
+            return
+        self.last_episode_line = now
+        episode, count = self.run.episode, self.unshown_episodes
+        self.unshown_episodes = 0
+        head = f"episode {episode:,}" if count == 1 else f"episodes {episode - count + 1:,}-{episode:,}"
+        text = (
+            f"{head}: return {reward:.1f} in {length:,} steps | mean of the last {len(self.recent_returns)} "
+            f"{np.mean(self.recent_returns):.1f}"
         )
+        if race_time is not None:
+            text += f" | finished in {race_time:.2f} s" + ("" if reliable else " (timeouts: unreliable)")
+        self.progress.message(text)
 
     def race_summary(self) -> str | None:
         run = self.run

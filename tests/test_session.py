@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import math
 
 import pytest
 
-from session import RunState, Session, duration
+from session import Progress, RunState, Session, duration
 
 
 class BestOnly(Session):
@@ -43,7 +44,15 @@ def test_a_checkpoints_run_state_round_trips_and_older_checkpoints_still_load():
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(45, "45 s"), (600, "10 min"), (5400, "1 h 30 min"), (7260, "2 h 01 min"), (math.inf, "?"), (-1, "?")],
+    [
+        (45, "45 s"),
+        (600, "10 min"),
+        (5400, "1 h 30 min"),
+        (7260, "2 h 01 min"),
+        (40_000, "11 h"),
+        (math.inf, "?"),
+        (-1, "?"),
+    ],
 )
 def test_duration_reads_like_a_person_would_say_it(seconds, text):
     assert duration(seconds) == text
@@ -151,6 +160,9 @@ def race_session() -> Session:
     session.config, session.log, session.policy_ages = Config(), Log(), []
     session.actor = type("A", (), {"epsilon": 0.5})()
     session.last_metrics, session.episode_lag_max, session.episode_wait = {}, 0, 0.0
+    session.recent_returns = collections.deque(maxlen=10)
+    session.last_episode_line, session.unshown_episodes = -math.inf, 0
+    session.progress = Progress(total_steps=1000)
     return session
 
 
@@ -176,3 +188,92 @@ def test_a_finish_takes_its_race_time_from_the_clock_and_one_with_timeouts_never
     assert session.log.records[-1]["race_time"] == pytest.approx(2.5) and run.best_race_time == 2.5
     again = RunState.from_checkpoint(run.checkpoint_fields())
     assert again.unreliable_finishes == 1 and again.finishes == 3
+
+
+# --- what a person sees on the terminal (issue 27) ----------------------------------------------------------
+def status_line(monkeypatch, capsys, columns: int, beside: bool = True) -> str:
+    import os
+
+    import session as session_module
+    from session import Progress
+
+    monkeypatch.setattr(
+        session_module.shutil, "get_terminal_size", lambda fallback: os.terminal_size((columns, 24))
+    )
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(session_module.time, "perf_counter", lambda: clock["now"])
+    session = race_session()
+    session.progress = Progress(total_steps=10_000_000)
+    session.progress.interactive = True
+    session.progress.restart_rate(1_234_480)
+    session.learner.mode = "beside" if beside else "inline"
+    session.recent_returns.extend([-35.2, 40.0, 12.5])
+    session.run.step, session.run.episode, session.run.best_race_time = 1_234_567, 1_233, 48.25
+    session.run.time_step_timeouts, session.last_metrics = 1_234, {"loss": 0.2345, "q_mean": 12.3456}
+    for second in range(1, 11):  # 10 s at 8.7 steps/s: a rate and an ETA (280 h) to show
+        clock["now"] = 1000.0 + second
+        session.progress.rate(1_234_480 + int(8.7 * second))
+    capsys.readouterr()
+    session.status(-139.25)
+    return capsys.readouterr().out.split("\r")[-1].rstrip()
+
+
+FIELDS = ["step 1,234,567/10M (12.3%)", "ETA ", "steps/s", "ep 1,234", "R10 5.8", "R -139.2",
+          "best 48.25 s", "timeouts 1,234", "eps ", "loss 0.234", "Q 12.3", "lag 0"]  # fmt: skip
+
+
+@pytest.mark.parametrize("columns", [80, 120, 200])
+def test_the_status_line_fits_the_terminal_by_leaving_out_whole_fields(monkeypatch, capsys, columns):
+    line = status_line(monkeypatch, capsys, columns)
+    assert len(line) <= columns - 1, line
+    pieces = line.split(" | ")
+
+    # Every piece is one whole field, in order; nothing is cut mid-field.
+    def field_of(piece: str) -> int:
+        if piece.endswith(" steps/s"):
+            return FIELDS.index("steps/s")
+        return next(i for i, field in enumerate(FIELDS) if piece.startswith(field))
+
+    positions = [field_of(piece) for piece in pieces]
+    assert positions == sorted(positions), line
+    # 80 columns keep the step, the ETA, the rate, the episode and the mean return of the last 10.
+    assert positions[:5] == [0, 1, 2, 3, 4], line
+    if columns == 200:
+        assert len(pieces) == len(FIELDS), line
+
+
+def test_fit_fields_drops_the_least_important_first_and_keeps_the_first_whole():
+    from session import fit_fields
+
+    fields = [(0, "aaaa"), (2, "bb"), (1, "cccc"), (2, "dd")]
+    assert fit_fields(fields, 100) == "aaaa | bb | cccc | dd"
+    assert fit_fields(fields, 16) == "aaaa | bb | cccc"  # the later of the two least important goes first
+    assert fit_fields(fields, 11) == "aaaa | cccc"
+    assert fit_fields(fields, 2) == "aaaa"  # the most important field is never cut
+
+
+def test_each_finished_episode_gets_a_line_with_the_mean_of_the_last_ten(monkeypatch, capsys):
+    import session as session_module
+    from session import Progress
+
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(session_module.time, "perf_counter", lambda: clock["now"])
+    session = race_session()
+    session.progress = Progress(total_steps=100_000)
+    capsys.readouterr()
+    for episode in range(12):
+        clock["now"] += 5.0  # long episodes: one line each
+        session.end_episode(float(episode), 1000, False, 5.0)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("episode")]
+    assert len(lines) == 12
+    assert lines[-1] == "episode 12: return 11.0 in 1,000 steps | mean of the last 10 6.5"
+    clock["now"] += 3.0
+    session.end_episode(100.0, 60, True, 3.0, finished=True, race_time=3.21, timeouts=2)
+    assert capsys.readouterr().out.strip().endswith("| finished in 3.21 s (timeouts: unreliable)")
+    for _ in range(5):  # 5 short episodes within a second: one line for them all
+        clock["now"] += 0.2
+        session.end_episode(1.0, 20, False, 0.2)
+    clock["now"] += 2.0
+    session.end_episode(2.0, 20, False, 0.2)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("episode")]
+    assert lines == ["episodes 14-19: return 2.0 in 20 steps | mean of the last 10 13.7"], lines
