@@ -18,6 +18,7 @@ training modules (torch among them) are imported when a run starts.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from typing import Any
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--steps",
-        type=int,
+        type=step_count,
         default=None,
         help=f"train until this global step (default: training_steps, {pinned.training_steps:,})",
     )
@@ -138,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--diagnose",
-        type=int,
+        type=step_count,
         nargs="?",
         const=DIAGNOSE_DEFAULT_STEPS,
         default=None,
@@ -149,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--eval-every",
-        type=int,
+        type=step_count,
         default=0,
         metavar="STEPS",
         help="evaluate at step 0, at the first episode end past every multiple of STEPS, and at the end "
@@ -297,6 +298,20 @@ def unpin_flags(args: argparse.Namespace) -> set[str]:
         "--unpin-epsilon": args.unpin_epsilon,
     }
     return {flag for flag, present in given.items() if present}
+
+
+def step_count(text: str) -> int:
+    """A count of steps as people write it: 60000, 60_000, 60,000 or 6e4 (a whole number)."""
+    cleaned = text.strip().replace("_", "").replace(",", "")
+    try:
+        value = float(cleaned) if any(c in cleaned for c in ".eE") else int(cleaned)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of steps (e.g. 60000, 60_000 or 6e4)"
+        ) from None
+    if not math.isfinite(value) or value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of steps")
+    return int(value)
 
 
 def plural(count: int, noun: str) -> str:

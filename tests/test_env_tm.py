@@ -1156,3 +1156,21 @@ def test_the_run_ends_with_an_evaluation_even_between_boundaries(tmp_path, capsy
     assert evals == [0, 80, 90]
     out = capsys.readouterr().out
     assert "1 greedy episode" in out and "1 greedy episodes" not in out
+
+
+@pytest.mark.parametrize(
+    ("text", "steps"), [("60000", 60000), ("60_000", 60000), ("60,000", 60000), ("1e6", 10**6)]
+)
+def test_steps_are_read_as_people_write_them(text, steps):
+    assert env_tm.parse_args(["--steps", text]).steps == steps
+    assert env_tm.parse_args(["--eval-every", text]).eval_every == steps
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("1.5", "'1.5' is not a whole number of steps"), ("ten", "'ten' is not a number of steps (e.g. 60000")],
+)
+def test_a_step_count_that_is_not_one_is_refused_in_one_line(text, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        env_tm.parse_args(["--steps", text])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
