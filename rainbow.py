@@ -53,8 +53,23 @@ class DeviceError(RuntimeError):
     """A --device that cannot be used here; the message is one line with the fix."""
 
 
-# pytorch.org's CUDA 12.x wheels of the torch version the project is tested on (README: Windows).
-CUDA_TORCH_INSTALL = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# pytorch.org's CUDA 12.x wheels of the torch version the project is tested on (README: Windows). Forced:
+# over an installed CPU build (2.13.0+cpu) pip would answer "Requirement already satisfied" to ==2.13.0.
+CUDA_TORCH_INSTALL = (
+    "pip install --force-reinstall torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+)
+# A CUDA build of torch that finds no GPU: the driver is missing or too old for the build's CUDA.
+DRIVER_FIX = (
+    "install or update the NVIDIA driver (`nvidia-smi` must list the GPU, with a CUDA version at least "
+    "the build's)"
+)
+
+
+def _cuda_fix() -> str:
+    """What makes this torch use an NVIDIA GPU: the CUDA build for a CPU build, else the driver."""
+    if torch.version.cuda is None:
+        return f"install the CUDA build with `{CUDA_TORCH_INSTALL}`"
+    return f"torch is already a CUDA {torch.version.cuda} build: {DRIVER_FIX}"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,10 +85,7 @@ def resolve_device(name: str) -> torch.device:
                     f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable NVIDIA GPU/driver"
                 )
             )
-            raise DeviceError(
-                f"--device cuda: {build}; install the CUDA build with `{CUDA_TORCH_INSTALL}`, or use "
-                "--device auto or cpu"
-            )
+            raise DeviceError(f"--device cuda: {build}; {_cuda_fix()}, or use --device auto or cpu")
         return torch.device("cuda")
     if name == "cpu":
         return torch.device("cpu")
@@ -92,7 +104,7 @@ def unused_gpu_notice() -> str | None:
     build = "a CPU build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
     return (
         f"an NVIDIA GPU is present but torch {torch.__version__} ({build}) cannot use it, so training runs "
-        f"on the CPU: install the CUDA build with `{CUDA_TORCH_INSTALL}` (README: Windows)"
+        f"on the CPU: {_cuda_fix()} (README: Windows)"
     )
 
 

@@ -417,7 +417,15 @@ def test_device_resolution_and_one_line_device_errors(monkeypatch):
         resolve_device("cuda")
     message = str(error.value)
     assert "is a CPU build" in message and CUDA_TORCH_INSTALL in message and "\n" not in message
+    # Forced: over torch 2.13.0+cpu, `pip install torch==2.13.0 --index-url ...` is "already satisfied".
+    assert CUDA_TORCH_INSTALL.startswith("pip install --force-reinstall torch==2.13.0 --index-url https://")
     assert resolve_device("auto").type == "cpu"
+    monkeypatch.setattr(torch.version, "cuda", "12.8")  # a CUDA build without a usable GPU: the driver
+    with pytest.raises(DeviceError) as error:
+        resolve_device("cuda")
+    message = str(error.value)
+    assert "(CUDA 12.8) finds no usable NVIDIA GPU/driver" in message and "NVIDIA driver" in message
+    assert CUDA_TORCH_INSTALL not in message, "reinstalling the same CUDA build would not help"
 
 
 def test_an_unused_nvidia_gpu_is_named_with_the_fix(monkeypatch):
@@ -431,6 +439,10 @@ def test_an_unused_nvidia_gpu_is_named_with_the_fix(monkeypatch):
     notice = unused_gpu_notice()
     assert notice is not None and "an NVIDIA GPU is present but torch" in notice and "a CPU build" in notice
     assert CUDA_TORCH_INSTALL in notice and "\n" not in notice
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    notice = unused_gpu_notice()
+    assert "built for CUDA 12.8" in notice and "install or update the NVIDIA driver" in notice
+    assert CUDA_TORCH_INSTALL not in notice
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert unused_gpu_notice() is None, "no NVIDIA driver: nothing to say"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
