@@ -210,13 +210,11 @@ class LearnerSpec:
     config: dict[str, Any]  # the requested config (the pin plus --set)
     overrides: list[str]
     run_dir: str
-    keep_last: int
     resume: bool  # look for a checkpoint
     require_checkpoint: bool  # --resume: no checkpoint is an error
     seed: int
     device: str
     threads: int | None = None  # torch CPU threads of the learner (None: torch's default)
-    refresh_every: int = 1  # publish the weights for the actor every this many learn steps
     demo_root: str = "demos"  # where the demonstration sets of config.demos are
 
 
@@ -226,7 +224,10 @@ class LearnerServer:
     def __init__(self, spec: LearnerSpec, reply: Callable[[tuple], None]) -> None:
         self.spec = spec
         self.reply = reply
-        self.store = CheckpointStore(Path(spec.run_dir), spec.keep_last)
+        # How many checkpoints to keep is the run's config's, known once it is opened (a resumed run keeps
+        # its checkpoint's, like every other setting not given with --set).
+        requested = Config.from_dict(spec.config)
+        self.store = CheckpointStore(Path(spec.run_dir), requested.keep_last_n_checkpoints)
         self.learner: Learner | None = None
         self.publish: Callable[[], None] | None = None  # set by the beside mode: share the weights
         self.learned: Any = None  # the beside mode's shared counter of learn steps, updated before replies
@@ -274,6 +275,7 @@ class LearnerServer:
                     f"{requested.demo_margin_weight:g})"
                 )
             self.learner = Learner(requested, spec.seed, device, demo_episodes=episodes)
+        self.store.keep_last = self.learner.config.keep_last_n_checkpoints
         return {
             "config": self.learner.config.to_dict(),
             "run": run,
@@ -328,7 +330,8 @@ class LearnerServer:
         if not self.learner.behind:
             return False
         metrics = self.learner.learn()
-        if self.publish is not None and self.learner.agent.learn_steps % self.spec.refresh_every == 0:
+        refresh_every = self.learner.config.actor_refresh_learn_steps  # the run's, resumed or not
+        if self.publish is not None and self.learner.agent.learn_steps % refresh_every == 0:
             self.publish()
         if self.learned is not None:  # after the weights: an actor that sees this step can also read them
             self.learned.value = self.learner.agent.learn_steps

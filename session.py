@@ -343,13 +343,11 @@ class Session:
             config=requested.to_dict(),
             overrides=list(args.overrides),
             run_dir=str(self.run_dir),
-            keep_last=requested.keep_last_n_checkpoints,
             resume=bool(resume),
             require_checkpoint=bool(args.resume),
             seed=args.seed,
             device=str(self.device),
             threads=threads if learner_mode == "beside" else None,
-            refresh_every=requested.actor_refresh_learn_steps,
             demo_root=str(getattr(args, "demo_root", "demos")),
         )
         self.learner = make_learner(learner_mode, spec)
@@ -359,7 +357,9 @@ class Session:
             self.learner.close()
             raise
         self.actor = self.learner.actor
+        # The run's settings from here on: the checkpoint's config when resumed, with the --set changes.
         self.config = config = Config.from_dict(info["config"])
+        self.store.keep_last = config.keep_last_n_checkpoints
         self.run = RunState()
         notes += info["notes"]
         if config.checkpoint:

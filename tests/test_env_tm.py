@@ -1174,3 +1174,26 @@ def test_a_step_count_that_is_not_one_is_refused_in_one_line(text, message, caps
     with pytest.raises(SystemExit) as exit_:
         env_tm.parse_args(["--steps", text])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_resumed_run_keeps_its_checkpoints_settings_not_the_defaults(tmp_path, capsys):
+    """Issue 26: keep_last_n_checkpoints and actor_refresh_learn_steps came from the command line's defaults
+    on resume, so README's disk-saving advice silently reverted; the checkpoint's config is the one place."""
+    import session as session_module
+
+    sets = [*FAST, "keep_last_n_checkpoints=1", "actor_refresh_learn_steps=7"]
+    assert run_quietly(tmp_path, 80, sets=sets) == env_tm.EXIT_OK  # 2 episodes of 40 steps
+    run_dir = tmp_path / "q"
+    seen = {}
+    real_init = session_module.Session.__init__
+
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        seen.update(keep=self.store.keep_last, refresh=self.config.actor_refresh_learn_steps)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(session_module.Session, "__init__", spy)
+        assert run_quietly(tmp_path, 200) == env_tm.EXIT_OK  # resumed without those --set
+    assert "resumed q from" in capsys.readouterr().out
+    assert seen == {"keep": 1, "refresh": 7}
+    assert len(list(run_dir.glob("ckpt_ep*_step*.pt"))) == 1, sorted(p.name for p in run_dir.iterdir())

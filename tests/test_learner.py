@@ -32,13 +32,11 @@ def spec_for(tmp_path: Path, config: Config, **changes: object) -> LearnerSpec:
         config=config.to_dict(),
         overrides=[],
         run_dir=str(tmp_path / "run"),
-        keep_last=config.keep_last_n_checkpoints,
         resume=False,
         require_checkpoint=False,
         seed=0,
         device="cpu",
         threads=1,
-        refresh_every=config.actor_refresh_learn_steps,
     )
     values.update(changes)
     return LearnerSpec(**values)
@@ -380,7 +378,7 @@ def test_a_killed_actor_takes_its_learner_with_it(tmp_path):
         "import sys, time; sys.path.insert(0, sys.argv[1]);"
         "from learner import BesideLearner, LearnerSpec; from conftest import small_config;"
         "c = small_config();"
-        "l = BesideLearner(LearnerSpec(c.to_dict(), [], sys.argv[2], 3, False, False, 0, 'cpu', 1));"
+        "l = BesideLearner(LearnerSpec(c.to_dict(), [], sys.argv[2], False, False, 0, 'cpu', 1));"
         "l.open(); print(l.process.pid, flush=True); time.sleep(60)"
     )
     root = Path(__file__).resolve().parents[1]
