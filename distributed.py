@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -394,6 +395,12 @@ def run_server(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def worker_seed(name: str) -> int:
+    """A worker's default seed, from its name: two workers started alike (no --seed) still explore and, on
+    the embedded track, drive different tracks. Below 3,999, where training track seeds stay distinct."""
+    return zlib.crc32(name.encode("utf-8")) % 3_999
+
+
 def run_worker(args: argparse.Namespace) -> int:
     config = Config().with_assignments(args.overrides)
     connection, note = connection_from_args(args, "worker")
@@ -403,10 +410,10 @@ def run_worker(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if device.type == "cpu":  # one action at a time: more threads only take cores from the game
         torch.set_num_threads(args.threads or 1)
-    seed = args.seed
+    seed = args.seed if getattr(args, "seed_given", True) else worker_seed(name)
     compressor = EpisodeCompressor(name, config)
     weights_dir = Path(tempfile.mkdtemp(prefix="rainbow-tm-worker-"))
-    print(f"worker {name} on {env_name}; {note}", flush=True)
+    print(f"worker {name} on {env_name}, seed {seed}; {note}", flush=True)
     worker = networking.RolloutWorker(
         env_cls=functools.partial(build_environment, env_name, config, seed),
         actor_module_cls=functools.partial(RainbowActor, config=config, seed=seed, device=str(device)),

@@ -76,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default="auto", help="auto (default: CUDA when torch can use it), cpu or cuda"
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="seeds the agent, the replay and the tracks (default 0)"
+        "--seed",
+        type=int,
+        default=None,
+        help="seeds the agent, the replay and the tracks (default 0; a scale-out worker: one derived from "
+        "its --worker-name, so that two workers never drive alike)",
     )
     parser.add_argument(
         "--threads",
@@ -256,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.seed_given = args.seed is not None
+    args.seed = 0 if args.seed is None else args.seed
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     if args.threads is not None and args.threads < 1:

@@ -398,3 +398,16 @@ def test_a_worker_with_other_state_floats_is_rejected_whole(trainer_session):
     remote = distributed.RemoteEpisodes(trainer_session)
     stored, _ = remote.ingest(samples)
     assert not stored and remote.rejected == 1 and trainer_session.run.step == 0
+
+
+def test_workers_started_alike_get_distinct_seeds_from_their_names():
+    import env_tm
+
+    names = [f"gamepc-{n}" for n in range(200)]
+    seeds = [distributed.worker_seed(name) for name in names]
+    assert len(set(seeds)) >= 195 and all(0 <= seed < 3_999 for seed in seeds)  # crc32: rare collisions only
+    assert distributed.worker_seed("gamepc-1") == distributed.worker_seed("gamepc-1")  # stable across starts
+    assert not env_tm.parse_args(["--role", "worker"]).seed_given
+    given = env_tm.parse_args(["--role", "worker", "--seed", "5"])
+    assert given.seed_given and given.seed == 5
+    assert env_tm.parse_args([]).seed == 0  # a single PC's default is unchanged
