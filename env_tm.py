@@ -23,10 +23,26 @@ import sys
 import time
 from typing import Any
 
-from tm_config import Config, ConfigError, check_sacred_assignments, folder_name_problem
+EXIT_OK, EXIT_ERROR, EXIT_GAME, EXIT_RED_FLAG, EXIT_NO_GO, EXIT_INTERRUPTED = 0, 1, 3, 4, 5, 130
+
+
+def exit_interrupted() -> None:
+    """Ctrl+C while starting, or a second one while shutting down: one line, no traceback."""
+    print(
+        "interrupted (Ctrl+C): stopped at once. A checkpoint is written whole or not at all: the last one "
+        "reported as saved stands, and a run resumes from it",
+        file=sys.stderr,
+        flush=True,
+    )
+    sys.exit(EXIT_INTERRUPTED)
+
+
+try:  # numpy loads here: Ctrl+C in the first second of a start must not print its import stack
+    from tm_config import Config, ConfigError, check_sacred_assignments, folder_name_problem
+except KeyboardInterrupt:
+    exit_interrupted()
 
 DIAGNOSE_DEFAULT_STEPS = 5_000
-EXIT_OK, EXIT_ERROR, EXIT_GAME, EXIT_RED_FLAG, EXIT_NO_GO, EXIT_INTERRUPTED = 0, 1, 3, 4, 5, 130
 
 EXAMPLES = """\
 examples:
@@ -767,6 +783,12 @@ def exit_code_for(error: Exception) -> int | None:
 if __name__ == "__main__":
     # Run as the module `env_tm`, not `__main__`: the learner process and distributed.py import modules
     # that must be the same objects as ours (an error raised by one copy would not be caught by another).
-    import env_tm
-
-    sys.exit(env_tm.main())
+    try:
+        import env_tm
+    except KeyboardInterrupt:
+        exit_interrupted()
+    try:
+        code = env_tm.main()
+    except KeyboardInterrupt:  # Ctrl+C while starting, or a second one while shutting down
+        env_tm.exit_interrupted()
+    sys.exit(code)

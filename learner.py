@@ -742,20 +742,24 @@ class BesideLearner:
             raise self._died("acting")
 
     def close(self) -> None:
+        """Ask the learner to stop and wait for it; whatever interrupts the wait (a second Ctrl+C), the
+        learner is killed and the queues let go, so this process can always exit."""
         if self.closed:
             return
         self.closed = True
-        if self.process.is_alive():
-            with contextlib.suppress(Exception):
-                self.commands.put(("stop",))
-            self.process.join(timeout=30)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(timeout=5)
-        for channel in (self.commands, self.replies):
-            with contextlib.suppress(Exception):
-                channel.cancel_join_thread()
-                channel.close()
+        try:
+            if self.process.is_alive():
+                with contextlib.suppress(Exception):
+                    self.commands.put(("stop",))
+                self.process.join(timeout=30)
+        finally:
+            if self.process.is_alive():
+                self.process.kill()  # it ignores SIGTERM (the actor handles Ctrl+C and kills): SIGKILL
+                self.process.join(timeout=5)
+            for channel in (self.commands, self.replies):
+                with contextlib.suppress(Exception):
+                    channel.cancel_join_thread()
+                    channel.close()
 
     def _died(self, what: str) -> LearnerDiedError:
         return LearnerDiedError(

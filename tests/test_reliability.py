@@ -402,3 +402,52 @@ def test_a_learner_that_dies_stops_the_run_in_one_line_within_seconds(tmp_path):
     last = read_jsonl(tmp_path / "r" / "metrics.jsonl")[-1]
     assert last["kind"] == "run" and last["event"] == "error" and last["error"] == "LearnerDiedError"
     assert "the learner process stopped (exit code -9)" in last["message"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signal delivery to a child process")
+def test_ctrl_c_while_starting_is_one_line(tmp_path):
+    import signal
+
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "env_tm.py"), *run_args(tmp_path, 10**6, "--fresh")],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    time.sleep(0.3)  # importing torch and the training modules
+    os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == env_tm.EXIT_INTERRUPTED, out + err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("interrupted (Ctrl+C): stopped at once."), err
+    assert "Traceback" not in out + err
+
+
+def test_a_second_ctrl_c_while_shutting_down_ends_without_a_traceback(tmp_path):
+    """Issue 27: a second Ctrl+C while the run shuts down (waiting for its learner to stop, after "saved")
+    printed a traceback from learner.py. Here the wait raises KeyboardInterrupt, as that Ctrl+C does."""
+    script = (
+        "import runpy, sys; import learner\n"
+        "real_close = learner.BesideLearner.close\n"
+        "def interrupted(self):\n"
+        "    def join(timeout=None):\n"
+        "        raise KeyboardInterrupt\n"
+        "    self.process.join, wait = join, self.process.join\n"
+        "    try:\n"
+        "        real_close(self)\n"
+        "    finally:\n"
+        "        self.process.join = wait\n"
+        "learner.BesideLearner.close = interrupted\n"
+        f"sys.argv = ['env_tm.py', *{run_args(tmp_path, 45, '--fresh', '--learner', 'beside')!r}]\n"
+        "runpy.run_path('env_tm.py', run_name='__main__')\n"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", script], env=child_env(), capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert child.returncode == env_tm.EXIT_INTERRUPTED, child.stdout[-2000:] + child.stderr[-2000:]
+    assert "done: 45 steps" in child.stdout and "saved" in child.stdout  # the run had saved, then Ctrl+C
+    lines = [line for line in child.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("interrupted (Ctrl+C): stopped at once."), child.stderr
+    assert "Traceback" not in child.stdout + child.stderr
