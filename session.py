@@ -787,14 +787,15 @@ class Session:
         return rolled_back
 
     # --- the terminal -------------------------------------------------------------------------------------
-    def status(self, episode_return: float) -> None:
+    def status(self, current: float | str) -> None:
         """The status line, its fields by importance: at 80 columns it keeps the step, rate, ETA, episode
-        and the mean return of the last 10 episodes."""
+        and the mean return of the last 10 episodes. `current`: the episode's return so far, or a text
+        (the scale-out trainer's workers and backlog)."""
         last, run = self.last_metrics, self.run
         fields = [(0, f"ep {run.episode + 1:,}")]
         if self.recent_returns:
             fields.append((1, f"R10 {np.mean(self.recent_returns):.1f}"))
-        fields.append((2, f"R {episode_return:.1f}"))
+        fields.append((2, current if isinstance(current, str) else f"R {current:.1f}"))
         if run.best_race_time is not None:
             fields.append((2, f"best {run.best_race_time:.2f} s"))
         if run.time_step_timeouts:
