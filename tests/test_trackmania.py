@@ -1549,3 +1549,23 @@ def test_a_plugin_at_10_hz_is_named_as_the_cause_and_sustained_staleness_stops_t
     assert all(9 <= r["telemetry_fps"] <= 11 for r in episodes), [r["telemetry_fps"] for r in episodes]
     records = read_jsonl(tmp_path / "runs" / "tm" / "metrics.jsonl")
     assert records[-1]["event"] == "error" and records[-1]["error"] == "RedFlagStopError"
+
+
+@pytest.mark.parametrize(
+    ("points", "message"),
+    [
+        (np.zeros((1000, 3)), "is 0.0 m long (1,000 points), shorter than any track (at least 50 m)"),
+        ("2m", "is 2.0 m long (21 points), shorter than any track (at least 50 m)"),
+    ],
+)
+def test_a_reward_trajectory_that_pays_for_nothing_is_refused_before_training(tmp_path, points, message):
+    from fake_openplanet import reward_trajectory
+
+    trajectory = reward_trajectory(2.0) if isinstance(points, str) else points
+    write_tmrl_data(tmp_path / "home", trajectory=trajectory)
+    result = run_loop(tmp_path, {"drive": 20}, 100)
+    assert result.returncode == 3, result.stdout[-2000:] + result.stderr[-2000:]
+    line = _one_error_line(result)
+    path = tmp_path / "home" / "TmrlData" / "reward" / "reward.pkl"
+    assert f"the reward trajectory {path} {message}" in line
+    assert not (tmp_path / "runs" / "tm" / "latest.pt").exists()  # nothing trained, nothing saved
