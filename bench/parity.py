@@ -248,7 +248,9 @@ def table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[Result], arm_order: list[str], budget: int, path: Path) -> None:
+def plot(
+    results: list[Result], arm_order: list[str], budget: int, path: Path, title: str = "Parity harness"
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -264,7 +266,7 @@ def plot(results: list[Result], arm_order: list[str], budget: int, path: Path) -
         axis.fill_between(steps, grid.min(axis=0), grid.max(axis=0), color=line.get_color(), alpha=0.15)
     axis.set_xlabel("environment step")
     axis.set_ylabel("greedy return, held-out tracks")
-    axis.set_title("Parity harness: mean over seeds (band: min to max)")
+    axis.set_title(f"{title}: mean over seeds (band: min to max)")
     axis.legend()
     axis.grid(alpha=0.3)
     figure.tight_layout()
@@ -285,6 +287,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep", type=Path, default=None, help="copy each run's records to DIR")
     parser.add_argument("--from-kept", type=Path, default=None, help="report from kept records, run nothing")
     parser.add_argument("--png", type=Path, default=None)
+    parser.add_argument("--title", default="Parity harness", help="the plot's title (what the runs are)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.seeds < 2:
@@ -315,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=1), encoding="utf-8")
     if args.png is not None:
-        plot(results, order, args.steps, args.png)
+        plot(results, order, args.steps, args.png, args.title)
         print(f"plot: {args.png}")
     return 0
 
