@@ -134,7 +134,7 @@ class Progress:
             line = fit_fields(parts, width)
             print("\r" + line[:width].ljust(width), end="", flush=True)
         else:
-            print(" | ".join(text for _, text in parts), flush=True)
+            print(fit_fields(parts, sys.maxsize), flush=True)  # a log file: every field
 
     def message(self, text: str) -> None:
         """A permanent line (an event), not overwritten by the status line."""

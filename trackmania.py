@@ -363,9 +363,13 @@ def load_reward_trajectory(folder: Path) -> np.ndarray:
     return points
 
 
+def _segment_lengths(points: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(np.diff(points, axis=0), axis=1)
+
+
 def trajectory_problem(points: np.ndarray) -> str | None:
     """Why a trajectory of (N, 3) finite points cannot pay for driving a track, or None."""
-    steps = np.linalg.norm(np.diff(points, axis=0), axis=1)
+    steps = _segment_lengths(points)
     length = float(steps.sum())
     if length < MIN_TRAJECTORY_M:
         return (
@@ -383,7 +387,7 @@ def trajectory_problem(points: np.ndarray) -> str | None:
 
 def trajectory_length_m(points: np.ndarray) -> float:
     """Length of a trajectory: the sum of its segments (tmrl records a point every 0.1 m driven)."""
-    return float(np.linalg.norm(np.diff(points, axis=0), axis=1).sum())
+    return float(_segment_lengths(points).sum())
 
 
 _VIGEM_FIX = (
@@ -655,6 +659,11 @@ def _speed_problem(
     return None
 
 
+def _stands_still_at_speed(frame: tuple[float, ...], previous: tuple[float, ...]) -> bool:
+    """The same position, bit for bit, in two frames whose speeds both say the car drives."""
+    return min(abs(frame[0]), abs(previous[0])) > MOVING_KMH and frame[2:5] == previous[2:5]
+
+
 class _TelemetryGuard:
     """Checks every frame tmrl retrieves from the plugin, inside rtgym's worker thread, without raising there.
 
@@ -753,7 +762,7 @@ class _TelemetryGuard:
             problem = _speed_problem(frame, window, now - window_time, top_kmh)
             if problem is not None:
                 return problem
-        if min(abs(frame[0]), abs(previous[0])) > MOVING_KMH and frame[2:5] == previous[2:5]:
+        if _stands_still_at_speed(frame, previous):
             still_since = self._still_since if self._still_since is not None else then
             if now - still_since >= STILL_POSITION_S:
                 return (
@@ -799,7 +808,7 @@ class _TelemetryGuard:
                 self._window = (frame, now, abs(frame[0]))
             else:
                 self._window = (window, window_time, max(top_kmh, abs(frame[0])))
-            if frame[2:5] == previous[0][2:5] and min(abs(frame[0]), abs(previous[0][0])) > MOVING_KMH:
+            if _stands_still_at_speed(frame, previous[0]):
                 self._still_since = self._still_since if self._still_since is not None else previous[1]
                 self._still_frames += 1
             else:
@@ -1259,7 +1268,8 @@ class TrackManiaEnv(gymnasium.Wrapper):
         )
         _check_layout(obs, self.observation_space.spaces[3].shape)
         self._identical_frames = 0
-        self._watch_pause(obs[3][-1], reset=True)
+        previous = self._previous_frame
+        self._watch_pause(previous is not None and np.array_equal(obs[3][-1], previous), reset=True)
         self._previous_frame = obs[3][-1]
         self._episode_waits = []  # (the frozen-telemetry count goes on: a respawn does not unfreeze it)
         self._episode_started = time.monotonic()
@@ -1320,9 +1330,9 @@ class TrackManiaEnv(gymnasium.Wrapper):
                 ),
                 self._identical_frames - 1,
             )
-        self._watch_pause(frame, reset=False)
+        self._watch_pause(same, reset=False)
         telemetry, repeated = self.last_telemetry, self._previous_telemetry
-        moving_picture = previous is not None and _picture_moves(previous, frame)
+        moving_picture = previous is not None and not same and _picture_moves(previous, frame)
         repeats = telemetry is not None and telemetry == repeated and moving_picture
         self._frozen_telemetry = self._frozen_telemetry + 1 if repeats else 0
         if self._frozen_telemetry >= FROZEN_TELEMETRY_STEPS:
@@ -1335,10 +1345,11 @@ class TrackManiaEnv(gymnasium.Wrapper):
             )
         self._previous_frame, self._previous_telemetry = frame, telemetry
 
-    def _watch_pause(self, frame: np.ndarray, reset: bool) -> None:
-        """A picture that stays the same, at any speed and across episodes, for `pause_seconds`."""
+    def _watch_pause(self, same: bool, reset: bool) -> None:
+        """A picture that stays the same (`same`: as the previous step's), at any speed and across
+        episodes, for `pause_seconds`."""
         now = time.monotonic()
-        if self._previous_frame is None or not np.array_equal(frame, self._previous_frame):
+        if not same:
             self._picture_since, self._picture_steps, self._picture_resets = now, 0, 0
             return
         self._picture_steps += not reset

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,14 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
 sys.path[:0] = [str(ROOT), str(TESTS)]
 
+from fake_game import run_on_fake_game  # noqa: E402
 from fake_openplanet import write_tmrl_data  # noqa: E402
 
 from run_log import read_jsonl  # noqa: E402
-
-SETTINGS = [
-    "conv_channels_1=4", "conv_channels_2=4", "car_feature_hidden_dim=16", "cosine_dim=8", "hidden_dim=8",
-    "batch_size=4", "max_buffer_size=512", "checkpoint_frequency=1", "log_every_steps=10",
-]  # fmt: skip
 
 # name: (fake game options, steps, extra arguments)
 CASES: dict[str, tuple[dict, int, list[str]]] = {
@@ -54,15 +48,9 @@ CASES: dict[str, tuple[dict, int, list[str]]] = {
 def run_case(options: dict, steps: int, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        home = root / "home"
-        write_tmrl_data(home)
-        env = {**os.environ, "HOME": str(home), "USERPROFILE": str(home), "WANDB_MODE": "offline"}
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS)])
-        args = [sys.executable, str(TESTS / "fake_game.py"), json.dumps(options), "--", "--env", "trackmania"]
-        args += ["--steps", str(steps), "--checkpoint-root", str(root / "runs"), "--run-name", "tm"]
-        args += ["--no-wandb", "--learner", "inline", *extra, *sum((["--set", s] for s in SETTINGS), [])]
+        write_tmrl_data(root / "home")
         started = time.monotonic()
-        child = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, cwd=root)
+        child = run_on_fake_game(root, options, steps, *extra, timeout=600)
         wall = time.monotonic() - started
         fake = next(
             (

@@ -17,7 +17,7 @@ HOME (and USERPROFILE) must hold a TmrlData folder (fake_openplanet.write_tmrl_d
     step_timeout   seconds before a silent game is reported (the watchdog; default 2 here)
     game_process   true: the telemetry server runs in a process of its own, as the real game does, so its
                    200 frames per second cost this process only their reception (no faults then)
-The exit code is env_tm.main's. Tests and bench/bench_loop.py run it as a child process.
+The exit code is env_tm.main's. Tests and benchmarks run it as a child process (`run_on_fake_game`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import functools
 import json
 import multiprocessing
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,25 @@ import environment  # noqa: E402
 import trackmania  # noqa: E402
 
 TRACK_LENGTH = 100.0  # write_tmrl_data's trajectory: 100 m along x
+# A small network, a small replay, a checkpoint at every episode: runs that take seconds.
+SMALL_RUN = [
+    "conv_channels_1=4", "conv_channels_2=4", "car_feature_hidden_dim=16", "cosine_dim=8", "hidden_dim=8",
+    "batch_size=4", "max_buffer_size=512", "checkpoint_frequency=1", "log_every_steps=10",
+]  # fmt: skip
+
+
+def run_on_fake_game(
+    folder: Path, options: dict[str, Any], steps: int, *extra: str, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """`env_tm.py --env trackmania` on the fake game `options` pick, in a child process, with SMALL_RUN and
+    the learner inline: HOME is `folder`/home (it must hold TmrlData), the run is `folder`/runs/tm."""
+    home = folder / "home"
+    env = {**os.environ, "HOME": str(home), "USERPROFILE": str(home), "WANDB_MODE": "offline"}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), str(HERE)])
+    args = [sys.executable, str(HERE / "fake_game.py"), json.dumps(options), "--", "--env", "trackmania"]
+    args += ["--steps", str(steps), "--checkpoint-root", str(folder / "runs"), "--run-name", "tm"]
+    args += ["--no-wandb", "--learner", "inline", *extra, *sum((["--set", s] for s in SMALL_RUN), [])]
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, cwd=folder)
 
 
 def main() -> int:
@@ -76,30 +96,27 @@ def main() -> int:
         real_step, real_reset, steps, episodes = env.step, env.reset, [0], [0]
         fault_episode = options.get("fault_episode")  # counts steps from that episode's start
 
+        def timed(call, *args, **kwargs):
+            """`call`, noting when (and at which step and episode) the env first raised."""
+            try:
+                return call(*args, **kwargs)
+            except trackmania.TrackManiaError:
+                if "error_time" not in timing:
+                    timing.update(error_step=steps[0], error_episode=episodes[0], error_time=time.monotonic())
+                raise
+
         def reset(**kwargs):
             episodes[0] += 1
             if fault_episode is not None:
                 steps[0] = 0
-            try:
-                return real_reset(**kwargs)
-            except trackmania.TrackManiaError:
-                timing.setdefault("error_step", steps[0])
-                timing.setdefault("error_episode", episodes[0])
-                timing.setdefault("error_time", time.monotonic())
-                raise
+            return timed(real_reset, **kwargs)
 
         def step(action):
             steps[0] += 1
             if steps[0] == fault_at and (fault_episode is None or episodes[0] == fault_episode):
                 start_fault(faults, fault)
                 timing.update(fault_step=steps[0], fault_time=time.monotonic(), fault_episode=episodes[0])
-            try:
-                return real_step(action)
-            except trackmania.TrackManiaError:
-                timing.setdefault("error_step", steps[0])
-                timing.setdefault("error_episode", episodes[0])
-                timing.setdefault("error_time", time.monotonic())
-                raise
+            return timed(real_step, action)
 
         env.step, env.reset = step, reset
         return env

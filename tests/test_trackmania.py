@@ -30,6 +30,7 @@ REPO = TESTS.parent
 if str(REPO) not in sys.path:  # this file also runs as a child script
     sys.path.insert(0, str(REPO))
 
+from fake_game import run_on_fake_game  # noqa: E402
 from fake_openplanet import (  # noqa: E402
     GAMEPAD_A,
     GAMEPAD_B,
@@ -1252,23 +1253,11 @@ def child_game_dies(monkeypatch: pytest.MonkeyPatch, rtgym_id: str) -> dict[str,
 
 
 # --- the training loop against the fake game: every fault ends in one line, saved, resumable --------------
-LOOP_SETTINGS = [
-    "conv_channels_1=4", "conv_channels_2=4", "car_feature_hidden_dim=16", "cosine_dim=8", "hidden_dim=8",
-    "batch_size=4", "max_buffer_size=512", "checkpoint_frequency=1", "log_every_steps=10",
-]  # fmt: skip
-
-
 def run_loop(tmp_path: Path, options: dict[str, Any], steps: int, *extra: str) -> subprocess.CompletedProcess:
     """env_tm.py on the fake game (tests/fake_game.py): tmrl's real interface, rtgym's real 20 Hz."""
-    home = tmp_path / "home"
-    if not home.exists():
-        write_tmrl_data(home)
-    env = {**os.environ, "HOME": str(home), "USERPROFILE": str(home), "WANDB_MODE": "offline"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS)])
-    args = [sys.executable, str(TESTS / "fake_game.py"), json.dumps(options), "--", "--env", "trackmania"]
-    args += ["--steps", str(steps), "--checkpoint-root", str(tmp_path / "runs"), "--run-name", "tm"]
-    args += ["--no-wandb", "--learner", "inline", *extra, *sum((["--set", s] for s in LOOP_SETTINGS), [])]
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    if not (tmp_path / "home").exists():
+        write_tmrl_data(tmp_path / "home")
+    return run_on_fake_game(tmp_path, options, steps, *extra)
 
 
 def stored_transitions(run_dir: Path) -> dict[str, np.ndarray]:

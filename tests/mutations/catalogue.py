@@ -857,9 +857,8 @@ CATALOGUE: tuple[Mutation, ...] = (
         (
             (
                 "trackmania.py",
-                "        self._identical_frames = 0\n        self._watch_pause(obs[3][-1], reset=True)",
-                "        self._identical_frames = 0\n        self._previous_frame = None\n"
-                "        self._watch_pause(obs[3][-1], reset=True)",
+                "        self._identical_frames = 0\n        previous = self._previous_frame\n",
+                "        self._identical_frames = 0\n        previous = self._previous_frame = None\n",
             ),
         ),
         (f"{TM}::test_a_game_paused_at_the_start_is_caught_across_episodes_within_ten_seconds",),
