@@ -67,6 +67,11 @@ SHAPE_KEYS = (
 LEARNER_LOG = "learner.log"  # in the run folder: the traceback of a learner process that failed
 START_TIMEOUT = 180.0  # seconds for a spawned learner to import torch and open (or resume) its run
 ALIVE_CHECK_SECONDS = 0.5  # how often the actor checks that the learner process still runs
+PEER_CHECK_SECONDS = 0.2  # how often a wait or a learning learner checks that the other process still runs
+
+
+class PeerGoneError(Exception):
+    """The process on the other side (the actor, seen from the learner, or the reverse) has died."""
 
 
 class LearnerDiedError(RuntimeError):
@@ -216,6 +221,9 @@ class LearnerSpec:
     device: str
     threads: int | None = None  # torch CPU threads of the learner (None: torch's default)
     demo_root: str = "demos"  # where the demonstration sets of config.demos are
+    # Linux's kernel kills the learner with its actor; a test turns that off to prove that the learner's own
+    # checks (the ones macOS and Windows rely on besides the Job Object) get it out in time as well.
+    death_signal: bool = True
 
 
 class LearnerServer:
@@ -234,6 +242,8 @@ class LearnerServer:
         # Beside, a sync is answered by the serve loop once the learner has caught up, so that commands sent
         # after it (an exit save that must not wait) are served between learn steps. None: at once.
         self.pending_syncs: list[int] | None = None
+        self.actor_alive: Callable[[], bool] | None = None  # beside: whether the actor process still runs
+        self.last_actor_check = 0.0
 
     # opening -------------------------------------------------------------------------------------------
     def open(self) -> dict[str, Any]:
@@ -325,10 +335,23 @@ class LearnerServer:
             self.reply(("synced", request))
         requests.clear()
 
+    def check_actor(self) -> None:
+        """Raise PeerGoneError if the actor has died (looked at every PEER_CHECK_SECONDS, also in a
+        catch-up of thousands of learn steps: nothing will ask this learner for anything any more)."""
+        if self.actor_alive is None:
+            return
+        now = time.monotonic()
+        if now - self.last_actor_check < PEER_CHECK_SECONDS:
+            return
+        self.last_actor_check = now
+        if not self.actor_alive():
+            raise PeerGoneError
+
     def work(self) -> bool:
         """One learn step if one is due (its metrics are replied); returns whether it learned."""
         if not self.learner.behind:
             return False
+        self.check_actor()
         metrics = self.learner.learn()
         refresh_every = self.learner.config.actor_refresh_learn_steps  # the run's, resumed or not
         if self.publish is not None and self.learner.agent.learn_steps % refresh_every == 0:
@@ -479,8 +502,16 @@ class WeightsMailbox:
     number says when new ones are there, the learn step they come from is written with them, and a lock
     keeps a copy from reading half-written weights."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], version: Any, lock: Any, learn_step: Any) -> None:
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        version: Any,
+        lock: Any,
+        learn_step: Any,
+        peer_alive: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.tensors, self.version, self.lock, self.learn_step = tensors, version, lock, learn_step
+        self.peer_alive = peer_alive  # a process killed while holding the lock never releases it
         self._copies: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # per net: (to, from) pairs
 
     def _pairs(self, net: torch.nn.Module, outgoing: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -496,16 +527,30 @@ class WeightsMailbox:
         return self._copies[key]
 
     @classmethod
-    def of(cls, agent: RainbowAgent, version: Any, lock: Any, learn_step: Any) -> WeightsMailbox:
+    def of(
+        cls, agent: RainbowAgent, version: Any, lock: Any, learn_step: Any, peer_alive: Callable[[], bool]
+    ) -> WeightsMailbox:
         tensors = {
             k: v.detach().to("cpu", copy=True).share_memory_() for k, v in agent.online.state_dict().items()
         }
         learn_step.value = agent.learn_steps
-        return cls(tensors, version, lock, learn_step)
+        return cls(tensors, version, lock, learn_step, peer_alive)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Any:
+        """The lock, waited for in short slices: PeerGoneError if the other side dies meanwhile (it may have
+        died holding it, and then nobody ever releases it)."""
+        while not self.lock.acquire(timeout=PEER_CHECK_SECONDS):
+            if not self.peer_alive():
+                raise PeerGoneError
+        try:
+            yield
+        finally:
+            self.lock.release()
 
     def write(self, agent: RainbowAgent) -> None:
         pairs = self._pairs(agent.online, outgoing=True)
-        with self.lock, torch.no_grad():
+        with self._locked(), torch.no_grad():
             for destination, source in pairs:
                 destination.copy_(source)
             self.learn_step.value = agent.learn_steps
@@ -514,7 +559,7 @@ class WeightsMailbox:
     def read_into(self, actor: Actor) -> int:
         """Copy the weights into the actor's net; returns the learn step they come from."""
         pairs = self._pairs(actor.agent.online, outgoing=False)
-        with self.lock, torch.no_grad():
+        with self._locked(), torch.no_grad():
             for destination, source in pairs:
                 destination.copy_(source)
             return int(self.learn_step.value)
@@ -533,7 +578,8 @@ def lower_priority() -> None:
 
 def die_with_parent() -> None:
     """On Linux the kernel kills this process the moment the actor dies (a killed actor never leaves a
-    learner writing into its run folder). Elsewhere the serving loop notices within a second or two."""
+    learner writing into its run folder). On Windows the actor's Job Object does (`bind_to_actor`);
+    everywhere the serving loop's own checks notice within PEER_CHECK_SECONDS as well."""
     if not sys.platform.startswith("linux"):
         return
     with contextlib.suppress(Exception):
@@ -541,30 +587,128 @@ def die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+# Windows: a Job Object that kills its processes when its last handle closes. The actor holds the only
+# handle, so when the actor ends in any way (the console closed, Task Manager's End task, a crash, a
+# logoff) Windows closes it and kills the learner with it.
+JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE = 0x2000
+EXTENDED_LIMIT_INFORMATION = 9  # JobObjectExtendedLimitInformation
+
+
+class _BasicLimits(ctypes.Structure):
+    _fields_ = [
+        ("PerProcessUserTimeLimit", ctypes.c_int64),
+        ("PerJobUserTimeLimit", ctypes.c_int64),
+        ("LimitFlags", ctypes.c_uint32),
+        ("MinimumWorkingSetSize", ctypes.c_size_t),
+        ("MaximumWorkingSetSize", ctypes.c_size_t),
+        ("ActiveProcessLimit", ctypes.c_uint32),
+        ("Affinity", ctypes.c_size_t),
+        ("PriorityClass", ctypes.c_uint32),
+        ("SchedulingClass", ctypes.c_uint32),
+    ]
+
+
+class _IoCounters(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in (
+            "ReadOperationCount", "WriteOperationCount", "OtherOperationCount",
+            "ReadTransferCount", "WriteTransferCount", "OtherTransferCount",
+        )
+    ]  # fmt: skip
+
+
+class JobLimits(ctypes.Structure):
+    """JOBOBJECT_EXTENDED_LIMIT_INFORMATION (144 bytes on 64-bit Windows)."""
+
+    _fields_ = [
+        ("BasicLimitInformation", _BasicLimits),
+        ("IoInfo", _IoCounters),
+        ("ProcessMemoryLimit", ctypes.c_size_t),
+        ("JobMemoryLimit", ctypes.c_size_t),
+        ("PeakProcessMemoryUsed", ctypes.c_size_t),
+        ("PeakJobMemoryUsed", ctypes.c_size_t),
+    ]
+
+
+def _kernel32() -> Any:
+    """kernel32 with the signatures of the calls below (handles are pointers: an unset restype would cut
+    them to 32 bits on 64-bit Windows)."""
+    kernel32 = ctypes.WinDLL("kernel32")  # type: ignore[attr-defined]
+    handle, flag = ctypes.c_void_p, ctypes.c_int
+    kernel32.CreateJobObjectW.restype, kernel32.CreateJobObjectW.argtypes = handle, (handle, ctypes.c_wchar_p)
+    kernel32.SetInformationJobObject.restype = flag
+    kernel32.SetInformationJobObject.argtypes = (handle, ctypes.c_int, handle, ctypes.c_uint32)
+    kernel32.AssignProcessToJobObject.restype = flag
+    kernel32.AssignProcessToJobObject.argtypes = (handle, handle)
+    kernel32.CloseHandle.restype, kernel32.CloseHandle.argtypes = flag, (handle,)
+    kernel32.GetLastError.restype = ctypes.c_uint32
+    return kernel32
+
+
+def bind_to_actor(process_handle: int, kernel32: Any = None) -> tuple[int | None, str | None]:
+    """Put the learner process (its Windows handle) in a kill-on-close Job Object whose one handle this
+    process keeps open: (the job's handle, None), or (None, why not) where Windows refuses; the serving
+    loop's own checks still end the learner then, only later. `kernel32` is for tests."""
+    kernel32 = kernel32 or _kernel32()
+    job = kernel32.CreateJobObjectW(None, None)
+    if not job:
+        return None, f"CreateJobObjectW failed (Windows error {kernel32.GetLastError()})"
+    limits = JobLimits()
+    limits.BasicLimitInformation.LimitFlags = JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE
+    calls = (
+        (
+            "SetInformationJobObject",
+            lambda: kernel32.SetInformationJobObject(
+                job, EXTENDED_LIMIT_INFORMATION, ctypes.addressof(limits), ctypes.sizeof(limits)
+            ),
+        ),
+        ("AssignProcessToJobObject", lambda: kernel32.AssignProcessToJobObject(job, process_handle)),
+    )
+    for name, call in calls:
+        if not call():
+            error = kernel32.GetLastError()
+            kernel32.CloseHandle(job)
+            return None, f"{name} failed (Windows error {error})"
+    return job, None
+
+
 def serve(
     spec: LearnerSpec, commands: Any, replies: Any, learned: Any, version: Any, lock: Any, weights_step: Any
 ) -> None:
-    """The learner process: open, then ingest transitions and learn until told to stop or the actor dies."""
+    """The learner process: open, then ingest transitions and learn until told to stop or the actor dies.
+
+    The actor's death ends it within PEER_CHECK_SECONDS in every state: learning (checked between learn
+    steps, catch-ups included), idle (between 0.1 s waits for data), on the weights' lock (waited for in
+    slices), and mid-message (this process holds no writing end of the command pipe, so a message cut by
+    the actor's death ends in EOF, not a wait for ever). It then leaves without flushing its replies into
+    a pipe nobody reads (Windows' holds ~8 KiB: the flush would block for ever)."""
     import multiprocessing
 
     for name in ("SIGINT", "SIGTERM", "SIGBREAK"):  # Ctrl+C and kills are the actor's to handle: it saves
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
-    die_with_parent()
+    if spec.death_signal:
+        die_with_parent()
     lower_priority()
     if spec.threads:
         torch.set_num_threads(spec.threads)
+    commands._writer.close()  # only the actor writes commands: its death is then an EOF here
     parent = multiprocessing.parent_process()
+
+    def actor_alive() -> bool:
+        return parent is None or parent.is_alive()
+
     server = LearnerServer(spec, replies.put)
+    server.actor_alive = actor_alive
     try:
         info = server.open()
-        mailbox = WeightsMailbox.of(server.learner.agent, version, lock, weights_step)
+        mailbox = WeightsMailbox.of(server.learner.agent, version, lock, weights_step, actor_alive)
         server.publish = lambda: mailbox.write(server.learner.agent)
         server.learned = learned
         server.pending_syncs = []
         learned.value = server.learner.agent.learn_steps
         replies.put(("opened", {**info, "weights": mailbox.tensors}))
-        since_check = 0
         while True:
             try:  # everything that has arrived, in order
                 while True:
@@ -573,20 +717,22 @@ def serve(
             except queue.Empty:
                 pass
             if server.work():
-                since_check += 1
-                if since_check % 50 == 0 and parent is not None and not parent.is_alive():
-                    return  # the actor is gone: nothing will ask for a checkpoint any more
                 continue
             server.answer_syncs(server.pending_syncs)  # caught up with everything before them
             try:  # nothing to learn: wait for data
                 message = commands.get(timeout=0.1)
             except queue.Empty:
-                if parent is not None and not parent.is_alive():
-                    return
+                if not actor_alive():
+                    raise PeerGoneError from None
                 continue
             if not server.handle(message):
                 return
+    except (PeerGoneError, EOFError):  # the actor is gone: nothing will ask for a checkpoint any more
+        replies.cancel_join_thread()
     except BaseException as error:  # report in one line; the traceback goes to the run folder's log
+        if not actor_alive():  # an error while the actor died (a broken pipe): nobody to report to
+            replies.cancel_join_thread()
+            return
         log = Path(spec.run_dir) / LEARNER_LOG
         with contextlib.suppress(OSError):
             log.parent.mkdir(parents=True, exist_ok=True)
@@ -595,6 +741,7 @@ def serve(
         text = " ".join(str(error).split()) or type(error).__name__
         replies.put(("error", type(error).__name__, text))
         time.sleep(0.5)  # let the queue's feeder thread deliver the reply before the process ends
+        replies.cancel_join_thread()  # and never block the exit on it: an actor that reads has it by now
 
 
 class BesideLearner:
@@ -634,17 +781,31 @@ class BesideLearner:
         self.seen_version = -1
         self.actor_learn_step = 0  # the learn step of the weights the actor drives with
         self.last_alive_check = 0.0
+        self.job: int | None = None  # Windows: the Job Object that ends the learner with this process
         self.closed = False
 
     def open(self) -> dict[str, Any]:
         self.process.start()
+        # Only the learner writes replies: with this process's copy of the pipe's writing end closed, a
+        # reply cut by the learner's death is an EOF here, not a wait for ever.
+        self.replies._writer.close()
+        problem = None
+        if sys.platform == "win32":
+            self.job, problem = bind_to_actor(self.process.sentinel)  # the sentinel is its process handle
         reply = self._wait(lambda: self._answer_kind("opened"), START_TIMEOUT, "waiting for it to start")
         info = reply[1]
+        if problem is not None:
+            info["notes"].append(
+                f"the learner could not be tied to this process's lifetime ({problem}): if this window is "
+                "killed, the learner notices and ends itself within a second"
+            )
         config = Config.from_dict(info["config"])
         self.batch_size = config.batch_size
         self.pretrain = config.demo_pretrain_steps if config.demos else 0
         self.sent = info["transitions"]
-        self.mailbox = WeightsMailbox(info.pop("weights"), self.version, self.lock, self.weights_step)
+        self.mailbox = WeightsMailbox(
+            info.pop("weights"), self.version, self.lock, self.weights_step, self.process.is_alive
+        )
         self.actor = Actor.new(config, self.spec.seed, device="cpu")
         self.refresh_actor(force=True)
         return info
@@ -698,7 +859,10 @@ class BesideLearner:
         version = int(self.version.value)
         if version == self.seen_version and not force:
             return False
-        self.actor_learn_step = self.mailbox.read_into(self.actor)
+        try:
+            self.actor_learn_step = self.mailbox.read_into(self.actor)
+        except PeerGoneError:
+            raise self._died("copying its weights") from None
         self.seen_version = version
         return True
 
@@ -776,7 +940,7 @@ class BesideLearner:
         while True:
             try:
                 reply = self.replies.get(timeout=timeout) if timeout else self.replies.get_nowait()
-            except queue.Empty:
+            except (queue.Empty, EOFError):  # EOF: the learner has ended (the callers then say so)
                 return
             timeout = None
             kind = reply[0]

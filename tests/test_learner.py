@@ -405,6 +405,130 @@ def test_a_killed_actor_takes_its_learner_with_it(tmp_path):
     pytest.fail("the learner process outlived its actor by 10 s")
 
 
+def seconds_until_gone(pid: int, limit: float) -> float | None:
+    """Seconds until process `pid` has ended (a zombie counts: dead, waiting to be reaped), None if it
+    still runs after `limit`."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return time.monotonic() - start
+        except FileNotFoundError:
+            return time.monotonic() - start
+        time.sleep(0.02)
+    return None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the states are made with Linux's pipe-size control")
+@pytest.mark.parametrize("state", ["learning", "catching_up", "on_the_lock", "full_pipe", "torn_message"])
+def test_a_learner_without_the_death_signal_ends_within_2_s_of_its_actors_kill(tmp_path, state):
+    """Issue 26: the learner's own checks end it in every state once its actor is SIGKILLed (the Linux
+    death signal off, as on macOS; a 4 KiB reply pipe, smaller than Windows' 8 KiB)."""
+    import subprocess
+
+    script = Path(__file__).resolve().parent / "killable_actor.py"
+    actor = subprocess.Popen(
+        [sys.executable, str(script), state, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        line = actor.stdout.readline()
+        assert line, f"the actor script failed to reach {state} (exit code {actor.wait()})"
+        learner_pid, learned = (int(field) for field in line.split())
+        assert seconds_until_gone(learner_pid, 0) is None, f"the learner had already ended in {state}"
+        actor.kill()
+        actor.wait()
+        took = seconds_until_gone(learner_pid, 10)
+    finally:
+        if actor.poll() is None:
+            actor.kill()
+    if took is None:
+        os.kill(learner_pid, signal.SIGKILL)
+    assert took is not None and took < 2.0, (
+        f"{state} ({learned} learn steps done): the learner outlived its actor by "
+        f"{'over 10 s' if took is None else f'{took:.2f} s'}"
+    )
+
+
+class FakeKernel32:
+    """kernel32's Job Object calls as Windows answers them, recorded; `fail` names a call that fails."""
+
+    def __init__(self, fail: str | None = None) -> None:
+        self.fail, self.calls = fail, []
+
+    def _answer(self, name: str, *args: object, ok: object = 1) -> object:
+        self.calls.append((name, *args))
+        return 0 if name == self.fail else ok
+
+    def CreateJobObjectW(self, attributes, name):  # noqa: N802 (Windows' names)
+        return self._answer("CreateJobObjectW", attributes, name, ok=0x1F0)
+
+    def SetInformationJobObject(self, job, info_class, address, size):  # noqa: N802
+        from learner import JobLimits
+
+        flags = JobLimits.from_address(address).BasicLimitInformation.LimitFlags
+        return self._answer("SetInformationJobObject", job, info_class, flags, size)
+
+    def AssignProcessToJobObject(self, job, process):  # noqa: N802
+        return self._answer("AssignProcessToJobObject", job, process)
+
+    def CloseHandle(self, handle):  # noqa: N802
+        return self._answer("CloseHandle", handle)
+
+    def GetLastError(self):  # noqa: N802
+        return 5  # ERROR_ACCESS_DENIED
+
+
+def test_on_windows_the_learner_is_put_in_a_job_that_kills_it_when_the_actor_ends():
+    """Issue 26: the Job Object path, against a fake kernel32 (the real one is Windows'; README says how to
+    check it there by hand)."""
+    import ctypes
+
+    from learner import JobLimits, bind_to_actor
+
+    kernel32 = FakeKernel32()
+    job, problem = bind_to_actor(0xABC, kernel32)
+    assert (job, problem) == (0x1F0, None)
+    assert kernel32.calls == [
+        ("CreateJobObjectW", None, None),
+        # JobObjectExtendedLimitInformation (9), JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE, the structure's size
+        ("SetInformationJobObject", 0x1F0, 9, 0x2000, ctypes.sizeof(JobLimits)),
+        ("AssignProcessToJobObject", 0x1F0, 0xABC),
+    ]  # the job's handle stays open: it closes, and the learner dies, when the actor's process ends
+    if ctypes.sizeof(ctypes.c_void_p) == 8:
+        assert ctypes.sizeof(JobLimits) == 144  # JOBOBJECT_EXTENDED_LIMIT_INFORMATION on 64-bit Windows
+
+    create, inform, assign = "CreateJobObjectW", "SetInformationJobObject", "AssignProcessToJobObject"
+    for failing, expected_calls in (
+        (create, [create]),
+        (inform, [create, inform, "CloseHandle"]),
+        (assign, [create, inform, assign, "CloseHandle"]),
+    ):
+        kernel32 = FakeKernel32(fail=failing)
+        assert bind_to_actor(0xABC, kernel32) == (None, f"{failing} failed (Windows error 5)")
+        assert [call[0] for call in kernel32.calls] == expected_calls  # no job handle leaks
+
+
+def test_an_actor_waiting_for_the_weights_lock_of_a_dead_learner_stops_in_one_line(tmp_path):
+    """A learner killed while it held the weights' lock never releases it: the actor's copy stops waiting
+    once the learner is gone, with the learner's death as the error, instead of blocking for ever."""
+    beside = BesideLearner(spec_for(tmp_path, small_config()))
+    try:
+        beside.open()
+        beside.lock.acquire()  # as the learner holds it while it publishes
+        beside.process.kill()
+        beside.process.join(timeout=10)
+        beside.version.value += 1
+        start = time.monotonic()
+        with pytest.raises(
+            LearnerDiedError, match=r"stopped \(exit code -9\) while the actor was copying its weights"
+        ):
+            beside.refresh_actor()
+        assert time.monotonic() - start < 1.0
+    finally:
+        beside.close()
+
+
 def test_demonstrations_sit_beside_the_agents_data_with_their_bonus_and_never_leave(tmp_path):
     """A learner with demonstrations: a part of its own, filled once, drawn with DQfD's bonus; pretraining
     steps first, then one learn step per environment step as ever."""

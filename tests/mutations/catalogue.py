@@ -875,4 +875,48 @@ CATALOGUE: tuple[Mutation, ...] = (
         ),
         ("tests/test_reliability.py::test_a_learner_that_dies_stops_the_run_in_one_line_within_seconds",),
     ),
+    Mutation(
+        "learner_never_checks_its_actor_while_catching_up",
+        "issue 26: a catch-up of up to learner_max_lag learn steps ran without looking at the actor (macOS, Windows)",
+        (("learner.py", "        self.check_actor()\n", ""),),
+        (
+            "tests/test_learner.py::test_a_learner_without_the_death_signal_ends_within_2_s_of_its_actors_kill[catching_up]",
+        ),
+    ),
+    Mutation(
+        "learner_waits_for_the_weights_lock_for_ever",
+        "issue 26: an actor killed holding the weights' lock wedged the learner's next publish for ever",
+        (
+            (
+                "learner.py",
+                "        while not self.lock.acquire(timeout=PEER_CHECK_SECONDS):\n",
+                "        while not self.lock.acquire():\n",
+            ),
+        ),
+        (
+            "tests/test_learner.py::test_a_learner_without_the_death_signal_ends_within_2_s_of_its_actors_kill[on_the_lock]",
+        ),
+    ),
+    Mutation(
+        "learner_keeps_a_writing_end_of_the_command_pipe",
+        "issue 26: a command cut by the actor's death left the learner reading the rest for ever",
+        (("learner.py", "    commands._writer.close()  # only", "    pass  # only"),),
+        (
+            "tests/test_learner.py::test_a_learner_without_the_death_signal_ends_within_2_s_of_its_actors_kill[torn_message]",
+        ),
+    ),
+    Mutation(
+        "learner_flushes_its_replies_into_a_pipe_nobody_reads",
+        "issue 26: on exit the learner blocked for ever flushing replies into a full pipe (Windows' holds ~8 KiB)",
+        (
+            (
+                "learner.py",
+                "any more\n        replies.cancel_join_thread()\n",
+                "any more\n        pass\n",
+            ),
+        ),
+        (
+            "tests/test_learner.py::test_a_learner_without_the_death_signal_ends_within_2_s_of_its_actors_kill[full_pipe]",
+        ),
+    ),
 )
