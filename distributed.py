@@ -268,8 +268,8 @@ class EpisodeCompressor:
     reset) carries the four stacked frames, the others only the newest one (4 KiB a step instead of 16),
     with the car floats and which worker and episode it belongs to."""
 
-    def __init__(self, worker: str, config: Config) -> None:
-        self.worker, self.config = worker, config
+    def __init__(self, worker: str, config: Config, seed: int | None = None) -> None:
+        self.worker, self.config, self.seed = worker, config, seed
         self.episode = 0
         self.first = True
 
@@ -283,6 +283,8 @@ class EpisodeCompressor:
         first, self.first = self.first, False
         images = frames if first else frames[-1:]
         tag = {"worker": self.worker, "episode": self.episode, "first": first}
+        if first:  # the trainer warns about two workers with one seed
+            tag["seed"] = self.seed
         return act, (car, np.ascontiguousarray(images)), float(rew), bool(terminated), bool(truncated), tag
 
 
@@ -411,7 +413,7 @@ def run_worker(args: argparse.Namespace) -> int:
     if device.type == "cpu":  # one action at a time: more threads only take cores from the game
         torch.set_num_threads(args.threads or 1)
     seed = args.seed if getattr(args, "seed_given", True) else worker_seed(name)
-    compressor = EpisodeCompressor(name, config)
+    compressor = EpisodeCompressor(name, config, seed)
     weights_dir = Path(tempfile.mkdtemp(prefix="rainbow-tm-worker-"))
     print(f"worker {name} on {env_name}, seed {seed}; {note}", flush=True)
     worker = networking.RolloutWorker(
@@ -498,6 +500,39 @@ class RemoteEpisodes:
         self.rejected = 0
         self.discarded_after_end = 0
         self.steps_by_worker: dict[str, int] = {}
+        self.seed_of: dict[str, int] = {}
+
+    def take(self, samples: list[tuple]) -> list:
+        """Store what the relay delivered (whole episodes, concatenated); a periodic checkpoint when an
+        episode makes one due, after learning every due step first, so that it holds the agent, optimizer,
+        replay and counters of one caught-up moment, as on one PC. Returns the red flags raised."""
+        session, flags = self.session, []
+        for episode in split_episodes(samples):
+            stored, episode_flags = self.ingest(episode)
+            flags += episode_flags
+            if stored and session.checkpoint_due():
+                flags += session.absorb(session.learner.sync())
+                if not any(flag.name in FATAL_FLAGS for flag in flags):  # never a failure's checkpoint
+                    session.save(is_periodic=True)
+        return flags
+
+    def note_seed(self, worker: str, seed: Any) -> None:
+        """Warn once when a new worker runs with another worker's seed: the two draw the same exploration
+        (on the embedded track, the same tracks: identical episodes from identical weights)."""
+        if seed is None or worker in self.seed_of:
+            return
+        twins = sorted(name for name, other in self.seed_of.items() if other == seed)
+        self.seed_of[worker] = int(seed)
+        if twins:
+            message = (
+                f"workers {', '.join(twins)} and {worker} run with the same seed {seed}: they explore alike "
+                "and send near-identical episodes; give each its own --seed, or none (a worker then takes "
+                "one from its name)"
+            )
+            self.session.progress.message(message)
+            self.session.log.write(
+                "event", self.session.run.step, level="warning", name="workers_share_a_seed", message=message
+            )
 
     def check(self, episode: list[tuple]) -> str | None:
         """Why an episode cannot be stored, or None."""
@@ -537,6 +572,7 @@ class RemoteEpisodes:
                 "event", session.run.step, level="warning", name="episode_rejected", message=message
             )
             return False, []
+        self.note_seed(worker, episode[0][5].get("seed"))
         car, frames = episode[0][1]
         session.start_episode(np.asarray(frames, dtype=np.uint8), np.asarray(car, dtype=np.float32))
         stack = np.array(frames, dtype=np.uint8)
@@ -601,14 +637,7 @@ def run_trainer(args: argparse.Namespace) -> TrainResult:
         broadcast()
         last_broadcast_step, was_paused = agent.learn_steps, False
         while not stop.requested:
-            received = interface.retrieve_buffer()
-            flags = []
-            for episode in split_episodes(received.memory):
-                stored, episode_flags = remote.ingest(episode)
-                flags += episode_flags
-                fatal_pending = any(flag.name in FATAL_FLAGS for flag in flags)
-                if stored and not fatal_pending and session.checkpoint_due():
-                    session.save(is_periodic=True)  # never one of a failure a rollback returns to
+            flags = remote.take(interface.retrieve_buffer().memory)
             if agent.learn_steps < learn_target():
                 flags += session.learn()
             if flags and session.handle(flags):

@@ -128,7 +128,12 @@ def test_compressed_episodes_keep_the_first_stack_and_only_the_newest_frame_afte
     compressor = distributed.EpisodeCompressor("A", Config())
     samples = worker_episode(compressor, 10, episode=3, length=5, action_rows=[1], end="terminated")
     first_car, first_frames = samples[0][1]
-    assert first_frames.shape == (4, 64, 64) and samples[0][5] == {"worker": "A", "episode": 3, "first": True}
+    assert first_frames.shape == (4, 64, 64) and samples[0][5] == {
+        "worker": "A",
+        "episode": 3,
+        "first": True,
+        "seed": None,
+    }
     for t, (_, (car, frames), reward, _, _, tag) in enumerate(samples[1:], start=1):
         assert frames.shape == (1, 64, 64) and frames[0, 0, 0] == 10 + t and car[0] == 10.0 * t
         assert tag == {"worker": "A", "episode": 3, "first": False} and reward == 1.0
@@ -166,6 +171,39 @@ def test_the_trainer_stores_each_workers_episode_whole_so_stacks_never_mix(train
                 assert len(owners) == 1, f"a stack mixes episodes: {stack}"
     records = read_jsonl(session.run_dir / METRICS_FILE)
     assert [r["worker"] for r in records if r["kind"] == "episode"] == ["A", "B", "A"]
+
+
+def test_the_trainers_periodic_checkpoints_hold_a_caught_up_moment(trainer_session):
+    """Issue 26: each periodic checkpoint is written after every due learn step ran (before, it held none
+    of the episode's 197 due learn steps in a probe): the agent, the replay and the counters of one moment."""
+    session = trainer_session
+    remote = distributed.RemoteEpisodes(session)
+    a = distributed.EpisodeCompressor("A", session.config, seed=1)
+    batch = session.config.batch_size
+    for episode in range(3):  # checkpoint_frequency=1: one checkpoint per episode
+        flags = remote.take(worker_episode(a, 10, episode, 30, [1, 3], "truncated"))
+        assert flags == []
+        state = load_checkpoint(session.store.latest_path)
+        step = 30 * (episode + 1)
+        assert state["step"] == step and len(session.store.periodic()) >= 1
+        assert state["agent"]["learn_steps"] == step - batch + 1, "a checkpoint before the learner caught up"
+
+
+def test_two_workers_with_one_seed_are_warned_about_once(trainer_session):
+    session = trainer_session
+    remote = distributed.RemoteEpisodes(session)
+    a, b, c = (
+        distributed.EpisodeCompressor(n, session.config, seed=s) for n, s in (("A", 7), ("B", 7), ("C", 8))
+    )
+    for episode in range(2):
+        for compressor in (a, b, c):
+            assert remote.take(worker_episode(compressor, 10, episode, 10, [1], "terminated")) == []
+    warnings = [
+        r for r in read_jsonl(session.run_dir / METRICS_FILE) if r.get("name") == "workers_share_a_seed"
+    ]
+    assert len(warnings) == 1, warnings
+    assert "workers A and B run with the same seed 7" in warnings[0]["message"]
+    assert "--seed" in warnings[0]["message"] and remote.seed_of == {"A": 7, "B": 7, "C": 8}
 
 
 def test_an_episode_with_an_unknown_action_is_rejected_whole_and_logged(trainer_session):

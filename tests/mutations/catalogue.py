@@ -919,4 +919,16 @@ CATALOGUE: tuple[Mutation, ...] = (
             "tests/test_learner.py::test_a_learner_without_the_death_signal_ends_within_2_s_of_its_actors_kill[full_pipe]",
         ),
     ),
+    Mutation(
+        "trainer_checkpoints_before_catching_up",
+        "issue 26: the scale-out trainer's periodic checkpoint held none of the episode's due learn steps",
+        (("distributed.py", "                flags += session.absorb(session.learner.sync())\n", ""),),
+        ("tests/test_distributed.py::test_the_trainers_periodic_checkpoints_hold_a_caught_up_moment",),
+    ),
+    Mutation(
+        "workers_sharing_a_seed_go_unnoticed",
+        "issue 26: two workers started with one seed explore alike (identical episodes on the embedded track)",
+        (("distributed.py", "            tag[\"seed\"] = self.seed\n", "            pass\n"),),
+        ("tests/test_distributed.py::test_two_workers_with_one_seed_are_warned_about_once",),
+    ),
 )
