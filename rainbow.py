@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import math
+import zlib
 from typing import Any
 
 import numpy as np
@@ -278,6 +279,16 @@ def quantile_huber_loss(
     huber = torch.where(abs_delta <= kappa, 0.5 * delta.pow(2), kappa * (abs_delta - 0.5 * kappa))
     weight = (taus.unsqueeze(2) - (delta.detach() < 0).float()).abs()
     return (weight * huber / kappa).sum(dim=1).mean(dim=1), abs_delta.detach()
+
+
+def load_generator_state(generator: torch.Generator, state: torch.Tensor) -> None:
+    """Restore a saved torch stream. A CPU stream (Mersenne Twister, 5,056 bytes) and a CUDA one (Philox,
+    16 bytes) cannot take each other's state: a checkpoint resumed on the other kind of device gets its
+    stream seeded from the saved state's bytes instead (the same checkpoint, the same draws after)."""
+    try:
+        generator.set_state(state)
+    except RuntimeError:
+        generator.manual_seed(zlib.crc32(state.numpy().tobytes()))
 
 
 # --- agent -----------------------------------------------------------------------------------------
@@ -557,7 +568,7 @@ class RainbowAgent:
     def load_acting_streams(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = state["agent_rng"]
         if "act_generator" in state:  # checkpoints before issue 25 shared torch's global stream: reseeded
-            self.act_generator.set_state(state["act_generator"])
+            load_generator_state(self.act_generator, state["act_generator"])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.online.load_state_dict(state["online"])
@@ -573,4 +584,4 @@ class RainbowAgent:
         self.epsilon = float(state["epsilon"])
         self.load_acting_streams(state)
         if "learn_generator" in state:
-            self.learn_generator.set_state(state["learn_generator"])
+            load_generator_state(self.learn_generator, state["learn_generator"])

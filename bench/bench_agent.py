@@ -479,10 +479,13 @@ def bf16_check(config: Config, device: torch.device, steps: int, fill: int) -> d
 
 
 # --- torch.compile ---------------------------------------------------------------------------------
-def compile_check(config: Config, device: torch.device, steps: int, fill: int) -> dict[str, Any]:
-    """Eager vs torch.compile'd online and target networks (inductor, static shapes), from the same start
-    on the same batches (uniform sampling), interleaved step by step: time per learn step and per action
-    after compilation, the compile time, and the loss difference (compiled kernels round differently)."""
+def compile_check(
+    config: Config, device: torch.device, steps: int, fill: int, mode: str | None = None
+) -> dict[str, Any]:
+    """Eager vs torch.compile'd online and target networks (inductor, static shapes; `mode` is
+    torch.compile's, e.g. "reduce-overhead" for CUDA graphs), from the same start on the same batches
+    (uniform sampling), interleaved step by step: time per learn step and per action after compilation,
+    the compile time, and the loss difference (compiled kernels round differently)."""
     agents = {
         name: rainbow.RainbowAgent(
             config, make_replay(replay_module, config, fill, 3, prioritized=False), device, 3
@@ -491,7 +494,7 @@ def compile_check(config: Config, device: torch.device, steps: int, fill: int) -
     }
     compiled = agents["compiled"]
     for network in (compiled.online, compiled.target):
-        network.forward = torch.compile(network.forward, dynamic=False)
+        network.forward = torch.compile(network.forward, dynamic=False, mode=mode)
     frames = np.random.default_rng(3).integers(0, 256, (config.conv_input, 64, 64), dtype=np.uint8)
     car = np.array([120.0, 3.0, 6000.0], np.float32)
     compile_s = 0.0

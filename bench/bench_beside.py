@@ -67,12 +67,23 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def run_case(env: str, learner: str, hog: bool, steps: int, folder: Path, threads: int) -> dict[str, Any]:
+def run_case(
+    env: str, learner: str, hog: bool, steps: int, folder: Path, threads: int, extra: list[str] | None = None
+) -> dict[str, Any]:
     run_dir = folder / f"{env}-{learner}-{'hog' if hog else 'idle'}"
     common = ["--steps", str(steps), "--checkpoint-root", str(run_dir.parent), "--run-name", run_dir.name]
     # One learner thread in both modes (beside takes all cores but one by default: 1 on 2 cores); two
     # OpenMP threads on 2 cores beside a busy one stall for up to a second (BENCHMARKS.md).
-    common += ["--no-wandb", "--fresh", "--learner", learner, "--threads", str(threads), *GREEDY]
+    common += [
+        "--no-wandb",
+        "--fresh",
+        "--learner",
+        learner,
+        "--threads",
+        str(threads),
+        *GREEDY,
+        *(extra or []),
+    ]
     if env == "embedded":
         command = [sys.executable, str(ROOT / "env_tm.py"), "--env", "embedded", *common]
         environment = None

@@ -569,3 +569,96 @@ def test_demonstrations_sit_beside_the_agents_data_with_their_bonus_and_never_le
     replay.own.update_priorities(np.array([newest]), np.array([0.5]))
     leaf = replay.own.tree.leaf_priorities[newest % replay.own.capacity]
     assert leaf == pytest.approx((0.5 + config.priority_epsilon) ** config.alpha), "own priority: no bonus"
+
+
+# --- the learner on the GPU (run where CUDA is; skipped elsewhere) ---------------------------------------
+GPU = os.environ.get("RAINBOW_TM_TEST_GPU", "cuda")  # "cpu" runs these against the CPU, to check the tests
+needs_gpu = pytest.mark.skipif(
+    GPU == "cuda" and not torch.cuda.is_available(),
+    reason="no CUDA device here (bench/gpu_check.py on a GPU)",
+)
+
+
+def draw_noise_on_the_cpu(agent, seed: int) -> None:
+    """Make an agent's noise and quantile fractions come from one CPU stream, whatever its device: CPU and
+    CUDA generators give different numbers from one seed, and the comparison is of the arithmetic."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def noise(net, _generator=None):
+        for module in net.modules():
+            if hasattr(module, "epsilon_in"):
+                for buffer in (module.epsilon_in, module.epsilon_out):
+                    x = torch.randn(buffer.shape, generator=generator)
+                    buffer.copy_(torch.copysign(x.abs().sqrt(), x))
+
+    for net in (agent.online, agent.target):
+        net.reset_noise = lambda _generator=None, net=net: noise(net)
+    agent._quantile_fractions = lambda rows, count: torch.rand(rows, count, generator=generator).to(
+        agent.device
+    )
+
+
+@needs_gpu
+def test_on_the_gpu_learn_steps_agree_with_the_cpus_from_the_same_state():
+    """20 learn steps from the same weights, batches and draws: the losses agree within 2% and the weights
+    within 1e-3 (cuDNN's TF32 convolutions round differently from the CPU's float32)."""
+    from conftest import fill_replay
+
+    from rainbow import RainbowAgent
+    from replay import PrioritizedReplay
+
+    config = small_config()
+    agents = []
+    for device in ("cpu", GPU):
+        replay = PrioritizedReplay.from_config(config, seed=0)
+        fill_replay(replay, 200, seed=0)
+        agents.append(RainbowAgent(config, replay, device=device, seed=0))
+        draw_noise_on_the_cpu(agents[-1], seed=1)
+    cpu, gpu = agents
+    gpu.online.load_state_dict(cpu.online.state_dict())
+    gpu.target.load_state_dict(cpu.target.state_dict())
+    for step in range(20):
+        cpu_loss, gpu_loss = cpu.train()["loss"], gpu.train()["loss"]
+        assert gpu_loss == pytest.approx(cpu_loss, rel=0.02, abs=1e-4), f"learn step {step}"
+    for name, value in cpu.online.state_dict().items():
+        torch.testing.assert_close(gpu.online.state_dict()[name].cpu(), value, rtol=1e-2, atol=1e-3, msg=name)
+
+
+@needs_gpu
+def test_on_the_gpu_the_learners_weights_reach_the_cpu_actor(tmp_path):
+    config = small_config()
+    beside = BesideLearner(spec_for(tmp_path, config, device=GPU))
+    try:
+        beside.open()
+        assert next(beside.actor.agent.online.parameters()).device.type == "cpu"
+        for message in steps(np.random.default_rng(4), 120):
+            (beside.start_episode if message[0] == "episode" else beside.add)(*message[1:])
+        beside.sync()
+        assert int(beside.learned.value) == 120 - config.batch_size + 1
+        run = {"step": 120, "episode": 5, "best_interval_reward": 0.0, "python_rng": None, "numpy_rng": None}
+        assert beside.save(run, periodic=False, is_best=False)[0]
+    finally:
+        beside.close()
+    learned = load_checkpoint(tmp_path / "run" / "latest.pt")["agent"]["online"]
+    for name, value in beside.actor.agent.online.state_dict().items():
+        torch.testing.assert_close(value, learned[name], rtol=0, atol=0, msg=name)
+
+
+@needs_gpu
+def test_a_checkpoint_made_on_the_gpu_resumes_on_the_cpu_and_back(tmp_path):
+    config = small_config()
+    rng = np.random.default_rng(5)
+    run = {"step": 0, "episode": 0, "best_interval_reward": 0.0, "python_rng": None, "numpy_rng": None}
+    for round_, device in enumerate((GPU, "cpu", GPU)):
+        learner = InlineLearner(spec_for(tmp_path, config, device=device, resume=round_ > 0))
+        info = learner.open()
+        assert (info["run"] or {}).get("step", 0) == run["step"], f"round {round_} on {device}"
+        assert learner.learner.agent.learn_steps == max(0, run["step"] - config.batch_size + 1)
+        for message in steps(rng, 50):
+            if message[0] == "episode":
+                learner.start_episode(*message[1:])
+            else:
+                learner.add(*message[1:])
+                assert all(np.isfinite(m["loss"]) for m in learner.learn())
+        run = {**run, "step": run["step"] + 50, "episode": run["episode"] + 2}
+        assert learner.save(run, periodic=False, is_best=False)[0]

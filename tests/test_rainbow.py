@@ -480,6 +480,28 @@ def test_agent_checkpoint_round_trip_continues_identically():
         torch.testing.assert_close(clone.online.state_dict()[key], value)
 
 
+def test_a_checkpoint_from_the_other_kind_of_device_restores_with_its_streams_reseeded_alike():
+    """Issue 26: a CUDA checkpoint holds Philox stream states (16 bytes), which a CPU generator refuses
+    (and the reverse): it once made every checkpoint of a GPU run impossible to resume on a CPU. The streams
+    are seeded from the saved state instead: the same checkpoint gives the same draws after."""
+    config = small_config()
+    agent = make_agent(config)
+    agent.train()
+    state = copy.deepcopy(agent.state_dict())
+    cuda_like = torch.tensor([7, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0, 0, 0, 0, 0, 0], dtype=torch.uint8)
+    state["learn_generator"] = state["act_generator"] = cuda_like  # seed 7, offset 64, as CUDA saves it
+    frames = np.random.default_rng(1).integers(0, 256, (4, 64, 64), dtype=np.uint8)
+    car = np.array([80.0, 2.0, 4000.0], np.float32)
+    draws = []
+    for _ in range(2):
+        clone = RainbowAgent(config, agent.replay, seed=99)
+        clone.load_state_dict(state)
+        draws.append(([clone.act(frames, car, 10**6) for _ in range(5)], clone._quantile_fractions(2, 3)))
+    assert draws[0][0] == draws[1][0]
+    torch.testing.assert_close(draws[0][1], draws[1][1], rtol=0, atol=0)
+    assert not torch.equal(draws[0][1], RainbowAgent(config, agent.replay, seed=99)._quantile_fractions(2, 3))
+
+
 # --- the IQN loss through train(), BatchNorm modes, the hard copy, skipped steps ---------------------
 class FixedBatchReplay:
     """The replay API `RainbowAgent.train` uses, serving one fixed batch and recording what it is told."""

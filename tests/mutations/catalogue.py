@@ -931,4 +931,16 @@ CATALOGUE: tuple[Mutation, ...] = (
         (("distributed.py", "            tag[\"seed\"] = self.seed\n", "            pass\n"),),
         ("tests/test_distributed.py::test_two_workers_with_one_seed_are_warned_about_once",),
     ),
+    Mutation(
+        "a_cuda_checkpoint_cannot_resume_on_a_cpu",
+        "issue 26: CUDA stream states (16 bytes) were set into CPU generators: no GPU run resumed on a CPU",
+        (
+            (
+                "rainbow.py",
+                "    except RuntimeError:\n        generator.manual_seed(",
+                "    except KeyError:\n        generator.manual_seed(",
+            ),
+        ),
+        (f"{RAINBOW}::test_a_checkpoint_from_the_other_kind_of_device_restores_with_its_streams_reseeded_alike",),
+    ),
 )
