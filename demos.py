@@ -318,10 +318,16 @@ class KeyboardDriver:
     def __init__(self, period: float = 0.05) -> None:
         import pygame
 
+        from embedded_track import NoDisplayError, open_window
+
         self.pygame = pygame
-        pygame.init()
-        self.screen = pygame.display.set_mode((96 * self.SCALE, 96 * self.SCALE))
-        pygame.display.set_caption("rainbow-tm: recording (arrow keys or W A S D; close the window to stop)")
+        caption = "rainbow-tm: recording (arrow keys or W A S D; close the window to stop)"
+        try:
+            self.screen = open_window((96 * self.SCALE, 96 * self.SCALE), caption)
+        except NoDisplayError as error:
+            raise DemoError(
+                f"{error}: a human driver needs a window (--driver scripted drives without)"
+            ) from None
         self.period, self.next_tick = period, time.perf_counter()
         self.quit_requested = False
 

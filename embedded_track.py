@@ -296,6 +296,10 @@ class EmbeddedTrackEnv(gymnasium.Env):
         self._running = not (terminated or truncated)
         return self._observation(), reward, terminated, truncated, self._info()
 
+    def view(self) -> np.ndarray:
+        """The track as a person sees it: CarRacing's full 600 x 400 RGB view of the current state."""
+        return self.car_racing._render("rgb_array")
+
     def close(self) -> None:
         self.car_racing.close()
 
@@ -356,3 +360,27 @@ def make_embedded_track(config: Config, seed: int | None = None) -> EmbeddedTrac
         history_length=config.conv_input,
         seconds_per_step=config.time_step_duration,
     )
+
+
+class NoDisplayError(RuntimeError):
+    """No window can be shown on this machine (a server, an SSH session)."""
+
+
+def open_window(size: tuple[int, int], caption: str) -> Any:
+    """A pygame window of `size`, or NoDisplayError: SDL quietly draws into an invisible "offscreen" or
+    "dummy" display when the machine has none, where a person would wait for a window that never comes."""
+    import os
+
+    os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+    import pygame
+
+    try:
+        pygame.display.init()
+        driver = pygame.display.get_driver()
+        if driver in ("offscreen", "dummy"):
+            raise NoDisplayError(f"no display here (SDL video driver {driver!r})")
+        screen = pygame.display.set_mode(size)
+    except pygame.error as error:
+        raise NoDisplayError(f"no window can be opened here ({' '.join(str(error).split())})") from None
+    pygame.display.set_caption(caption)
+    return screen

@@ -54,6 +54,9 @@ examples:
   python env_tm.py --no-wandb --device cpu --seed 3 --threads 1
   python env_tm.py --diagnose                        5,000-step go/no-go check from scratch
   python env_tm.py --env embedded --eval-every 10000 --eval-episodes 5
+  python env_tm.py --env embedded --watch checkpoints/first-try
+                                                     its best.pt drives 5 held-out tracks, in a window
+  python env_tm.py --env embedded --watch checkpoints/first-try/latest.pt --record-video drive.gif
   python compare_runs.py checkpoints/first-try checkpoints/other-run
 
 A run lives in checkpoints/<run-name>/ (default <env>-seed<seed>, plus the --set departures). Started
@@ -186,6 +189,22 @@ def build_parser() -> argparse.ArgumentParser:
         "step; inline: act and learn in turn in one process (exact reproduction of a recorded run)",
     )
     parser.add_argument("--wandb-project", default=None, help="W&B project (default: rainbow-tm)")
+    look = parser.add_argument_group("watching a checkpoint drive (no learning)")
+    look.add_argument(
+        "--watch",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="CHECKPOINT",
+        help="drive --eval-episodes held-out tracks greedily with a checkpoint (a file, or a run folder: its "
+        "best.pt; default: this command's run folder), printing each return; the embedded track in a window",
+    )
+    look.add_argument(
+        "--record-video",
+        metavar="PATH",
+        default=None,
+        help="with --watch on the embedded track: write the drive to PATH (.gif or .mp4) instead of a window",
+    )
     demo = parser.add_argument_group("demonstrations (your own laps; README: Learn from your own laps)")
     demo.add_argument(
         "--record-demos",
@@ -300,6 +319,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--record-demos {args.record_demos!r} {problem}")
         if args.role != "single" or args.diagnose is not None or args.demos:
             parser.error("--record-demos records on this PC only, without --role, --diagnose or --demos")
+    if args.record_video is not None and args.watch is None:
+        parser.error("--record-video records a checkpoint driving: give --watch too")
+    if args.watch is not None and (args.role != "single" or args.diagnose is not None or args.record_demos):
+        parser.error("--watch drives on this PC only, without --role, --diagnose or --record-demos")
     if args.demo_episodes is not None and args.demo_episodes < 1:
         parser.error(f"--demo-episodes must be >= 1, got {args.demo_episodes}")
     if args.pretrain_steps is not None and not args.demos:
@@ -698,6 +721,20 @@ def save_before_exit(session: Any) -> str:
         )
 
 
+def watch_checkpoint(args: argparse.Namespace) -> int:
+    """--watch: a checkpoint's greedy policy drives, nothing is learned (watch.py)."""
+    from pathlib import Path
+
+    import environment
+    import watch
+    from session import default_run_name
+
+    env_name = environment.choose_environment(args.env, Config().with_assignments(args.overrides))
+    root = Path(args.checkpoint_root or Config().with_assignments(args.overrides).checkpoint_dir)
+    run_dir = root / (args.run_name or default_run_name(env_name, args.seed, args.overrides, False))
+    return watch.watch(args, env_name, run_dir)
+
+
 def report_diagnosis(result: Any) -> int:
     """The go/no-go table of a finished diagnostic run; non-zero exit on a no-go."""
     from health import diagnose, format_table, verdict
@@ -720,6 +757,8 @@ def main(argv: list[str] | None = None) -> int:
         resolve_device(args.device)
         if args.record_demos is not None:
             return record_demos(args)
+        if args.watch is not None:
+            return watch_checkpoint(args)
         if args.role != "single" or args.make_tls_credentials:
             import distributed  # imports tmrl's networking only when a role needs it
 
@@ -761,6 +800,7 @@ def exit_code_for(error: Exception) -> int | None:
     from rainbow import DeviceError
     from session import RedFlagStopError, TrainingStoppedError
     from trackmania import TrackManiaError
+    from watch import WatchError
 
     if isinstance(error, RedFlagStopError):
         return EXIT_RED_FLAG
@@ -774,6 +814,7 @@ def exit_code_for(error: Exception) -> int | None:
         LearnerDiedError,
         DeviceError,
         DemoError,
+        WatchError,
     )
     if isinstance(error, (*one_line, OSError)):
         return EXIT_ERROR

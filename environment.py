@@ -124,12 +124,19 @@ def evaluation_seeds(episodes: int) -> list[int]:
 
 
 def drive_episodes(
-    env: Any, config: Config, seeds: list[int], policy: Callable[[np.ndarray, np.ndarray], int]
+    env: Any,
+    config: Config,
+    seeds: list[int],
+    policy: Callable[[np.ndarray, np.ndarray], int],
+    after_step: Callable[[], bool] | None = None,
+    after_episode: Callable[[int, float, int], None] | None = None,
 ) -> Evaluation:
-    """One episode per track seed, actions from `policy(frames, car)`; nothing is stored or learned."""
+    """One episode per track seed, actions from `policy(frames, car)`; nothing is stored or learned.
+    `after_step()` (a display) may stop the drive by returning False; `after_episode(index, return,
+    length)` hears of each episode as it ends."""
     start = time.perf_counter()
     returns, lengths = [], []
-    for seed in seeds:
+    for index, seed in enumerate(seeds):
         obs, _ = env.reset(seed=seed)
         total, length, over = 0.0, 0, False
         while not over:
@@ -138,8 +145,12 @@ def drive_episodes(
             total += checked_reward(reward, length)
             length += 1
             over = bool(terminated or truncated)
+            if after_step is not None and not after_step():
+                return Evaluation(returns, lengths, time.perf_counter() - start)
         returns.append(total)
         lengths.append(length)
+        if after_episode is not None:
+            after_episode(index, total, length)
     return Evaluation(returns, lengths, time.perf_counter() - start)
 
 

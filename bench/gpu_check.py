@@ -5,8 +5,7 @@
 
 What it measures, with the pinned network at batch 32 (replay filled with 5,000 synthetic steps):
 1. learn steps/s on the CPU (all cores but one) and on the GPU, eager, in the same run: the ratio is
-   the figure
-   (goal: >= 10x on one data-centre GPU);
+   the figure (goal: >= 10x on one data-centre GPU);
 2. on the GPU, torch.compile (inductor) and torch.compile's "reduce-overhead" mode (CUDA graphs): the
    time per learn step against eager from the same start on the same batches, and how far the losses
    drift (compiled kernels round differently); a mode that fails is reported in one line, not fatal;

@@ -180,6 +180,13 @@ def test_the_keyboard_driver_maps_the_arrow_keys_to_the_action_table(monkeypatch
             return key in pressed
 
     monkeypatch.setattr(pygame.key, "get_pressed", lambda: Keys())
+    import embedded_track
+
+    def dummy_window(size, caption):  # a test has no screen: SDL's dummy display, which open_window refuses
+        pygame.display.init()
+        return pygame.display.set_mode(size)
+
+    monkeypatch.setattr(embedded_track, "open_window", dummy_window)
     driver = demos.KeyboardDriver(period=0.0)
     try:
         cases = [

@@ -928,7 +928,7 @@ CATALOGUE: tuple[Mutation, ...] = (
     Mutation(
         "workers_sharing_a_seed_go_unnoticed",
         "issue 26: two workers started with one seed explore alike (identical episodes on the embedded track)",
-        (("distributed.py", "            tag[\"seed\"] = self.seed\n", "            pass\n"),),
+        (("distributed.py", '            tag["seed"] = self.seed\n', "            pass\n"),),
         ("tests/test_distributed.py::test_two_workers_with_one_seed_are_warned_about_once",),
     ),
     Mutation(
@@ -941,6 +941,8 @@ CATALOGUE: tuple[Mutation, ...] = (
                 "    except KeyError:\n        generator.manual_seed(",
             ),
         ),
-        (f"{RAINBOW}::test_a_checkpoint_from_the_other_kind_of_device_restores_with_its_streams_reseeded_alike",),
+        (
+            f"{RAINBOW}::test_a_checkpoint_from_the_other_kind_of_device_restores_with_its_streams_reseeded_alike",
+        ),
     ),
 )
