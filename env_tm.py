@@ -54,6 +54,7 @@ examples:
   python env_tm.py --no-wandb --device cpu --seed 3 --threads 1
   python env_tm.py --diagnose                        5,000-step go/no-go check from scratch
   python env_tm.py --env embedded --eval-every 10000 --eval-episodes 5
+  python env_tm.py --check-trackmania                 every step of the game's set-up, without training
   python env_tm.py --env embedded --watch checkpoints/first-try
                                                      its best.pt drives 5 held-out tracks, in a window
   python env_tm.py --env embedded --watch checkpoints/first-try/latest.pt --record-video drive.gif
@@ -189,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
         "step; inline: act and learn in turn in one process (exact reproduction of a recorded run)",
     )
     parser.add_argument("--wandb-project", default=None, help="W&B project (default: rainbow-tm)")
+    parser.add_argument(
+        "--check-trackmania",
+        action="store_true",
+        help="check every step of the TrackMania set-up (tmrl, TmrlData, config.json, the reward trajectory, "
+        "the gamepad driver, the plugin, its telemetry, the map), one line each, and exit without training",
+    )
     look = parser.add_argument_group("watching a checkpoint drive (no learning)")
     look.add_argument(
         "--watch",
@@ -721,6 +728,23 @@ def save_before_exit(session: Any) -> str:
         )
 
 
+def check_trackmania(args: argparse.Namespace, **options: Any) -> int:
+    """--check-trackmania: the set-up report, one line per step; exit 0 when TrackMania can train."""
+    import trackmania
+
+    checks = trackmania.setup_report(Config().with_assignments(args.overrides), **options)
+    for check in checks:
+        print(check.line(), flush=True)
+    failed = [check.name for check in checks if check.passed is False]
+    if failed:
+        print(
+            f"TrackMania is not ready: fix {', '.join(failed)} (in this order), then check again", flush=True
+        )
+        return EXIT_GAME
+    print("TrackMania is ready: `python env_tm.py` trains on it", flush=True)
+    return EXIT_OK
+
+
 def watch_checkpoint(args: argparse.Namespace) -> int:
     """--watch: a checkpoint's greedy policy drives, nothing is learned (watch.py)."""
     from pathlib import Path
@@ -759,6 +783,8 @@ def main(argv: list[str] | None = None) -> int:
             return record_demos(args)
         if args.watch is not None:
             return watch_checkpoint(args)
+        if args.check_trackmania:
+            return check_trackmania(args)
         if args.role != "single" or args.make_tls_credentials:
             import distributed  # imports tmrl's networking only when a role needs it
 

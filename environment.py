@@ -11,6 +11,8 @@ Used by the single-PC loop (env_tm.py) and by the scale-out worker (distributed.
 from __future__ import annotations
 
 import math
+import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,8 +39,11 @@ class ObservationError(ValueError):
     """An observation that does not have the TM20FULL layout; one line naming the problem."""
 
 
-def choose_environment(choice: str, config: Config) -> str:
-    """`trackmania` or `embedded`. `auto` falls back to the embedded track and says why in one line."""
+def choose_environment(choice: str, config: Config, ask: Callable[[str], str] | None = None) -> str:
+    """`trackmania` or `embedded`. `auto` falls back to the embedded track and says why in one line; on
+    Windows, where the users' game is, only after a yes to a question (`ask`, default: `input` on a
+    terminal), never silently: a TrackMania user whose game did not answer must not train on CarRacing for
+    a week. Without a terminal to ask on, it stops in one line instead."""
     if choice == "embedded":
         return "embedded"
     reason = check_tmrl_available(config)
@@ -46,6 +51,23 @@ def choose_environment(choice: str, config: Config) -> str:
         return "trackmania"
     if choice == "trackmania":
         raise TrackManiaSetupError(f"--env trackmania: {reason}")
+    if platform.system() == "Windows":
+        if ask is None and sys.stdin is not None and sys.stdin.isatty():
+            ask = input
+        options = (
+            "`--env embedded` trains on it without asking; `--check-trackmania` checks the game's set-up"
+        )
+        if ask is None:
+            raise TrackManiaSetupError(f"TrackMania does not answer ({reason}); {options}")
+        try:
+            answer = ask(
+                f"TrackMania does not answer: {reason}\n"
+                "Train on the embedded track (CarRacing) instead? [y/N] "
+            )
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            raise TrackManiaSetupError(f"not started: TrackMania does not answer; {options}")
     print(f"TrackMania not used: {reason}. Training on the embedded track instead.", flush=True)
     return "embedded"
 

@@ -50,6 +50,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -178,7 +179,7 @@ _GAME_CHECKS = (
     "(F3 > Developer > (Re)load plugin > TMRL Grab Data)"
 )
 _INSTALL_HINT = (
-    "on the Windows PC with TrackMania run `pip install tmrl` then `python -m tmrl --install`, "
+    "on the Windows PC with TrackMania run `pip install tmrl==0.7.1` then `python -m tmrl --install`, "
     "and load the OpenPlanet plugin 'TMRL Grab Data'"
 )
 
@@ -485,6 +486,164 @@ def check_tmrl_available(config: Config | None = None, *, allow_non_windows: boo
     except TrackManiaError as error:
         return _one_line(str(error))
     return None
+
+
+@dataclass(frozen=True)
+class SetupCheck:
+    """One line of `--check-trackmania`: what was checked, whether it passed, what was seen or what to do."""
+
+    name: str
+    passed: bool | None  # None: skipped, because a check it needs failed (or not on this system)
+    detail: str
+
+    def line(self) -> str:
+        mark = {True: "ok  ", False: "FAIL", None: "skip"}[self.passed]
+        return f"{mark} {self.name}: {self.detail}"
+
+
+def listen_to_plugin(seconds: float) -> list[tuple[float, tuple[float, ...]]]:
+    """(arrival time, frame) of every telemetry frame the plugin sends in `seconds` (GameNotRespondingError
+    if it does not answer)."""
+    address = f"{OPENPLANET_HOST}:{OPENPLANET_PORT}"
+    frames: list[tuple[float, tuple[float, ...]]] = []
+    try:
+        with socket.create_connection((OPENPLANET_HOST, OPENPLANET_PORT), timeout=1.0) as sock:
+            end, received = time.monotonic() + seconds, b""
+            while time.monotonic() < end:
+                sock.settimeout(max(end - time.monotonic(), 1e-3))
+                try:
+                    chunk = sock.recv(65536)
+                except TimeoutError:
+                    break
+                if not chunk:
+                    break
+                received += chunk
+                now = time.monotonic()
+                while len(received) >= OPENPLANET_FRAME.size:
+                    frames.append((now, OPENPLANET_FRAME.unpack(received[: OPENPLANET_FRAME.size])))
+                    received = received[OPENPLANET_FRAME.size :]
+    except OSError as error:
+        raise GameNotRespondingError(
+            f"nothing answers on {address} (the OpenPlanet plugin 'TMRL Grab Data'): {_GAME_CHECKS}"
+        ) from error
+    time.sleep(PLUGIN_RELISTEN_DELAY)
+    if not frames:
+        raise GameNotRespondingError(
+            f"something listens on {address} but sent no TrackMania telemetry in {seconds:g} s: load a map "
+            f"so the plugin sends data, and make sure no other program uses port {OPENPLANET_PORT}"
+        )
+    return frames
+
+
+def _telemetry_verdict(frames: list[tuple[float, tuple[float, ...]]], seconds: float) -> str:
+    """What the frames say (rate, speed, position), or TelemetryError naming the first impossible one."""
+    previous = None
+    for arrived, frame in frames:
+        problem = _field_problem(frame)
+        if problem is None and previous is not None:
+            problem = _jump_problem(frame, previous[1], arrived - previous[0])
+        if problem is not None:
+            raise _telemetry_error(problem)
+        previous = (arrived, frame)
+    last = dict(zip(TELEMETRY_FIELDS, frames[-1][1], strict=True))
+    return (
+        f"{len(frames):,} frames in {seconds:g} s, all plausible; speed {last['speed']:.0f} km/h, gear "
+        f"{last['gear']:.0f}, position ({last['x']:.1f}, {last['y']:.1f}, {last['z']:.1f})"
+    )
+
+
+def setup_report(
+    config: Config | None = None, *, allow_non_windows: bool = False, listen_seconds: float = 1.0
+) -> list[SetupCheck]:
+    """Every step of the TrackMania set-up, checked without training (`python env_tm.py
+    --check-trackmania`): one SetupCheck each, in the order a user fixes them. tmrl is not imported,
+    nothing is downloaded; the game must run with a map loaded for the last three."""
+    config = config or Config()
+    checks: list[SetupCheck] = []
+
+    class NotHereError(Exception):  # a check that does not apply on this system
+        pass
+
+    def check(name: str, needs: tuple[str, ...], test: Callable[[], str]) -> None:
+        failed = [c.name for c in checks if c.name in needs and c.passed is not True]
+        if failed:
+            checks.append(SetupCheck(name, None, f"not checked: it needs {', '.join(failed)}"))
+            return
+        try:
+            checks.append(SetupCheck(name, True, test()))
+        except NotHereError as skipped:
+            checks.append(SetupCheck(name, None, str(skipped)))
+        except TrackManiaError as error:
+            checks.append(SetupCheck(name, False, _one_line(str(error))))
+
+    system = platform.system() or "an unknown system"
+
+    def windows() -> str:
+        if system != "Windows" and not allow_non_windows:
+            raise TrackManiaSetupError(
+                f"this is {system}: TrackMania, OpenPlanet, tmrl's window capture and virtual gamepad "
+                "need Windows"
+            )
+        return system
+
+    def tmrl_installed() -> str:
+        if find_spec("tmrl") is None:
+            raise TrackManiaSetupError(f"tmrl is not installed: {_INSTALL_HINT}")
+        return _installed_tmrl_version()
+
+    def tmrl_data() -> str:
+        folder = tmrl_data_folder()
+        if not folder.is_dir():
+            raise TrackManiaSetupError(f"no TmrlData folder at {folder}: {_INSTALL_HINT}")
+        return str(folder)
+
+    def tmrl_config() -> str:
+        path = tmrl_data_folder() / "config" / "config.json"
+        validate_tmrl_config(load_tmrl_config(tmrl_data_folder()), config, path)
+        return f"{path}: every key tmrl reads is there, and the pinned ones have rainbow-tm's values"
+
+    trajectory: list[np.ndarray] = []
+
+    def reward_trajectory() -> str:
+        trajectory.append(load_reward_trajectory(tmrl_data_folder()))
+        points = trajectory[0]
+        return f"{len(points):,} points, {trajectory_length_m(points):,.0f} m"
+
+    def gamepad() -> str:
+        if system != "Windows":
+            raise NotHereError(f"not checked on {system} (the virtual gamepad driver is Windows')")
+        _check_virtual_gamepad()
+        return "vgamepad reaches the ViGEmBus driver"
+
+    heard: list[list[tuple[float, tuple[float, ...]]]] = []
+
+    def plugin() -> str:
+        heard.append(listen_to_plugin(listen_seconds))
+        return f"the plugin answers on {OPENPLANET_HOST}:{OPENPLANET_PORT}"
+
+    def telemetry() -> str:
+        return _telemetry_verdict(heard[0], listen_seconds)
+
+    def map_matches() -> str:
+        position = heard[0][-1][1][2:5]
+        away = float(np.min(np.linalg.norm(trajectory[0] - np.asarray(position), axis=1)))
+        if away > REWARD_CONFIG["MAX_STRAY"]:
+            path = reward_trajectory_path(tmrl_data_folder())
+            raise _wrong_map_error(away, REWARD_CONFIG["MAX_STRAY"], path, anywhere=True)
+        return (
+            f"the car is {away:.1f} m from the reward trajectory (at most {REWARD_CONFIG['MAX_STRAY']:g} m)"
+        )
+
+    check("Windows", (), windows)
+    check("tmrl", (), tmrl_installed)
+    check("TmrlData", (), tmrl_data)
+    check("config.json", ("TmrlData",), tmrl_config)
+    check("reward trajectory", ("TmrlData",), reward_trajectory)
+    check("virtual gamepad", ("tmrl",), gamepad)
+    check("OpenPlanet plugin", (), plugin)
+    check("telemetry", ("OpenPlanet plugin",), telemetry)
+    check("map", ("telemetry", "reward trajectory"), map_matches)
+    return checks
 
 
 # --- building the env -----------------------------------------------------------------------------------
@@ -837,11 +996,16 @@ class _TelemetryGuard:
         return info
 
 
-def _wrong_map_error(away: float, max_stray: float, path: Path | None) -> TrackManiaSetupError:
+def _wrong_map_error(
+    away: float, max_stray: float, path: Path | None, anywhere: bool = False
+) -> TrackManiaSetupError:
+    """`anywhere`: `away` is the distance to the trajectory's nearest point (the car may be mid-track),
+    else to its start (the car just respawned)."""
     trajectory = f"the reward trajectory {path}" if path is not None else "the reward trajectory"
+    where = "is {:.1f} m from every point of" if anywhere else "starts {:.1f} m from the start of"
     return TrackManiaSetupError(
         _one_line(
-            f"the car starts {away:.1f} m from the start of {trajectory}, farther than MAX_STRAY "
+            f"the car {where.format(away)} {trajectory}, farther than MAX_STRAY "
             f"({max_stray:g} m): the map in the game is not the one the trajectory was recorded on, and "
             "no step would pay any reward. Load that map (tmrl's default trajectory is for the map "
             r"tmrl-test: copy %USERPROFILE%\TmrlData\resources\tmrl-test.Map.Gbx into "

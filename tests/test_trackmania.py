@@ -201,6 +201,106 @@ def test_available_when_the_plugin_answers(home: Path, monkeypatch: pytest.Monke
         game.close()
 
 
+# --- python env_tm.py --check-trackmania: every step of the set-up, one line each ---------------------
+def report(**options: Any) -> dict[str, trackmania.SetupCheck]:
+    checks = trackmania.setup_report(allow_non_windows=True, listen_seconds=0.3, **options)
+    assert all("\n" not in check.line() for check in checks)
+    return {check.name: check for check in checks}
+
+
+def passed(checks: dict[str, trackmania.SetupCheck]) -> dict[str, bool | None]:
+    return {name: check.passed for name, check in checks.items()}
+
+
+def test_the_set_up_check_passes_every_step_against_a_healthy_fake_game(home, monkeypatch):
+    write_tmrl_data(home)
+    game = FakeOpenPlanet(x=3.0)
+    try:
+        monkeypatch.setattr(trackmania, "OPENPLANET_PORT", game.port)
+        checks = report()
+    finally:
+        game.close()
+    assert passed(checks) == {
+        "Windows": True, "tmrl": True, "TmrlData": True, "config.json": True, "reward trajectory": True,
+        "virtual gamepad": None, "OpenPlanet plugin": True, "telemetry": True, "map": True,
+    }  # fmt: skip
+    assert "frames in 0.3 s, all plausible" in checks["telemetry"].detail
+    assert "the car is 0.0 m from the reward trajectory" in checks["map"].detail  # x=3 lies on it
+    assert checks["reward trajectory"].detail.endswith("100 m")
+
+
+@pytest.mark.parametrize(
+    "fault, failing, words",
+    [
+        ("no TmrlData", "TmrlData", "no TmrlData folder at"),
+        ("a key missing", "config.json", "has no ENV.RTGYM_INTERFACE"),
+        ("a pinned value changed", "config.json", "ENV.IMG_HIST_LEN is 5 but rainbow-tm needs 4"),
+        ("no reward trajectory", "reward trajectory", "no reward trajectory at"),
+        ("no game", "OpenPlanet plugin", "nothing answers on 127.0.0.1"),
+        ("a silent program", "OpenPlanet plugin", "sent no TrackMania telemetry"),
+        ("garbage telemetry", "telemetry", "speed = nan (not a finite number)"),
+        ("another map", "map", "is 400.0 m from every point of the reward trajectory"),
+    ],
+)
+def test_the_set_up_check_names_each_fault_and_what_to_do(home, monkeypatch, fault, failing, words):
+    if fault != "no TmrlData":
+        write_tmrl_data(
+            home,
+            changes={"ENV.IMG_HIST_LEN": 5} if fault == "a pinned value changed" else None,
+            remove=("ENV.RTGYM_INTERFACE",) if fault == "a key missing" else (),
+            reward=fault != "no reward trajectory",
+        )
+    game = silent = None
+    try:
+        if fault == "a silent program":
+            silent = socket.create_server(("127.0.0.1", 0))
+            port = silent.getsockname()[1]
+        elif fault == "no game":
+            port = _free_port()
+        else:
+            game = FakeOpenPlanet(speed=float("nan")) if fault == "garbage telemetry" else FakeOpenPlanet()
+            if fault == "another map":
+                game.set_state(x=50.0, y=400.0)  # beside the 100 m straight, 400 m off
+            port = game.port
+        monkeypatch.setattr(trackmania, "OPENPLANET_PORT", port)
+        checks = report()
+    finally:
+        for thing in (game, silent):
+            if thing is not None:
+                thing.close()
+    failed = [name for name, check in checks.items() if check.passed is False]
+    assert failed == [failing], checks
+    assert words in checks[failing].detail
+    for name, check in checks.items():  # what depends on the failed step is skipped, and says why
+        if check.passed is None and name != "virtual gamepad":
+            assert "not checked: it needs" in check.detail
+
+
+def test_check_trackmania_on_the_command_line_prints_one_line_per_step_and_exits_3_until_ready(
+    home, monkeypatch, capsys
+):
+    import env_tm
+
+    write_tmrl_data(home)
+    game = FakeOpenPlanet()
+    try:
+        monkeypatch.setattr(trackmania, "OPENPLANET_PORT", game.port)
+        args = env_tm.parse_args(["--check-trackmania"])
+        assert env_tm.check_trackmania(args, allow_non_windows=True, listen_seconds=0.3) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert len(out) == 10 and out[-1] == "TrackMania is ready: `python env_tm.py` trains on it"
+        game.set_state(speed=float("inf"))
+        assert env_tm.check_trackmania(args, allow_non_windows=True, listen_seconds=0.3) == 3
+    finally:
+        game.close()
+    out = capsys.readouterr().out.splitlines()
+    assert out[7].startswith("FAIL telemetry: implausible telemetry from the OpenPlanet plugin: speed = inf")
+    assert out[-1] == "TrackMania is not ready: fix telemetry (in this order), then check again"
+    if sys.platform != "win32":  # for real (no allow_non_windows): the system is named first, in one line
+        assert env_tm.main(["--check-trackmania"]) == 3
+        assert capsys.readouterr().out.splitlines()[0].startswith("FAIL Windows: this is ")
+
+
 def test_clip_action() -> None:
     clipped = trackmania.clip_action([2.0, -3.0, 0.5])
     assert clipped.dtype == np.float32 and clipped.tolist() == [1.0, -1.0, 0.5]

@@ -38,11 +38,21 @@ def files_of(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_a_watched_checkpoint_drives_the_held_out_tracks_as_its_evaluation_would_into_a_gif(
-    run_dir, tmp_path, capsys
+    run_dir, tmp_path, capsys, monkeypatch
 ):
     before = files_of(run_dir)
     video = tmp_path / "drive.gif"
+    noise_states = []
+    greedy = watch.RainbowAgent.greedy_action
+
+    def spy(self, frames, car, generator=None):  # the policy as called: noise off, the evaluation's stream
+        noise_states.extend(m.noise_enabled for m in self.online.modules() if hasattr(m, "noise_enabled"))
+        return greedy(self, frames, car, generator)
+
+    monkeypatch.setattr(watch.RainbowAgent, "greedy_action", spy)
     assert env_tm.main(watch_args("--watch", str(run_dir), "--record-video", str(video))) == 0
+    assert noise_states and not any(noise_states), "the greedy policy drives with NoisyNet's noise off"
+    monkeypatch.undo()
     out = capsys.readouterr().out
     assert f"watching {run_dir / 'best.pt'}" in out
     printed = [

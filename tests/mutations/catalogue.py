@@ -945,4 +945,24 @@ CATALOGUE: tuple[Mutation, ...] = (
             f"{RAINBOW}::test_a_checkpoint_from_the_other_kind_of_device_restores_with_its_streams_reseeded_alike",
         ),
     ),
+    Mutation(
+        "windows_falls_back_to_carracing_without_asking",
+        "issue 27: a TrackMania user whose game did not answer trained on the embedded track for days unawares",
+        (("environment.py", '    if platform.system() == "Windows":\n', "    if False:\n"),),
+        ("tests/test_environment.py::test_on_windows_auto_asks_before_falling_back",),
+    ),
+    Mutation(
+        "set_up_check_passes_another_map",
+        "issue 27: --check-trackmania must name a map that is not the reward trajectory's",
+        (("trackmania.py", '        if away > REWARD_CONFIG["MAX_STRAY"]:\n', "        if False:\n"),),
+        (f"{TM}::test_the_set_up_check_names_each_fault_and_what_to_do",),
+    ),
+    Mutation(
+        "watch_drives_with_the_noise_on",
+        "issue 27: a watched checkpoint must drive the greedy policy its evaluations score",
+        (("watch.py", "        agent.online.set_noise(False)\n", ""),),
+        (
+            "tests/test_watch.py::test_a_watched_checkpoint_drives_the_held_out_tracks_as_its_evaluation_would_into_a_gif",
+        ),
+    ),
 )
