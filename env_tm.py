@@ -366,10 +366,6 @@ def step_count(text: str) -> int:
     return int(value)
 
 
-def plural(count: int, noun: str) -> str:
-    return f"{count:,} {noun}{'' if count == 1 else 's'}"
-
-
 # --- the actor loop ------------------------------------------------------------------------------
 def train(args: argparse.Namespace) -> Any:
     """Act in the environment and hand every step to the learner; returns a session.TrainResult."""
@@ -388,6 +384,8 @@ def train(args: argparse.Namespace) -> Any:
         TrainingStoppedError,
         TrainResult,
         duration,
+        plural,
+        table,
     )
     from trackmania import GameNotRespondingError, TrackManiaError, route_thread_errors
 
@@ -586,20 +584,8 @@ def train(args: argparse.Namespace) -> Any:
         )
         log.write("run", session.run.step, event="aborted")
         return TrainResult(EXIT_INTERRUPTED, session.run_dir, config)
-    finally:
-        if step_latency.calls:  # however the run ended: a game-side view of its health
-            progress.message(step_latency.summary())
-        pace = session.pace_summary()
-        if pace:
-            progress.message(pace)
-        summary = session.race_summary()
-        if summary:
-            progress.message(summary)
-        if session.run.time_step_timeouts:
-            progress.message(
-                f"time-step timeouts: {session.run.time_step_timeouts:,} over the run (each is a stale "
-                "observation: see README, Troubleshooting)"
-            )
+    finally:  # however the run ended: what it did, and a game-side view of its health
+        progress.message(table(f"summary of run {session.run_name}", session.summary_rows(step_latency)))
         stop.uninstall()
         try:
             session.close()

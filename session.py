@@ -61,6 +61,17 @@ def duration(seconds: float) -> str:
     return f"{hours} h" if hours >= 10 else f"{hours} h {minutes:02d} min"
 
 
+def table(title: str, rows: Sequence[tuple[str, str]]) -> str:
+    """A short two-column table: the title, then one indented `label  text` line per row."""
+    width = max((len(label) for label, _ in rows), default=0)
+    return "\n".join([title, *(f"  {label.ljust(width)}  {text}" for label, text in rows)])
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 episode`, `2 episodes`, `3 finishes`."""
+    return f"{count:,} {noun}{'' if count == 1 else 'es' if noun.endswith(('s', 'sh', 'ch', 'x')) else 's'}"
+
+
 def compact(count: int) -> str:
     """A round count in few characters (10M, 60k), any other one in full (1,234,567)."""
     for size, suffix in ((1_000_000, "M"), (1_000, "k")):
@@ -406,9 +417,9 @@ class Session:
         for note in notes:
             self.progress.message(note)
         where = (
-            f"learner beside the actor ({threads or torch.get_num_threads()} CPU threads)"
+            f"learner beside the actor ({plural(threads or torch.get_num_threads(), 'CPU thread')})"
             if (learner_mode == "beside")
-            else f"learner inline ({torch.get_num_threads()} CPU threads)"
+            else f"learner inline ({plural(torch.get_num_threads(), 'CPU thread')})"
         )
         self.progress.message(
             f"run {self.run_name} on {env_name}, device {self.device.type}, {where}; checkpoints in "
@@ -433,6 +444,7 @@ class Session:
         )  # fmt: skip
         self.reward_range = info["reward_range"]
         self.learner_steps_at_open = info["learn_steps"]
+        self.opened = (time.perf_counter(), self.run.step, self.run.episode)  # for the final summary
         self.monitor = self.new_monitor()
         self.failed_saves = 0
         self.rollbacks = 0
@@ -825,14 +837,61 @@ class Session:
             text += f" | finished in {race_time:.2f} s" + ("" if reliable else " (timeouts: unreliable)")
         self.progress.message(text)
 
+    def summary_rows(self, latency: StepLatency | None = None) -> list[tuple[str, str]]:
+        """The run's final summary as (label, text) rows: what this sitting did, the returns, the learning,
+        the races, the game's wait and the learner's pace."""
+        started, step0, episode0 = self.opened
+        run, seconds = self.run, time.perf_counter() - started
+        steps, episodes = run.step - step0, run.episode - episode0
+        rate = steps / max(seconds, 1e-9)
+        rows = [
+            (
+                "steps",
+                f"{steps:,} this sitting ({plural(episodes, 'episode')}) in {duration(seconds)}, "
+                f"{rate:.1f} steps/s; {run.step:,} of {self.total_steps:,} in all",
+            )
+        ]
+        if self.recent_returns:
+            text = f"mean of the last {len(self.recent_returns)} episodes {np.mean(self.recent_returns):.1f}"
+            if math.isfinite(run.best_interval_reward):
+                text += f"; best mean {run.best_interval_reward:.1f}"
+            rows.append(("returns", text))
+        if self.last_metrics:
+            metrics, nan = self.last_metrics, math.nan
+            rows.append(
+                (
+                    "learning",
+                    f"{int(metrics.get('learn_step', 0)):,} learn steps; last loss "
+                    f"{metrics.get('loss', nan):.3g}, Q {metrics.get('q_mean', nan):.3g}; "
+                    f"epsilon {self.actor.epsilon:.3f}",
+                )
+            )
+        races = self.race_summary()
+        if races:
+            rows.append(("races", races.removeprefix("race results: ")))
+        if latency is not None and latency.calls:
+            rows.append(("game's wait", latency.summary()))
+        pace = self.pace_summary()
+        if pace:
+            rows.append(("learner", pace))
+        if run.time_step_timeouts:
+            rows.append(
+                (
+                    "timeouts",
+                    f"time-step timeouts: {run.time_step_timeouts:,} over the run (each is a stale "
+                    "observation: see README, Troubleshooting)",
+                )
+            )
+        return rows
+
     def race_summary(self) -> str | None:
         run = self.run
         if not run.episode:
             return None
         if not run.finishes:
-            return f"race results: no finish in {run.episode:,} episodes"
+            return f"race results: no finish in {plural(run.episode, 'episode')}"
         text = (
-            f"race results: {run.finishes:,} finishes in {run.episode:,} episodes "
+            f"race results: {plural(run.finishes, 'finish')} in {plural(run.episode, 'episode')} "
             f"({100 * run.finishes / run.episode:.1f}%)"
         )
         if run.race_times:

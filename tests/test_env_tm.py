@@ -1197,3 +1197,29 @@ def test_a_resumed_run_keeps_its_checkpoints_settings_not_the_defaults(tmp_path,
     assert "resumed q from" in capsys.readouterr().out
     assert seen == {"keep": 1, "refresh": 7}
     assert len(list(run_dir.glob("ckpt_ep*_step*.pt"))) == 1, sorted(p.name for p in run_dir.iterdir())
+
+
+def test_a_run_ends_with_a_short_summary_table_of_what_it_did(tmp_path, capsys):
+    assert env_tm.main(health_args(tmp_path, 80)) == env_tm.EXIT_OK
+    out = capsys.readouterr().out.splitlines()
+    start = out.index("summary of run h")
+    rows = out[start + 1 :]
+    labels = [row.split()[0] for row in rows]
+    assert labels == ["steps", "returns", "learning", "races", "game's"], rows
+    assert all(row.startswith("  ") for row in rows)
+    column = rows[0].index("80 this sitting")
+    assert all(row[column - 2 : column] == "  " and row[column] != " " for row in rows), "one aligned column"
+    assert "80 this sitting (2 episodes) in " in rows[0] and rows[0].endswith("; 80 of 80 in all")
+    returns = [r["reward"] for r in read_jsonl(tmp_path / "h" / METRICS) if r["kind"] == "episode"]
+    assert f"mean of the last 2 episodes {np.mean(returns):.1f}" in rows[1]
+    assert f"{80 - Config().with_assignments(FAST).batch_size + 1} learn steps; last loss" in rows[2]
+    assert rows[3].endswith("no finish in 2 episodes")
+    assert "agent time per step median" in rows[4] and "over 80 steps" in rows[4]
+
+
+def test_counts_are_said_in_words_that_agree_with_them():
+    assert [session.plural(n, "episode") for n in (0, 1, 2)] == ["0 episodes", "1 episode", "2 episodes"]
+    assert session.plural(1, "finish") == "1 finish" and session.plural(3, "finish") == "3 finishes"
+    assert (
+        session.plural(1, "CPU thread") == "1 CPU thread" and session.plural(1_234, "step") == "1,234 steps"
+    )
