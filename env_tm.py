@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--wandb-project", default=None, help="W&B project (default: rainbow-tm)")
     parser.add_argument(
+        "--wandb-entity", default=None, help="W&B entity: your user or team (default: your W&B default)"
+    )
+    parser.add_argument(
         "--check-trackmania",
         action="store_true",
         help="check every step of the TrackMania set-up (tmrl, TmrlData, config.json, the reward trajectory, "

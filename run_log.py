@@ -75,6 +75,37 @@ def wandb_logged_in() -> bool:
     return False
 
 
+def wandb_grouping(departures: dict[str, Any], unpinned: list[str] | None) -> tuple[str, list[str]]:
+    """The W&B group and tags of a run from its departures (Config.departures(): key -> pinned and used
+    values): runs of one departure (all their seeds) share a group, the known-good config's is
+    `known-good`; a tag per departure and `unpinned`, to filter across groups."""
+    if not departures:
+        return "known-good", ["known-good"]
+    used = {
+        key: value.get("used", value) if isinstance(value, dict) else value
+        for key, value in departures.items()
+    }
+    parts = sorted(f"{key}={value}" for key, value in used.items())
+    group = "+".join(parts)
+    if len(group) > 120:  # W&B caps a group name at 128 characters
+        group = f"{group[:100]}+{len(parts)} departures"
+    return group, [*(part[:64] for part in parts), *(["unpinned"] if unpinned else [])]
+
+
+def offline_sittings(run_dir: Path, run_id: str) -> list[Path]:
+    """The offline W&B folders of one run, oldest first: W&B starts one per sitting (each resume)."""
+    return sorted(Path(run_dir).glob(f"wandb/offline-run-*-{run_id}"))
+
+
+def sync_commands(run_dir: Path, run_id: str) -> list[str]:
+    """The commands that upload an offline run whole: its sittings in order, each after the first with
+    `--append` (without it, W&B replaces the run's history with the sitting synced last)."""
+    return [
+        f'wandb sync {"--append " if index else ""}"{folder}"'
+        for index, folder in enumerate(offline_sittings(run_dir, run_id))
+    ]
+
+
 class RunLog:
     """Writes every record to the JSONL file and, when enabled, to W&B."""
 
@@ -86,6 +117,7 @@ class RunLog:
         self.wandb_note = "W&B disabled"
         self._wandb_step = 0
         self._wandb_resumed_at = 0  # the W&B run's step when this process resumed it
+        self.offline = False
 
     # W&B ------------------------------------------------------------------------------------------
     def start_wandb(
@@ -96,8 +128,11 @@ class RunLog:
         config: dict[str, Any],
         departures: dict[str, Any],
         unpinned: list[str] | None = None,
+        job_type: str | None = None,
+        entity: str | None = None,
     ) -> str | None:
-        """Start (or resume) the W&B run; returns its id, or None if W&B is unavailable."""
+        """Start (or resume) the W&B run, grouped by its departures (`wandb_grouping`) with the environment
+        as its job type; returns its id, or None if W&B is unavailable."""
         try:
             import wandb
         except ImportError:
@@ -105,16 +140,20 @@ class RunLog:
             return None
         mode = os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
         offline = mode in ("offline", "dryrun")
+        group, tags = wandb_grouping(departures, unpinned)
         try:
             self.wandb_run = wandb.init(
                 project=project,
+                entity=entity,
                 name=run_name,
                 id=run_id,
                 resume="allow",
                 mode=mode,
                 dir=str(self.path.parent),
+                group=group,
+                job_type=job_type,
+                tags=tags,
                 config={**config, "departures_from_known_good": departures, "unpinned": list(unpinned or [])},
-                tags=["unpinned"] if unpinned else None,
                 settings=wandb.Settings(silent=True, console="off"),
             )
         except Exception as error:  # unreachable server, bad key, broken install: never fatal
@@ -126,7 +165,10 @@ class RunLog:
                 f"WANDB_MODE={mode}" if os.environ.get("WANDB_MODE") else "no WANDB_API_KEY or `wandb login`"
             )
             where = Path(self.wandb_run.dir).parent
-            self.wandb_note = f"W&B offline ({why}): files in {where}; upload later with `wandb sync`"
+            self.wandb_note = (
+                f"W&B offline ({why}): files in {where}; the commands that upload it are printed at the end"
+            )
+            self.offline = True
         else:
             self.wandb_note = f"W&B online: {self.wandb_run.url}"
         self._wandb_resumed_at = self._wandb_step = int(getattr(self.wandb_run, "step", 0) or 0)
@@ -175,9 +217,15 @@ class RunLog:
         self._file.flush()
         self._to_wandb(record)
 
-    def close(self) -> None:
+    def close(self) -> list[str]:
+        """Close the JSONL and the W&B run; for an offline run, the commands that upload it whole."""
         self._file.close()
+        commands: list[str] = []
         if self.wandb_run is not None:
+            run_id = self.wandb_run.id
             with contextlib.suppress(Exception):  # a failing upload must not fail the run's end
                 self.wandb_run.finish()
             self.wandb_run = None
+            if self.offline:
+                commands = sync_commands(self.path.parent, run_id)
+        return commands

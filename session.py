@@ -411,9 +411,11 @@ class Session:
         unpinned = unpinned_keys(config)
         if not args.no_wandb:
             project = args.wandb_project or config.wandb_project
+            departures, entity = config.departures(), getattr(args, "wandb_entity", None)
             self.run.wandb_run_id = self.log.start_wandb(
-                project, self.run_name, self.run.wandb_run_id, config.to_dict(), config.departures(), unpinned
-            )
+                project, self.run_name, self.run.wandb_run_id, config.to_dict(), departures, unpinned,
+                job_type=env_name, entity=entity,
+            )  # fmt: skip
         for note in notes:
             self.progress.message(note)
         where = (
@@ -904,7 +906,12 @@ class Session:
         try:
             self.learner.close()
         finally:
-            self.log.close()
+            commands = self.log.close()
+            if commands:  # W&B offline: each sitting is a folder; uploaded in order, they make one run
+                self.progress.message(
+                    "to upload this run to W&B (after `wandb login`), run in order:\n"
+                    + "\n".join(f"  {command}" for command in commands)
+                )
 
 
 def default_run_name(env_name: str, seed: int, overrides: list[str], diagnosing: bool) -> str:

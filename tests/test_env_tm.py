@@ -134,6 +134,16 @@ def test_offline_wandb_run_is_resumed_with_the_same_id(tmp_path):
     assert len(records) == 2 and all(
         b"departures_from_known_good" in r and b"episode/reward" in r for r in records
     )
+    # Grouped by departure: the group names them all, a tag each; the environment is the job type.
+    group = ("+".join(sorted(FAST))[:100] + f"+{len(FAST)} departures").encode()  # W&B caps a group at 128
+    assert all(group in r and b"embedded" in r and b"ep_max_length=40" in r for r in records)
+    # Each sitting is an offline folder: uploaded in order, the later ones appended, they make one run.
+    sittings = sorted((tmp_path / "e2e" / "wandb").glob(f"offline-run-*-{run_id}"))
+    printed = second.stdout.split("to upload this run to W&B (after `wandb login`), run in order:\n")[1]
+    assert printed.splitlines()[:2] == [
+        f'  wandb sync "{sittings[0]}"',
+        f'  wandb sync --append "{sittings[1]}"',
+    ]
 
 
 # --- bad input: one line each --------------------------------------------------------------------------
@@ -1222,4 +1232,18 @@ def test_counts_are_said_in_words_that_agree_with_them():
     assert session.plural(1, "finish") == "1 finish" and session.plural(3, "finish") == "3 finishes"
     assert (
         session.plural(1, "CPU thread") == "1 CPU thread" and session.plural(1_234, "step") == "1,234 steps"
+    )
+
+
+def test_wandb_groups_runs_by_their_departures_and_tags_each_one():
+    from run_log import wandb_grouping
+
+    assert wandb_grouping({}, []) == ("known-good", ["known-good"])
+    departures = {
+        "n_step": {"pinned": 1, "used": 3},
+        "epsilon_decay_to": {"pinned": 2_500_000, "used": 30_000},
+    }
+    assert wandb_grouping(departures, ["epsilon_decay_to"]) == (
+        "epsilon_decay_to=30000+n_step=3",
+        ["epsilon_decay_to=30000", "n_step=3", "unpinned"],
     )
