@@ -1,8 +1,11 @@
-"""Compare training runs with each other and with the reference run's envelope (W&B run c643zifs).
+"""Compare training runs with each other and with the reference that fits their environment: the envelope
+of W&B run c643zifs for TrackMania runs, the known-good network's kept curves for embedded-track runs.
 
     python compare_runs.py checkpoints/try1 checkpoints/try2
     python compare_runs.py checkpoints/try1/metrics.jsonl my-entity/rainbow-tm/c643zifs --out cmp.png
     python compare_runs.py checkpoints/try1 --envelope ../shared/reference/c643zifs-envelope.json --x step
+    python compare_runs.py "pin=bench/curves/curve-pin-s0.jsonl" "pin=bench/curves/curve-pin-s1.jsonl" \
+        "n_step 3=bench/curves/curve-ns3-s0.jsonl" "n_step 3=bench/curves/curve-ns3-s1.jsonl" --table
 
 A RUN is one of our run folders (holding metrics.jsonl), a metrics.jsonl file, or a W&B run path
 `entity/project/run_id` (also `wandb:entity/project/run_id` or a wandb.ai run URL), read with
@@ -17,11 +20,17 @@ or not, race time). The script prints
 - the config departures between the runs;
 - the race results: episodes, finished episodes, finish rate, best (and where) and median race time; a
   run whose episodes never recorded `finished` says "no race data" (not 0%);
-- each run against the envelope phase by phase and against the seed's four red flags, with a verdict per
-  run: PASS when at least one check passed, none failed and NO DATA is not the majority of the checks;
-  FAIL when any check failed; otherwise NO VERDICT (too little data to judge: never a pass);
-and draws the curves over the envelope's bands, plus the race times, in a PNG: `--out PATH`, by default
-`comparison.png` in the first run's folder (the current folder when that run is a W&B run).
+- each TrackMania run (or run of unknown environment) against the envelope phase by phase, and every
+  run against the seed's four red flags, with a verdict per run: PASS when at least one check passed,
+  none failed and NO DATA is not the majority of the checks; FAIL when any check failed; otherwise NO
+  VERDICT (too little data to judge: never a pass);
+- the greedy evaluations (eval records, `env_tm.py --eval-every`): steps to a mean return of 400 and 700,
+  the final and the best return within a budget of steps, per run and per group (runs given as
+  `LABEL=RUN` with one label: seeds of one arm); `--keep DIR` writes a run's start, event and eval records
+  to DIR/<run>.jsonl, a kept curve that compares like its folder;
+and draws the curves (over the envelope's bands where it applies), the evaluations with their spread and
+the reference's, plus the race times, in a PNG: `--out PATH`, by default `comparison.png` in the first
+run's folder (the current folder when that run is a W&B run).
 
 Exit code: 0 when every run has the verdict PASS, 1 when a run FAILs or could not be read, 3 when none
 failed but a run had too little data to judge (NO VERDICT), 2 on usage errors (bad arguments, unreadable
@@ -169,6 +178,17 @@ class RunSeries:
     # sacred key -> the value the run used (None when only its name was recorded); empty when pinned
     unpinned: dict[str, Any] = field(default_factory=dict)
     folder: Path | None = None  # our run's folder (the default home of the PNG); None for W&B runs
+    evals: list[dict[str, float]] = field(default_factory=list)  # greedy evaluations (--eval-every), by step
+    env: str | None = None  # "embedded" or "trackmania" as the run recorded it; None when unknown (W&B)
+    last_step: int = 0  # the newest step of any record (episodes end before it; a run stops mid-episode)
+    learn_steps: int | None = None  # the newest learn step recorded; None when not recorded
+    group: str | None = None  # LABEL= on the command line: runs sharing one are seeds of one group
+    records: list[dict[str, Any]] = field(default_factory=list)  # its start, event and eval records (--keep)
+
+    @property
+    def envelope_applies(self) -> bool:
+        """The envelope is TrackMania's reference, per episode: not a yardstick for the embedded track."""
+        return self.env != "embedded"
 
     def metric(self, name: str) -> np.ndarray:
         return getattr(self, name)
@@ -374,8 +394,11 @@ def episode_series(rows: Sequence[dict[str, Any]], keys: dict[str, str | None]) 
 
 
 def _label_for(file: Path) -> str:
-    """A run's name: its folder's (resolved, so `metrics.jsonl` in the current folder has one too)."""
-    return file.resolve().parent.name or file.stem
+    """A run's name: its folder's for a run's own metrics.jsonl (resolved, so the current folder has one
+    too); a kept curve file's own name otherwise (bench/curves/curve-pin-s0.jsonl: curve-pin-s0)."""
+    if file.name == METRICS_FILE:
+        return file.resolve().parent.name or file.stem
+    return file.stem
 
 
 def load_jsonl_run(path: Path) -> RunSeries:
@@ -411,6 +434,11 @@ def load_jsonl_run(path: Path) -> RunSeries:
             used.update({k: d["used"] for k, d in departures.items() if isinstance(d, dict) and "used" in d})
         if isinstance(record.get("unpinned"), list):
             recorded += [key for key in record["unpinned"] if key not in recorded]
+    steps = [s for r in records if (s := health.to_float(r.get("step"))) is not None and math.isfinite(s)]
+    learned = [
+        v for r in records if (v := health.to_float(r.get("learn_step"))) is not None and math.isfinite(v)
+    ]
+    starts = [r for r in records if r.get("kind") == "run" and r.get("event") == "start"]
     return RunSeries(
         _label_for(file),
         str(file),
@@ -419,7 +447,135 @@ def load_jsonl_run(path: Path) -> RunSeries:
         red_flags=flags,
         unpinned=find_unpinned(recorded, used),
         folder=file.parent,
+        evals=evaluations_of(records),
+        env=next((str(r["env"]) for r in starts if r.get("env")), None),
+        last_step=int(max(steps, default=0)),
+        learn_steps=int(max(learned)) if learned else None,
+        records=[r for r in records if r.get("kind") in KEPT_KINDS],
     )
+
+
+# --- greedy evaluations: the learning curve --------------------------------------------------------
+THRESHOLDS = (400.0, 700.0)  # the returns whose first step a learning curve is judged by
+KEPT_KINDS = ("run", "event", "eval")  # what --keep writes: the start record, red flags, the curve
+EVAL_ROW_EVERY = 10_000  # --table: one row per this many steps (the curves' --eval-every)
+# The embedded-track reference: the known-good network's kept curves (2 seeds; epsilon decay to 30k steps,
+# unpinned: the pinned schedule shows nothing in 100k steps). Drawn for embedded-track runs.
+EMBEDDED_REFERENCE = tuple(
+    Path(__file__).resolve().parent / "bench" / "curves" / f"curve-pin-s{seed}.jsonl" for seed in (0, 1)
+)
+
+
+def evaluations_of(records: Iterable[dict[str, Any]]) -> list[dict[str, float]]:
+    """The eval records (the greedy policy on the held-out tracks), by step, the last one of a step kept."""
+    by_step: dict[int, dict[str, float]] = {}
+    for record in records:
+        mean = health.to_float(record.get("return_mean")) if record.get("kind") == "eval" else None
+        if mean is None or not math.isfinite(mean):
+            continue
+        values = {key: health.to_float(record.get(key)) for key in ("return_std", "return_min", "return_max")}
+        by_step[int(record["step"])] = {
+            "step": int(record["step"]),
+            "mean": mean,
+            **{key[7:]: value for key, value in values.items() if value is not None and math.isfinite(value)},
+        }
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def steps_to(evals: Sequence[dict[str, float]], threshold: float) -> int | None:
+    """The first evaluated step whose mean return reached `threshold`."""
+    return next((int(e["step"]) for e in evals if e["mean"] >= threshold), None)
+
+
+def curve_summary(evals: Sequence[dict[str, float]], final_evals: int) -> dict[str, Any]:
+    """Steps to each threshold, the final return (the mean of the last `final_evals` evaluations: one is
+    noisy) and the best."""
+    return {
+        **{f"steps_to_{int(t)}": steps_to(evals, t) for t in THRESHOLDS},
+        "final": float(np.mean([e["mean"] for e in evals[-final_evals:]])),
+        "best": float(max(e["mean"] for e in evals)),
+        "last_step": int(evals[-1]["step"]),
+        "evaluations": len(evals),
+    }
+
+
+def _steps_text(value: int | None) -> str:
+    return "not reached" if value is None else f"{value:,}"
+
+
+def evaluation_budget(runs: Sequence[RunSeries], steps: int | None) -> int | None:
+    """The steps the curves are compared over: `--steps`, else the shortest evaluated run's last one."""
+    evaluated = [run for run in runs if run.evals]
+    if not evaluated:
+        return None
+    return steps if steps is not None else min(run.evals[-1]["step"] for run in evaluated)
+
+
+def evaluation_table(runs: Sequence[RunSeries], budget: int, final_evals: int) -> tuple[list[str], dict]:
+    """Per run and per group (runs sharing a LABEL=): steps to 400 and 700, final and best, within the
+    budget; the lines to print and the figures (for --json)."""
+    width = max([36, *(len(run.plot_label) + 1 for run in runs)])
+    lines = [
+        f"Greedy evaluations (held-out tracks) within {budget:,} steps; final = mean of the last "
+        f"{final_evals} evaluations:",
+        f"  {'run':<{width}} {'steps to 400':>13} {'steps to 700':>13} {'final':>8} {'best':>8}",
+    ]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        within = [e for e in run.evals if e["step"] <= budget]
+        if not within:
+            why = "no evaluation in the budget" if run.evals else "no evaluation (train with --eval-every)"
+            lines.append(f"  {run.plot_label:<{width}} {why}")
+            continue
+        figures = curve_summary(within, final_evals)
+        groups.setdefault(run.group or run.label, []).append({"run": run.label, **figures})
+        lines.append(
+            f"  {run.plot_label:<{width}} {_steps_text(figures['steps_to_400']):>13} "
+            f"{_steps_text(figures['steps_to_700']):>13} {figures['final']:>8.1f} {figures['best']:>8.1f}"
+        )
+    if any(len(members) > 1 for members in groups.values()):
+        lines.append(f"  {'group':<24} {'runs':>4} {'steps to 400 (each)':>24} {'final, mean (each)':>30}")
+        for label, members in groups.items():
+            finals = [m["final"] for m in members]
+            each = ", ".join(_steps_text(m["steps_to_400"]) for m in members)
+            final_each = ", ".join(f"{f:.0f}" for f in finals)
+            lines.append(
+                f"  {label:<24} {len(members):>4} {each:>24} {f'{np.mean(finals):.1f} ({final_each})':>30}"
+            )
+    summary = {
+        label: {"runs": members, "final_mean": float(np.mean([m["final"] for m in members]))}
+        for label, members in groups.items()
+    }
+    return lines, summary
+
+
+def markdown_table(runs: Sequence[RunSeries], budget: int) -> str:
+    """Every evaluation within the budget, one row per EVAL_ROW_EVERY steps (an evaluation runs at the
+    first episode end after its step is due), one column per run: mean +- std over the held-out tracks."""
+    cells: dict[int, dict[int, str]] = {}
+    evaluated = [run for run in runs if run.evals]
+    for column, run in enumerate(evaluated):
+        for e in (e for e in run.evals if e["step"] <= budget):
+            row = int(e["step"]) // EVAL_ROW_EVERY * EVAL_ROW_EVERY
+            cells.setdefault(row, {})[column] = f"{e['mean']:.1f} ± {e.get('std', 0.0):.0f}"
+    header = ["step (due)"] + [run.plot_label for run in evaluated]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for step in sorted(cells):
+        row = [f"{step:,}"] + [cells[step].get(column, "") for column in range(len(evaluated))]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def keep_curve(run: RunSeries, folder: Path) -> Path:
+    """Write a run's start, event and eval records to FOLDER/<run>.jsonl (a few kB that outlive the run's
+    folder and compare like it); UsageError in one line when the folder cannot take it."""
+    path = folder / f"{_label_for(Path(run.source))}.jsonl"  # the run's own name, never its LABEL=
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in run.records), encoding="utf-8")
+    except OSError as error:
+        raise UsageError(f"--keep {folder}: cannot write {path.name} ({error.strerror or error})") from None
+    return path
 
 
 # --- unpinned runs ---------------------------------------------------------------------------------
@@ -529,7 +685,17 @@ def load_wandb_run(path: str) -> RunSeries:
 
 
 def load_run(spec: str) -> RunSeries:
-    """A run folder, a metrics.jsonl file or a W&B run path; RunLoadError (one line) otherwise."""
+    """A run folder, a metrics.jsonl file or a W&B run path, each optionally as LABEL=RUN (runs sharing a
+    label are one group: seeds of one arm); RunLoadError (one line) otherwise."""
+    label, sep, rest = spec.partition("=")
+    # A label names; it is never a path or a URL (a W&B URL's query has "=" in it: `?workspace=user`).
+    if sep and not Path(spec).exists() and not any(c in label for c in "/\\:?"):
+        if not label or not rest:
+            raise RunLoadError(f"{spec}: not LABEL=RUN (a label, then a run folder, file or W&B path)")
+        run = load_run(rest)
+        run.group = label
+        run.label = f"{label}: {run.label}"
+        return run
     path = Path(spec)
     if path.exists():
         return load_jsonl_run(path)
@@ -895,8 +1061,9 @@ def red_flag_checks(run: RunSeries) -> list[Check]:
 
 
 def check_run(run: RunSeries, envelope: dict[str, Any]) -> list[Check]:
+    """The envelope's phases (TrackMania runs and runs of unknown environment) and the seed's red flags."""
     checks = []
-    for phase in envelope.get("phases", []):
+    for phase in envelope.get("phases", []) if run.envelope_applies else []:
         checks += phase_checks(run, phase)
     return checks + red_flag_checks(run)
 
@@ -1003,19 +1170,109 @@ def _draw_races(ax: Any, runs: Sequence[RunSeries], x_axis: str) -> None:
     ax.grid(alpha=0.3)
 
 
-def build_figure(runs: Sequence[RunSeries], envelope: dict[str, Any], x_axis: str = "episode") -> Any:
-    """The comparison figure: one panel per metric (each run's smoothed curve over the envelope's
-    per-phase bands) and a wide panel of race times."""
+def _draw_evaluations(
+    ax: Any,
+    runs: Sequence[RunSeries],
+    reference: Sequence[RunSeries] = (),
+    budget: int | None = None,
+    hlines: Sequence[tuple[float, str]] = (),
+) -> None:
+    """The greedy evaluations against steps: each run's mean return with its spread over the held-out
+    tracks (mean +- std), the mean of each group of seeds, the reference's curves, the thresholds."""
+    colors: dict[str, str] = {}
+    for run in runs:
+        key = run.group or run.label
+        colors.setdefault(key, f"C{len(colors) % 10}")
+    grid_step = EVAL_ROW_EVERY
+    groups: dict[str, list[RunSeries]] = {}
+    missing = []
+    for run in runs:
+        evals = [e for e in run.evals if budget is None or e["step"] <= budget]
+        if not evals:
+            missing.append(run.label)
+            continue
+        groups.setdefault(run.group or run.label, []).append(run)
+        color = colors[run.group or run.label]
+        x = np.array([e["step"] for e in evals], dtype=float)
+        y = np.array([e["mean"] for e in evals])
+        spread = np.array([e.get("std", 0.0) for e in evals])
+        grouped = run.group is not None and sum((r.group == run.group) for r in runs) > 1
+        ax.plot(x, y, "o-", ms=3, lw=0.9 if grouped else 1.6, alpha=0.45 if grouped else 1.0, color=color,
+                label=None if grouped else run.plot_label)  # fmt: skip
+        ax.fill_between(x, y - spread, y + spread, color=color, alpha=0.08 if grouped else 0.15, lw=0)
+    for label, members in groups.items():
+        if len(members) < 2:
+            continue
+        end = max(m.evals[-1]["step"] for m in members) if budget is None else budget
+        grid = np.arange(0, end + 1, grid_step, dtype=float)
+        curves = []
+        for member in members:
+            xs = np.array([e["step"] for e in member.evals], dtype=float)
+            ys = np.array([e["mean"] for e in member.evals])
+            curves.append(np.interp(grid, xs, ys, left=np.nan, right=np.nan))
+        stacked = np.vstack(curves)
+        present = np.isfinite(stacked).sum(axis=0)
+        mean = np.where(present > 0, np.nansum(stacked, axis=0) / np.maximum(present, 1), np.nan)
+        unpinned = " (unpinned)" if any(m.unpinned for m in members) else ""
+        ax.plot(grid, mean, lw=2.4, color=colors[label], label=f"{label}{unpinned}: mean of {len(members)}")
+    for index, ref in enumerate(r for r in reference if r.evals):
+        x = [e["step"] for e in ref.evals if budget is None or e["step"] <= budget]
+        y = [e["mean"] for e in ref.evals if budget is None or e["step"] <= budget]
+        label = f"reference: {ref.plot_label}" if index < 4 else None
+        ax.plot(x, y, ls="--", lw=1.1, color="gray", alpha=0.8, label=label)
+    for threshold in THRESHOLDS:
+        ax.axhline(threshold, color="k", ls=":", lw=0.7)
+    for value, label in hlines:
+        ax.axhline(value, color="tab:red", ls="--", lw=1, label=f"{label} ({value:g})")
+    title = "greedy evaluation on the held-out tracks: mean return (band: +- std over tracks)"
+    if missing:
+        title += "  |  no evaluations: " + ", ".join(missing)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("environment step")
+    ax.grid(alpha=0.3)
+    if any(not line.get_label().startswith("_") for line in ax.lines):
+        ax.legend(fontsize=8, loc="best")
+    if budget is not None:
+        ax.set_xlim(0, budget * 1.02)
+
+
+def _names(runs: Sequence[RunSeries], limit: int = 140) -> str:
+    """The runs' names for a title: each group once, each ungrouped run by its label, within `limit`."""
+    names = list(dict.fromkeys(run.group or run.plot_label for run in runs))
+    text = " vs ".join(names)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def build_figure(
+    runs: Sequence[RunSeries],
+    envelope: dict[str, Any],
+    x_axis: str = "episode",
+    reference: Sequence[RunSeries] = (),
+    budget: int | None = None,
+    hlines: Sequence[tuple[float, str]] = (),
+    title: str | None = None,
+) -> Any:
+    """The comparison figure: one panel per episode metric (each run's smoothed curve over the envelope's
+    per-phase bands where the envelope applies), the greedy evaluations and the race times. Runs with no
+    episode records (kept curve files) get the evaluation panel alone."""
     from matplotlib.figure import Figure  # no pyplot: no display, no global state
 
-    figure = Figure(figsize=(16, 8.5), dpi=100)
+    has_episodes = any(run.episodes for run in runs)
+    if not has_episodes:
+        figure = Figure(figsize=(11, 6), dpi=100)
+        figure.subplots_adjust(left=0.07, right=0.98, bottom=0.09, top=0.88)
+        _draw_evaluations(figure.add_subplot(1, 1, 1), runs, reference, budget, hlines)
+        figure.suptitle(title or _names(runs), fontsize=11)
+        return figure
+    figure = Figure(figsize=(17, 9), dpi=100)
     # fixed margins: a constrained layout would double the drawing time for the same picture
-    figure.subplots_adjust(left=0.045, right=0.99, bottom=0.065, top=0.915, wspace=0.17, hspace=0.3)
+    figure.subplots_adjust(left=0.04, right=0.99, bottom=0.06, top=0.915, wspace=0.17, hspace=0.3)
     grid = figure.add_gridspec(2, 3)
     axes = [figure.add_subplot(grid[0, 0]), figure.add_subplot(grid[0, 1]), figure.add_subplot(grid[0, 2])]
     axes.append(figure.add_subplot(grid[1, 0]))
     colors = [f"C{i}" for i in range(10)]
-    phases = envelope.get("phases", []) if x_axis == "episode" else []
+    drawn = any(run.envelope_applies for run in runs) and x_axis == "episode"
+    phases = envelope.get("phases", []) if drawn else []
     for ax, (metric, series_name) in zip(axes, METRICS.items(), strict=True):
         missing = []
         envelope_peak = 0.0
@@ -1060,28 +1317,33 @@ def build_figure(runs: Sequence[RunSeries], envelope: dict[str, Any], x_axis: st
             ax.axhline(thresholds[metric], color="red", ls=":", lw=1, label="red-flag threshold")
         if envelope_peak and data_peak > 20 * envelope_peak:  # a diverged run would flatten the envelope
             ax.set_yscale("symlog", linthresh=max(envelope_peak, 1.0))
-        title = TITLES[metric] + (" (symlog)" if ax.get_yscale() == "symlog" else "")
+        panel = TITLES[metric] + (" (symlog)" if ax.get_yscale() == "symlog" else "")
         if missing:
-            title += "  |  no data: " + ", ".join(missing)
-        ax.set_title(title, fontsize=10)
+            panel += "  |  no data: " + ", ".join(missing)
+        ax.set_title(panel, fontsize=10)
         ax.set_xlabel("episode" if x_axis == "episode" else "environment step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
-    _draw_races(figure.add_subplot(grid[1, 1:]), runs, x_axis)
-    note = "" if x_axis == "episode" else " (envelope is per episode: not drawn against steps)"
-    figure.suptitle(
-        f"{' vs '.join(r.plot_label for r in runs)} against the {envelope.get('run', 'reference')} "
-        f"envelope{note}",
-        fontsize=11,
-    )
+    _draw_evaluations(figure.add_subplot(grid[1, 1]), runs, reference, budget, hlines)
+    _draw_races(figure.add_subplot(grid[1, 2]), runs, x_axis)
+    if title is None:
+        against = (
+            f"against the {envelope.get('run', 'reference')} envelope"
+            if drawn
+            else "(the TrackMania envelope is per episode: not drawn against steps)"
+            if any(run.envelope_applies for run in runs)
+            else "(embedded track: the TrackMania envelope does not apply)"
+        )
+        title = f"{_names(runs)} {against}"
+    figure.suptitle(title, fontsize=11)
     return figure
 
 
 def plot_runs(
-    runs: Sequence[RunSeries], envelope: dict[str, Any], out: Path, x_axis: str = "episode"
+    runs: Sequence[RunSeries], envelope: dict[str, Any], out: Path, x_axis: str = "episode", **options: Any
 ) -> Path:
     """Draw build_figure's picture into `out` (its folder is created); OSError/ValueError when it cannot."""
-    figure = build_figure(runs, envelope, x_axis)
+    figure = build_figure(runs, envelope, x_axis, **options)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out)
     return out
@@ -1109,6 +1371,28 @@ def plot_path(out: str | None, runs: Sequence[RunSeries]) -> Path:
     return path
 
 
+def reference_runs(specs: list[str] | None, runs: Sequence[RunSeries]) -> list[RunSeries]:
+    """The reference curves: `--reference` runs, or for embedded-track runs the known-good network's kept
+    curves; none with `--reference none`, or when the runs are TrackMania's (their reference is the
+    envelope). UsageError in one line for a reference that cannot be read."""
+    if specs is None:
+        if not runs or any(run.env != "embedded" for run in runs):
+            return []
+        compared = {Path(run.source).resolve() for run in runs}
+        specs = [
+            str(path) for path in EMBEDDED_REFERENCE if path.is_file() and path.resolve() not in compared
+        ]
+    if specs == ["none"]:
+        return []
+    references = []
+    for spec in specs:
+        try:
+            references.append(load_run(spec))
+        except RunLoadError as error:
+            raise UsageError(f"--reference {error}") from None
+    return references
+
+
 # --- command line ----------------------------------------------------------------------------------
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except None: those options say in words what they default to."""
@@ -1126,7 +1410,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=_HelpFormatter,
     )
     parser.add_argument(
-        "runs", nargs="+", metavar="RUN", help="run folder, metrics.jsonl file, or W&B entity/project/run_id"
+        "runs",
+        nargs="+",
+        metavar="RUN",
+        help="run folder, metrics.jsonl or kept .jsonl file, or W&B entity/project/run_id; LABEL=RUN names "
+        "it, and runs sharing a LABEL are one group (seeds of one arm: a mean curve, a group line)",
     )
     parser.add_argument(
         "--envelope",
@@ -1140,8 +1428,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"PNG to write, its folders created (default: {DEFAULT_PLOT_NAME} in the first run's folder; "
         "in the current folder when that run is a W&B run)",
     )
-    parser.add_argument("--x", choices=["episode", "step"], default="episode", help="x axis of the plot")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--x",
+        choices=["episode", "step"],
+        default=None,
+        help="x axis of the episode panels (default: episode where the TrackMania envelope applies, "
+        "else step)",
+    )
+    curves = parser.add_argument_group("greedy evaluations (runs trained with --eval-every)")
+    curves.add_argument(
+        "--steps", type=int, default=None, help="compare the curves over this many steps (default: the "
+        "shortest evaluated run's last evaluation)"
+    )  # fmt: skip
+    curves.add_argument("--final-evals", type=int, default=3, help="evaluations averaged into 'final'")
+    curves.add_argument(
+        "--table", action="store_true", help="also print every evaluation as a markdown table"
+    )
+    curves.add_argument(
+        "--keep", default=None, metavar="DIR", help="write each run's start, event and eval records to "
+        "DIR/<run>.jsonl: a few kB that compare like the run folder and outlive it"
+    )  # fmt: skip
+    curves.add_argument(
+        "--reference", action="append", default=None, metavar="RUN", help="the reference curve(s) drawn "
+        "beside the runs (default for embedded-track runs: the known-good network's kept curves, "
+        "bench/curves/curve-pin-s0/s1.jsonl); --reference none draws none"
+    )  # fmt: skip
+    curves.add_argument(
+        "--hline", action="append", default=[], metavar="VALUE=LABEL", help="a horizontal line on the "
+        "evaluation panel, e.g. 462='scripted driver'"
+    )  # fmt: skip
+    curves.add_argument("--title", default=None, help="the figure's title")
+    curves.add_argument("--json", default=None, metavar="PATH", help="write the evaluation figures here")
+    args = parser.parse_args(argv)
+    if args.final_evals < 1:
+        parser.error(f"--final-evals must be >= 1, got {args.final_evals}")
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    lines = []
+    for spec in args.hline:
+        value, sep, label = spec.partition("=")
+        try:
+            lines.append((float(value), label.strip() or "reference"))
+        except ValueError:
+            parser.error(f"--hline {spec!r} is not VALUE=LABEL (e.g. 462=scripted driver)")
+    args.hline = lines
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1172,8 +1503,15 @@ def main(argv: list[str] | None = None) -> int:
 
     print("Runs:")
     for run in runs:
-        steps = int(np.nanmax(run.step)) if np.isfinite(run.step).any() else 0
-        print(f"  {run.label}: {run.source} ({run.episodes:,} episodes, {steps:,} steps)")
+        counts = [
+            f"{run.episodes:,} episodes",
+            f"{max(run.last_step, int(np.nanmax(run.step)) if np.isfinite(run.step).any() else 0):,} steps",
+        ]
+        if run.learn_steps is not None:
+            counts.append(f"{run.learn_steps:,} learn steps")
+        counts.append(f"{len(run.evals):,} evaluations")
+        where = f"; {run.env}" if run.env else ""
+        print(f"  {run.label}: {run.source} ({', '.join(counts)}{where})")
     for error in errors:
         print(f"  error: {error}")
     if not runs:
@@ -1196,6 +1534,10 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         checks = check_run(run, envelope)
         print("\n".join(format_checks(run, checks)))
+        if not run.envelope_applies:
+            print(
+                "  (embedded track: the envelope's phases are TrackMania's, not checked; the red flags are)"
+            )
         print()
         verdicts.add(run_verdict(checks))
         summary.append("  " + verdict_line(run, checks))
@@ -1204,8 +1546,30 @@ def main(argv: list[str] | None = None) -> int:
     for error in errors:
         print(f"  not compared: {error}")
 
+    budget = evaluation_budget(runs, args.steps)
+    if budget is not None:
+        lines, figures = evaluation_table(runs, budget, args.final_evals)
+        print()
+        print("\n".join(lines))
+        if args.table:
+            print()
+            print(markdown_table(runs, budget))
+        if args.json:
+            try:
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps({"budget": budget, "groups": figures}, indent=2) + "\n")
+            except OSError as error:
+                print(f"error: --json {args.json}: {error.strerror or error}", file=sys.stderr)
+                return EXIT_USAGE
     try:
-        out = plot_runs(runs, envelope, plot_path(args.out, runs), args.x)
+        if args.keep:
+            for run in runs:
+                if run.records:
+                    print(f"kept: {keep_curve(run, Path(args.keep))}")
+        reference = reference_runs(args.reference, runs)
+        x_axis = args.x or ("episode" if any(run.envelope_applies for run in runs) else "step")
+        options = dict(reference=reference, budget=budget, hlines=args.hline, title=args.title)
+        out = plot_runs(runs, envelope, plot_path(args.out, runs), x_axis, **options)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -33,10 +33,12 @@ def write_run(
     steps: list[dict[str, Any]] | None = None,
     events: list[dict[str, Any]] | None = None,
     unpinned: list[str] | None = None,
+    env: str = "trackmania",
 ) -> Path:
     """A metrics.jsonl as env_tm.py writes it: run, episode, step and event records; NaN as "nan". A None
     episode value leaves the key out of that record (race_time is only written for finished episodes);
-    `unpinned` goes into the start record as env_tm.py writes it (older runs have no such key)."""
+    `unpinned` goes into the start record as env_tm.py writes it (older runs have no such key). A
+    TrackMania run by default: the envelope's phases are checked for TrackMania runs only."""
 
     def clean(value: Any) -> Any:
         if isinstance(value, (bool, np.bool_)):
@@ -48,7 +50,7 @@ def write_run(
         return value
 
     folder.mkdir(parents=True, exist_ok=True)
-    start = {"kind": "run", "step": 0, "event": "start", "env": "embedded", "departures": departures or {}}
+    start = {"kind": "run", "step": 0, "event": "start", "env": env, "departures": departures or {}}
     if unpinned is not None:
         start["unpinned"] = unpinned
     records: list[dict[str, Any]] = [start]
@@ -109,7 +111,7 @@ def no_plot(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """For tests about the report: skip drawing (about 1 s a plot); the PNG has tests of its own."""
     drawn: list[Path] = []
 
-    def record(runs: Any, envelope: Any, out: Path, x_axis: str = "episode") -> Path:
+    def record(runs: Any, envelope: Any, out: Path, x_axis: str = "episode", **options: Any) -> Path:
         drawn.append(out)
         return out
 
@@ -204,7 +206,7 @@ def test_healthy_vs_failed_prints_departures_and_draws_one_png(
     assert row.split()[1:] == ["0.0001", "0.0001", "0.001"]  # known-good, healthy, soft-updates
     assert "healthy: PASS" in text and "soft-updates: FAIL" in text
     width, height = read_png_size(out)
-    assert (width, height) == (1600, 850)
+    assert (width, height) == (1700, 900)
     assert out.stat().st_size > 20_000  # curves and bands, not a blank canvas
 
 
@@ -266,7 +268,7 @@ def test_recorded_fatal_red_flags_fail_the_run(tmp_path: Path) -> None:
 def test_plot_against_steps(tmp_path: Path) -> None:
     run = load_run(str(write_run(tmp_path / "r", healthy_episodes(400))))
     out = compare_runs.plot_runs([run], DEFAULT_ENVELOPE, tmp_path / "steps.png", x_axis="step")
-    assert read_png_size(out) == (1600, 850)
+    assert read_png_size(out) == (1700, 900)
 
 
 # --- usage errors ----------------------------------------------------------------------------------
@@ -626,7 +628,7 @@ def test_race_panel_draws_finished_times_and_best_so_far(tmp_path: Path, x_axis:
     old = load_run(str(write_run(tmp_path / "old", healthy_episodes(10))))
     never = load_run(str(write_run(tmp_path / "never", race_episodes([False] * 4, {}))))
     figure = compare_runs.build_figure([racer, old, never], DEFAULT_ENVELOPE, x_axis=x_axis)
-    race = figure.axes[4]
+    race = figure.axes[5]
     assert race.get_title().startswith("race time of finished episodes")
     assert "never finished: never" in race.get_title() and "no race data: old" in race.get_title()
     dots, best = race.lines[0], race.lines[1]
@@ -726,7 +728,7 @@ def test_the_plot_goes_into_the_first_runs_folder_by_default(
     monkeypatch.chdir(elsewhere)
     main([str(first), str(second)])
     assert f"Plot: {first / 'comparison.png'}\n" in capsys.readouterr().out
-    assert read_png_size(first / "comparison.png") == (1600, 850)
+    assert read_png_size(first / "comparison.png") == (1700, 900)
     assert not (elsewhere / "comparison.png").exists() and not (second / "comparison.png").exists()
 
 
@@ -779,7 +781,7 @@ def test_a_bad_out_path_is_one_line_and_exit_2_before_anything_is_read(
 def test_a_plot_that_cannot_be_written_is_one_line_and_exit_2(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def refuse(runs: Any, envelope: Any, out: Path, x_axis: str = "episode") -> Path:
+    def refuse(runs: Any, envelope: Any, out: Path, x_axis: str = "episode", **options: Any) -> Path:
         raise PermissionError(13, "Permission denied", str(out))
 
     monkeypatch.setattr(compare_runs, "plot_runs", refuse)
@@ -796,3 +798,150 @@ def test_a_plot_that_cannot_be_written_is_one_line_and_exit_2(
 def test_the_default_plot_is_git_ignored() -> None:
     ignored = (Path(__file__).resolve().parent.parent / ".gitignore").read_text(encoding="utf-8").splitlines()
     assert "comparison.png" in ignored
+
+
+# --- greedy evaluations: the learning curves (what bench/compare_curves.py did) ----------------------
+def write_curve(folder: Path, evals: list[tuple[int, float]], env: str = "embedded", **extra: Any) -> Path:
+    """A run with a start record, one episode and eval records (mean, and a spread over the tracks)."""
+    folder.mkdir(parents=True)
+    records = [
+        {"kind": "run", "step": 0, "time": 0.0, "event": "start", "env": env, "departures": {}, **extra}
+    ]
+    records.append({"kind": "episode", "step": 5, "time": 0.0, "episode": 1, "reward": 1.0})
+    records += [
+        {"kind": "eval", "step": s, "time": 0.0, "return_mean": r, "return_std": 10.0} for s, r in evals
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder
+
+
+def test_curves_give_steps_to_400_and_700_and_the_final_mean_within_the_shortest_budget(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_plot: list[Path]
+) -> None:
+    k = 10_000
+    fast = write_curve(tmp_path / "fast", [(0, -240), (k, 420), (2 * k, 380), (3 * k, 710), (4 * k, 690)])
+    slow = write_curve(tmp_path / "slow", [(0, -240), (k, -200), (2 * k, 100), (3 * k, 450)])
+    late = write_curve(tmp_path / "late", [(0, -240), (k, -210), (2 * k, 405), (3 * k, 520), (4 * k, 800)])
+    out = tmp_path / "curves.json"
+    main([f"a={fast}", f"b={slow}", f"a={late}", "--json", str(out), "--reference", "none"])
+    text = capsys.readouterr().out
+    assert "within 30,000 steps" in text, "the budget is the shortest run's last evaluation"
+    groups = json.loads(out.read_text())["groups"]
+    a, b = groups["a"]["runs"], groups["b"]["runs"]
+    assert [(m["steps_to_400"], m["steps_to_700"]) for m in a] == [(10_000, 30_000), (20_000, None)]
+    assert (b[0]["steps_to_400"], b[0]["steps_to_700"]) == (30_000, None)
+    assert a[0]["final"] == pytest.approx((420 + 380 + 710) / 3)  # the last 3 within the budget: not 40k
+    assert a[1]["final"] == pytest.approx((-210 + 405 + 520) / 3)
+    assert groups["a"]["final_mean"] == pytest.approx((a[0]["final"] + a[1]["final"]) / 2)
+    table = text[text.index("Greedy evaluations") :].splitlines()
+    row = next(line for line in table if line.strip().startswith("b: slow"))
+    assert row.split()[-5:] == ["30,000", "not", "reached", "116.7", "450.0"]
+    group_row = next(line for line in table if line.strip().startswith("a ") and "2" in line)
+    assert "10,000, 20,000" in group_row
+
+
+def test_the_kept_curve_files_compare_with_their_names_counts_and_a_drawn_evaluation_panel(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Issue 27: on the repository's kept curves the tool once said "0 episodes, 0 steps", drew five
+    empty panels and labelled both runs `curves`."""
+    root = Path(compare_runs.__file__).resolve().parent / "bench" / "curves"
+    specs = [str(root / f"curve-pin-s{seed}.jsonl") for seed in (0, 1)]
+    main([*specs, "--out", str(tmp_path / "kept.png")])
+    text = capsys.readouterr().out
+    assert "curve-pin-s0: " in text and "curve-pin-s1: " in text and "curves#2" not in text
+    assert "(0 episodes, 100,000 steps, 11 evaluations; embedded)" in text
+    assert "70,315" in text and "622.2" in text  # steps to 400 and the best, as BENCHMARKS section 9 says
+    runs = [load_run(spec) for spec in specs]
+    figure = compare_runs.build_figure(runs, DEFAULT_ENVELOPE, "step")
+    assert len(figure.axes) == 1, "no episode records: the evaluation panel alone, not empty ones"
+    labels = [line.get_label() for line in figure.axes[0].lines]
+    assert "curve-pin-s0 (unpinned)" in labels and "curve-pin-s1 (unpinned)" in labels
+    assert all(len(line.get_xdata()) == 11 for line in figure.axes[0].lines[:2])
+    assert read_png_size(tmp_path / "kept.png") == (1100, 600)
+
+
+def test_embedded_runs_are_drawn_against_steps_with_the_embedded_reference_not_the_envelope(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = write_curve(tmp_path / "mine", [(0, -240), (10_000, -100), (20_000, 300)])
+    assert main([str(run), "--out", str(tmp_path / "m.png")]) in (0, 3)
+    text = capsys.readouterr().out
+    assert "the envelope's phases are TrackMania's, not checked" in text
+    runs = [load_run(str(run))]
+    reference = compare_runs.reference_runs(None, runs)
+    assert [r.label for r in reference] == ["curve-pin-s0", "curve-pin-s1"]
+    figure = compare_runs.build_figure(runs, DEFAULT_ENVELOPE, "step", reference=reference, budget=20_000)
+    evaluation = figure.axes[4]
+    labels = [line.get_label() for line in evaluation.lines]
+    assert "reference: curve-pin-s0 (unpinned)" in labels and "mine" in labels
+    assert all(ax.get_xlabel() == "environment step" for ax in figure.axes[:4])
+    legends = [
+        t.get_text() for ax in figure.axes for t in (ax.get_legend().get_texts() if ax.get_legend() else [])
+    ]
+    assert not any(text.startswith("envelope") for text in legends), "no TrackMania envelope for it"
+    assert "embedded track: the TrackMania envelope does not apply" in figure._suptitle.get_text()
+    trackmania = load_run(str(write_run(tmp_path / "tm", healthy_episodes(60))))
+    assert compare_runs.reference_runs(None, [trackmania]) == [], "TrackMania's reference is the envelope"
+
+
+def test_the_step_count_is_the_newest_record_not_the_last_episode_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_plot: list[Path]
+) -> None:
+    run = write_run(tmp_path / "r", healthy_episodes(3), steps=[{"step": 3_636, "learn_step": 3_605}])
+    main([str(run)])
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  r: "))
+    assert "(3 episodes, 3,636 steps, 3,605 learn steps, 0 evaluations; trackmania)" in line
+
+
+def test_a_kept_curve_gives_the_same_figures_as_its_run_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_plot: list[Path]
+) -> None:
+    k = 10_000
+    run = write_curve(tmp_path / "curve-pin-s0", [(0, -240), (k, 420), (2 * k, 710), (3 * k, 650)])
+    kept = tmp_path / "kept"
+    main([f"pin={run}", "--keep", str(kept), "--json", str(tmp_path / "a.json")])
+    records = [json.loads(line) for line in (kept / "curve-pin-s0.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["run"] + ["eval"] * 4, "the start and evaluation records only"
+    main([f"pin={kept / 'curve-pin-s0.jsonl'}", "--json", str(tmp_path / "b.json")])
+    from_folder, from_kept = (json.loads((tmp_path / n).read_text())["groups"] for n in ("a.json", "b.json"))
+    assert (
+        from_kept["pin"]["runs"][0]["steps_to_700"] == from_folder["pin"]["runs"][0]["steps_to_700"] == 2 * k
+    )
+    assert from_kept["pin"]["final_mean"] == from_folder["pin"]["final_mean"]
+
+
+def test_the_markdown_table_has_a_row_per_evaluation_and_a_column_per_run_within_the_budget(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_plot: list[Path]
+) -> None:
+    a = write_curve(tmp_path / "a", [(0, -240), (10_000, 420.25), (20_412, 710), (30_000, 800)])
+    b = write_curve(tmp_path / "b", [(0, -240), (10_000, -200)])
+    main([f"x={a}", f"y={b}", "--steps", "25000", "--table", "--reference", "none"])
+    text = capsys.readouterr().out
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert table[0] == "| step (due) | x: a | y: b |"
+    assert table[2:] == ["| 0 | -240.0 ± 10 | -240.0 ± 10 |", "| 10,000 | 420.2 ± 10 | -200.0 ± 10 |",
+                         "| 20,000 | 710.0 ± 10 |  |"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["a=", "RUN"], "a=: not LABEL=RUN"),
+        (["a=nowhere.jsonl"], "nowhere.jsonl: not found"),
+        (["RUN", "--hline", "lots=driver"], "--hline 'lots=driver' is not VALUE=LABEL"),
+        (["RUN", "--final-evals", "0"], "--final-evals must be >= 1"),
+        (["RUN", "--reference", "gone.jsonl"], "--reference gone.jsonl: not found"),
+        (["RUN", "--keep", "FILE"], "cannot write"),
+    ],
+)
+def test_bad_curve_options_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_plot: list[Path], argv: list[str], message: str
+) -> None:
+    run = write_curve(tmp_path / "run", [(0, -240), (10_000, 420)])
+    (tmp_path / "file").write_text("a file, not a folder")
+    places = {"RUN": str(run), "FILE": str(tmp_path / "file")}
+    code = main([places.get(a, a) for a in argv])
+    captured = capsys.readouterr()
+    said = [line for line in (captured.out + captured.err).splitlines() if message in line]
+    assert code in (1, 2) and said, captured.out + captured.err

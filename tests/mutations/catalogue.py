@@ -965,4 +965,34 @@ CATALOGUE: tuple[Mutation, ...] = (
             "tests/test_watch.py::test_a_watched_checkpoint_drives_the_held_out_tracks_as_its_evaluation_would_into_a_gif",
         ),
     ),
+    Mutation(
+        "kept_curves_labelled_by_their_folder",
+        "issue 27: every kept curve file was labelled `curves` (its folder), two of them `curves#2`",
+        (("compare_runs.py", "    if file.name == METRICS_FILE:\n", "    if True:\n"),),
+        (
+            "tests/test_compare_runs.py::test_the_kept_curve_files_compare_with_their_names_counts_and_a_drawn_evaluation_panel",
+        ),
+    ),
+    Mutation(
+        "embedded_runs_judged_by_the_trackmania_envelope",
+        "issue 27: embedded-track runs were judged and drawn against TrackMania's per-episode envelope",
+        (("compare_runs.py", '        return self.env != "embedded"\n', "        return True\n"),),
+        (
+            "tests/test_compare_runs.py::test_embedded_runs_are_drawn_against_steps_with_the_embedded_reference_not_the_envelope",
+        ),
+    ),
+    Mutation(
+        "final_return_read_past_the_budget",
+        "a curve comparison must compare arms over the same budget of steps",
+        (
+            (
+                "compare_runs.py",
+                '        within = [e for e in run.evals if e["step"] <= budget]\n',
+                "        within = list(run.evals)\n",
+            ),
+        ),
+        (
+            "tests/test_compare_runs.py::test_curves_give_steps_to_400_and_700_and_the_final_mean_within_the_shortest_budget",
+        ),
+    ),
 )
