@@ -3,7 +3,7 @@ of W&B run c643zifs for TrackMania runs, the known-good network's kept curves fo
 
     python compare_runs.py checkpoints/try1 checkpoints/try2
     python compare_runs.py checkpoints/try1/metrics.jsonl my-entity/rainbow-tm/c643zifs --out cmp.png
-    python compare_runs.py checkpoints/try1 --envelope ../shared/reference/c643zifs-envelope.json --x step
+    python compare_runs.py checkpoints/try1 --envelope reference/c643zifs-envelope.json --x step
     python compare_runs.py "pin=bench/curves/curve-pin-s0.jsonl" "pin=bench/curves/curve-pin-s1.jsonl" \
         "n_step 3=bench/curves/curve-ns3-s0.jsonl" "n_step 3=bench/curves/curve-ns3-s1.jsonl" --table
 
@@ -113,7 +113,8 @@ DEFAULT_ENVELOPE: dict[str, Any] = {
     "caveat": "Figures are as the seed reports them; its epsilon numbers contradict the original code (which "
     "reached epsilon 0.2 near 200k steps). Use them as an envelope, not ground truth.",
 }
-SHARED_ENVELOPE = Path(__file__).resolve().parent.parent / "shared" / "reference" / "c643zifs-envelope.json"
+# The reference data as the project received it (shared/reference), kept in the repository.
+SHARED_ENVELOPE = Path(__file__).resolve().parent / "reference" / "c643zifs-envelope.json"
 
 # --- tolerances ------------------------------------------------------------------------------------
 # The envelope is weak evidence (its own caveat: the seed's figures were never verified, and its epsilon

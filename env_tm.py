@@ -168,9 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         const=DIAGNOSE_DEFAULT_STEPS,
         default=None,
         metavar="N",
-        help=f"go/no-go: train N steps from scratch (default {DIAGNOSE_DEFAULT_STEPS:,}; about half an hour "
-        "on a 2-core CPU, the time left is shown once the pace is measured), print a table of health "
-        "criteria and exit 5 on a no-go",
+        help=f"go/no-go: train N steps from scratch (default {DIAGNOSE_DEFAULT_STEPS:,}; a few minutes on a "
+        "2-core CPU, the time left is shown once the pace is measured), print a table of health criteria "
+        "and exit 5 on a no-go",
     )
     parser.add_argument(
         "--eval-every",
@@ -192,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--wandb-project", default=None, help="W&B project (default: rainbow-tm)")
     parser.add_argument(
         "--wandb-entity", default=None, help="W&B entity: your user or team (default: your W&B default)"
+    )
+    parser.add_argument(
+        "--show-config",
+        action="store_true",
+        help="print every config key with the value this command would train with (the pin plus --set), "
+        "marking departures and the sacred keys, and exit",
     )
     parser.add_argument(
         "--check-trackmania",
@@ -717,6 +723,22 @@ def save_before_exit(session: Any) -> str:
         )
 
 
+def show_config(config: Config) -> str:
+    """Every config key with its value, the pinned value where it departs, and the sacred keys marked."""
+    from tm_config import SACRED_FLAGS
+
+    pinned, departures = Config(), config.departures()
+    width = max(len(key) for key in config.to_dict())
+    lines = ["the config this command would train with (tm_config.py; * departs from the known-good pin):"]
+    for key, value in config.to_dict().items():
+        mark = "*" if key in departures else " "
+        note = f"   (known-good {getattr(pinned, key)!r})" if key in departures else ""
+        if key in SACRED_FLAGS:
+            note += f"   sacred: {SACRED_FLAGS[key]} to change"
+        lines.append(f"{mark} {key.ljust(width)}  {value!r}{note}")
+    return "\n".join(lines)
+
+
 def check_trackmania(args: argparse.Namespace, **options: Any) -> int:
     """--check-trackmania: the set-up report, one line per step; exit 0 when TrackMania can train."""
     import trackmania
@@ -764,7 +786,19 @@ def main(argv: list[str] | None = None) -> int:
         args.steps = args.diagnose
     try:
         check_sacred_assignments(args.overrides, unpin_flags(args))
-        Config().with_assignments(args.overrides)  # a bad value is one line before anything starts
+        config = Config().with_assignments(args.overrides)  # a bad value is one line before anything starts
+        if args.show_config:
+            print(show_config(config))
+            return EXIT_OK
+        if args.diagnose is not None:  # refused now, not after the learner has started
+            from health import DIAG_MIN_LEARN_STEPS
+
+            shortest = DIAG_MIN_LEARN_STEPS + config.batch_size
+            if args.diagnose < shortest:
+                raise ConfigError(
+                    f"--diagnose {args.diagnose:,} is too short: the go/no-go criteria need at least "
+                    f"{shortest:,} steps ({DIAG_MIN_LEARN_STEPS:,} learn steps)"
+                )
         from rainbow import resolve_device
 
         resolve_device(args.device)
@@ -786,6 +820,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.diagnose is not None and result.exit_code == EXIT_OK:
             return report_diagnosis(result)
         return result.exit_code
+    except ConfigError as error:  # classified without importing torch: a bad --set is refused at once
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
     except Exception as error:
         code = exit_code_for(error)
         if code is None:

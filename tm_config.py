@@ -196,19 +196,25 @@ class Config:
         """A copy with `overrides` applied; an unknown key, wrong type or bad range raises ConfigError."""
         for key in overrides:
             if key not in _FIELD_TYPES:
-                raise ConfigError(f"unknown config key {key!r} (see tm_config.py for the known keys)")
+                raise ConfigError(unknown_key_message(key))
         return dataclasses.replace(self, **overrides)
 
     def with_assignments(self, assignments: list[str]) -> Config:
         """Apply CLI-style `key=value` strings, converting each value to the field's type."""
         overrides: dict[str, Any] = {}
+        given: dict[str, str] = {}
         for assignment in assignments:
             key, sep, text = assignment.partition("=")
             key = key.strip()
             if not sep or not key:
                 raise ConfigError(f"override {assignment!r} is not of the form key=value")
             if key not in _FIELD_TYPES:
-                raise ConfigError(f"unknown config key {key!r} (see tm_config.py for the known keys)")
+                raise ConfigError(unknown_key_message(key))
+            if key in given:
+                raise ConfigError(
+                    f"--set {key} is given twice ({given[key]}, then {text.strip()}): give it once"
+                )
+            given[key] = text.strip()
             overrides[key] = _parse_value(key, text.strip(), _FIELD_TYPES[key])
         return self.with_overrides(**overrides)
 
@@ -262,6 +268,15 @@ SACRED_WHY: dict[str, str] = {
     "--unpin-epsilon": "the step-based epsilon schedule 1.0 -> 0.01 over 2.5M steps (seed 004: faster "
     "decay left ~150k steps of exploration)",
 }
+
+
+def unknown_key_message(key: str) -> str:
+    """One line for a key Config does not have, naming the closest known one when there is one."""
+    import difflib
+
+    close = difflib.get_close_matches(key, list(_FIELD_TYPES), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown config key {key!r} ({hint}`python env_tm.py --show-config` lists every key)"
 
 
 def check_sacred_assignments(assignments: list[str], unpin_flags: set[str]) -> None:

@@ -1247,3 +1247,36 @@ def test_wandb_groups_runs_by_their_departures_and_tags_each_one():
         "epsilon_decay_to=30000+n_step=3",
         ["epsilon_decay_to=30000", "n_step=3", "unpinned"],
     )
+
+
+def test_show_config_lists_every_key_marks_departures_and_sacred_keys(capsys):
+    assert env_tm.main(["--show-config", "--set", "n_step=3"]) == env_tm.EXIT_OK
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 + len(Config().to_dict())
+    n_step = next(line for line in lines if line.split()[1:2] == ["n_step"])
+    assert n_step.startswith("* ") and n_step.split()[2] == "3" and "(known-good 1)" in n_step
+    target = next(line for line in lines if "target_network_update_frequency" in line)
+    assert target.startswith("  ") and "sacred: --unpin-target-update to change" in target
+
+
+def test_config_mistakes_are_refused_at_once_without_importing_torch(tmp_path):
+    """A bad --set, a repeated one and a --diagnose too short to judge: one line each, before the learner
+    (or even torch) starts, so the answer comes in a fraction of a second."""
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import env_tm;"
+        "codes = [env_tm.main(a.split()) for a in sys.argv[2:]];"
+        "print(codes, 'torch' in sys.modules)"
+    )
+    cases = ["--set batchsize=64", "--set n_step=3 --set n_step=2", "--diagnose 300"]
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(ROOT), *cases], capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout.strip() == "[1, 1, 1] False", result.stdout + result.stderr
+    errors = result.stderr.strip().splitlines()
+    assert errors == [
+        "error: unknown config key 'batchsize' (did you mean 'batch_size'? `python env_tm.py --show-config` "
+        "lists every key)",
+        "error: --set n_step is given twice (3, then 2): give it once",
+        "error: --diagnose 300 is too short: the go/no-go criteria need at least 1,032 steps "
+        "(1,000 learn steps)",
+    ]
