@@ -994,8 +994,14 @@ def verdict(criteria: Sequence[Criterion]) -> bool:
     return bool(criteria) and all(c.passed for c in criteria)
 
 
-def format_table(criteria: Sequence[Criterion]) -> str:
-    """An aligned PASS/FAIL table, then a GO / NO-GO line."""
+def format_table(criteria: Sequence[Criterion], width: int | None = None) -> str:
+    """An aligned PASS/FAIL table, then a GO / NO-GO line. Wider than the terminal (`width`, default its
+    own), each criterion takes two wrapped lines instead: the verdict, name and measure, then what it
+    requires, indented."""
+    import shutil
+    import textwrap
+
+    width = width or shutil.get_terminal_size((120, 24)).columns
     header = ("", "criterion", "measured", "requirement")
     rows = [("PASS" if c.passed else "FAIL", c.name, c.measured, c.requirement) for c in criteria]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
@@ -1003,9 +1009,16 @@ def format_table(criteria: Sequence[Criterion]) -> str:
         "  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)) + "  " + row[3]
         for row in [header, *rows]
     ]
+    if max(len(line) for line in lines) > width:
+        lines = []
+        for status, name, measured, requirement in rows:
+            lines += textwrap.wrap(f"{status}  {name}  {measured}", width, subsequent_indent="      ")
+            lines += textwrap.wrap(f"requires: {requirement}", width, initial_indent="      ",
+                                   subsequent_indent="      ")  # fmt: skip
     failed = [c.name for c in criteria if not c.passed]
     if verdict(criteria):
         lines.append(f"GO: all {len(criteria)} criteria passed")
     else:
-        lines.append(f"NO-GO: {len(failed)} of {len(criteria)} criteria failed: " + ", ".join(failed))
+        no_go = f"NO-GO: {len(failed)} of {len(criteria)} criteria failed: " + ", ".join(failed)
+        lines += textwrap.wrap(no_go, width, subsequent_indent="  ")
     return "\n".join(lines)

@@ -61,6 +61,16 @@ def duration(seconds: float) -> str:
     return f"{hours} h" if hours >= 10 else f"{hours} h {minutes:02d} min"
 
 
+def pretraining_status(done: int, total: int, first: int, elapsed: float) -> list[tuple[int, str]]:
+    """The status line's fields while pretraining: learn steps done, their rate and the time left (once
+    a few seconds are measured; `first` is where this sitting started)."""
+    fields = [(0, f"pretraining {done:,}/{total:,} learn steps ({100 * done / total:.0f}%)")]
+    if elapsed >= Progress.RATE_SETTLE and done > first:
+        rate = (done - first) / elapsed
+        fields += [(1, f"{rate:.1f} learn steps/s"), (1, f"ETA {duration((total - done) / rate)}")]
+    return fields
+
+
 def table(title: str, rows: Sequence[tuple[str, str]]) -> str:
     """A short two-column table: the title, then one indented `label  text` line per row."""
     width = max((len(label) for label, _ in rows), default=0)
@@ -562,13 +572,14 @@ class Session:
         if not total or self.run.step or self.learner_steps_at_open >= total:
             return
         self.progress.message(f"pretraining: {total:,} learn steps on the demonstrations alone")
-        started = time.perf_counter()
+        started, first = time.perf_counter(), done()
         while done() < total and not stop.requested:
             flags = self.absorb(self.learner.learn())
             if flags:
                 self.handle(flags)
             self.learner.check_alive()
-            self.progress.show(0, f"pretraining {done():,}/{total:,} learn steps")
+            elapsed = time.perf_counter() - started
+            self.progress.show(0, pretraining_status(done(), total, first, elapsed))
             if self.learner.mode == "beside":
                 time.sleep(0.05)
         if stop.requested:

@@ -320,9 +320,22 @@ def test_diagnose_says_go_on_a_healthy_run() -> None:
     criteria = diagnose(diagnostic_records(), CONFIG)
     assert failed(criteria) == set(), format_table(criteria)
     assert verdict(criteria)
-    table = format_table(criteria)
+    table = format_table(criteria, width=500)
     assert table.splitlines()[-1] == f"GO: all {len(criteria)} criteria passed"
     assert all(line.startswith("PASS") for line in table.splitlines()[1:-1])
+
+
+def test_the_diagnose_table_fits_an_80_column_terminal_keeping_every_word() -> None:
+    criteria = diagnose(diagnostic_records(diverge=True), CONFIG)
+    wide, narrow = format_table(criteria, width=500), format_table(criteria, width=80)
+    assert max(len(line) for line in wide.splitlines()) > 80  # the table as it was: ~150 columns
+    assert all(len(line) <= 80 for line in narrow.splitlines())
+    assert narrow.split() == [w for line in narrow.splitlines() for w in line.split()]
+    for c in criteria:  # every verdict, name, measure and requirement is still there, in words
+        words = " ".join(narrow.split())
+        assert f"{'PASS' if c.passed else 'FAIL'} {c.name} {' '.join(c.measured.split())}" in words
+        assert f"requires: {' '.join(c.requirement.split())}" in words
+    assert " ".join(narrow.split()).endswith(" ".join(wide.splitlines()[-1].split()))
 
 
 def test_diagnose_says_no_go_on_a_diverging_run() -> None:
@@ -340,7 +353,8 @@ def test_diagnose_says_no_go_on_a_diverging_run() -> None:
     assert "max |Q| 1002 " in by_name["q_within_return_bound"].measured  # q_min = q - 2
     assert "bound 333.3" in by_name["q_within_return_bound"].measured
     assert "q_negative" in by_name["no_fatal_red_flags"].measured
-    last = format_table(criteria).splitlines()[-1]
+    table = format_table(criteria, width=80).splitlines()
+    last = " ".join(table[next(i for i, line in enumerate(table) if line.startswith("NO-GO")) :])
     assert last.startswith("NO-GO: 5 of ") and "q_not_negative" in last
 
 

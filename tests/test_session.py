@@ -277,3 +277,15 @@ def test_each_finished_episode_gets_a_line_with_the_mean_of_the_last_ten(monkeyp
     session.end_episode(2.0, 20, False, 0.2)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("episode")]
     assert lines == ["episodes 14-19: return 2.0 in 20 steps | mean of the last 10 13.7"], lines
+
+
+def test_pretraining_shows_its_rate_and_time_left_once_measured():
+    from session import pretraining_status
+
+    assert pretraining_status(10, 2_000, 0, 1.0) == [(0, "pretraining 10/2,000 learn steps (0%)")]
+    fields = pretraining_status(500, 2_000, 100, 10.0)  # 400 learn steps in 10 s: 40/s, 1,500 left
+    assert fields == [
+        (0, "pretraining 500/2,000 learn steps (25%)"),
+        (1, "40.0 learn steps/s"),
+        (1, "ETA 38 s"),
+    ]
