@@ -733,11 +733,15 @@ def serve(
         if not actor_alive():  # an error while the actor died (a broken pipe): nobody to report to
             replies.cancel_join_thread()
             return
-        log = Path(spec.run_dir) / LEARNER_LOG
-        with contextlib.suppress(OSError):
-            log.parent.mkdir(parents=True, exist_ok=True)
-            with log.open("a", encoding="utf-8") as file:
-                file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} learner failed\n{traceback.format_exc()}\n")
+        # An expected refusal (missing demonstrations, a bad checkpoint or config) is its one line: no
+        # traceback, and no run folder made only to hold one.
+        if not isinstance(error, (CheckpointError, ConfigError, demos.DemoError)):
+            log = Path(spec.run_dir) / LEARNER_LOG
+            with contextlib.suppress(OSError):
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with log.open("a", encoding="utf-8") as file:
+                    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+                    file.write(f"{stamp} learner failed\n{traceback.format_exc()}\n")
         text = " ".join(str(error).split()) or type(error).__name__
         replies.put(("error", type(error).__name__, text))
         time.sleep(0.5)  # let the queue's feeder thread deliver the reply before the process ends

@@ -1040,12 +1040,16 @@ def test_bad_demonstration_options_are_usage_errors(arguments, message, capsys):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_training_with_missing_demonstrations_is_one_line(tmp_path, capsys):
-    args = ["--env", "embedded", "--steps", "20", "--checkpoint-root", str(tmp_path), "--no-wandb"]
-    args += ["--learner", "inline", "--demos", "nowhere", "--demo-root", str(tmp_path / "demos")]
+@pytest.mark.parametrize("learner", ["inline", "beside"])
+def test_training_with_missing_demonstrations_is_one_line(tmp_path, capsys, learner):
+    root = tmp_path / "runs"
+    args = ["--env", "embedded", "--steps", "20", "--checkpoint-root", str(root), "--no-wandb"]
+    args += ["--learner", learner, "--demos", "nowhere", "--demo-root", str(tmp_path / "demos")]
     assert env_tm.main(args) == env_tm.EXIT_ERROR
     err = capsys.readouterr().err.strip()
     assert "no demonstrations at" in err and "record some with --record-demos" in err and "\n" not in err
+    # A refused start leaves nothing behind: no run folder holding only a learner.log
+    assert not root.exists() or not any(root.rglob("*")), sorted(root.rglob("*"))
 
 
 # --- the first hour: run names, departures, --help, the status line, --steps ----------------------------
