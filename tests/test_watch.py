@@ -171,3 +171,25 @@ def test_the_window_shows_every_step_and_closing_it_stops_the_drive(run_dir, mon
     assert watch.watch(args, "embedded", run_dir) == 0
     assert shown == [(400, 600, 3)] * 10, "the drive ends on the frame the window was closed at"
     assert sys.modules["pygame"].display.get_init() is False
+
+
+def test_on_trackmania_a_watched_checkpoint_drives_the_game(tmp_path):
+    """Through tmrl's real interface against the fake game: a checkpoint of a TrackMania run drives one
+    episode greedily, prints its return, and the run folder is left as it was."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from fake_game import run_on_fake_game
+    from fake_openplanet import write_tmrl_data
+
+    write_tmrl_data(tmp_path / "home")
+    short = ("--set", "ep_max_length=30")
+    trained = run_on_fake_game(tmp_path, {"drive": 10.0}, 60, *short)
+    assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
+    run_dir = tmp_path / "runs" / "tm"
+    before = files_of(run_dir)
+    watched = run_on_fake_game(tmp_path, {"drive": 10.0}, 60, "--watch", str(run_dir), "--eval-episodes", "1")
+    assert watched.returncode == 0, watched.stdout[-2000:] + watched.stderr[-2000:]
+    assert f"watching {run_dir / 'best.pt'}" in watched.stdout and "greedily on trackmania" in watched.stdout
+    assert "episode 1: return " in watched.stdout and "in 30 steps" in watched.stdout
+    assert files_of(run_dir) == before
+    refused = run_on_fake_game(tmp_path, {}, 60, "--watch", str(run_dir), "--record-video", "x.gif")
+    assert refused.returncode == 1 and "--record-video records the embedded track" in refused.stderr
