@@ -727,7 +727,7 @@ def serve(
                 continue
             if not server.handle(message):
                 return
-    except (PeerGoneError, EOFError):  # the actor is gone: nothing will ask for a checkpoint any more
+    except (PeerGoneError, EOFError, BrokenPipeError):  # the actor is gone: nothing will ask for anything
         replies.cancel_join_thread()
     except BaseException as error:  # report in one line; the traceback goes to the run folder's log
         if not actor_alive():  # an error while the actor died (a broken pipe): nobody to report to
@@ -944,8 +944,8 @@ class BesideLearner:
         while True:
             try:
                 reply = self.replies.get(timeout=timeout) if timeout else self.replies.get_nowait()
-            except (queue.Empty, EOFError):  # EOF: the learner has ended (the callers then say so)
-                return
+            except (queue.Empty, EOFError, OSError):  # EOF (a broken pipe on Windows): the learner has
+                return  # ended, and the callers then say so
             timeout = None
             kind = reply[0]
             if kind == "metrics":

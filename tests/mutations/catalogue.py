@@ -911,8 +911,8 @@ CATALOGUE: tuple[Mutation, ...] = (
         (
             (
                 "learner.py",
-                "any more\n        replies.cancel_join_thread()\n",
-                "any more\n        pass\n",
+                "for anything\n        replies.cancel_join_thread()\n",
+                "for anything\n        pass\n",
             ),
         ),
         (
