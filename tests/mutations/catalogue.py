@@ -410,8 +410,8 @@ CATALOGUE: tuple[Mutation, ...] = (
         (
             (
                 "learner.py",
-                "        self.actor_learn_step = self.mailbox.read_into(self.actor)\n        self.seen_version = version",
-                "        self.seen_version = version",
+                "            self.actor_learn_step = self.mailbox.read_into(self.actor)\n",
+                "            pass\n",
             ),
         ),
         (LEARNER_BESIDE,),
