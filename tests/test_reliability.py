@@ -415,6 +415,9 @@ def test_ctrl_c_while_starting_is_one_line(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # Ctrl+C as a terminal delivers it, whatever launched the tests: a shell's background job starts
+        # with SIGINT ignored, and Python then installs no KeyboardInterrupt for it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     time.sleep(0.3)  # importing torch and the training modules
     os.killpg(process.pid, signal.SIGINT)

@@ -90,7 +90,8 @@ def test_wandb_offline_without_api_key_and_same_id_on_resume(tmp_path, monkeypat
         "batch_size": {"pinned": 32, "used": 64}
     }
     assert (
-        "W&B offline (no WANDB_API_KEY or `wandb login`)" in log.wandb_note and "wandb sync" in log.wandb_note
+        "W&B offline (no WANDB_API_KEY or `wandb login`)" in log.wandb_note
+        and "the commands that upload it are printed at the end" in log.wandb_note
     )
     log.write("episode", 40, reward=3.0)
     log.write("event", 41, level="red_flag", name="q_negative", message="Q -12 < -10")
