@@ -459,7 +459,7 @@ def load_jsonl_run(path: Path) -> RunSeries:
 # --- greedy evaluations: the learning curve --------------------------------------------------------
 THRESHOLDS = (400.0, 700.0)  # the returns whose first step a learning curve is judged by
 KEPT_KINDS = ("run", "event", "eval")  # what --keep writes: the start record, red flags, the curve
-EVAL_ROW_EVERY = 10_000  # --table: one row per this many steps (the curves' --eval-every)
+EVAL_ROW_EVERY = 10_000  # the curves' --eval-every when the runs' own cannot be seen (one evaluation)
 # The embedded-track reference: the known-good network's kept curves (2 seeds; epsilon decay to 30k steps,
 # unpinned: the pinned schedule shows nothing in 100k steps). Drawn for embedded-track runs.
 EMBEDDED_REFERENCE = tuple(
@@ -550,14 +550,25 @@ def evaluation_table(runs: Sequence[RunSeries], budget: int, final_evals: int) -
     return lines, summary
 
 
+def evaluation_cadence(runs: Sequence[RunSeries]) -> int:
+    """The runs' --eval-every, as their evaluations show it: the median gap between two, to the thousand
+    (an evaluation runs at the first episode end after its step is due, a little after it)."""
+    gaps = [b["step"] - a["step"] for run in runs for a, b in zip(run.evals, run.evals[1:], strict=False)]
+    if not gaps:
+        return EVAL_ROW_EVERY
+    return max(1_000, int(round(float(np.median(gaps)) / 1_000)) * 1_000)
+
+
 def markdown_table(runs: Sequence[RunSeries], budget: int) -> str:
-    """Every evaluation within the budget, one row per EVAL_ROW_EVERY steps (an evaluation runs at the
-    first episode end after its step is due), one column per run: mean +- std over the held-out tracks."""
+    """Every evaluation within the budget, one row per due step (the runs' evaluation cadence: an
+    evaluation runs at the first episode end after its step is due), one column per run: mean +- std over
+    the held-out tracks."""
     cells: dict[int, dict[int, str]] = {}
     evaluated = [run for run in runs if run.evals]
+    cadence = evaluation_cadence(evaluated)
     for column, run in enumerate(evaluated):
         for e in (e for e in run.evals if e["step"] <= budget):
-            row = int(e["step"]) // EVAL_ROW_EVERY * EVAL_ROW_EVERY
+            row = int(e["step"]) // cadence * cadence
             cells.setdefault(row, {})[column] = f"{e['mean']:.1f} ± {e.get('std', 0.0):.0f}"
     header = ["step (due)"] + [run.plot_label for run in evaluated]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -1162,10 +1173,10 @@ def _draw_races(ax: Any, runs: Sequence[RunSeries], x_axis: str) -> None:
     else:
         ax.text(0.5, 0.5, "no finished episode to show", ha="center", va="center", transform=ax.transAxes)
     title = "race time of finished episodes, s (lower is better)"
-    if never:
-        title += "  |  never finished: " + ", ".join(never)
-    if no_data:
-        title += "  |  no race data: " + ", ".join(no_data)
+    for what, names in (("never finished", never), ("no race data", no_data)):
+        if names:  # by name while a panel's title holds them, else how many
+            listed = ", ".join(names)
+            title += f"  |  {what}: " + (listed if len(listed) <= 40 else f"{len(names)} runs")
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("episode" if x_axis == "episode" else "environment step")
     ax.grid(alpha=0.3)
@@ -1225,7 +1236,7 @@ def _draw_evaluations(
         ax.axhline(threshold, color="k", ls=":", lw=0.7)
     for value, label in hlines:
         ax.axhline(value, color="tab:red", ls="--", lw=1, label=f"{label} ({value:g})")
-    title = "greedy evaluation on the held-out tracks: mean return (band: +- std over tracks)"
+    title = "greedy evaluation: mean return, held-out tracks (+- std)"
     if missing:
         title += "  |  no evaluations: " + ", ".join(missing)
     ax.set_title(title, fontsize=10)
