@@ -18,6 +18,7 @@ training modules (torch among them) are imported when a run starts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -820,6 +821,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.diagnose is not None and result.exit_code == EXIT_OK:
             return report_diagnosis(result)
         return result.exit_code
+    except BrokenPipeError:  # the output was closed (`--show-config | head`): nothing more to tell it
+        import os
+
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except ConfigError as error:  # classified without importing torch: a bad --set is refused at once
         print(f"error: {one_line(error)}", file=sys.stderr)
         return EXIT_ERROR

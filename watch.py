@@ -22,6 +22,7 @@ import numpy as np
 import environment
 from checkpoints import BEST_NAME, CheckpointError, CheckpointStore, load_checkpoint
 from rainbow import RainbowAgent, resolve_device
+from session import plural
 from tm_config import Config
 
 VIDEO_SUFFIXES = (".gif", ".mp4")
@@ -185,7 +186,7 @@ def watch(args: argparse.Namespace, env_name: str, run_dir: Path) -> int:
             display.close()
         env.close()
     if returns:
-        print(f"mean return {np.mean(returns):.1f} over {len(returns)} episodes", flush=True)
+        print(f"mean return {np.mean(returns):.1f} over {plural(len(returns), 'episode')}", flush=True)
     if args.record_video:
         print(f"the drive is in {args.record_video} ({display.count:,} frames)", flush=True)
     return 0

@@ -1284,3 +1284,16 @@ def test_config_mistakes_are_refused_at_once_without_importing_torch(tmp_path):
         "error: --diagnose 300 is too short: the go/no-go criteria need at least 1,032 steps "
         "(1,000 learn steps)",
     ]
+
+
+def test_show_config_into_a_closed_pipe_ends_quietly():
+    """`python env_tm.py --show-config | head -2`: the reader leaves early; no error about a disk write."""
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "env_tm.py"), "--show-config"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    process.stdout.close()  # as `head` does once it has its lines: here before the first one
+    assert process.wait(timeout=60) == 0
+    assert process.stderr.read() == b""
