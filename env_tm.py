@@ -765,8 +765,9 @@ def watch_checkpoint(args: argparse.Namespace) -> int:
     import watch
     from session import default_run_name
 
-    env_name = environment.choose_environment(args.env, Config().with_assignments(args.overrides))
-    root = Path(args.checkpoint_root or Config().with_assignments(args.overrides).checkpoint_dir)
+    config = Config().with_assignments(args.overrides)
+    env_name = environment.choose_environment(args.env, config)
+    root = Path(args.checkpoint_root or config.checkpoint_dir)
     run_dir = root / (args.run_name or default_run_name(env_name, args.seed, args.overrides, False))
     return watch.watch(args, env_name, run_dir)
 

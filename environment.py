@@ -176,15 +176,28 @@ def drive_episodes(
     return Evaluation(returns, lengths, time.perf_counter() - start)
 
 
-def evaluate(agent: RainbowAgent, env: Any, config: Config, episodes: int) -> Evaluation:
+def evaluate(
+    agent: RainbowAgent,
+    env: Any,
+    config: Config,
+    episodes: int,
+    after_step: Callable[[], bool] | None = None,
+    after_episode: Callable[[int, float, int], None] | None = None,
+) -> Evaluation:
     """The greedy policy (no epsilon, noise off: the mean weights) on the held-out tracks. Its quantile
     fractions come from a stream of its own, so the agent's streams are untouched (training goes on as it
-    would have) and the same weights always score the same."""
+    would have) and the same weights always score the same. `after_step`/`after_episode`: drive_episodes'
+    (a watched drive's display and printout)."""
     agent.online.set_noise(False)
     generator = torch.Generator(device=agent.device).manual_seed(EVAL_SEED_BASE)
     try:
         return drive_episodes(
-            env, config, evaluation_seeds(episodes), lambda f, c: agent.greedy_action(f, c, generator)
+            env,
+            config,
+            evaluation_seeds(episodes),
+            lambda f, c: agent.greedy_action(f, c, generator),
+            after_step,
+            after_episode,
         )
     finally:
         agent.online.set_noise(True)

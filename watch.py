@@ -157,7 +157,6 @@ def watch(args: argparse.Namespace, env_name: str, run_dir: Path) -> int:
                 if args.record_video
                 else (Window(config.time_step_duration))
             )
-        returns = []
 
         def after_step() -> bool:
             if display is not None:
@@ -166,27 +165,17 @@ def watch(args: argparse.Namespace, env_name: str, run_dir: Path) -> int:
             return True
 
         def after_episode(index: int, total: float, length: int) -> None:
-            returns.append(total)
             print(f"episode {index + 1}: return {total:.1f} in {length} steps", flush=True)
 
-        agent.online.set_noise(False)
-        import torch
-
-        generator = torch.Generator(device=agent.device).manual_seed(environment.EVAL_SEED_BASE)
-        environment.drive_episodes(
-            env,
-            config,
-            environment.evaluation_seeds(args.eval_episodes),
-            lambda f, c: agent.greedy_action(f, c, generator),
-            after_step=after_step,
-            after_episode=after_episode,
-        )
+        # The evaluation itself: the returns printed are the ones an evaluation of these weights records.
+        result = environment.evaluate(agent, env, config, args.eval_episodes, after_step, after_episode)
     finally:
         if display is not None:
             display.close()
         env.close()
-    if returns:
-        print(f"mean return {np.mean(returns):.1f} over {plural(len(returns), 'episode')}", flush=True)
+    if result.returns:
+        mean = np.mean(result.returns)
+        print(f"mean return {mean:.1f} over {plural(len(result.returns), 'episode')}", flush=True)
     if args.record_video:
         print(f"the drive is in {args.record_video} ({display.count:,} frames)", flush=True)
     return 0

@@ -958,9 +958,9 @@ CATALOGUE: tuple[Mutation, ...] = (
         (f"{TM}::test_the_set_up_check_names_each_fault_and_what_to_do",),
     ),
     Mutation(
-        "watch_drives_with_the_noise_on",
-        "issue 27: a watched checkpoint must drive the greedy policy its evaluations score",
-        (("watch.py", "        agent.online.set_noise(False)\n", ""),),
+        "greedy_drive_with_the_noise_on",
+        "issue 27: evaluations and a watched checkpoint must drive the greedy policy (the mean weights)",
+        (("environment.py", "    agent.online.set_noise(False)\n", ""),),
         (
             "tests/test_watch.py::test_a_watched_checkpoint_drives_the_held_out_tracks_as_its_evaluation_would_into_a_gif",
         ),
