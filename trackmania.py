@@ -425,53 +425,89 @@ def _check_virtual_gamepad() -> None:
         raise _vigem_error(f"importing vgamepad raised {type(error).__name__}: {error}") from error
 
 
-def check_tmrl_setup(config: Config | None = None, *, allow_non_windows: bool = False) -> None:
-    """Everything that can be checked without tmrl or the game; raises TrackManiaSetupError (one line)."""
-    config = config or Config()
+def _require_windows(allow_non_windows: bool) -> str:
     system = platform.system()
     if system != "Windows" and not allow_non_windows:
         raise TrackManiaSetupError(
             f"TrackMania needs Windows (the game, OpenPlanet, tmrl's window capture and virtual gamepad); "
             f"this is {system or 'an unknown system'}"
         )
+    return system
+
+
+def _require_tmrl() -> str:
     if find_spec("tmrl") is None:
         raise TrackManiaSetupError(f"tmrl is not installed: {_INSTALL_HINT}")
+    return _installed_tmrl_version()
+
+
+def _require_tmrl_data() -> Path:
     folder = tmrl_data_folder()
     if not folder.is_dir():
         # Importing tmrl now would make it download its resources: tell the user to do it knowingly.
         raise TrackManiaSetupError(f"no TmrlData folder at {folder}: {_INSTALL_HINT}")
-    validate_tmrl_config(load_tmrl_config(folder), config, folder / "config" / "config.json")
+    return folder
+
+
+def _check_tmrl_config(config: Config) -> Path:
+    path = tmrl_data_folder() / "config" / "config.json"
+    validate_tmrl_config(load_tmrl_config(tmrl_data_folder()), config, path)
+    return path
+
+
+def check_tmrl_setup(config: Config | None = None, *, allow_non_windows: bool = False) -> None:
+    """Everything that can be checked without tmrl or the game; raises TrackManiaSetupError (one line).
+    The same steps as `setup_report`, stopping at the first that fails."""
+    config = config or Config()
+    system = _require_windows(allow_non_windows)
+    _require_tmrl()
+    folder = _require_tmrl_data()
+    _check_tmrl_config(config)
     load_reward_trajectory(folder)
     if system == "Windows":
         _check_virtual_gamepad()
 
 
-def probe_openplanet(timeout: float = 1.0) -> None:
-    """Connect to the plugin and read one telemetry frame; raise GameNotRespondingError if that fails."""
+def listen_to_plugin(seconds: float, enough: int | None = None) -> list[tuple[float, tuple[float, ...]]]:
+    """(arrival time, frame) of every telemetry frame the plugin sends in `seconds`, or of its first
+    `enough`; GameNotRespondingError (one line) when nothing answers, or nothing comes."""
     address = f"{OPENPLANET_HOST}:{OPENPLANET_PORT}"
-    connected = False
+    frames: list[tuple[float, tuple[float, ...]]] = []
+    connected, failure = False, None
     try:
-        with socket.create_connection((OPENPLANET_HOST, OPENPLANET_PORT), timeout=timeout) as sock:
+        with socket.create_connection((OPENPLANET_HOST, OPENPLANET_PORT), timeout=seconds) as sock:
             connected = True
-            received = b""
-            deadline = time.monotonic() + timeout
-            while len(received) < OPENPLANET_FRAME.size:
-                sock.settimeout(max(deadline - time.monotonic(), 1e-3))
-                chunk = sock.recv(OPENPLANET_FRAME.size - len(received))
+            end, received = time.monotonic() + seconds, b""
+            while time.monotonic() < end and (enough is None or len(frames) < enough):
+                sock.settimeout(max(end - time.monotonic(), 1e-3))
+                chunk = sock.recv(65536)
                 if not chunk:
-                    raise ConnectionResetError("connection closed")
+                    failure = "connection closed"
+                    break
                 received += chunk
+                now = time.monotonic()
+                while len(received) >= OPENPLANET_FRAME.size:
+                    frames.append((now, OPENPLANET_FRAME.unpack(received[: OPENPLANET_FRAME.size])))
+                    received = received[OPENPLANET_FRAME.size :]
     except OSError as error:  # refused, timed out (TimeoutError is an OSError) or reset
         if not connected:
             raise GameNotRespondingError(
                 f"nothing answers on {address} (the OpenPlanet plugin 'TMRL Grab Data'): {_GAME_CHECKS}"
             ) from error
-        raise GameNotRespondingError(
-            f"something listens on {address} but sent no TrackMania telemetry within {timeout:g} s "
-            f"({type(error).__name__}): load a map so the plugin sends data, and make sure no other program "
-            f"uses port {OPENPLANET_PORT}"
-        ) from error
+        failure = type(error).__name__  # once connected, the end of the window (a timeout) or a reset
     time.sleep(PLUGIN_RELISTEN_DELAY)
+    if not frames:
+        raise GameNotRespondingError(
+            f"something listens on {address} but sent no TrackMania telemetry within {seconds:g} s "
+            f"({failure or 'TimeoutError'}): load a map so the plugin sends data, and make sure no other "
+            f"program uses port {OPENPLANET_PORT}"
+        )
+    return frames
+
+
+def probe_openplanet(timeout: float = 1.0) -> None:
+    """Connect to the plugin and read one telemetry frame; raise GameNotRespondingError if that fails."""
+    listen_to_plugin(timeout, enough=1)
 
 
 def check_tmrl_available(config: Config | None = None, *, allow_non_windows: bool = False) -> str | None:
@@ -499,40 +535,6 @@ class SetupCheck:
     def line(self) -> str:
         mark = {True: "ok  ", False: "FAIL", None: "skip"}[self.passed]
         return f"{mark} {self.name}: {self.detail}"
-
-
-def listen_to_plugin(seconds: float) -> list[tuple[float, tuple[float, ...]]]:
-    """(arrival time, frame) of every telemetry frame the plugin sends in `seconds` (GameNotRespondingError
-    if it does not answer)."""
-    address = f"{OPENPLANET_HOST}:{OPENPLANET_PORT}"
-    frames: list[tuple[float, tuple[float, ...]]] = []
-    try:
-        with socket.create_connection((OPENPLANET_HOST, OPENPLANET_PORT), timeout=1.0) as sock:
-            end, received = time.monotonic() + seconds, b""
-            while time.monotonic() < end:
-                sock.settimeout(max(end - time.monotonic(), 1e-3))
-                try:
-                    chunk = sock.recv(65536)
-                except TimeoutError:
-                    break
-                if not chunk:
-                    break
-                received += chunk
-                now = time.monotonic()
-                while len(received) >= OPENPLANET_FRAME.size:
-                    frames.append((now, OPENPLANET_FRAME.unpack(received[: OPENPLANET_FRAME.size])))
-                    received = received[OPENPLANET_FRAME.size :]
-    except OSError as error:
-        raise GameNotRespondingError(
-            f"nothing answers on {address} (the OpenPlanet plugin 'TMRL Grab Data'): {_GAME_CHECKS}"
-        ) from error
-    time.sleep(PLUGIN_RELISTEN_DELAY)
-    if not frames:
-        raise GameNotRespondingError(
-            f"something listens on {address} but sent no TrackMania telemetry in {seconds:g} s: load a map "
-            f"so the plugin sends data, and make sure no other program uses port {OPENPLANET_PORT}"
-        )
-    return frames
 
 
 def _telemetry_verdict(frames: list[tuple[float, tuple[float, ...]]], seconds: float) -> str:
@@ -579,27 +581,13 @@ def setup_report(
     system = platform.system() or "an unknown system"
 
     def windows() -> str:
-        if system != "Windows" and not allow_non_windows:
-            raise TrackManiaSetupError(
-                f"this is {system}: TrackMania, OpenPlanet, tmrl's window capture and virtual gamepad "
-                "need Windows"
-            )
-        return system
-
-    def tmrl_installed() -> str:
-        if find_spec("tmrl") is None:
-            raise TrackManiaSetupError(f"tmrl is not installed: {_INSTALL_HINT}")
-        return _installed_tmrl_version()
+        return _require_windows(allow_non_windows) or system
 
     def tmrl_data() -> str:
-        folder = tmrl_data_folder()
-        if not folder.is_dir():
-            raise TrackManiaSetupError(f"no TmrlData folder at {folder}: {_INSTALL_HINT}")
-        return str(folder)
+        return str(_require_tmrl_data())
 
     def tmrl_config() -> str:
-        path = tmrl_data_folder() / "config" / "config.json"
-        validate_tmrl_config(load_tmrl_config(tmrl_data_folder()), config, path)
+        path = _check_tmrl_config(config)
         return f"{path}: every key tmrl reads is there, and the pinned ones have rainbow-tm's values"
 
     trajectory: list[np.ndarray] = []
@@ -635,7 +623,7 @@ def setup_report(
         )
 
     check("Windows", (), windows)
-    check("tmrl", (), tmrl_installed)
+    check("tmrl", (), _require_tmrl)
     check("TmrlData", (), tmrl_data)
     check("config.json", ("TmrlData",), tmrl_config)
     check("reward trajectory", ("TmrlData",), reward_trajectory)

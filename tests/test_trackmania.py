@@ -298,7 +298,7 @@ def test_check_trackmania_on_the_command_line_prints_one_line_per_step_and_exits
     assert out[-1] == "TrackMania is not ready: fix telemetry (in this order), then check again"
     if sys.platform != "win32":  # for real (no allow_non_windows): the system is named first, in one line
         assert env_tm.main(["--check-trackmania"]) == 3
-        assert capsys.readouterr().out.splitlines()[0].startswith("FAIL Windows: this is ")
+        assert capsys.readouterr().out.splitlines()[0].startswith("FAIL Windows: TrackMania needs Windows")
 
 
 def test_clip_action() -> None:
