@@ -11,7 +11,6 @@ finite, the schedules as pinned).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from red_flags import (
     LOSS_SPIKE_AFTER_EPISODE,
     LOSS_SPIKE_THRESHOLD,
 )
-from tm_config import Config, ConfigError, epsilon_at
+from tm_config import Config, epsilon_at
 
 # --- go/no-go criteria of a diagnostic run (default 5,000 environment steps) -----------------------
 DIAG_MIN_LEARN_STEPS = 1_000  # a 5,000-step run makes ~4,968 learn steps (learning starts at 32 stored)
@@ -35,24 +34,6 @@ DIAG_MIN_STEP_RECORDS = 5
 DIAG_MAX_SKIPPED_STEPS = 10  # the loop itself stops at 100 in a row (max_consecutive_nonfinite_steps)
 DIAG_LOSS_GROWTH_FACTOR = 10.0  # last-window mean loss may not exceed 10x the first-window mean
 DIAG_EPSILON_TOLERANCE = 1e-6
-
-
-def config_from_records(records: Iterable[dict[str, Any]]) -> Config:
-    """The config a run used: the known-good one plus the departures of its first "run" record."""
-    for record in records:
-        if record.get("kind") != "run" or not isinstance(record.get("departures"), dict):
-            continue
-        known = {f.name for f in dataclasses.fields(Config)}
-        overrides = {
-            key: value["used"]
-            for key, value in record["departures"].items()
-            if key in known and isinstance(value, dict) and "used" in value
-        }
-        try:
-            return Config().with_overrides(**overrides)
-        except ConfigError:  # written by another version of the config: judge it by the pinned one
-            return Config()
-    return Config()
 
 
 # --- go / no-go ------------------------------------------------------------------------------------

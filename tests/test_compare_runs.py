@@ -12,7 +12,12 @@ import numpy as np
 import pytest
 
 import compare_runs
-from compare_runs import DEFAULT_ENVELOPE, FAIL, NO_DATA, NO_VERDICT, PASS, check_run, load_run, main
+import run_checks
+import run_plots
+import run_records
+from compare_runs import main
+from run_checks import DEFAULT_ENVELOPE, FAIL, NO_DATA, NO_VERDICT, PASS, check_run
+from run_records import load_run
 from tm_config import Config, epsilon_at
 
 CONFIG = Config()
@@ -119,7 +124,7 @@ def no_plot(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     return drawn
 
 
-def by_name(checks: list[compare_runs.Check]) -> dict[tuple[str, str], str]:
+def by_name(checks: list[run_checks.Check]) -> dict[tuple[str, str], str]:
     return {(c.scope, c.name): c.status for c in checks}
 
 
@@ -148,7 +153,7 @@ def read_png_size(path: Path) -> tuple[int, int]:
 
 # --- the envelope ----------------------------------------------------------------------------------
 def test_default_envelope_is_the_shared_reference() -> None:
-    kept = compare_runs.SHARED_ENVELOPE  # the repository's copy of shared/reference/c643zifs-envelope.json
+    kept = run_checks.SHARED_ENVELOPE  # the repository's copy of shared/reference/c643zifs-envelope.json
     assert kept.is_file() and json.loads(kept.read_text(encoding="utf-8")) == DEFAULT_ENVELOPE
     shared = Path(compare_runs.__file__).resolve().parent.parent / "shared" / "reference" / kept.name
     if shared.is_file():  # beside the shared folder too: the copy has not drifted from it
@@ -404,7 +409,7 @@ def test_offline_wandb_is_one_line_and_never_calls_the_api(
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    with pytest.raises(compare_runs.RunLoadError, match=r"W&B is offline .*wandb login"):
+    with pytest.raises(run_records.RunLoadError, match=r"W&B is offline .*wandb login"):
         load_run("my-entity/rainbow-tm/c643zifs")
 
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -421,7 +426,7 @@ def test_wandb_errors_are_one_line(online_wandb: type[FakeApi], monkeypatch: pyt
         raise ValueError("Could not find run <Run my-entity/rainbow-tm/nope>\nsecond line")
 
     monkeypatch.setattr(FakeApi, "run", broken)
-    with pytest.raises(compare_runs.RunLoadError) as error:
+    with pytest.raises(run_records.RunLoadError) as error:
         load_run("my-entity/rainbow-tm/nope")
     assert "\n" not in str(error.value) and "ValueError: Could not find run" in str(error.value)
 
@@ -438,11 +443,11 @@ def test_wandb_errors_are_one_line(online_wandb: type[FakeApi], monkeypatch: pyt
     ],
 )
 def test_parse_wandb_path(spec: str, expected: str | None) -> None:
-    assert compare_runs.parse_wandb_path(spec) == expected
+    assert run_records.parse_wandb_path(spec) == expected
 
 
 def test_detect_keys_maps_common_names() -> None:
-    keys = compare_runs.detect_keys(
+    keys = run_records.detect_keys(
         [
             "_step",
             "_runtime",
@@ -461,7 +466,7 @@ def test_detect_keys_maps_common_names() -> None:
         "loss": "step/loss",
         "epsilon": "step/epsilon",
     }
-    loose = compare_runs.detect_keys(["train/avg_reward_per_episode", "charts/q_value_greedy", "losses/iqn"])
+    loose = run_records.detect_keys(["train/avg_reward_per_episode", "charts/q_value_greedy", "losses/iqn"])
     assert loose["reward"] == "train/avg_reward_per_episode" and loose["q_mean"] == "charts/q_value_greedy"
     assert loose["loss"] is None and loose["episode"] is None
 
@@ -482,7 +487,7 @@ def test_a_recorded_unpinned_run_is_reported_and_marked_in_the_legend(
     assert [line for line in lines if "UNPINNED" in line] == [
         "UNPINNED fast-lr: departs from the sacred learning_rate (0.0003, pinned 0.0001)"
     ]
-    figure = compare_runs.build_figure([load_run(str(fast)), load_run(str(pinned))], DEFAULT_ENVELOPE)
+    figure = run_plots.build_figure([load_run(str(fast)), load_run(str(pinned))], DEFAULT_ENVELOPE)
     for ax in figure.axes:  # every legend: the metric panels' and the race panel's
         legend = ax.get_legend()
         texts = [t.get_text() for t in legend.get_texts()] if legend else []
@@ -517,11 +522,11 @@ def test_an_older_run_without_the_record_is_caught_by_its_config(
 
 def test_a_recorded_key_without_its_value_is_still_reported(tmp_path: Path) -> None:
     run = load_run(str(write_run(tmp_path / "r", healthy_episodes(30), unpinned=["learning_rate"])))
-    assert compare_runs.unpinned_line(run) == (
+    assert run_records.unpinned_line(run) == (
         "UNPINNED r: departs from the sacred learning_rate (0.0001, pinned 0.0001)"
     )  # the config says pinned but the run says unpinned: the record wins, and the value is shown as is
     run.unpinned = {"learning_rate": None}
-    assert compare_runs.unpinned_line(run).endswith("learning_rate (value not recorded, pinned 0.0001)")
+    assert run_records.unpinned_line(run).endswith("learning_rate (value not recorded, pinned 0.0001)")
 
 
 @pytest.mark.parametrize(
@@ -561,12 +566,12 @@ def test_race_results_table(tmp_path: Path, capsys: pytest.CaptureFixture[str], 
     racer = write_run(tmp_path / "racer", race_episodes(RACE_FINISHED, RACE_TIMES))
     never = write_run(tmp_path / "never", race_episodes([False] * 4, {}))
     old = write_run(tmp_path / "old", healthy_episodes(10))  # episodes without `finished`
-    summary = compare_runs.race_summary(load_run(str(racer)))
-    assert summary == compare_runs.RaceSummary(
+    summary = run_records.race_summary(load_run(str(racer)))
+    assert summary == run_records.RaceSummary(
         episodes=10, finished=5, best=47.25, best_episode=8, best_step=2016, median=48.5
     )
     assert summary.rate == 0.5
-    assert compare_runs.race_summary(load_run(str(old))) is None
+    assert run_records.race_summary(load_run(str(old))) is None
 
     main([str(racer), str(never), str(old), "--out", str(tmp_path / "r.png")])
     text = capsys.readouterr().out
@@ -584,7 +589,7 @@ def test_race_results_table(tmp_path: Path, capsys: pytest.CaptureFixture[str], 
 def test_race_results_over_the_episodes_that_record_them(tmp_path: Path) -> None:
     finished: list[bool | None] = [None] * 6 + [True, False, True, False]  # a run upgraded mid-way
     run = load_run(str(write_run(tmp_path / "mixed", race_episodes(finished, {7: 61.5, 9: 60.25}))))
-    summary = compare_runs.race_summary(run)
+    summary = run_records.race_summary(run)
     assert summary is not None and (summary.episodes, summary.finished, summary.best) == (4, 2, 60.25)
     assert summary.median == pytest.approx(60.875) and summary.best_episode == 9
     assert compare_runs.race_table([run])[-1] == (
@@ -597,7 +602,7 @@ def test_a_race_time_without_a_finish_is_not_a_race(tmp_path: Path) -> None:
     episodes["race_time"][1] = 40.0  # a stray value on an unfinished episode must not become the best
     run = load_run(str(write_run(tmp_path / "stray", episodes)))
     assert np.isnan(run.race_time[1]) and run.race_time[2] == 52.0
-    assert compare_runs.race_summary(run).best == 52.0
+    assert run_records.race_summary(run).best == 52.0
 
 
 def test_wandb_race_columns(online_wandb: type[FakeApi], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -613,11 +618,11 @@ def test_wandb_race_columns(online_wandb: type[FakeApi], monkeypatch: pytest.Mon
         return run
 
     monkeypatch.setattr(FakeApi, "run", with_races)
-    summary = compare_runs.race_summary(load_run("my-entity/rainbow-tm/c643zifs"))
-    assert summary == compare_runs.RaceSummary(
+    summary = run_records.race_summary(load_run("my-entity/rainbow-tm/c643zifs"))
+    assert summary == run_records.RaceSummary(
         episodes=600, finished=200, best=40.0, best_episode=600, best_step=1200, median=pytest.approx(69.85)
     )
-    assert compare_runs.detect_race_keys(["_step", "Episode", "Loss"]) == {
+    assert run_records.detect_race_keys(["_step", "Episode", "Loss"]) == {
         "finished": None,
         "race_time": None,
     }
@@ -628,7 +633,7 @@ def test_race_panel_draws_finished_times_and_best_so_far(tmp_path: Path, x_axis:
     racer = load_run(str(write_run(tmp_path / "racer", race_episodes(RACE_FINISHED, RACE_TIMES))))
     old = load_run(str(write_run(tmp_path / "old", healthy_episodes(10))))
     never = load_run(str(write_run(tmp_path / "never", race_episodes([False] * 4, {}))))
-    figure = compare_runs.build_figure([racer, old, never], DEFAULT_ENVELOPE, x_axis=x_axis)
+    figure = run_plots.build_figure([racer, old, never], DEFAULT_ENVELOPE, x_axis=x_axis)
     race = figure.axes[5]
     assert race.get_title().startswith("race time of finished episodes")
     assert "never finished: never" in race.get_title() and "no race data: old" in race.get_title()
@@ -642,9 +647,9 @@ def test_race_panel_draws_finished_times_and_best_so_far(tmp_path: Path, x_axis:
 
 
 # --- verdicts --------------------------------------------------------------------------------------
-def checks_of(passed: int, failed: int, no_data: int) -> list[compare_runs.Check]:
+def checks_of(passed: int, failed: int, no_data: int) -> list[run_checks.Check]:
     statuses = [PASS] * passed + [FAIL] * failed + [NO_DATA] * no_data
-    return [compare_runs.Check("whole run", f"c{i}", status, "", "") for i, status in enumerate(statuses)]
+    return [run_checks.Check("whole run", f"c{i}", status, "", "") for i, status in enumerate(statuses)]
 
 
 @pytest.mark.parametrize(
@@ -662,7 +667,7 @@ def checks_of(passed: int, failed: int, no_data: int) -> list[compare_runs.Check
     ],
 )
 def test_run_verdict(counts: tuple[int, int, int], verdict: str) -> None:
-    assert compare_runs.run_verdict(checks_of(*counts)) == verdict
+    assert run_checks.run_verdict(checks_of(*counts)) == verdict
 
 
 def test_no_data_never_reads_as_pass(
@@ -704,7 +709,7 @@ def test_short_and_gappy_series_are_drawn_with_markers(tmp_path: Path) -> None:
     gappy = load_run(str(write_run(tmp_path / "gappy", healthy_episodes(400))))
     gappy.step[:] = np.nan  # no steps: the gaps cannot be interpolated, the points stay isolated
     gappy.q_mean[np.arange(400) % 3 != 0] = np.nan  # 134 points, no two of them neighbours
-    figure = compare_runs.build_figure([single, long, gappy], DEFAULT_ENVELOPE)
+    figure = run_plots.build_figure([single, long, gappy], DEFAULT_ENVELOPE)
     reward, q = figure.axes[0], figure.axes[1]
     assert run_line(reward, "single").get_marker() == "o"
     assert len(run_line(reward, "single").get_xdata()) == 1
@@ -712,11 +717,11 @@ def test_short_and_gappy_series_are_drawn_with_markers(tmp_path: Path) -> None:
     assert run_line(reward, "gappy").get_marker() == "None"  # its rewards are complete
     assert run_line(q, "gappy").get_marker() == "o"
 
-    assert compare_runs.needs_markers(np.ones(1, dtype=bool))
-    assert compare_runs.needs_markers(np.ones(49, dtype=bool))
-    assert not compare_runs.needs_markers(np.ones(50, dtype=bool))
-    assert compare_runs.needs_markers(np.arange(300) % 2 == 0)  # 150 points, none next to another
-    assert not compare_runs.needs_markers(np.arange(300) % 3 != 0)  # pairs of neighbours
+    assert run_plots.needs_markers(np.ones(1, dtype=bool))
+    assert run_plots.needs_markers(np.ones(49, dtype=bool))
+    assert not run_plots.needs_markers(np.ones(50, dtype=bool))
+    assert run_plots.needs_markers(np.arange(300) % 2 == 0)  # 150 points, none next to another
+    assert not run_plots.needs_markers(np.arange(300) % 3 != 0)  # pairs of neighbours
 
 
 def test_the_plot_goes_into_the_first_runs_folder_by_default(
@@ -854,7 +859,7 @@ def test_the_kept_curve_files_compare_with_their_names_counts_and_a_drawn_evalua
     assert "(0 episodes, 100,000 steps, 11 evaluations; embedded)" in text
     assert "70,315" in text and "622.2" in text  # steps to 400 and the best, as BENCHMARKS section 9 says
     runs = [load_run(spec) for spec in specs]
-    figure = compare_runs.build_figure(runs, DEFAULT_ENVELOPE, "step")
+    figure = run_plots.build_figure(runs, DEFAULT_ENVELOPE, "step")
     assert len(figure.axes) == 1, "no episode records: the evaluation panel alone, not empty ones"
     labels = [line.get_label() for line in figure.axes[0].lines]
     assert "curve-pin-s0 (unpinned)" in labels and "curve-pin-s1 (unpinned)" in labels
@@ -872,7 +877,7 @@ def test_embedded_runs_are_drawn_against_steps_with_the_embedded_reference_not_t
     runs = [load_run(str(run))]
     reference = compare_runs.reference_runs(None, runs)
     assert [r.label for r in reference] == ["curve-pin-s0", "curve-pin-s1"]
-    figure = compare_runs.build_figure(runs, DEFAULT_ENVELOPE, "step", reference=reference, budget=20_000)
+    figure = run_plots.build_figure(runs, DEFAULT_ENVELOPE, "step", reference=reference, budget=20_000)
     evaluation = figure.axes[4]
     labels = [line.get_label() for line in evaluation.lines]
     assert "reference: curve-pin-s0 (unpinned)" in labels and "mine" in labels
