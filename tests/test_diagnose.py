@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 from test_health import CONFIG, metrics
 
-from diagnose import Criterion, config_from_records, diagnose, format_table, verdict
-from tm_config import Config, epsilon_at
+from diagnose import Criterion, diagnose, format_table, verdict
+from tm_config import epsilon_at
 
 
 # --- diagnose: go / no-go --------------------------------------------------------------------------
@@ -121,10 +121,3 @@ def test_diagnose_bounds_q_by_episode_rewards_without_max_abs_reward() -> None:
     by_name = {c.name: c for c in diagnose(records, CONFIG)}
     assert by_name["q_within_return_bound"].passed
     assert "max|r| 150: the largest |episode reward|" in by_name["q_within_return_bound"].measured
-
-
-def test_config_from_records_applies_departures() -> None:
-    records = [{"kind": "run", "departures": {"epsilon_decay_to": {"pinned": 2_500_000, "used": 1000}}}]
-    assert config_from_records(records).epsilon_decay_to == 1000
-    assert config_from_records([]) == Config()
-    assert config_from_records([{"kind": "run", "departures": {"nope": {"used": 1}}}]) == Config()
