@@ -264,13 +264,6 @@ def test_reward_decline_fires_once_and_not_on_a_flat_run() -> None:
         assert flat.observe_episode(50 + rng.normal(0, 20), 200, 0.9, 200 * episode, episode) == []
 
 
-def test_reward_trend_statistics() -> None:
-    falling = red_flags.reward_trend(list(np.linspace(100, 0, 500)))
-    assert falling.declining and falling.slope == pytest.approx(-100 / 499) and falling.t_stat < -1e6
-    assert not red_flags.reward_trend(list(np.linspace(0, 100, 500))).declining
-    assert not red_flags.reward_trend([1.0, 2.0]).declining  # too short to say anything
-
-
 def test_red_flag_event_round_trips_through_the_run_log(tmp_path: Path) -> None:
     monitor = HealthMonitor(CONFIG)
     flag = only(feed(monitor, [metrics(0, loss=math.nan, skipped=1.0)]), "nonfinite_loss")
