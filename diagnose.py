@@ -257,21 +257,15 @@ def diagnose(records: list[dict[str, Any]], config: Config) -> list[Criterion]:
     requirement = f"|Q| <= max|r| / (1 - gamma {config.discount_factor:g}): no return can be larger"
     # q_out_of_bounds at every step record against the bound the loop knew then (or the stand-in), and at
     # every episode record's Q against the run's bound.
-    beyond = any(
-        r.tripped
-        for p in learn_series(records)
-        if (extreme := red_flags.q_extreme(p.q_mean, p.q_min, p.q_max)) is not None
-        and math.isfinite(extreme)
-        and (
-            r := red_flags.q_out_of_bounds(
-                extreme, p.max_abs_reward if recorded_bound else max_abs_reward, config
-            )
-        )
-    ) or any(
-        r.tripped
-        for _, v in _values(episodes, "q_mean")
-        if math.isfinite(v) and (r := red_flags.q_out_of_bounds(abs(v), max_abs_reward, config))
-    )
+    beyond = False
+    for p in learn_series(records):
+        known = p.max_abs_reward if recorded_bound else max_abs_reward
+        extreme = red_flags.q_extreme(p.q_mean, p.q_min, p.q_max)
+        reading = red_flags.q_out_of_bounds(extreme, known or 0.0, config)  # None known: not judged yet
+        beyond = beyond or bool(reading and reading.tripped)
+    for _, v in _values(episodes, "q_mean"):
+        reading = red_flags.q_out_of_bounds(abs(v), max_abs_reward, config)
+        beyond = beyond or bool(reading and reading.tripped)
     if max_abs_reward <= 0:
         add("q_within_return_bound", True, "not checkable: no non-zero reward recorded", requirement)
     else:

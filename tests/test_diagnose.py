@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from test_health import CONFIG, metrics
 
-from diagnose import Criterion, diagnose, format_table, verdict
+from diagnose import Criterion, diagnose, flags_in_records, format_table, verdict
 from tm_config import epsilon_at
 
 
@@ -121,3 +121,14 @@ def test_diagnose_bounds_q_by_episode_rewards_without_max_abs_reward() -> None:
     by_name = {c.name: c for c in diagnose(records, CONFIG)}
     assert by_name["q_within_return_bound"].passed
     assert "max|r| 150: the largest |episode reward|" in by_name["q_within_return_bound"].measured
+
+
+def test_a_fatal_flag_in_the_recorded_series_fails_the_diagnosis_without_its_event() -> None:
+    records = diagnostic_records()
+    step_records = [r for r in records if r["kind"] == "step"]
+    step_records[20]["grad_norm"] = 5000.0  # > 10x the clip norm 100: grad_norm_exploding
+    by_name = {c.name: c for c in diagnose(records, CONFIG)}
+    assert not by_name["grad_norm_bounded"].passed
+    assert not by_name["no_fatal_red_flags"].passed
+    assert by_name["no_fatal_red_flags"].measured == "raised: grad_norm_exploding"
+    assert flags_in_records(records, CONFIG) == {"grad_norm_exploding": step_records[20]["step"]}
