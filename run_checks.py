@@ -255,12 +255,13 @@ def red_flag_checks(run: RunSeries) -> list[Check]:
     """The envelope's four red flags over the whole run: the live monitor's own rules (red_flags.py) at
     every episode of the run's per-episode series, with the live windows (the last 100 losses, the last
     500 rewards). The series are what the run recorded per episode: its Q and loss are the last learn
-    step's before the episode ended (Q the greedy one where recorded, as the reference logged it)."""
+    step's before the episode ended (q_negative judges the mean Q, as the monitor does, not the greedy Q
+    the envelope's phases compare)."""
     scope, checks = "whole run", []
     episodes = run.episode
     config = _run_config(run)
 
-    q = run.q_mean
+    q = run.q_monitored if run.q_monitored is not None else run.q_mean  # the Q the live monitor judged
     lows = run.min_reward if run.min_reward is not None else np.zeros(len(q))
     floor = red_flags.q_floor(float(np.min(lows, initial=0.0)), config)
     expected = f"mean Q >= {floor:g} at every episode"

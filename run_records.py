@@ -58,6 +58,9 @@ class RunSeries:
     # per episode, the most negative reward recorded by then (0 before one is): moves q_negative's floor;
     # None when the run did not record it (W&B runs)
     min_reward: np.ndarray | None = None
+    # per episode, the mean Q the live monitor judged (the record's q_mean) where `q_mean` above is the
+    # greedy Q the reference logged; None when they are the same series (no q_greedy recorded, W&B runs)
+    q_monitored: np.ndarray | None = None
     # sacred key -> the value the run used (None when only its name was recorded); empty when pinned
     unpinned: dict[str, Any] = field(default_factory=dict)
     folder: Path | None = None  # our run's folder (the default home of the PNG); None for W&B runs
@@ -344,6 +347,14 @@ def load_jsonl_run(path: Path) -> RunSeries:
         v for r in records if (v := health.to_float(r.get("learn_step"))) is not None and math.isfinite(v)
     ]
     starts = [r for r in records if r.get("kind") == "run" and r.get("event") == "start"]
+    q_monitored = None
+    if any(r.get("q_greedy") is not None for r in records if r.get("kind") in ("episode", "step")):
+        monitored: dict[float, float] = {}
+        for r in records:
+            if r.get("kind") == "episode" and (e := health.to_float(r.get("episode"))) is not None:
+                q = health.to_float(r.get("q_mean"))
+                monitored[e] = math.nan if q is None else q
+        q_monitored = np.asarray([monitored.get(e, math.nan) for e in series["episode"]], dtype=np.float64)
     lows = sorted(
         (s, v)
         for r in records
@@ -367,6 +378,7 @@ def load_jsonl_run(path: Path) -> RunSeries:
         config=config,
         red_flags=flags,
         min_reward=min_reward,
+        q_monitored=q_monitored,
         unpinned=find_unpinned(recorded, used),
         folder=file.parent,
         evals=evaluations_of(records),

@@ -193,14 +193,15 @@ def write_records(folder: Path, s: dict[str, np.ndarray]) -> Path:
     for i in range(EPISODES):
         step = 10 * (i + 1)
         learn = {key: number(s[key][i]) for key in LEARN_KEYS}
+        greedy = number(s["q_mean"][i] + 25.0)  # max over actions: the envelope's Q, never below -10 here
         records.append(
-            {"kind": "step", "step": step, "learn_step": i + 1, **learn, "skipped": 0.0,
+            {"kind": "step", "step": step, "learn_step": i + 1, **learn, "skipped": 0.0, "q_greedy": greedy,
              "learning_rate": CONFIG.learning_rate, "min_reward": number(s["min_reward"][i]),
              "max_abs_reward": 1.0}
         )  # fmt: skip
         records.append(
             {"kind": "episode", "step": step, "episode": i + 1, "reward": number(s["reward"][i]),
-             "length": 10, "epsilon": number(s["epsilon"][i]), "q_mean": learn["q_mean"],
+             "length": 10, "epsilon": number(s["epsilon"][i]), "q_mean": learn["q_mean"], "q_greedy": greedy,
              "loss": learn["loss"]}
         )  # fmt: skip
     folder.mkdir(parents=True)

@@ -1045,4 +1045,16 @@ CATALOGUE: tuple[Mutation, ...] = (
         ),
         ("tests/test_red_flags.py::test_loss_spike_is_the_median_of_the_last_100_after_episode_500",),
     ),
+    Mutation(
+        "comparison_q_negative_on_the_greedy_q",
+        "issue 28: the comparison judged q_negative on the greedy Q (max over actions), the monitor on the mean",
+        (
+            (
+                "run_checks.py",
+                "    q = run.q_monitored if run.q_monitored is not None else run.q_mean",
+                "    q = run.q_mean",
+            ),
+        ),
+        ("tests/test_red_flags.py::test_the_monitor_the_diagnosis_and_the_comparison_agree[q_negative]",),
+    ),
 )
