@@ -774,7 +774,7 @@ def watch_checkpoint(args: argparse.Namespace) -> int:
 
 def report_diagnosis(result: Any) -> int:
     """The go/no-go table of a finished diagnostic run; non-zero exit on a no-go."""
-    from health import diagnose, format_table, verdict
+    from diagnose import diagnose, format_table, verdict
     from run_log import METRICS_FILE, read_jsonl
 
     criteria = diagnose(read_jsonl(result.run_dir / METRICS_FILE), result.config)
@@ -793,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
             print(show_config(config))
             return EXIT_OK
         if args.diagnose is not None:  # refused now, not after the learner has started
-            from health import DIAG_MIN_LEARN_STEPS
+            from diagnose import DIAG_MIN_LEARN_STEPS
 
             shortest = DIAG_MIN_LEARN_STEPS + config.batch_size
             if args.diagnose < shortest:

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from checkpoints import CheckpointStore
-from health import DIAG_MIN_LEARN_STEPS, FATAL_FLAGS, GAME_FLAGS, HealthMonitor, RedFlag, stale_share
+from diagnose import DIAG_MIN_LEARN_STEPS
+from health import FATAL_FLAGS, GAME_FLAGS, HealthMonitor, RedFlag, stale_share
 from learner import LearnerSpec, make_learner, stream_seeds
 from rainbow import resolve_device, unused_gpu_notice
 from run_log import METRICS_FILE, RunLog, truncate_after_step

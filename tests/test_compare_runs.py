@@ -3,107 +3,29 @@
 from __future__ import annotations
 
 import json
-import math
-import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from run_logs import (
+    FAILED_DEPARTURES,
+    RACE_FINISHED,
+    RACE_TIMES,
+    by_name,
+    failed_episodes,
+    healthy_episodes,
+    race_episodes,
+    read_png_size,
+    write_run,
+)
 
 import compare_runs
-from compare_runs import DEFAULT_ENVELOPE, FAIL, NO_DATA, NO_VERDICT, PASS, check_run, load_run, main
-from tm_config import Config, epsilon_at
-
-CONFIG = Config()
-FAILED_RUN = DEFAULT_ENVELOPE["failed_run"]["trajectory"]
-
-
-def piecewise(episode: np.ndarray, segments: list[tuple[float, float, float, float]]) -> np.ndarray:
-    """Linear pieces (episode_from, episode_to, value_from, value_to), held at the ends."""
-    xs = [segments[0][0]] + [s[1] for s in segments]
-    ys = [segments[0][2]] + [s[3] for s in segments]
-    return np.interp(episode, xs, ys)
-
-
-def write_run(
-    folder: Path,
-    episodes: dict[str, np.ndarray],
-    departures: dict[str, Any] | None = None,
-    steps: list[dict[str, Any]] | None = None,
-    events: list[dict[str, Any]] | None = None,
-    unpinned: list[str] | None = None,
-    env: str = "trackmania",
-) -> Path:
-    """A metrics.jsonl as env_tm.py writes it: run, episode, step and event records; NaN as "nan". A None
-    episode value leaves the key out of that record (race_time is only written for finished episodes);
-    `unpinned` goes into the start record as env_tm.py writes it (older runs have no such key). A
-    TrackMania run by default: the envelope's phases are checked for TrackMania runs only."""
-
-    def clean(value: Any) -> Any:
-        if isinstance(value, (bool, np.bool_)):
-            return bool(value)
-        if isinstance(value, (float, np.floating)):
-            return float(value) if math.isfinite(value) else str(float(value))
-        if isinstance(value, np.integer):
-            return int(value)
-        return value
-
-    folder.mkdir(parents=True, exist_ok=True)
-    start = {"kind": "run", "step": 0, "event": "start", "env": env, "departures": departures or {}}
-    if unpinned is not None:
-        start["unpinned"] = unpinned
-    records: list[dict[str, Any]] = [start]
-    for i in range(len(episodes["episode"])):
-        record = {"kind": "episode", "length": 250, "terminated": True, "beta": 1.0, "seconds": 12.5}
-        record.update({key: clean(values[i]) for key, values in episodes.items() if values[i] is not None})
-        records.append(record)
-    records += steps or []
-    records += events or []
-    with open(folder / "metrics.jsonl", "w", encoding="utf-8") as file:
-        for record in records:
-            file.write(json.dumps(record) + "\n")
-    return folder
-
-
-def healthy_episodes(n: int = 2500, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inside the c643zifs envelope: 252-step episodes put the pinned step schedule's epsilon at 0.95,
-    0.85, 0.75 at episodes 500, 1500, 2500, as the seed reports."""
-    rng = np.random.default_rng(seed)
-    episode = np.arange(1, n + 1)
-    step = 252 * episode
-    q = piecewise(episode, [(0, 500, 0, 20), (500, 1500, 20, 40), (1500, 2500, 40, 50)]) + rng.normal(0, 1, n)
-    loss = piecewise(episode, [(0, 500, 6, 3), (500, 1500, 2, 1.5), (1500, 2500, 1.2, 1.0)])
-    reward = piecewise(episode, [(0, 500, 10, 40), (500, 1500, 50, 100), (1500, 2500, 100, 140)])
-    return {
-        "episode": episode,
-        "step": step,
-        "reward": reward + rng.normal(0, 10, n),
-        "q_mean": q,
-        "loss": loss + rng.normal(0, 0.3, n),
-        "epsilon": np.array([epsilon_at(int(s) - 1, CONFIG) for s in step]),
-    }
-
-
-def failed_episodes(seed: int = 0) -> dict[str, np.ndarray]:
-    """The seed's failed run (soft updates + cosine scheduler): envelope.failed_run.trajectory for Q and
-    loss, epsilon 0.9 -> 0.01 over 1000 episodes, rewards falling apart after Q collapses."""
-    rng = np.random.default_rng(seed)
-    episode = np.arange(1, 701)
-    q = piecewise(episode, [(*t["episodes"], *t["q"]) for t in FAILED_RUN])
-    loss = piecewise(episode, [(*t["episodes"], *t["loss"]) for t in FAILED_RUN])
-    reward = piecewise(episode, [(0, 400, 10, 60), (400, 700, 60, 5)])
-    return {
-        "episode": episode,
-        "step": 150 * episode,
-        "reward": reward + rng.normal(0, 8, 700),
-        "q_mean": q,
-        "loss": loss + rng.normal(0, 0.2, 700),
-        "epsilon": np.maximum(0.01, 0.9 - 0.89 * episode / 1000),
-    }
-
-
-FAILED_DEPARTURES = {"learning_rate": {"pinned": 0.0001, "used": 0.001}}
+import run_plots
+import run_records
+from compare_runs import main
+from run_checks import DEFAULT_ENVELOPE, FAIL, NO_DATA, PASS, check_run
+from run_records import load_run
 
 
 @pytest.fixture
@@ -117,42 +39,6 @@ def no_plot(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
 
     monkeypatch.setattr(compare_runs, "plot_runs", record)
     return drawn
-
-
-def by_name(checks: list[compare_runs.Check]) -> dict[tuple[str, str], str]:
-    return {(c.scope, c.name): c.status for c in checks}
-
-
-def race_episodes(finished: list[bool | None], times: dict[int, float], n_steps: int = 252) -> dict[str, Any]:
-    """Episodes 1..n with the healthy curves plus the race fields as env_tm.py writes them: `finished`
-    (None: not recorded), and `race_time` only on finished episodes (episode number -> seconds)."""
-    episodes: dict[str, Any] = {k: v[: len(finished)] for k, v in healthy_episodes(len(finished)).items()}
-    episodes["step"] = n_steps * episodes["episode"]
-    episodes["finished"] = np.array(finished, dtype=object)
-    episodes["race_time"] = np.array([times.get(i + 1) for i in range(len(finished))], dtype=object)
-    return episodes
-
-
-# 10 episodes, 5 finished; the best time (47.25 s) comes at episode 8, step 8 * 252 = 2,016
-RACE_FINISHED = [False, True, False, True, True, False, False, True, False, True]
-RACE_TIMES = {2: 50.0, 4: 48.5, 5: 49.0, 8: 47.25, 10: 48.0}
-
-
-def read_png_size(path: Path) -> tuple[int, int]:
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
-    assert data[12:16] == b"IHDR"
-    width, height = struct.unpack(">II", data[16:24])
-    return width, height
-
-
-# --- the envelope ----------------------------------------------------------------------------------
-def test_default_envelope_is_the_shared_reference() -> None:
-    kept = compare_runs.SHARED_ENVELOPE  # the repository's copy of shared/reference/c643zifs-envelope.json
-    assert kept.is_file() and json.loads(kept.read_text(encoding="utf-8")) == DEFAULT_ENVELOPE
-    shared = Path(compare_runs.__file__).resolve().parent.parent / "shared" / "reference" / kept.name
-    if shared.is_file():  # beside the shared folder too: the copy has not drifted from it
-        assert json.loads(shared.read_text(encoding="utf-8")) == DEFAULT_ENVELOPE
 
 
 def test_a_run_inside_the_envelope_passes(
@@ -228,48 +114,6 @@ def test_different_lengths_and_a_missing_metric(tmp_path: Path, capsys: pytest.C
     assert status[("whole run", "reward_decline")] == NO_DATA  # 300 episodes < the 500-episode window
     assert status[("episodes 0-500", "q_values_level")] == PASS
     assert read_png_size(out)[0] > 0
-
-
-def test_nan_values_in_a_run_are_reported_not_crashed_on(tmp_path: Path) -> None:
-    episodes = healthy_episodes(600)
-    episodes["loss"][550] = np.nan
-    episodes["q_mean"][560] = -np.inf
-    status = by_name(check_run(load_run(str(write_run(tmp_path / "nan", episodes))), DEFAULT_ENVELOPE))
-    assert status[("whole run", "metrics_finite")] == FAIL
-
-
-def test_step_records_fill_what_episode_records_lack(tmp_path: Path) -> None:
-    episodes = {"episode": np.arange(1, 11), "step": 100 * np.arange(1, 11), "reward": np.ones(10)}
-    steps = [
-        {"kind": "step", "step": s, "q_mean": s / 100.0, "loss": 2.0, "epsilon": 0.9} for s in (150, 550, 950)
-    ]
-    run = load_run(str(write_run(tmp_path / "per-step", episodes, steps=steps)))
-    assert np.isnan(run.q_mean[0])  # before the first step record: not extrapolated
-    assert run.q_mean[1] == pytest.approx(2.0) and run.q_mean[8] == pytest.approx(9.0)
-    assert np.isnan(run.q_mean[9])
-
-
-def test_a_run_without_episodes_is_all_no_data(tmp_path: Path) -> None:
-    run = load_run(str(write_run(tmp_path / "empty", {"episode": np.arange(0)})))
-    statuses = {c.status for c in check_run(run, DEFAULT_ENVELOPE) if c.name != "metrics_finite"}
-    assert run.episodes == 0 and statuses <= {NO_DATA, PASS}
-    assert {c.status for c in check_run(run, DEFAULT_ENVELOPE) if c.scope != "whole run"} == {NO_DATA}
-
-
-def test_recorded_fatal_red_flags_fail_the_run(tmp_path: Path) -> None:
-    events = [
-        {"kind": "event", "step": 9, "level": "red_flag", "name": "observations_frozen", "message": "x"}
-    ]
-    run = load_run(str(write_run(tmp_path / "frozen", healthy_episodes(100), events=events)))
-    checks = {c.name: c for c in check_run(run, DEFAULT_ENVELOPE)}
-    assert checks["recorded_red_flags"].status == FAIL
-    assert "observations_frozen" in checks["recorded_red_flags"].measured
-
-
-def test_plot_against_steps(tmp_path: Path) -> None:
-    run = load_run(str(write_run(tmp_path / "r", healthy_episodes(400))))
-    out = compare_runs.plot_runs([run], DEFAULT_ENVELOPE, tmp_path / "steps.png", x_axis="step")
-    assert read_png_size(out) == (1700, 900)
 
 
 # --- usage errors ----------------------------------------------------------------------------------
@@ -404,7 +248,7 @@ def test_offline_wandb_is_one_line_and_never_calls_the_api(
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    with pytest.raises(compare_runs.RunLoadError, match=r"W&B is offline .*wandb login"):
+    with pytest.raises(run_records.RunLoadError, match=r"W&B is offline .*wandb login"):
         load_run("my-entity/rainbow-tm/c643zifs")
 
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -421,49 +265,9 @@ def test_wandb_errors_are_one_line(online_wandb: type[FakeApi], monkeypatch: pyt
         raise ValueError("Could not find run <Run my-entity/rainbow-tm/nope>\nsecond line")
 
     monkeypatch.setattr(FakeApi, "run", broken)
-    with pytest.raises(compare_runs.RunLoadError) as error:
+    with pytest.raises(run_records.RunLoadError) as error:
         load_run("my-entity/rainbow-tm/nope")
     assert "\n" not in str(error.value) and "ValueError: Could not find run" in str(error.value)
-
-
-@pytest.mark.parametrize(
-    ("spec", "expected"),
-    [
-        ("ent/proj/abc123", "ent/proj/abc123"),
-        ("wandb:ent/proj/abc123", "ent/proj/abc123"),
-        ("ent/proj/runs/abc123", "ent/proj/abc123"),
-        ("https://wandb.ai/ent/my-proj/runs/abc123?nw=1", "ent/my-proj/abc123"),
-        ("checkpoints/run", None),
-        ("a/b/c/d", None),
-    ],
-)
-def test_parse_wandb_path(spec: str, expected: str | None) -> None:
-    assert compare_runs.parse_wandb_path(spec) == expected
-
-
-def test_detect_keys_maps_common_names() -> None:
-    keys = compare_runs.detect_keys(
-        [
-            "_step",
-            "_runtime",
-            "episode/episode",
-            "episode/reward",
-            "episode/q_mean",
-            "step/loss",
-            "step/epsilon",
-        ]
-    )
-    assert keys == {
-        "episode": "episode/episode",
-        "step": "_step",
-        "reward": "episode/reward",
-        "q_mean": "episode/q_mean",
-        "loss": "step/loss",
-        "epsilon": "step/epsilon",
-    }
-    loose = compare_runs.detect_keys(["train/avg_reward_per_episode", "charts/q_value_greedy", "losses/iqn"])
-    assert loose["reward"] == "train/avg_reward_per_episode" and loose["q_mean"] == "charts/q_value_greedy"
-    assert loose["loss"] is None and loose["episode"] is None
 
 
 # --- unpinned runs ---------------------------------------------------------------------------------
@@ -482,7 +286,7 @@ def test_a_recorded_unpinned_run_is_reported_and_marked_in_the_legend(
     assert [line for line in lines if "UNPINNED" in line] == [
         "UNPINNED fast-lr: departs from the sacred learning_rate (0.0003, pinned 0.0001)"
     ]
-    figure = compare_runs.build_figure([load_run(str(fast)), load_run(str(pinned))], DEFAULT_ENVELOPE)
+    figure = run_plots.build_figure([load_run(str(fast)), load_run(str(pinned))], DEFAULT_ENVELOPE)
     for ax in figure.axes:  # every legend: the metric panels' and the race panel's
         legend = ax.get_legend()
         texts = [t.get_text() for t in legend.get_texts()] if legend else []
@@ -513,15 +317,6 @@ def test_an_older_run_without_the_record_is_caught_by_its_config(
         "UNPINNED old: departs from the sacred target_network_update_frequency (500, pinned 1500), "
         "epsilon_decay_to (250000, pinned 2500000)"
     ]
-
-
-def test_a_recorded_key_without_its_value_is_still_reported(tmp_path: Path) -> None:
-    run = load_run(str(write_run(tmp_path / "r", healthy_episodes(30), unpinned=["learning_rate"])))
-    assert compare_runs.unpinned_line(run) == (
-        "UNPINNED r: departs from the sacred learning_rate (0.0001, pinned 0.0001)"
-    )  # the config says pinned but the run says unpinned: the record wins, and the value is shown as is
-    run.unpinned = {"learning_rate": None}
-    assert compare_runs.unpinned_line(run).endswith("learning_rate (value not recorded, pinned 0.0001)")
 
 
 @pytest.mark.parametrize(
@@ -561,12 +356,12 @@ def test_race_results_table(tmp_path: Path, capsys: pytest.CaptureFixture[str], 
     racer = write_run(tmp_path / "racer", race_episodes(RACE_FINISHED, RACE_TIMES))
     never = write_run(tmp_path / "never", race_episodes([False] * 4, {}))
     old = write_run(tmp_path / "old", healthy_episodes(10))  # episodes without `finished`
-    summary = compare_runs.race_summary(load_run(str(racer)))
-    assert summary == compare_runs.RaceSummary(
+    summary = run_records.race_summary(load_run(str(racer)))
+    assert summary == run_records.RaceSummary(
         episodes=10, finished=5, best=47.25, best_episode=8, best_step=2016, median=48.5
     )
     assert summary.rate == 0.5
-    assert compare_runs.race_summary(load_run(str(old))) is None
+    assert run_records.race_summary(load_run(str(old))) is None
 
     main([str(racer), str(never), str(old), "--out", str(tmp_path / "r.png")])
     text = capsys.readouterr().out
@@ -579,25 +374,6 @@ def test_race_results_table(tmp_path: Path, capsys: pytest.CaptureFixture[str], 
     assert rows["never"].split() == ["never", "4", "0", "0.0%", "-", "-", "-"]
     assert rows["old"].split(maxsplit=1)[1] == "no race data (its episodes do not record `finished`)"
     assert "%" not in rows["old"]  # never 0%
-
-
-def test_race_results_over_the_episodes_that_record_them(tmp_path: Path) -> None:
-    finished: list[bool | None] = [None] * 6 + [True, False, True, False]  # a run upgraded mid-way
-    run = load_run(str(write_run(tmp_path / "mixed", race_episodes(finished, {7: 61.5, 9: 60.25}))))
-    summary = compare_runs.race_summary(run)
-    assert summary is not None and (summary.episodes, summary.finished, summary.best) == (4, 2, 60.25)
-    assert summary.median == pytest.approx(60.875) and summary.best_episode == 9
-    assert compare_runs.race_table([run])[-1] == (
-        "  mixed: 4 of 10 episodes record `finished` (the others predate it); its finish rate is over those"
-    )
-
-
-def test_a_race_time_without_a_finish_is_not_a_race(tmp_path: Path) -> None:
-    episodes = race_episodes([True, False, True], {1: 55.0, 3: 52.0})
-    episodes["race_time"][1] = 40.0  # a stray value on an unfinished episode must not become the best
-    run = load_run(str(write_run(tmp_path / "stray", episodes)))
-    assert np.isnan(run.race_time[1]) and run.race_time[2] == 52.0
-    assert compare_runs.race_summary(run).best == 52.0
 
 
 def test_wandb_race_columns(online_wandb: type[FakeApi], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -613,56 +389,14 @@ def test_wandb_race_columns(online_wandb: type[FakeApi], monkeypatch: pytest.Mon
         return run
 
     monkeypatch.setattr(FakeApi, "run", with_races)
-    summary = compare_runs.race_summary(load_run("my-entity/rainbow-tm/c643zifs"))
-    assert summary == compare_runs.RaceSummary(
+    summary = run_records.race_summary(load_run("my-entity/rainbow-tm/c643zifs"))
+    assert summary == run_records.RaceSummary(
         episodes=600, finished=200, best=40.0, best_episode=600, best_step=1200, median=pytest.approx(69.85)
     )
-    assert compare_runs.detect_race_keys(["_step", "Episode", "Loss"]) == {
+    assert run_records.detect_race_keys(["_step", "Episode", "Loss"]) == {
         "finished": None,
         "race_time": None,
     }
-
-
-@pytest.mark.parametrize("x_axis", ["episode", "step"])
-def test_race_panel_draws_finished_times_and_best_so_far(tmp_path: Path, x_axis: str) -> None:
-    racer = load_run(str(write_run(tmp_path / "racer", race_episodes(RACE_FINISHED, RACE_TIMES))))
-    old = load_run(str(write_run(tmp_path / "old", healthy_episodes(10))))
-    never = load_run(str(write_run(tmp_path / "never", race_episodes([False] * 4, {}))))
-    figure = compare_runs.build_figure([racer, old, never], DEFAULT_ENVELOPE, x_axis=x_axis)
-    race = figure.axes[5]
-    assert race.get_title().startswith("race time of finished episodes")
-    assert "never finished: never" in race.get_title() and "no race data: old" in race.get_title()
-    dots, best = race.lines[0], race.lines[1]
-    scale = 1 if x_axis == "episode" else 252
-    assert list(dots.get_xdata()) == [scale * e for e in (2, 4, 5, 8, 10)]
-    assert list(dots.get_ydata()) == [50.0, 48.5, 49.0, 47.25, 48.0] and dots.get_linestyle() == "None"
-    assert list(best.get_ydata()) == [50.0, 48.5, 48.5, 47.25, 47.25]
-    assert best.get_drawstyle() == "steps-post" and best.get_color() == dots.get_color()
-    assert race.get_xlabel() == ("episode" if x_axis == "episode" else "environment step")
-
-
-# --- verdicts --------------------------------------------------------------------------------------
-def checks_of(passed: int, failed: int, no_data: int) -> list[compare_runs.Check]:
-    statuses = [PASS] * passed + [FAIL] * failed + [NO_DATA] * no_data
-    return [compare_runs.Check("whole run", f"c{i}", status, "", "") for i, status in enumerate(statuses)]
-
-
-@pytest.mark.parametrize(
-    ("counts", "verdict"),
-    [
-        ((2, 0, 20), NO_VERDICT),  # the user's report: read as PASS before
-        ((0, 0, 22), NO_VERDICT),
-        ((0, 0, 0), NO_VERDICT),
-        ((9, 0, 13), NO_VERDICT),
-        ((11, 0, 11), PASS),  # half: not the majority
-        ((18, 0, 4), PASS),
-        ((1, 0, 0), PASS),
-        ((2, 1, 20), FAIL),
-        ((0, 1, 0), FAIL),
-    ],
-)
-def test_run_verdict(counts: tuple[int, int, int], verdict: str) -> None:
-    assert compare_runs.run_verdict(checks_of(*counts)) == verdict
 
 
 def test_no_data_never_reads_as_pass(
@@ -691,32 +425,6 @@ def test_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> No
     assert "exit code: 0 when every run has the verdict pass" in " ".join(
         compare_runs.__doc__.lower().split()
     )
-
-
-# --- plots -----------------------------------------------------------------------------------------
-def run_line(ax: Any, label: str) -> Any:
-    return next(line for line in ax.lines if line.get_label() == label)
-
-
-def test_short_and_gappy_series_are_drawn_with_markers(tmp_path: Path) -> None:
-    single = load_run(str(write_run(tmp_path / "single", healthy_episodes(1))))
-    long = load_run(str(write_run(tmp_path / "long", healthy_episodes(400))))
-    gappy = load_run(str(write_run(tmp_path / "gappy", healthy_episodes(400))))
-    gappy.step[:] = np.nan  # no steps: the gaps cannot be interpolated, the points stay isolated
-    gappy.q_mean[np.arange(400) % 3 != 0] = np.nan  # 134 points, no two of them neighbours
-    figure = compare_runs.build_figure([single, long, gappy], DEFAULT_ENVELOPE)
-    reward, q = figure.axes[0], figure.axes[1]
-    assert run_line(reward, "single").get_marker() == "o"
-    assert len(run_line(reward, "single").get_xdata()) == 1
-    assert run_line(reward, "long").get_marker() == "None"
-    assert run_line(reward, "gappy").get_marker() == "None"  # its rewards are complete
-    assert run_line(q, "gappy").get_marker() == "o"
-
-    assert compare_runs.needs_markers(np.ones(1, dtype=bool))
-    assert compare_runs.needs_markers(np.ones(49, dtype=bool))
-    assert not compare_runs.needs_markers(np.ones(50, dtype=bool))
-    assert compare_runs.needs_markers(np.arange(300) % 2 == 0)  # 150 points, none next to another
-    assert not compare_runs.needs_markers(np.arange(300) % 3 != 0)  # pairs of neighbours
 
 
 def test_the_plot_goes_into_the_first_runs_folder_by_default(
@@ -854,7 +562,7 @@ def test_the_kept_curve_files_compare_with_their_names_counts_and_a_drawn_evalua
     assert "(0 episodes, 100,000 steps, 11 evaluations; embedded)" in text
     assert "70,315" in text and "622.2" in text  # steps to 400 and the best, as BENCHMARKS section 9 says
     runs = [load_run(spec) for spec in specs]
-    figure = compare_runs.build_figure(runs, DEFAULT_ENVELOPE, "step")
+    figure = run_plots.build_figure(runs, DEFAULT_ENVELOPE, "step")
     assert len(figure.axes) == 1, "no episode records: the evaluation panel alone, not empty ones"
     labels = [line.get_label() for line in figure.axes[0].lines]
     assert "curve-pin-s0 (unpinned)" in labels and "curve-pin-s1 (unpinned)" in labels
@@ -872,7 +580,7 @@ def test_embedded_runs_are_drawn_against_steps_with_the_embedded_reference_not_t
     runs = [load_run(str(run))]
     reference = compare_runs.reference_runs(None, runs)
     assert [r.label for r in reference] == ["curve-pin-s0", "curve-pin-s1"]
-    figure = compare_runs.build_figure(runs, DEFAULT_ENVELOPE, "step", reference=reference, budget=20_000)
+    figure = run_plots.build_figure(runs, DEFAULT_ENVELOPE, "step", reference=reference, budget=20_000)
     evaluation = figure.axes[4]
     labels = [line.get_label() for line in evaluation.lines]
     assert "reference: curve-pin-s0 (unpinned)" in labels and "mine" in labels

@@ -1,5 +1,5 @@
 """health.py: every red flag fires on a crafted stream (once, with its evidence) and never on a healthy
-run; diagnose() says GO on a healthy diagnostic run and NO-GO, for the right reasons, on a diverging one."""
+run (the diagnosis is tests/test_diagnose.py, the shared rules tests/test_red_flags.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import health
-from health import Criterion, HealthMonitor, RedFlag, diagnose, format_table, verdict
+import red_flags
+from health import HealthMonitor, RedFlag
 from run_log import RunLog, read_jsonl
 from tm_config import Config, epsilon_at
 
@@ -263,13 +264,6 @@ def test_reward_decline_fires_once_and_not_on_a_flat_run() -> None:
         assert flat.observe_episode(50 + rng.normal(0, 20), 200, 0.9, 200 * episode, episode) == []
 
 
-def test_reward_trend_statistics() -> None:
-    falling = health.reward_trend(list(np.linspace(100, 0, 500)))
-    assert falling.declining and falling.slope == pytest.approx(-100 / 499) and falling.t_stat < -1e6
-    assert not health.reward_trend(list(np.linspace(0, 100, 500))).declining
-    assert not health.reward_trend([1.0, 2.0]).declining  # too short to say anything
-
-
 def test_red_flag_event_round_trips_through_the_run_log(tmp_path: Path) -> None:
     monitor = HealthMonitor(CONFIG)
     flag = only(feed(monitor, [metrics(0, loss=math.nan, skipped=1.0)]), "nonfinite_loss")
@@ -279,124 +273,6 @@ def test_red_flag_event_round_trips_through_the_run_log(tmp_path: Path) -> None:
     (record,) = read_jsonl(tmp_path / "metrics.jsonl")
     assert record["kind"] == "event" and record["level"] == "red_flag" and record["name"] == "nonfinite_loss"
     assert record["value"] == "nan" and record["message"] == flag.message
-
-
-# --- diagnose: go / no-go --------------------------------------------------------------------------
-def diagnostic_records(steps: int = 5000, diverge: bool = False) -> list[dict[str, Any]]:
-    """Records shaped like env_tm.py's JSONL for a diagnostic run (step records every 100 learn steps)."""
-    records: list[dict[str, Any]] = [{"kind": "run", "step": 0, "event": "start", "departures": {}}]
-    rng = np.random.default_rng(1)
-    first_learn = CONFIG.batch_size  # learning starts once a batch is stored
-    for learn_step in range(100, steps + 1, 100):
-        step = learn_step + first_learn
-        progress = learn_step / steps
-        q = 2.0 * progress + 0.1 * rng.normal()
-        loss = 5.0 - progress + 0.2 * rng.normal()
-        if diverge and progress > 0.5:
-            q = -1000.0 * (progress - 0.5) * 2
-            loss = 3.0 + 12.0 * (progress - 0.5) * 2
-        epsilon = epsilon_at(step - 1, CONFIG)  # the loop records the epsilon of step - 1's action
-        values = metrics(learn_step, loss=loss, q_mean=q, q_min=q - 2, q_max=q + 2, epsilon=epsilon)
-        values["learn_step"] = learn_step
-        records.append({"kind": "step", "step": step, **values, "max_abs_reward": 1.0})
-        if learn_step % 500 == 0:
-            episode = {"episode": learn_step // 500, "reward": 150.0, "length": 500, "terminated": False}
-            episode.update(epsilon=epsilon, beta=1.0, seconds=25.0, q_mean=q, loss=loss)
-            records.append({"kind": "episode", "step": step, **episode})
-    if diverge:
-        records[-10]["loss"] = "nan"  # run_log writes NaN as a string
-        records.append(
-            {"kind": "event", "step": steps, "level": "red_flag", "name": "q_negative", "message": "..."}
-        )
-    records.append({"kind": "run", "step": steps, "event": "finished"})
-    return records
-
-
-def failed(criteria: list[Criterion]) -> set[str]:
-    return {c.name for c in criteria if not c.passed}
-
-
-def test_diagnose_says_go_on_a_healthy_run() -> None:
-    criteria = diagnose(diagnostic_records(), CONFIG)
-    assert failed(criteria) == set(), format_table(criteria)
-    assert verdict(criteria)
-    table = format_table(criteria, width=500)
-    assert table.splitlines()[-1] == f"GO: all {len(criteria)} criteria passed"
-    assert all(line.startswith("PASS") for line in table.splitlines()[1:-1])
-
-
-def test_the_diagnose_table_fits_an_80_column_terminal_keeping_every_word() -> None:
-    criteria = diagnose(diagnostic_records(diverge=True), CONFIG)
-    wide, narrow = format_table(criteria, width=500), format_table(criteria, width=80)
-    assert max(len(line) for line in wide.splitlines()) > 80  # the table as it was: ~150 columns
-    assert all(len(line) <= 80 for line in narrow.splitlines())
-    assert narrow.split() == [w for line in narrow.splitlines() for w in line.split()]
-    for c in criteria:  # every verdict, name, measure and requirement is still there, in words
-        words = " ".join(narrow.split())
-        assert f"{'PASS' if c.passed else 'FAIL'} {c.name} {' '.join(c.measured.split())}" in words
-        assert f"requires: {' '.join(c.requirement.split())}" in words
-    assert " ".join(narrow.split()).endswith(" ".join(wide.splitlines()[-1].split()))
-
-
-def test_diagnose_says_no_go_on_a_diverging_run() -> None:
-    criteria = diagnose(diagnostic_records(diverge=True), CONFIG)
-    assert not verdict(criteria)
-    assert failed(criteria) == {
-        "loss_finite",
-        "q_not_negative",
-        "q_within_return_bound",
-        "loss_not_exploding",
-        "no_fatal_red_flags",
-    }, format_table(criteria)
-    by_name = {c.name: c for c in criteria}
-    assert "-1000" in by_name["q_not_negative"].measured
-    assert "max |Q| 1002 " in by_name["q_within_return_bound"].measured  # q_min = q - 2
-    assert "bound 333.3" in by_name["q_within_return_bound"].measured
-    assert "q_negative" in by_name["no_fatal_red_flags"].measured
-    table = format_table(criteria, width=80).splitlines()
-    last = " ".join(table[next(i for i, line in enumerate(table) if line.startswith("NO-GO")) :])
-    assert last.startswith("NO-GO: 5 of ") and "q_not_negative" in last
-
-
-def test_diagnose_catches_the_silent_failures() -> None:
-    records = diagnostic_records()
-    for r in records:
-        if r["kind"] == "step":
-            r["grad_norm"] = 0.0  # seed 003: computed, never recorded
-            r["q_mean"], r["q_std"] = 0.0, 0.0  # seed 003: zero-initialised head
-            r["epsilon"] = 0.5  # an epsilon not on the pinned schedule
-            r["learning_rate"] = 5e-5 if r["step"] > 3000 else 1e-4  # a scheduler
-    records.append({"kind": "event", "step": 4000, "level": "red_flag", "name": "observations_frozen"})
-    assert failed(diagnose(records, CONFIG)) == {
-        "grad_norm_nonzero",
-        "q_changes",
-        "epsilon_on_schedule",
-        "learning_rate_constant",
-        "observations_not_frozen",
-        "no_fatal_red_flags",
-    }
-
-
-def test_diagnose_without_learning_is_no_go() -> None:
-    records = [{"kind": "run", "step": 0, "event": "start", "departures": {}}]
-    names = failed(diagnose(records, CONFIG))
-    assert {"learning_happened", "loss_finite", "grad_norm_nonzero", "q_changes"} <= names
-
-
-def test_diagnose_bounds_q_by_episode_rewards_without_max_abs_reward() -> None:
-    records = diagnostic_records()
-    for r in records:
-        r.pop("max_abs_reward", None)
-    by_name = {c.name: c for c in diagnose(records, CONFIG)}
-    assert by_name["q_within_return_bound"].passed
-    assert "max|r| 150: the largest |episode reward|" in by_name["q_within_return_bound"].measured
-
-
-def test_config_from_records_applies_departures() -> None:
-    records = [{"kind": "run", "departures": {"epsilon_decay_to": {"pinned": 2_500_000, "used": 1000}}}]
-    assert health.config_from_records(records).epsilon_decay_to == 1000
-    assert health.config_from_records([]) == Config()
-    assert health.config_from_records([{"kind": "run", "departures": {"nope": {"used": 1}}}]) == Config()
 
 
 def test_flags_fire_once_each_in_a_mixed_divergence() -> None:
@@ -418,9 +294,9 @@ def test_a_car_standing_still_does_not_count_as_frozen_observations() -> None:
 
 def test_q_floor_moves_down_with_negative_rewards_only() -> None:
     config = Config()
-    assert health.q_floor(0.0, config) == -10.0
-    assert health.q_floor(5.0, config) == -10.0, "TrackMania's non-negative rewards keep the seed's -10"
-    assert health.q_floor(-0.25, config) == pytest.approx(-10.0 - 0.25 / 0.003)
+    assert red_flags.q_floor(0.0, config) == -10.0
+    assert red_flags.q_floor(5.0, config) == -10.0, "TrackMania's non-negative rewards keep the seed's -10"
+    assert red_flags.q_floor(-0.25, config) == pytest.approx(-10.0 - 0.25 / 0.003)
     monitor = HealthMonitor(config)
     monitor.observe_reward(-0.25)
     base = {"loss": 1.0, "grad_norm": 1.0, "q_std": 1.0, "q_min": -60.0, "q_max": 0.0, "skipped": 0.0}

@@ -968,7 +968,7 @@ CATALOGUE: tuple[Mutation, ...] = (
     Mutation(
         "kept_curves_labelled_by_their_folder",
         "issue 27: every kept curve file was labelled `curves` (its folder), two of them `curves#2`",
-        (("compare_runs.py", "    if file.name == METRICS_FILE:\n", "    if True:\n"),),
+        (("run_records.py", "    if file.name == METRICS_FILE:\n", "    if True:\n"),),
         (
             "tests/test_compare_runs.py::test_the_kept_curve_files_compare_with_their_names_counts_and_a_drawn_evaluation_panel",
         ),
@@ -976,7 +976,7 @@ CATALOGUE: tuple[Mutation, ...] = (
     Mutation(
         "embedded_runs_judged_by_the_trackmania_envelope",
         "issue 27: embedded-track runs were judged and drawn against TrackMania's per-episode envelope",
-        (("compare_runs.py", '        return self.env != "embedded"\n', "        return True\n"),),
+        (("run_records.py", '        return self.env != "embedded"\n', "        return True\n"),),
         (
             "tests/test_compare_runs.py::test_embedded_runs_are_drawn_against_steps_with_the_embedded_reference_not_the_envelope",
         ),
@@ -994,5 +994,67 @@ CATALOGUE: tuple[Mutation, ...] = (
         (
             "tests/test_compare_runs.py::test_curves_give_steps_to_400_and_700_and_the_final_mean_within_the_shortest_budget",
         ),
+    ),
+    Mutation(
+        "live_loss_spike_on_a_shorter_window",
+        "issue 28: the live flag, the go/no-go and the comparison judged loss_spike on three windows",
+        (
+            (
+                "health.py",
+                "        self._losses: deque[float] = deque(maxlen=LOSS_SMOOTHING_STEPS)\n",
+                "        self._losses: deque[float] = deque(maxlen=10)\n",
+            ),
+        ),
+        ("tests/test_red_flags.py::test_the_monitor_the_diagnosis_and_the_comparison_agree[loss_spike]",),
+    ),
+    Mutation(
+        "diagnosis_loss_on_a_last_window_mean",
+        "issue 28: the go/no-go failed a last-window mean above 10 that the live loss_spike never flags",
+        (
+            (
+                "diagnose.py",
+                "        ok = spike is None and (first <= 0",
+                "        ok = last <= LOSS_SPIKE_THRESHOLD and (first <= 0",
+            ),
+        ),
+        ("tests/test_red_flags.py::test_the_monitor_the_diagnosis_and_the_comparison_agree[loss_burst]",),
+    ),
+    Mutation(
+        "comparison_q_negative_at_the_bare_seed_floor",
+        "issue 28: the comparison flagged Q below -10 where negative rewards lower the live floor",
+        (
+            (
+                "run_checks.py",
+                "    lows = run.min_reward if run.min_reward is not None else np.zeros(len(q))\n",
+                "    lows = np.zeros(len(q))\n",
+            ),
+        ),
+        (
+            "tests/test_red_flags.py::test_the_monitor_the_diagnosis_and_the_comparison_agree[negative_rewards]",
+        ),
+    ),
+    Mutation(
+        "loss_spike_at_the_threshold",
+        "seed 004: a loss spike is a median ABOVE 10, not at it",
+        (
+            (
+                "red_flags.py",
+                "median > LOSS_SPIKE_THRESHOLD)",
+                "median >= LOSS_SPIKE_THRESHOLD)",
+            ),
+        ),
+        ("tests/test_red_flags.py::test_loss_spike_is_the_median_of_the_last_100_after_episode_500",),
+    ),
+    Mutation(
+        "comparison_q_negative_on_the_greedy_q",
+        "issue 28: the comparison judged q_negative on the greedy Q (max over actions), the monitor on the mean",
+        (
+            (
+                "run_checks.py",
+                "    q = run.q_monitored if run.q_monitored is not None else run.q_mean",
+                "    q = run.q_mean",
+            ),
+        ),
+        ("tests/test_red_flags.py::test_the_monitor_the_diagnosis_and_the_comparison_agree[q_negative]",),
     ),
 )
