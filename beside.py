@@ -20,6 +20,8 @@ In reading order:
 4. the learner process: `LearnerProcess` serves the commands in order between learn steps, `serve` is the
    process's main loop;
 5. the actor's side: `BesideDriver`, the `learner.LearnerDriver` that a run drives.
+One concept, kept whole (about 800 lines, most of them the liveness rules): both ends of every message and
+every rule about the other process's death read in one file.
 """
 
 from __future__ import annotations
