@@ -47,7 +47,7 @@ import torch
 
 from environment import build_environment, checked_reward, choose_environment, split_observation
 from health import FATAL_FLAGS
-from learner import Actor
+from learner import ActingPolicy
 from rainbow import ACTION_VECTORS, resolve_device
 from session import EXIT_INTERRUPTED, EXIT_OK, Session, StepLatency, StopRequest, TrainResult
 from tm_config import Config
@@ -318,7 +318,8 @@ class RainbowActor:
     ) -> None:
         self.observation_space, self.action_space = observation_space, action_space
         self.config = config
-        self.actor = Actor.new(config, seed, device)  # acts exactly as the single-PC actor beside its learner
+        # acts exactly as the single-PC actor beside its learner
+        self.actor = ActingPolicy.new(config, seed, device)
         self.agent = self.actor.agent
         self.trainer_step: int | None = None  # the global step of the last weights received
         self.learn_steps = 0
@@ -602,8 +603,8 @@ def run_trainer(args: argparse.Namespace) -> TrainResult:
     session = Session(args, "trainer", "inline")  # the workers are its actors: it only learns
     session.progress.message(note)
     config, progress, log = session.config, session.progress, session.log
-    learner = session.learner.learner
-    agent = learner.agent
+    engine = session.learner.engine  # inline: the engine itself, in this process
+    agent = engine.agent
     interface = networking.TrainerInterface(
         local_com_port=free_local_port(),
         model_path=str(session.run_dir / "broadcast.tmod"),
@@ -613,7 +614,7 @@ def run_trainer(args: argparse.Namespace) -> TrainResult:
     max_backlog = config.ep_max_length  # the workers pause while the learner is more than an episode behind
 
     def learn_target() -> int:  # as on one PC: one learn step per env step once a batch is stored
-        return learner.learn_target
+        return engine.learn_target
 
     def backlog() -> int:
         return learn_target() - agent.learn_steps

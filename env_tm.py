@@ -382,7 +382,7 @@ def train(args: argparse.Namespace) -> Any:
     import numpy as np
 
     import environment
-    from learner import LearnerDiedError
+    from beside import LearnerDiedError
     from rainbow import ACTION_VECTORS
     from session import EXIT_INTERRUPTED as INTERRUPTED
     from session import EXIT_OK as OK
@@ -853,10 +853,10 @@ def one_line(error: Exception) -> str:
 
 def exit_code_for(error: Exception) -> int | None:
     """The exit code of an error that ends a run in one line (None: a bug, let it show its traceback)."""
+    from beside import LearnerDiedError
     from checkpoints import CheckpointError
     from demos import DemoError
     from environment import ObservationError
-    from learner import LearnerDiedError
     from rainbow import DeviceError
     from session import RedFlagStopError, TrainingStoppedError
     from trackmania import TrackManiaError

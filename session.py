@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import collections
 import math
-import os
 import random
 import shutil
 import signal
@@ -25,10 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from beside import make_driver
 from checkpoints import CheckpointStore
 from diagnose import DIAG_MIN_LEARN_STEPS
 from health import FATAL_FLAGS, GAME_FLAGS, HealthMonitor, RedFlag, stale_share
-from learner import LearnerSpec, make_learner, stream_seeds
+from learner import LearnerSpec, all_cores_but_one, stream_seeds
 from rainbow import resolve_device, unused_gpu_notice
 from run_log import METRICS_FILE, RunLog, truncate_after_step
 from tm_config import Config, ConfigError, describe_departures, epsilon_at, unpinned_keys
@@ -321,14 +321,13 @@ class TrainResult:
     config: Config
 
 
-def learner_threads(args: argparse.Namespace, env_name: str, mode: str) -> int | None:
-    """torch CPU threads of the learner: --threads, else all cores but one when something else needs a core
-    (the game, or the actor beside the learner), else torch's default."""
+def learner_threads(args: argparse.Namespace, env_name: str) -> int | None:
+    """torch CPU threads of the learner: --threads, else all cores but one when the game needs a core, else
+    the driver's default (beside the actor: all cores but one, the one left being the actor's)."""
     if args.threads:
         return args.threads
-    if env_name == "trackmania" or mode == "beside":
-        # bench/BENCHMARKS.md: with a busy core (the game), 2 threads on 2 cores made act+learn 1.7x slower.
-        return max(1, (os.cpu_count() or 2) - 1)
+    if env_name == "trackmania":
+        return all_cores_but_one()
     return None
 
 
@@ -346,11 +345,7 @@ class Session:
         random.seed(args.seed)
         np.random.seed(args.seed % 2**32)
         torch.manual_seed(args.seed)
-        threads = learner_threads(args, env_name, learner_mode)
-        if learner_mode == "inline" and threads is not None and self.device.type == "cpu":
-            torch.set_num_threads(threads)
-        elif learner_mode == "beside":
-            torch.set_num_threads(1)  # the actor: one action at a time, the other cores are the learner's
+        threads = learner_threads(args, env_name)  # the driver gives each process its threads when it opens
 
         # Resume (the checkpoint's config, plus explicit --set changes) or start fresh.
         resume = requested.resume_from_checkpoint if args.resume is None else args.resume
@@ -369,10 +364,10 @@ class Session:
             require_checkpoint=bool(args.resume),
             seed=args.seed,
             device=str(self.device),
-            threads=threads if learner_mode == "beside" else None,
+            threads=threads,
             demo_root=str(getattr(args, "demo_root", "demos")),
         )
-        self.learner = make_learner(learner_mode, spec)
+        self.learner = make_driver(learner_mode, spec)
         try:
             info = self.learner.open()
         except BaseException:
@@ -429,11 +424,8 @@ class Session:
             )  # fmt: skip
         for note in notes:
             self.progress.message(note)
-        where = (
-            f"learner beside the actor ({plural(threads or torch.get_num_threads(), 'CPU thread')})"
-            if (learner_mode == "beside")
-            else f"learner inline ({plural(torch.get_num_threads(), 'CPU thread')})"
-        )
+        where, learner_threads_used = self.learner.placement()
+        where += f" ({plural(learner_threads_used, 'CPU thread')})"
         self.progress.message(
             f"run {self.run_name} on {env_name}, device {self.device.type}, {where}; checkpoints in "
             f"{self.run_dir}"
@@ -558,12 +550,7 @@ class Session:
         return waited
 
     def pace_summary(self) -> str | None:
-        if self.learner.mode != "beside":
-            return None
-        return (
-            f"learner beside the actor: at most {self.lag_max:,} learn steps behind mid-episode, "
-            f"{self.total_wait:.1f} s of waiting for it mid-episode"
-        )
+        return self.learner.pace_summary(self.lag_max, self.total_wait)
 
     def pretrain(self, stop: StopRequest) -> None:
         """`demo_pretrain_steps` learn steps on the demonstrations alone, before the first environment step
@@ -581,8 +568,7 @@ class Session:
             self.learner.check_alive()
             elapsed = time.perf_counter() - started
             self.progress.show(0, pretraining_status(done(), total, first, elapsed))
-            if self.learner.mode == "beside":
-                time.sleep(0.05)
+            self.learner.pause_while_learning()
         if stop.requested:
             self.progress.message(f"pretraining stopped at {done():,} of {total:,} learn steps (on request)")
             return
@@ -828,8 +814,9 @@ class Session:
             fields.append((3, f"timeouts {run.time_step_timeouts:,}"))
         fields.append((3, f"eps {epsilon_at(run.step, self.config):.3f}"))
         fields += [(4, f"loss {fmt(last.get('loss'))}"), (4, f"Q {fmt(last.get('q_mean'))}")]
-        if self.learner.mode == "beside":
-            fields.append((5, f"lag {self.learner.lag}"))
+        learner_field = self.learner.status_field()
+        if learner_field is not None:
+            fields.append((5, learner_field))
         self.progress.show(run.step, fields)
 
     def episode_line(self, reward: float, length: int, race_time: float | None, reliable: bool) -> None:

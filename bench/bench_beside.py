@@ -190,7 +190,8 @@ def act_latency_beside(kind: str, seconds: float, seed: int = 0) -> dict[str, An
     import numpy as np
     import torch
 
-    from learner import Actor, BesideLearner, LearnerServer, LearnerSpec
+    from beside import BesideDriver, EpisodeStart, LearnerProcess, Step
+    from learner import ActingPolicy, LearnerSpec
     from tm_config import Config
 
     torch.set_num_threads(1)
@@ -200,10 +201,10 @@ def act_latency_beside(kind: str, seconds: float, seed: int = 0) -> dict[str, An
     car = np.array([120.0, 3.0, 6000.0], np.float32)
     spec = LearnerSpec(config.to_dict(), [], tempfile.mkdtemp(prefix="bench-learner-"), 3, False, False, seed,
                        "cpu", 1, 4)  # fmt: skip
-    actor, stop, learned, feed = Actor.new(config, seed), threading.Event(), [0], None
+    actor, stop, learned, feed = ActingPolicy.new(config, seed), threading.Event(), [0], None
     if kind == "thread":
         commands: queue.Queue = queue.Queue()
-        server = LearnerServer(spec, lambda reply: None)
+        server = LearnerProcess(spec, lambda reply: None)
         server.open()
 
         def serve_in_thread() -> None:
@@ -214,7 +215,7 @@ def act_latency_beside(kind: str, seconds: float, seed: int = 0) -> dict[str, An
                 except queue.Empty:
                     pass
                 if server.work():
-                    learned[0] = server.learner.agent.learn_steps
+                    learned[0] = server.engine.agent.learn_steps
                 else:
                     time.sleep(0.001)
 
@@ -222,19 +223,20 @@ def act_latency_beside(kind: str, seconds: float, seed: int = 0) -> dict[str, An
         worker.start()
         feed = commands.put
     elif kind == "process":
-        beside = BesideLearner(spec)
+        beside = BesideDriver(spec)
         beside.open()
 
-        def feed(message: tuple) -> None:
-            if message[0] == "step":
-                beside.add(*message[1:])
+        def feed(message: EpisodeStart | Step) -> None:
+            if isinstance(message, Step):
+                m = message
+                beside.add(m.action, m.reward, m.terminated, m.truncated, m.frame, m.car)
             else:
-                beside.start_episode(*message[1:])
+                beside.start_episode(message.frames, message.car)
 
     if feed is not None:  # enough data that the learner never runs dry: 5000 steps, learned as fast as it can
-        feed(("episode", frames, car))
+        feed(EpisodeStart(frames, car))
         for t in range(5000):
-            feed(("step", int(rng.integers(11)), 0.1, False, t == 4999, frames[-1], car))
+            feed(Step(int(rng.integers(11)), 0.1, False, t == 4999, frames[-1], car))
     times = []
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:

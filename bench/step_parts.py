@@ -35,9 +35,9 @@ from common import ROOT, finish, wait_for_quiet  # noqa: E402
 sys.path.insert(0, str(ROOT / "tests"))
 
 PARTS = {  # label: (module, class, method)
-    "refresh": ("learner", "BesideLearner", "refresh_actor"),
-    "alive": ("learner", "BesideLearner", "check_alive"),
-    "hand_over": ("learner", "BesideLearner", "add"),
+    "refresh": ("beside", "BesideDriver", "refresh_actor"),
+    "alive": ("beside", "BesideDriver", "check_alive"),
+    "hand_over": ("beside", "BesideDriver", "add"),
     "store_step": ("session", "Session", "store_step"),
     "metrics": ("session", "Session", "learn"),
     "keep_pace": ("session", "Session", "keep_pace"),

@@ -1,4 +1,4 @@
-"""An actor process for test_learner's kill tests: it opens a learner beside itself with the kernel's
+"""An actor process for test_beside's kill tests: it opens a learner beside itself with the kernel's
 death signal off, brings the learner into one state, prints the learner's pid and waits to be killed.
 
     python tests/killable_actor.py STATE RUN_DIR
@@ -23,12 +23,13 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 from conftest import small_config  # noqa: E402
 
-from learner import BesideLearner, LearnerSpec  # noqa: E402
+from beside import BesideDriver, Save  # noqa: E402
+from learner import LearnerSpec  # noqa: E402
 
 F_SETPIPE_SZ = 1031  # Linux: a pipe as small as Windows' (~8 KiB) or smaller
 
 
-def hand_over(learner: BesideLearner, count: int) -> None:
+def hand_over(learner: BesideDriver, count: int) -> None:
     rng = np.random.default_rng(0)
     for t in range(count):
         if t % 50 == 0:
@@ -37,7 +38,7 @@ def hand_over(learner: BesideLearner, count: int) -> None:
         learner.add(int(rng.integers(11)), 0.1, False, (t + 1) % 50 == 0, frame, np.ones(3, np.float32))
 
 
-def handed_over(learner: BesideLearner) -> bool:
+def handed_over(learner: BesideDriver) -> bool:
     """Every command written and read by the learner (its pipe empty, nothing left to write)."""
     return not learner.commands._buffer and not learner.commands._reader.poll()
 
@@ -52,7 +53,7 @@ def wait_for(condition, what: str, timeout: float = 60.0) -> None:
 
 def main(state: str, run_dir: str) -> None:
     spec = LearnerSpec(small_config().to_dict(), [], run_dir, False, False, 0, "cpu", 1, death_signal=False)
-    learner = BesideLearner(spec)
+    learner = BesideDriver(spec)
     learner.open()
     fcntl.fcntl(learner.replies._reader.fileno(), F_SETPIPE_SZ, 4096)
     learned = learner.learned
@@ -61,7 +62,7 @@ def main(state: str, run_dir: str) -> None:
         wait_for(lambda: learned.value > 200, "learning")
     elif state == "catching_up":
         hand_over(learner, 20_000)
-        learner.commands.put(("save", 1, {"step": 20_000, "episode": 400}, False, False, True))
+        learner.commands.put(Save(1, {"step": 20_000, "episode": 400}, False, False, True))
         wait_for(lambda: handed_over(learner) and learned.value > 200, "its catch-up")
     elif state == "on_the_lock":
         learner.lock.acquire()  # this process dies holding it

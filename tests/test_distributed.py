@@ -156,7 +156,7 @@ def test_the_trainer_stores_each_workers_episode_whole_so_stacks_never_mix(train
     remote = distributed.RemoteEpisodes(session)
     for episode in episodes:
         assert remote.ingest(episode)[0]
-    replay = session.learner.learner.replay
+    replay = session.learner.engine.replay
     assert session.run.step == 75 and len(replay) == 75 and session.run.episode == 3
     assert remote.steps_by_worker == {"A": 50, "B": 25} and remote.rejected == 0
     assert replay.actions[:4].tolist() == [1, 3, 1, 3] and replay.actions[30:32].tolist() == [4, 2]
@@ -214,7 +214,7 @@ def test_an_episode_with_an_unknown_action_is_rejected_whole_and_logged(trainer_
     episode[5] = (np.array([0.3, 0.0, 0.0], np.float32), obs, reward, terminated, truncated, tag)
     remote = distributed.RemoteEpisodes(session)
     assert remote.ingest(episode) == (False, [])
-    assert remote.rejected == 1 and len(session.learner.learner.replay) == 0 and session.run.step == 0
+    assert remote.rejected == 1 and len(session.learner.engine.replay) == 0 and session.run.step == 0
     events = [r for r in read_jsonl(session.run_dir / METRICS_FILE) if r["kind"] == "event"]
     assert events[-1]["name"] == "episode_rejected" and "not in the action table" in events[-1]["message"]
 
@@ -415,7 +415,7 @@ def test_a_trainer_with_demonstrations_keeps_them_apart_from_the_workers_episode
     )  # fmt: skip
     trainer = session.Session(args, "trainer", "inline")
     try:
-        replay = trainer.learner.learner.replay
+        replay = trainer.learner.engine.replay
         remote = distributed.RemoteEpisodes(trainer)
         compressor = distributed.EpisodeCompressor("A", trainer.config)
         stored, _ = remote.ingest(

@@ -364,7 +364,7 @@ def test_a_rollback_never_returns_to_a_checkpoint_written_after_the_flagged_step
     rollback must go to the checkpoint of step 80, the newest one from before the failure."""
     import learner
 
-    poisoned, original = {"left": 1}, learner.Learner.learn
+    poisoned, original = {"left": 1}, learner.LearningEngine.learn
 
     def learn(self):
         metrics = original(self)
@@ -374,7 +374,7 @@ def test_a_rollback_never_returns_to_a_checkpoint_written_after_the_flagged_step
             metrics["env_step"] = 119  # reported late: as if learnt before the checkpoint of step 120
         return metrics
 
-    monkeypatch.setattr(learner.Learner, "learn", learn)
+    monkeypatch.setattr(learner.LearningEngine, "learn", learn)
     assert env_tm.main(health_args(tmp_path, 200, "--on-red-flag", "rollback")) == env_tm.EXIT_OK
     out = capsys.readouterr().out
     assert "rolled back to ckpt_ep0000002_step0000000080.pt (step 80, episode 2)" in out, out
@@ -767,10 +767,11 @@ def episode_records(tmp_path: Path) -> list[dict]:
 
 def capture_learner(monkeypatch) -> list:
     """The learner driver the run opens, for a test to read the actor's state as the loop leaves it."""
-    import learner as learner_module
+    from beside import BesideDriver
+    from learner import InlineDriver
 
     opened: list = []
-    for cls in (learner_module.InlineLearner, learner_module.BesideLearner):
+    for cls in (InlineDriver, BesideDriver):
 
         def open_and_keep(self, original=cls.open):
             opened.append(self)
@@ -902,11 +903,11 @@ def test_the_actor_and_the_learner_draw_from_independent_streams(tmp_path):
     (a shared torch seed made the first ones equal, and ~4% repeat later)."""
     from conftest import fill_replay, small_config
 
-    from learner import Actor, Learner
+    from learner import ActingPolicy, LearningEngine
 
     config = small_config(max_buffer_size=512)
-    learner = Learner(config, seed=5, device=torch.device("cpu"))
-    actor = Actor.new(config, seed=5)
+    learner = LearningEngine(config, seed=5, device=torch.device("cpu"))
+    actor = ActingPolicy.new(config, seed=5)
     for name, value in learner.agent.online.state_dict().items():
         assert torch.equal(actor.agent.online.state_dict()[name], value), f"{name}: other initial weights"
     fill_replay(learner.replay, 200)

@@ -432,8 +432,8 @@ def test_a_second_ctrl_c_while_shutting_down_ends_without_a_traceback(tmp_path):
     """Issue 27: a second Ctrl+C while the run shuts down (waiting for its learner to stop, after "saved")
     printed a traceback from learner.py. Here the wait raises KeyboardInterrupt, as that Ctrl+C does."""
     script = (
-        "import runpy, sys; import learner\n"
-        "real_close = learner.BesideLearner.close\n"
+        "import runpy, sys; import beside\n"
+        "real_close = beside.BesideDriver.close\n"
         "def interrupted(self):\n"
         "    def join(timeout=None):\n"
         "        raise KeyboardInterrupt\n"
@@ -442,7 +442,7 @@ def test_a_second_ctrl_c_while_shutting_down_ends_without_a_traceback(tmp_path):
         "        real_close(self)\n"
         "    finally:\n"
         "        self.process.join = wait\n"
-        "learner.BesideLearner.close = interrupted\n"
+        "beside.BesideDriver.close = interrupted\n"
         f"sys.argv = ['env_tm.py', *{run_args(tmp_path, 45, '--fresh', '--learner', 'beside')!r}]\n"
         "runpy.run_path('env_tm.py', run_name='__main__')\n"
     )

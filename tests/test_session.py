@@ -72,6 +72,9 @@ class Recorder:
     def add(self, action, reward, terminated, truncated, frame, car) -> None:
         self.calls.append(("step", int(action)))
 
+    def status_field(self) -> str | None:
+        return f"lag {self.lag}" if self.beside else None
+
 
 def held_session(verdict_steps: int) -> Session:
     import collections
@@ -206,7 +209,7 @@ def status_line(monkeypatch, capsys, columns: int, beside: bool = True) -> str:
     session.progress = Progress(total_steps=10_000_000)
     session.progress.interactive = True
     session.progress.restart_rate(1_234_480)
-    session.learner.mode = "beside" if beside else "inline"
+    session.learner.beside = beside
     session.recent_returns.extend([-35.2, 40.0, 12.5])
     session.run.step, session.run.episode, session.run.best_race_time = 1_234_567, 1_233, 48.25
     session.run.time_step_timeouts, session.last_metrics = 1_234, {"loss": 0.2345, "q_mean": 12.3456}

@@ -35,9 +35,10 @@ PREVIOUS_ACTIONS = (
     f"{LOOP}::test_previous_actions_in_a_state_are_the_ones_before_it_never_the_one_about_to_be_chosen"
 )
 LEARNER = "tests/test_learner.py"
+BESIDE = "tests/test_beside.py"
 TM = "tests/test_trackmania.py"
-LEARNER_SCHEDULE = f"{LEARNER}::test_the_server_learns_one_step_per_stored_step_and_never_ahead"
-LEARNER_BESIDE = f"{LEARNER}::test_a_learner_beside_the_actor_keeps_the_schedule_and_shares_its_weights"
+LEARNER_SCHEDULE = f"{LEARNER}::test_the_engine_learns_one_step_per_stored_step_and_never_ahead"
+LEARNER_BESIDE = f"{BESIDE}::test_a_learner_beside_the_actor_keeps_the_schedule_and_shares_its_weights"
 
 LOOP_STORES = f"{LOOP}::test_the_loop_stores_every_transition_as_the_environment_gave_it"
 LOOP_EPSILON = f"{LOOP}::test_the_loop_acts_with_the_epsilon_of_the_global_step_and_logs_the_one_used"
@@ -349,7 +350,7 @@ CATALOGUE: tuple[Mutation, ...] = (
             ),
             (
                 "learner.py",
-                "        learner.agent.reseed(agent_seed)\n",
+                "        engine.agent.reseed(agent_seed)\n",
                 "",
             ),
         ),
@@ -385,7 +386,7 @@ CATALOGUE: tuple[Mutation, ...] = (
         "without the bound the replay ratio drifts as far as the learner falls behind",
         (
             (
-                "learner.py",
+                "beside.py",
                 "        while self.lag > limit:\n            self._drain(timeout=0.002)\n",
                 "        if True:\n            self._drain(timeout=0.002)\n",
             ),
@@ -397,7 +398,7 @@ CATALOGUE: tuple[Mutation, ...] = (
         "an actor that misjudges how far behind the learner is lets the replay ratio drift",
         (
             (
-                "learner.py",
+                "beside.py",
                 "return self.pretrain + max(0, self.sent - self.batch_size + 1)",
                 "return self.pretrain + max(0, self.sent - self.batch_size - 99)",
             ),
@@ -409,7 +410,7 @@ CATALOGUE: tuple[Mutation, ...] = (
         "an actor that never takes the learner's weights drives a frozen policy while the learner learns",
         (
             (
-                "learner.py",
+                "beside.py",
                 "            self.actor_learn_step = self.mailbox.read_into(self.actor)\n",
                 "            pass\n",
             ),
@@ -421,25 +422,25 @@ CATALOGUE: tuple[Mutation, ...] = (
         "the hard copy is every 1500 learn steps, whatever the actor's refresh does",
         (
             (
-                "learner.py",
+                "beside.py",
                 "            self.publish()\n        if self.learned is not None:  # after the weights",
-                "            self.publish()\n            self.learner.agent.update_target_network()\n"
+                "            self.publish()\n            engine.agent.update_target_network()\n"
                 "        if self.learned is not None:  # after the weights",
             ),
         ),
-        (f"{LEARNER}::test_the_hard_copy_stays_at_every_1500_learn_steps_through_the_server",),
+        (f"{BESIDE}::test_the_hard_copy_stays_at_every_1500_learn_steps_through_the_learner_process",),
     ),
     Mutation(
         "checkpoint_before_the_learner_caught_up",
         "a checkpoint whose replay holds steps its learner never learned from is not of one moment",
         (
             (
-                "learner.py",
-                "            if catch_up:  # else the run is leaving",
-                "            if False:  # else the run is leaving",
+                "beside.py",
+                "                if message.catch_up:  # else the run is leaving",
+                "                if False:  # else the run is leaving",
             ),
         ),
-        (f"{LEARNER}::test_a_checkpoint_holds_the_learner_caught_up_with_every_step_before_it",),
+        (f"{BESIDE}::test_a_checkpoint_holds_the_learner_caught_up_with_every_step_before_it",),
     ),
     # --- n-step returns and previous actions (issue 16) ---------------------------------------------------
     Mutation(
@@ -590,8 +591,8 @@ CATALOGUE: tuple[Mutation, ...] = (
     Mutation(
         "actor_waits_forever_for_a_dead_learner",
         "a learner killed while the actor waits for it must stop the run, never hang it",
-        (("learner.py", "if self.lag > limit and not self.process.is_alive():", "if False:"),),
-        (f"{LEARNER}::test_an_actor_waiting_for_a_learner_that_died_is_told_within_seconds",),
+        (("beside.py", "if self.lag > limit and not self.process.is_alive():", "if False:"),),
+        (f"{BESIDE}::test_an_actor_waiting_for_a_learner_that_died_is_told_within_seconds",),
     ),
     Mutation(
         "ctrl_c_ignored_during_pretraining",
@@ -604,24 +605,30 @@ CATALOGUE: tuple[Mutation, ...] = (
         "after a rollback the actor's lag must count from the restored learner, or keep_pace stops bounding it",
         (
             (
-                "learner.py",
+                "beside.py",
                 "        if self.learned is not None:  # before the reply",
                 "        if False:  # before the reply",
             ),
         ),
-        (f"{LEARNER}::test_a_rollback_beside_restores_the_learner_the_actor_and_the_lag_together",),
+        (f"{BESIDE}::test_a_rollback_beside_restores_the_learner_the_actor_and_the_lag_together",),
     ),
     Mutation(
         "ctrl_c_waits_for_the_learner_to_catch_up",
         "Ctrl+C at an episode end must not wait for up to learner_max_lag learn steps before saving",
-        (("learner.py", "            if give_up is not None and give_up():", "            if False:"),),
-        (f"{LEARNER}::test_ctrl_c_during_a_catch_up_stops_the_wait_and_a_later_sync_completes_it",),
+        (("beside.py", "            if give_up is not None and give_up():", "            if False:"),),
+        (f"{BESIDE}::test_ctrl_c_during_a_catch_up_stops_the_wait_and_a_later_sync_completes_it",),
     ),
     Mutation(
         "exit_save_queued_behind_a_full_catch_up",
         "a sync answered only after a whole catch-up holds up the exit save that Ctrl+C asked for",
-        (("learner.py", "            if self.pending_syncs is not None:", "            if False:"),),
-        (f"{LEARNER}::test_ctrl_c_during_a_catch_up_stops_the_wait_and_a_later_sync_completes_it",),
+        (
+            (
+                "beside.py",
+                "                self.pending_syncs.append(message.request)\n",
+                "                self.catch_up()\n                self.pending_syncs.append(message.request)\n",
+            ),
+        ),
+        (f"{BESIDE}::test_ctrl_c_during_a_catch_up_stops_the_wait_and_a_later_sync_completes_it",),
     ),
     Mutation(
         "simulator_runs_a_whole_episode_ahead",
@@ -726,19 +733,19 @@ CATALOGUE: tuple[Mutation, ...] = (
         "issue 25: an actor that sees a learn step done may still read the weights of the step before it",
         (
             (
-                "learner.py",
+                "beside.py",
                 "        if self.learned is not None:  # after the weights: an actor that sees this step can also "
-                "read them\n            self.learned.value = self.learner.agent.learn_steps\n",
+                "read them\n            self.learned.value = engine.agent.learn_steps\n",
                 "",
             ),
             (
-                "learner.py",
-                "        metrics = self.learner.learn()\n",
-                "        metrics = self.learner.learn()\n        if self.learned is not None:\n"
-                "            self.learned.value = self.learner.agent.learn_steps\n",
+                "beside.py",
+                "        metrics = engine.learn()\n",
+                "        metrics = engine.learn()\n        if self.learned is not None:\n"
+                "            self.learned.value = engine.agent.learn_steps\n",
             ),
         ),
-        (f"{LEARNER}::test_the_learner_announces_a_learn_step_only_once_its_weights_are_published",),
+        (f"{BESIDE}::test_the_learner_announces_a_learn_step_only_once_its_weights_are_published",),
     ),
     Mutation(
         "actor_saves_the_cuda_random_state",
@@ -878,9 +885,9 @@ CATALOGUE: tuple[Mutation, ...] = (
     Mutation(
         "learner_never_checks_its_actor_while_catching_up",
         "issue 26: a catch-up of up to learner_max_lag learn steps ran without looking at the actor (macOS, Windows)",
-        (("learner.py", "        self.check_actor()\n", ""),),
+        (("beside.py", "        self.check_actor()\n", ""),),
         (
-            "tests/test_learner.py::test_a_learner_without_the_death_signal_ends_within_2_s_of_its_actors_kill[catching_up]",
+            "tests/test_beside.py::test_a_learner_without_the_death_signal_ends_within_2_s_of_its_actors_kill[catching_up]",
         ),
     ),
     Mutation(
@@ -888,21 +895,21 @@ CATALOGUE: tuple[Mutation, ...] = (
         "issue 26: an actor killed holding the weights' lock wedged the learner's next publish for ever",
         (
             (
-                "learner.py",
+                "beside.py",
                 "        while not self.lock.acquire(timeout=PEER_CHECK_SECONDS):\n",
                 "        while not self.lock.acquire():\n",
             ),
         ),
         (
-            "tests/test_learner.py::test_a_learner_without_the_death_signal_ends_within_2_s_of_its_actors_kill[on_the_lock]",
+            "tests/test_beside.py::test_a_learner_without_the_death_signal_ends_within_2_s_of_its_actors_kill[on_the_lock]",
         ),
     ),
     Mutation(
         "learner_keeps_a_writing_end_of_the_command_pipe",
         "issue 26: a command cut by the actor's death left the learner reading the rest for ever",
-        (("learner.py", "    commands._writer.close()  # only", "    pass  # only"),),
+        (("beside.py", "    commands._writer.close()  # only", "    pass  # only"),),
         (
-            "tests/test_learner.py::test_a_learner_without_the_death_signal_ends_within_2_s_of_its_actors_kill[torn_message]",
+            "tests/test_beside.py::test_a_learner_without_the_death_signal_ends_within_2_s_of_its_actors_kill[torn_message]",
         ),
     ),
     Mutation(
@@ -910,13 +917,13 @@ CATALOGUE: tuple[Mutation, ...] = (
         "issue 26: on exit the learner blocked for ever flushing replies into a full pipe (Windows' holds ~8 KiB)",
         (
             (
-                "learner.py",
+                "beside.py",
                 "for anything\n        replies.cancel_join_thread()\n",
                 "for anything\n        pass\n",
             ),
         ),
         (
-            "tests/test_learner.py::test_a_learner_without_the_death_signal_ends_within_2_s_of_its_actors_kill[full_pipe]",
+            "tests/test_beside.py::test_a_learner_without_the_death_signal_ends_within_2_s_of_its_actors_kill[full_pipe]",
         ),
     ),
     Mutation(
