@@ -51,7 +51,8 @@ from learner import ActingPolicy
 from rainbow import ACTION_VECTORS, resolve_device
 from session import EXIT_INTERRUPTED, EXIT_OK, Session, StepLatency, StopRequest, TrainResult
 from tm_config import Config
-from trackmania import TrackManiaSetupError, import_tmrl_module, load_tmrl_config, tmrl_data_folder
+from tm_game import TrackManiaSetupError
+from tm_setup import import_tmrl_module, load_tmrl_config, tmrl_data_folder
 
 DEFAULT_PORT = 55555  # tmrl's default relay port
 HEADER_SIZE = 12  # tlspyo message header; every role must use the same

@@ -397,7 +397,8 @@ def train(args: argparse.Namespace) -> Any:
         plural,
         table,
     )
-    from trackmania import GameNotRespondingError, TrackManiaError, route_thread_errors
+    from tm_game import GameNotRespondingError, TrackManiaError
+    from tm_logs import route_thread_errors
 
     env_name = environment.choose_environment(args.env, Config().with_assignments(args.overrides))
     session = Session(args, env_name, args.learner)
@@ -742,9 +743,9 @@ def show_config(config: Config) -> str:
 
 def check_trackmania(args: argparse.Namespace, **options: Any) -> int:
     """--check-trackmania: the set-up report, one line per step; exit 0 when TrackMania can train."""
-    import trackmania
+    from tm_setup import setup_report
 
-    checks = trackmania.setup_report(Config().with_assignments(args.overrides), **options)
+    checks = setup_report(Config().with_assignments(args.overrides), **options)
     for check in checks:
         print(check.line(), flush=True)
     failed = [check.name for check in checks if check.passed is False]
@@ -859,7 +860,7 @@ def exit_code_for(error: Exception) -> int | None:
     from environment import ObservationError
     from rainbow import DeviceError
     from session import RedFlagStopError, TrainingStoppedError
-    from trackmania import TrackManiaError
+    from tm_game import TrackManiaError
     from watch import WatchError
 
     if isinstance(error, RedFlagStopError):

@@ -23,11 +23,9 @@ import torch
 
 from rainbow import ACTION_VECTORS, RainbowAgent
 from tm_config import Config
-from trackmania import (  # imports tmrl lazily (Windows-only): importing this module costs nothing
-    TrackManiaSetupError,
-    check_tmrl_available,
-    make_trackmania_env,
-)
+from tm_game import TrackManiaSetupError
+from tm_setup import check_tmrl_available
+from trackmania import make_trackmania_env  # imports tmrl lazily (Windows-only): importing it costs nothing
 
 # Evaluation tracks: seeds no training episode draws (training seeds are seed * 1_000_003 + episode, below
 # this for --seed < 3,999), the same list for every evaluation so the points of a curve are comparable.

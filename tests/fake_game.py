@@ -41,6 +41,8 @@ from fake_openplanet import ControlRecorder, FakeOpenPlanet, FakeScreen, install
 
 import env_tm  # noqa: E402
 import environment  # noqa: E402
+import tm_game  # noqa: E402
+import tm_setup  # noqa: E402
 import trackmania  # noqa: E402
 
 TRACK_LENGTH = 100.0  # write_tmrl_data's trajectory: 100 m along x
@@ -82,7 +84,7 @@ def main() -> int:
     # The camera follows the car's true position (a game in another process: the picture moves anyway).
     follow = None if options.get("game_process") else (lambda: game.state["x"])
     screen, recorder = FakeScreen(follow=follow), ControlRecorder(on_respawn=game.respawn)
-    patch.setattr(trackmania, "OPENPLANET_PORT", game.port)
+    patch.setattr(tm_setup, "OPENPLANET_PORT", game.port)
     fault, fault_at = options.get("fault"), int(options.get("fault_at", 10**9))
     faults = {"game": game, "screen": screen}
     timing: dict[str, float] = {}  # when the fault started and the env raised (bench/fault_detection.py)
@@ -100,7 +102,7 @@ def main() -> int:
             """`call`, noting when (and at which step and episode) the env first raised."""
             try:
                 return call(*args, **kwargs)
-            except trackmania.TrackManiaError:
+            except tm_game.TrackManiaError:
                 if "error_time" not in timing:
                     timing.update(error_step=steps[0], error_episode=episodes[0], error_time=time.monotonic())
                 raise
@@ -125,7 +127,7 @@ def main() -> int:
     patch.setattr(
         environment,
         "check_tmrl_available",
-        functools.partial(trackmania.check_tmrl_available, allow_non_windows=True),
+        functools.partial(tm_setup.check_tmrl_available, allow_non_windows=True),
     )
     if options.get("slow_learn"):
         import rainbow

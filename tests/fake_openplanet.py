@@ -20,6 +20,7 @@
 - `write_tmrl_data`: a TmrlData folder (config.json with tmrl's documented defaults, reward trajectory).
 - `install_fake_game`: points tmrl's module attributes at the fakes (tmrl must be imported first).
 - `block_internet`: any connection beyond loopback raises.
+- `SPAWN`: where the fault scenarios' map starts, as far from the origin as real maps are.
 """
 
 from __future__ import annotations
@@ -39,12 +40,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-import trackmania
+import tm_game
 
 FRAME = struct.Struct("<11f")
 FIELDS = ("speed", "distance", "x", "y", "z", "steer", "gas", "brake", "finished", "gear", "rpm")
 GAMEPAD_A = 0x1000  # the buttons tmrl presses (XUSB codes): A closes the finish pop-up, B respawns
 GAMEPAD_B = 0x2000
+# Where the fault scenarios' map starts (and their reward trajectory): real TrackMania coordinates are
+# hundreds of metres from the origin, which is what makes every misaligned reading of a frame implausible.
+SPAWN = (500.0, 9.0, 300.0)
 
 
 class FakeOpenPlanet:
@@ -410,7 +414,7 @@ TMRL_CONFIG: dict[str, Any] = {
             "ep_max_length": 1000,
             "interface_kwargs": {"save_replays": False},
         },
-        "REWARD_CONFIG": dict(trackmania.REWARD_CONFIG),  # tmrl's documented defaults, as pinned
+        "REWARD_CONFIG": dict(tm_game.REWARD_CONFIG),  # tmrl's documented defaults, as pinned
     },
     "__VERSION__": "0.6.0",
 }

@@ -9,7 +9,7 @@ import pytest
 
 import environment
 from tm_config import Config
-from trackmania import TrackManiaSetupError
+from tm_game import TrackManiaSetupError
 
 REASON = "nothing answers on 127.0.0.1:9000 (the OpenPlanet plugin 'TMRL Grab Data')"
 

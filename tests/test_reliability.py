@@ -22,7 +22,7 @@ from checkpoints import load_checkpoint
 from replay import PrioritizedReplay
 from run_log import read_jsonl
 from tm_config import Config
-from trackmania import GameNotRespondingError
+from tm_game import GameNotRespondingError
 
 EPISODE = 20  # steps per (truncated) episode; one checkpoint per episode
 # test_env_tm's small network, with a bigger replay memory: ~18 MB per checkpoint, so that writes last

@@ -1,18 +1,17 @@
-"""The TrackMania path: tmrl's real TM2020Interface under rtgym's real clock, with only the game faked.
+"""trackmania.py: tmrl's real TM2020Interface under rtgym's real clock, with only the game faked.
 
 tmrl reads ~/TmrlData/config/config.json when it is imported, so every test that imports tmrl runs in a
 child process (this file, run as a script) whose HOME points at a prepared TmrlData folder; the test
-process itself never imports tmrl. The setup checks run before tmrl is imported, so they are tested here
-directly. Nothing may touch the internet: children block every non-loopback connection.
+process itself never imports tmrl. Nothing may touch the internet: children block every non-loopback
+connection. The set-up checks (test_tm_setup.py), the telemetry guard's rules (test_tm_telemetry.py) and the
+log routing (test_tm_logs.py) are tested in process in their own files.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +33,7 @@ from fake_game import run_on_fake_game  # noqa: E402
 from fake_openplanet import (  # noqa: E402
     GAMEPAD_A,
     GAMEPAD_B,
+    SPAWN,
     ControlRecorder,
     FakeOpenPlanet,
     FakeScreen,
@@ -42,31 +42,17 @@ from fake_openplanet import (  # noqa: E402
     slow_agent_steps,
     write_tmrl_data,
 )
+from test_tm_telemetry import TELEMETRY_ADVICE, TELEMETRY_PREFIX  # noqa: E402
 
+import tm_logs  # noqa: E402
+import tm_setup  # noqa: E402
 import trackmania  # noqa: E402
 from run_log import read_jsonl  # noqa: E402
 from tm_config import Config  # noqa: E402
-from trackmania import (  # noqa: E402
-    GameNotRespondingError,
-    TelemetryError,
-    TrackManiaError,
-    TrackManiaSetupError,
-)
+from tm_game import GameNotRespondingError, TrackManiaError, TrackManiaSetupError  # noqa: E402
 
 RESULT_PREFIX = "CHILD RESULT "
 USERS_WANDB_KEY = "the-users-own-wandb-key"
-# Where the fault scenarios' map starts (and their reward trajectory): real TrackMania coordinates are
-# hundreds of metres from the origin, which is what makes every misaligned reading of a frame implausible.
-SPAWN = (500.0, 9.0, 300.0)
-# The one-line advice that ends every TelemetryError, as the README's troubleshooting quotes it.
-TELEMETRY_ADVICE = (
-    "; the plugin 'TMRL Grab Data' is probably of another version than tmrl 0.7.1, or its data stream is "
-    "misaligned: "
-    r"copy %USERPROFILE%\TmrlData\resources\Plugins\TMRL_GrabData.op (from `python -m tmrl --install`) into "
-    r"%USERPROFILE%\OpenplanetNext\Plugins, reload it (F3 > Developer > (Re)load plugin > TMRL Grab Data) "
-    "and restart the program"
-)
-TELEMETRY_PREFIX = "implausible telemetry from the OpenPlanet plugin: "
 GAME_CHECKS = (
     "check that TrackMania is running with a map loaded, that its window is visible, not minimised and in "
     "windowed mode (tmrl resizes it to 256x128), and that the OpenPlanet plugin 'TMRL Grab Data' is loaded "
@@ -74,233 +60,13 @@ GAME_CHECKS = (
 )
 
 
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty home folder, as Path.home() sees it on Linux (HOME) and on Windows (USERPROFILE)."""
-    folder = tmp_path / "home"
-    folder.mkdir()
-    monkeypatch.setenv("HOME", str(folder))
-    monkeypatch.setenv("USERPROFILE", str(folder))
-    return folder
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _reason(**kwargs: Any) -> str:
-    reason = trackmania.check_tmrl_available(allow_non_windows=True, **kwargs)
-    assert reason is not None
-    assert "\n" not in reason
-    return reason
-
-
-# --- setup checks: no tmrl import, no game --------------------------------------------------------------
-def test_importing_the_module_imports_neither_tmrl_nor_rtgym() -> None:
-    code = "import sys, trackmania; print(sorted({'tmrl', 'rtgym'} & set(sys.modules)))"
+def test_importing_the_modules_imports_neither_tmrl_nor_rtgym() -> None:
+    code = "import sys, trackmania, tm_logs; print(sorted({'tmrl', 'rtgym'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="the Windows requirement only shows elsewhere")
-def test_other_systems_are_refused_without_the_test_override(home: Path) -> None:
-    write_tmrl_data(home)
-    reason = trackmania.check_tmrl_available()
-    assert reason is not None and "needs Windows" in reason and "\n" not in reason
-
-
-def test_tmrl_not_installed(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(trackmania, "find_spec", lambda name: None)
-    assert "tmrl is not installed" in _reason()
-    assert "pip install tmrl" in _reason()
-
-
-def test_missing_tmrl_data_is_one_line_and_nothing_is_downloaded(home: Path) -> None:
-    tmrl_was_imported = "tmrl" in sys.modules
-    reason = _reason()
-    assert f"no TmrlData folder at {home / 'TmrlData'}" in reason
-    assert "python -m tmrl --install" in reason and "TMRL Grab Data" in reason
-    with pytest.raises(TrackManiaSetupError, match="no TmrlData folder"):
-        trackmania.make_trackmania_env(Config(), allow_non_windows=True)
-    # tmrl downloads its resources when imported without TmrlData: it must not have been imported.
-    assert ("tmrl" in sys.modules) == tmrl_was_imported
-    assert not (home / "TmrlData").exists()
-
-
-@pytest.mark.parametrize(
-    ("changes", "remove", "config", "expected"),
-    [
-        ({"ENV.IMG_HIST_LEN": 1}, (), Config(), "ENV.IMG_HIST_LEN is 1 but rainbow-tm needs 4"),
-        ({}, (), Config(conv_input=2), "ENV.IMG_HIST_LEN is 4 but rainbow-tm needs 2"),
-        ({"ENV.RTGYM_INTERFACE": "TM20LIDAR"}, (), Config(), 'ENV.RTGYM_INTERFACE is "TM20LIDAR"'),
-        ({"ENV.WINDOW_WIDTH": 958}, (), Config(), "ENV.WINDOW_WIDTH is 958 but rainbow-tm needs 256"),
-        ({"ENV.SLEEP_TIME_AT_RESET": 0.0}, (), Config(), "ENV.SLEEP_TIME_AT_RESET is 0.0"),
-        ({"ENV.REWARD_CONFIG.END_OF_TRACK": 10.0}, (), Config(), "ENV.REWARD_CONFIG.END_OF_TRACK is 10.0"),
-        ({"ALG.ALGORITHM": "REDQSAC"}, (), Config(), 'ALG.ALGORITHM is "REDQSAC" but rainbow-tm needs "SAC"'),
-        (
-            {},
-            ("ENV.IMG_GRAYSCALE",),
-            Config(),
-            "ENV.IMG_GRAYSCALE is missing (so tmrl uses false) but rainbow-tm needs true",
-        ),
-        ({}, ("WANDB_KEY",), Config(), "has no WANDB_KEY (tmrl needs it)"),
-        ({}, ("ENV.RTGYM_CONFIG.act_buf_len",), Config(), "has no ENV.RTGYM_CONFIG.act_buf_len"),
-        ({"__VERSION__": "0.5.3"}, (), Config(), "has __VERSION__ '0.5.3', older than tmrl's 0.6.0"),
-    ],
-)
-def test_config_json_that_does_not_match_the_pin_is_named_in_one_line(
-    home: Path, changes: dict, remove: tuple, config: Config, expected: str
-) -> None:
-    write_tmrl_data(home, changes=changes, remove=remove)
-    reason = _reason(config=config)
-    assert expected in reason
-    assert str(home / "TmrlData" / "config" / "config.json") in reason
-    with pytest.raises(TrackManiaSetupError, match="config.json"):
-        trackmania.make_trackmania_env(config, allow_non_windows=True)
-
-
-def test_config_json_that_is_not_json(home: Path) -> None:
-    folder = write_tmrl_data(home)
-    (folder / "config" / "config.json").write_text('{"RUN_NAME": "x",,}', encoding="utf-8")
-    assert "is not valid JSON (line 1" in _reason()
-
-
-def test_missing_reward_trajectory_is_reported(home: Path) -> None:
-    # tmrl would silently use a dummy trajectory that never pays any reward.
-    write_tmrl_data(home, reward=False)
-    assert "no reward trajectory" in _reason() and "python -m tmrl --record-reward" in _reason()
-
-
-def test_no_game_listening(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write_tmrl_data(home)
-    port = _free_port()
-    monkeypatch.setattr(trackmania, "OPENPLANET_PORT", port)
-    reason = _reason()
-    assert f"nothing answers on 127.0.0.1:{port}" in reason and "TMRL Grab Data" in reason
-    with pytest.raises(GameNotRespondingError, match="nothing answers"):
-        trackmania.make_trackmania_env(Config(), allow_non_windows=True)
-
-
-def test_a_silent_program_on_the_plugin_port(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write_tmrl_data(home)
-    with socket.create_server(("127.0.0.1", 0)) as silent:
-        monkeypatch.setattr(trackmania, "OPENPLANET_PORT", silent.getsockname()[1])
-        assert "sent no TrackMania telemetry" in _reason()
-
-
-def test_available_when_the_plugin_answers(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write_tmrl_data(home)
-    game = FakeOpenPlanet()
-    try:
-        monkeypatch.setattr(trackmania, "OPENPLANET_PORT", game.port)
-        assert trackmania.check_tmrl_available(allow_non_windows=True) is None
-        assert game.connections == 1
-    finally:
-        game.close()
-
-
-# --- python env_tm.py --check-trackmania: every step of the set-up, one line each ---------------------
-def report(**options: Any) -> dict[str, trackmania.SetupCheck]:
-    checks = trackmania.setup_report(allow_non_windows=True, listen_seconds=0.3, **options)
-    assert all("\n" not in check.line() for check in checks)
-    return {check.name: check for check in checks}
-
-
-def passed(checks: dict[str, trackmania.SetupCheck]) -> dict[str, bool | None]:
-    return {name: check.passed for name, check in checks.items()}
-
-
-def test_the_set_up_check_passes_every_step_against_a_healthy_fake_game(home, monkeypatch):
-    write_tmrl_data(home)
-    game = FakeOpenPlanet(x=3.0)
-    try:
-        monkeypatch.setattr(trackmania, "OPENPLANET_PORT", game.port)
-        checks = report()
-    finally:
-        game.close()
-    assert passed(checks) == {
-        "Windows": True, "tmrl": True, "TmrlData": True, "config.json": True, "reward trajectory": True,
-        "virtual gamepad": None, "OpenPlanet plugin": True, "telemetry": True, "map": True,
-    }  # fmt: skip
-    assert "frames in 0.3 s, all plausible" in checks["telemetry"].detail
-    assert "the car is 0.0 m from the reward trajectory" in checks["map"].detail  # x=3 lies on it
-    assert checks["reward trajectory"].detail.endswith("100 m")
-
-
-@pytest.mark.parametrize(
-    "fault, failing, words",
-    [
-        ("no TmrlData", "TmrlData", "no TmrlData folder at"),
-        ("a key missing", "config.json", "has no ENV.RTGYM_INTERFACE"),
-        ("a pinned value changed", "config.json", "ENV.IMG_HIST_LEN is 5 but rainbow-tm needs 4"),
-        ("no reward trajectory", "reward trajectory", "no reward trajectory at"),
-        ("no game", "OpenPlanet plugin", "nothing answers on 127.0.0.1"),
-        ("a silent program", "OpenPlanet plugin", "sent no TrackMania telemetry"),
-        ("garbage telemetry", "telemetry", "speed = nan (not a finite number)"),
-        ("another map", "map", "is 400.0 m from every point of the reward trajectory"),
-    ],
-)
-def test_the_set_up_check_names_each_fault_and_what_to_do(home, monkeypatch, fault, failing, words):
-    if fault != "no TmrlData":
-        write_tmrl_data(
-            home,
-            changes={"ENV.IMG_HIST_LEN": 5} if fault == "a pinned value changed" else None,
-            remove=("ENV.RTGYM_INTERFACE",) if fault == "a key missing" else (),
-            reward=fault != "no reward trajectory",
-        )
-    game = silent = None
-    try:
-        if fault == "a silent program":
-            silent = socket.create_server(("127.0.0.1", 0))
-            port = silent.getsockname()[1]
-        elif fault == "no game":
-            port = _free_port()
-        else:
-            game = FakeOpenPlanet(speed=float("nan")) if fault == "garbage telemetry" else FakeOpenPlanet()
-            if fault == "another map":
-                game.set_state(x=50.0, y=400.0)  # beside the 100 m straight, 400 m off
-            port = game.port
-        monkeypatch.setattr(trackmania, "OPENPLANET_PORT", port)
-        checks = report()
-    finally:
-        for thing in (game, silent):
-            if thing is not None:
-                thing.close()
-    failed = [name for name, check in checks.items() if check.passed is False]
-    assert failed == [failing], checks
-    assert words in checks[failing].detail
-    for name, check in checks.items():  # what depends on the failed step is skipped, and says why
-        if check.passed is None and name != "virtual gamepad":
-            assert "not checked: it needs" in check.detail
-
-
-def test_check_trackmania_on_the_command_line_prints_one_line_per_step_and_exits_3_until_ready(
-    home, monkeypatch, capsys
-):
-    import env_tm
-
-    write_tmrl_data(home)
-    game = FakeOpenPlanet()
-    try:
-        monkeypatch.setattr(trackmania, "OPENPLANET_PORT", game.port)
-        args = env_tm.parse_args(["--check-trackmania"])
-        assert env_tm.check_trackmania(args, allow_non_windows=True, listen_seconds=0.3) == 0
-        out = capsys.readouterr().out.splitlines()
-        assert len(out) == 10 and out[-1] == "TrackMania is ready: `python env_tm.py` trains on it"
-        game.set_state(speed=float("inf"))
-        assert env_tm.check_trackmania(args, allow_non_windows=True, listen_seconds=0.3) == 3
-    finally:
-        game.close()
-    out = capsys.readouterr().out.splitlines()
-    assert out[7].startswith("FAIL telemetry: implausible telemetry from the OpenPlanet plugin: speed = inf")
-    assert out[-1] == "TrackMania is not ready: fix telemetry (in this order), then check again"
-    if sys.platform != "win32":  # for real (no allow_non_windows): the system is named first, in one line
-        assert env_tm.main(["--check-trackmania"]) == 3
-        assert capsys.readouterr().out.splitlines()[0].startswith("FAIL Windows: TrackMania needs Windows")
-
-
+# --- the env's settings and its checks, in process -------------------------------------------------------
 def test_clip_action() -> None:
     clipped = trackmania.clip_action([2.0, -3.0, 0.5])
     assert clipped.dtype == np.float32 and clipped.tolist() == [1.0, -1.0, 0.5]
@@ -333,289 +99,7 @@ def test_rtgym_config_comes_from_our_settings() -> None:
     assert rtgym_config["benchmark"] is False
 
 
-# --- telemetry checks, in process (tmrl's interface is exercised in the child tests below) ----------------
-GOOD_FRAME = (123.4, 56.7, *SPAWN, -0.25, 1.0, 0.0, 0.0, 3.0, 7000.0)
-
-
-def _frame(**changes: float) -> tuple[float, ...]:
-    values = dict(zip(trackmania.TELEMETRY_FIELDS, GOOD_FRAME, strict=True))
-    values.update(changes)
-    return tuple(values.values())
-
-
-@pytest.mark.parametrize(
-    ("changes", "expected"),
-    [
-        ({"speed": float("nan")}, "speed = nan (not a finite number)"),
-        ({"rpm": float("inf")}, "rpm = inf (not a finite number)"),
-        ({"speed": 1234.5}, "speed = 1234.5 km/h (beyond 1100 km/h; the game's top speed is 1000 km/h)"),
-        ({"speed": -1200.0}, "speed = -1200 km/h (beyond 1100 km/h; the game's top speed is 1000 km/h)"),
-        ({"steer": 1.5}, "steer = 1.5 (outside -1..1)"),
-        ({"gas": -0.5}, "gas = -0.5 (outside 0..1)"),
-        ({"brake": 0.5}, "brake = 0.5 (the plugin sends exactly 0 or 1)"),
-        ({"finished": 3.0}, "finished = 3 (the plugin sends exactly 0 or 1)"),
-        ({"gear": 2.5}, "gear = 2.5 (the game's gears are whole numbers 0..7)"),
-        ({"gear": 8.0}, "gear = 8 (the game's gears are whole numbers 0..7)"),
-        ({"rpm": -1.0}, "rpm = -1 (outside 0..20000)"),
-        ({"rpm": 25000.0}, "rpm = 25000 (outside 0..20000)"),
-    ],
-)
-def test_implausible_telemetry_fields_are_named_with_their_value(changes: dict, expected: str) -> None:
-    assert trackmania._field_problem(_frame(**changes)) == expected
-
-
-def test_plausible_telemetry_passes() -> None:
-    assert trackmania._field_problem(GOOD_FRAME) is None
-    # Reversing (negative speed along the car), top speed, idle, the last gear, a finish: all real.
-    for changes in ({"speed": -40.0}, {"speed": 1000.0}, {"rpm": 0.0, "gear": 0.0}, {"gear": 7.0}):
-        assert trackmania._field_problem(_frame(**changes)) is None, changes
-    assert trackmania._field_problem(_frame(finished=1.0, brake=1.0, steer=1.0, gas=0.0)) is None
-    assert "a frame of 12 values instead of 11" in trackmania._field_problem((*GOOD_FRAME, 0.0))
-
-
-def test_a_teleport_within_an_episode_is_caught_but_not_a_respawn_at_reset() -> None:
-    errors = trackmania._InterfaceErrors()
-    guard = trackmania._TelemetryGuard(errors, trajectory_start=np.array(SPAWN))
-    guard.new_episode()
-    assert guard.filter(GOOD_FRAME) == GOOD_FRAME
-    guard.check_spawn()  # the car starts on the trajectory
-    time.sleep(0.05)
-    moved = _frame(x=SPAWN[0] + 10.0, distance=66.7)  # 10 m in 50 ms: 720 km/h, possible
-    assert guard.filter(moved) == moved
-    guard.new_episode()  # a respawn: the car may reappear anywhere (a checkpoint, the start)
-    far = _frame(x=SPAWN[0] + 3000.0, distance=0.0)
-    assert guard.filter(far) == far
-    assert errors.first is None
-    jumped = _frame(x=SPAWN[0] + 6000.0, distance=0.0)  # 3 km within the same episode
-    replaced = guard.filter(jumped)
-    where, error = errors.first
-    assert where == "reading the telemetry" and isinstance(error, TelemetryError)
-    assert re.fullmatch(
-        re.escape(TELEMETRY_PREFIX)
-        + r"the position \(x, y, z\) jumped 3000 m in 0\.\d{3} s \(at most \d+ m at 1000 km/h\)"
-        + re.escape(TELEMETRY_ADVICE),
-        str(error),
-    ), str(error)
-    # tmrl never sees the bad frame: it gets the last good one, still, with released controls, not finished.
-    assert replaced == (0.0, 0.0, SPAWN[0] + 3000.0, *SPAWN[1:], 0.0, 0.0, 0.0, 0.0, 3.0, 7000.0)
-    assert guard.latest == replaced
-    # From then on every frame is replaced, good or not: the env is unusable.
-    assert guard.filter(GOOD_FRAME) == replaced
-
-
-def test_a_distance_jump_is_caught() -> None:
-    errors = trackmania._InterfaceErrors()
-    guard = trackmania._TelemetryGuard(errors)
-    guard.filter(GOOD_FRAME)
-    guard.filter(_frame(distance=GOOD_FRAME[1] + 5000.0))
-    assert "distance jumped 5000 m in" in str(errors.first[1])
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def _driving_guard(track_length_m: float = 100.0, progress: float = float("nan")) -> tuple[Any, Any, Clock]:
-    """A guard at the start of an episode, its clock, and a car at 72 km/h (20 m/s) along x from SPAWN."""
-    errors, clock = trackmania._InterfaceErrors(), Clock()
-    guard = trackmania._TelemetryGuard(errors, track_length_m=track_length_m, clock=clock)
-    guard.track_progress = lambda: progress
-    guard.new_episode()
-    return guard, errors, clock
-
-
-def _drive(guard: Any, clock: Clock, steps: int, x0: float = SPAWN[0], **changes: float) -> float:
-    """`steps` frames 50 ms apart of a car at 20 m/s along x; returns the last x."""
-    x = x0
-    for _ in range(steps):
-        clock.now += 0.05
-        x += 1.0
-        guard.filter(_frame(speed=72.0, x=x, distance=x - SPAWN[0], **changes))
-    return x
-
-
-def _inconsistency(errors: Any) -> str:
-    where, error = errors.first
-    assert where == "checking the telemetry" and isinstance(error, TelemetryError)
-    message = str(error)
-    assert message.startswith("inconsistent telemetry from the OpenPlanet plugin: ")
-    assert message.endswith("run again (it resumes from the checkpoint saved now)") and "\n" not in message
-    return message
-
-
-def test_a_car_driving_as_its_speed_says_passes_every_consistency_check() -> None:
-    guard, errors, clock = _driving_guard(progress=0.99)
-    guard.filter(_frame(speed=0.0, x=SPAWN[0], distance=0.0))
-    _drive(guard, clock, 60)  # 3 s at 72 km/h, windows included
-    assert errors.first is None
-    # A finish at the end of the track, after 3 s: a race, timed by the clock from the first frame.
-    clock.now += 0.05
-    guard.filter(_frame(speed=72.0, x=SPAWN[0] + 61.0, distance=61.0, finished=1.0))
-    assert errors.first is None and guard.race_time == pytest.approx(3.05)
-    assert guard.annotate({})["race_time"] == pytest.approx(3.05)
-
-
-@pytest.mark.parametrize(
-    ("lie", "expected"),
-    [
-        # The car jumps 95 m ahead at 72 km/h (reach 18.5 m per 50 ms step).
-        ({"x": 95.0}, r"the position \(x, y, z\) moved 9\d(\.\d+)? m in 0\.05 s while the speed never "
-                      r"exceeded 72 km/h \(at most 18\.5 m\)"),
-        # The distance counter runs 60 m ahead of the car.
-        ({"distance": 60.0}, r"distance grew 6\d(\.\d+)? m in 0\.05 s while the speed never exceeded 72"),
-    ],
-)  # fmt: skip
-def test_a_move_the_reported_speed_cannot_make_is_refused(lie: dict, expected: str) -> None:
-    guard, errors, clock = _driving_guard()
-    x = _drive(guard, clock, 10)
-    clock.now += 0.05
-    frame = _frame(
-        speed=72.0, x=x + 1.0 + lie.get("x", 0.0), distance=x + 1.0 - SPAWN[0] + lie.get("distance", 0.0)
-    )
-    assert guard.filter(frame) != frame  # never handed to tmrl
-    assert re.search(expected, _inconsistency(errors)), str(errors.first[1])
-
-
-def test_speed_zero_while_the_position_moves_is_refused_over_a_window() -> None:
-    guard, errors, clock = _driving_guard()
-    guard.filter(_frame(speed=0.0, x=SPAWN[0], distance=0.0))
-    x = SPAWN[0]
-    for _ in range(30):  # 1.5 s at 0 km/h while the position advances 1.9 m per step (within the slack)
-        clock.now += 0.05
-        x += 1.9
-        guard.filter(_frame(speed=0.0, x=x, distance=x - SPAWN[0]))
-        if errors.first is not None:
-            break
-    assert "while the speed never exceeded 0 km/h" in _inconsistency(errors)
-
-
-def test_a_position_that_stands_still_at_speed_is_a_frozen_stream_and_condemns_its_frames() -> None:
-    guard, errors, clock = _driving_guard()
-    x = _drive(guard, clock, 10)
-    repeated = _frame(speed=72.0, x=x, distance=x - SPAWN[0])
-    count = 0
-    while count < 20:
-        count += 1
-        clock.now += 0.05
-        guard.filter(repeated)
-        if errors.first is not None:
-            break
-    message = _inconsistency(errors)
-    assert (
-        "the position (x, y, z) has not changed for 0.4" in message
-        and "72 km/h (a frozen telemetry" in message
-    )
-    assert count == 9 and errors.first[1].condemned_steps == 8  # 8 repeats were returned, the 9th was not
-    # A car standing still (0 km/h) may repeat its position as long as it likes.
-    guard, errors, clock = _driving_guard()
-    for _ in range(100):
-        clock.now += 0.05
-        guard.filter(_frame(speed=0.0, distance=0.0))
-    assert errors.first is None
-
-
-@pytest.mark.parametrize(
-    ("setup", "expected"),
-    [
-        ("first_frame", "the finish flag is 1 in the first frame after the respawn (a stuck finish flag)"),
-        ("twice", "the finish flag stayed 1 for two frames in a row (a stuck finish flag)"),
-        ("too_fast", "a finish 0.25 s after the start, faster than the track (100 m) can be driven at 1000"),
-        ("too_short", "a finish after the car drove 16 m of the track's 100 m (at least 50% for a real one)"),
-        ("too_early", "a finish with the car 45% along the reward trajectory (at least 80% for a real one"),
-    ],
-)  # fmt: skip
-def test_a_finish_that_cannot_be_real_is_refused_as_it_comes(setup: str, expected: str) -> None:
-    guard, errors, clock = _driving_guard(progress=0.45 if setup == "too_early" else 0.95)
-    if setup == "first_frame":
-        guard.filter(_frame(speed=0.0, x=SPAWN[0], distance=0.0, finished=1.0))
-    else:
-        guard.filter(_frame(speed=0.0, x=SPAWN[0], distance=0.0))
-        steps = {"too_fast": 4, "too_short": 15}.get(setup, 60)
-        x = _drive(guard, clock, steps)
-        clock.now += 0.05
-        finish = _frame(speed=72.0, x=x + 1.0, distance=x + 1.0 - SPAWN[0], finished=1.0)
-        assert guard.filter(finish) == finish or setup != "twice"
-        if setup == "twice":
-            assert errors.first is None
-            clock.now += 0.05
-            guard.filter(finish)
-    message = _inconsistency(errors)
-    assert expected in message, message
-    assert guard.latest[8] == 0.0 and guard.race_time is None  # tmrl never saw "finished": no +100, no race
-
-
-def test_reward_trajectories_that_pay_for_nothing_are_refused(tmp_path: Path) -> None:
-    from fake_openplanet import reward_trajectory
-
-    assert trackmania.trajectory_problem(reward_trajectory(100.0)) is None
-    same = np.zeros((1000, 3))
-    assert trackmania.trajectory_problem(same) == (
-        "is 0.0 m long (1,000 points), shorter than any track (at least 50 m): the car would finish it, or "
-        "stray from it, at once"
-    )
-    assert "is 2.0 m long (21 points)" in trackmania.trajectory_problem(reward_trajectory(2.0))
-    stalled = np.repeat(reward_trajectory(100.0), 2, axis=0)  # every point twice: half the steps are 0 m
-    assert trackmania.trajectory_problem(stalled) == (
-        "has 1,001 of its 2,001 steps shorter than 1 cm (tmrl records one point every 10 cm): points that do "
-        "not advance pay for progress never made"
-    )
-    home = tmp_path / "home"
-    write_tmrl_data(home, trajectory=reward_trajectory(2.0))
-    path = home / "TmrlData" / "reward" / "reward.pkl"
-    with pytest.raises(TrackManiaSetupError) as caught:
-        trackmania.load_reward_trajectory(home / "TmrlData")
-    assert str(caught.value).startswith(f"the reward trajectory {path} is 2.0 m long (21 points)")
-    assert str(caught.value).endswith("`python -m tmrl --record-reward` (or run `python -m tmrl --install`)")
-
-
-def test_a_spawn_far_from_the_trajectory_is_a_wrong_map(tmp_path: Path) -> None:
-    errors = trackmania._InterfaceErrors()
-    path = tmp_path / "reward.pkl"
-    guard = trackmania._TelemetryGuard(
-        errors, trajectory_start=np.array((0.0, 9.0, 0.0)), trajectory_path=path
-    )
-    guard.new_episode()
-    guard.filter(_frame(x=300.0, y=9.0, z=400.0))
-    guard.check_spawn()
-    where, error = errors.first
-    assert where == "checking the map" and isinstance(error, TrackManiaSetupError)
-    assert str(error) == (
-        f"the car starts 500.0 m from the start of the reward trajectory {path}, farther than MAX_STRAY "
-        "(100 m): the map in the game is not the one the trajectory was recorded on, and no step would pay "
-        "any reward. Load that map (tmrl's default trajectory is for the map tmrl-test: copy "
-        r"%USERPROFILE%\TmrlData\resources\tmrl-test.Map.Gbx into %USERPROFILE%\Documents\Trackmania\Maps"
-        r"\My Maps, then Create > Map Editor > Edit a Map > tmrl-test and the green flag), or record a "
-        "trajectory on this map with `python -m tmrl --record-reward`"
-    )
-
-
-def test_only_the_first_reset_is_compared_with_the_trajectory() -> None:
-    # tmrl's respawn may put the car back at a checkpoint rather than the start: later resets are not checked.
-    errors = trackmania._InterfaceErrors()
-    guard = trackmania._TelemetryGuard(errors, trajectory_start=np.array(SPAWN))
-    guard.new_episode()
-    guard.filter(GOOD_FRAME)
-    guard.check_spawn()
-    guard.new_episode()
-    guard.filter(_frame(x=SPAWN[0] + 900.0))
-    guard.check_spawn()
-    assert errors.first is None
-
-
-def test_track_length_and_fastest_possible_finish(home: Path) -> None:
-    folder = write_tmrl_data(home, trajectory_start=SPAWN)
-    points = trackmania.load_reward_trajectory(folder)
-    assert points.shape == (1001, 3) and points[0].tolist() == list(SPAWN)
-    assert trackmania.trajectory_length_m(points) == pytest.approx(100.0)
-    # A bent trajectory: its length is the sum of the segments, not the distance between its ends.
-    assert trackmania.trajectory_length_m(np.array([[0, 0, 0], [3, 4, 0], [3, 4, 12]])) == pytest.approx(17.0)
-
-
-# --- time-step timeouts, thread errors, logging, ViGEmBus ------------------------------------------------
+# --- time-step timeouts, ViGEmBus failing inside tmrl ----------------------------------------------------
 class _EnvOfThread:
     """Stands for a TrackManiaEnv whose rtgym worker is `thread`."""
 
@@ -640,110 +124,6 @@ def test_counted_timeouts_are_never_shown_nor_raised(capfd: pytest.CaptureFixtur
             counting.warn("something else")
     assert (env.timeouts, other_env.timeouts) == (2, 0)  # counted for the env whose thread timed out
     assert capfd.readouterr() == ("", "")
-
-
-def test_thread_errors_go_to_the_log_file_not_the_terminal(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str]
-) -> None:
-    log_path = tmp_path / "run" / "trackmania.log"
-    default_hook = threading.excepthook
-    uninstall = trackmania.route_thread_errors(log_path)
-    try:
-
-        def client_thread() -> None:
-            raise AssertionError("OpenPlanet stopped sending data since more than 10.0s.")
-
-        thread = threading.Thread(target=client_thread, name="tmrl client")
-        thread.start()
-        thread.join()
-    finally:
-        uninstall()
-    assert capfd.readouterr() == ("", "")
-    text = log_path.read_text(encoding="utf-8")
-    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ERROR \[tmrl client\] ", text), text
-    assert "uncaught exception in thread 'tmrl client'" in text
-    assert "Traceback (most recent call last)" in text and "in client_thread" in text
-    assert "AssertionError: OpenPlanet stopped sending data since more than 10.0s." in text
-    assert threading.excepthook is default_hook  # uninstalled
-
-
-def test_tmrl_and_rtgym_info_logs_go_to_the_file_when_they_would_reach_the_terminal(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str]
-) -> None:
-    import importlib.util
-
-    root = logging.getLogger()
-    terminal = logging.StreamHandler(sys.stderr)
-    terminal.setFormatter(logging.Formatter("%(name)s %(message)s"))
-    old_level = root.level
-    root.addHandler(terminal)
-    root.setLevel(logging.DEBUG)
-    log_path = tmp_path / "trackmania.log"
-    tmrl_file = str(Path(importlib.util.find_spec("tmrl").origin).parent / "networking.py")
-    # tmrl logs on the root logger (logging.info): its records are known by their file.
-    tmrl_record = logging.LogRecord("root", logging.INFO, tmrl_file, 1, "tmrl says hello", None, None)
-    try:
-        uninstall = trackmania.route_thread_errors(log_path)
-        try:
-            logging.getLogger("rtgym").info("rtgym info")
-            logging.getLogger("rtgym").warning("rtgym warning")  # WARNING and above stay on the terminal
-            root.handle(tmrl_record)
-            logging.getLogger("the.app").info("our own info")  # not tmrl's: untouched
-        finally:
-            uninstall()
-        logging.getLogger("rtgym").info("rtgym after uninstall")
-    finally:
-        root.removeHandler(terminal)
-        root.setLevel(old_level)
-    terminal_text = capfd.readouterr().err
-    assert terminal_text.splitlines() == [
-        "rtgym rtgym warning",
-        "the.app our own info",
-        "rtgym rtgym after uninstall",
-    ]
-    text = log_path.read_text(encoding="utf-8")
-    assert "INFO [MainThread] rtgym: rtgym info" in text and "tmrl says hello" in text
-    assert "warning" not in text and "our own" not in text
-
-
-def test_nothing_is_logged_to_the_file_when_it_would_not_reach_the_terminal(tmp_path: Path) -> None:
-    log_path = tmp_path / "trackmania.log"
-    uninstall = trackmania.route_thread_errors(log_path)
-    try:
-        logging.getLogger("rtgym").info("below the root's WARNING level: never printed anyway")
-    finally:
-        uninstall()
-    assert not log_path.exists() or "never printed" not in log_path.read_text(encoding="utf-8")
-
-
-VIGEM_MESSAGE = (
-    "the virtual gamepad driver ViGEmBus is missing or not running (importing vgamepad raised Exception: "
-    "VIGEM_ERROR_BUS_NOT_FOUND), so tmrl could not move the car: install it (`pip install --force-reinstall "
-    "--no-deps vgamepad` and accept the driver installer it starts, as `pip install tmrl` did, or "
-    "ViGEmBus_Setup from https://github.com/ViGEm/ViGEmBus/releases), then restart Windows"
-)
-
-
-def test_a_missing_vigembus_driver_is_named_on_windows(
-    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    write_tmrl_data(home)
-    # vgamepad connects to the driver while it is imported, and raises VIGEM_ERROR_BUS_NOT_FOUND without it.
-    fake_packages = tmp_path / "site"
-    (fake_packages / "vgamepad").mkdir(parents=True)
-    (fake_packages / "vgamepad" / "__init__.py").write_text(
-        'raise Exception("VIGEM_ERROR_BUS_NOT_FOUND")\n', encoding="utf-8"
-    )
-    monkeypatch.syspath_prepend(str(fake_packages))
-    monkeypatch.delitem(sys.modules, "vgamepad", raising=False)
-    monkeypatch.setattr(trackmania.platform, "system", lambda: "Windows")
-    with pytest.raises(TrackManiaSetupError) as caught:
-        trackmania.check_tmrl_setup()
-    assert str(caught.value) == VIGEM_MESSAGE
-    assert trackmania.check_tmrl_available() == VIGEM_MESSAGE
-    # Elsewhere the gamepad is not used, so not imported.
-    monkeypatch.setattr(trackmania.platform, "system", lambda: "Linux")
-    trackmania.check_tmrl_setup(allow_non_windows=True)
 
 
 def test_vigembus_failing_inside_tmrl_is_not_blamed_on_the_game() -> None:
@@ -1039,7 +419,7 @@ def _layout(obs: tuple) -> list:
 def _fake_game(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeOpenPlanet, FakeScreen, ControlRecorder]:
     block_internet(monkeypatch)
     game = FakeOpenPlanet()
-    monkeypatch.setattr(trackmania, "OPENPLANET_PORT", game.port)
+    monkeypatch.setattr(tm_setup, "OPENPLANET_PORT", game.port)
     return game, FakeScreen(follow=lambda: game.state["x"]), ControlRecorder(on_respawn=game.respawn)
 
 
@@ -1249,7 +629,7 @@ def child_telemetry_fault(monkeypatch: pytest.MonkeyPatch, fault: str, rtgym_id:
     """A game whose telemetry goes wrong after a few good steps (or from the start: another plugin)."""
     block_internet(monkeypatch)
     game = FakeOpenPlanet(spawn=SPAWN, extra_floats=(1500.0,) if fault == "12_floats" else ())
-    monkeypatch.setattr(trackmania, "OPENPLANET_PORT", game.port)
+    monkeypatch.setattr(tm_setup, "OPENPLANET_PORT", game.port)
     monkeypatch.setattr(trackmania, "_rtgym_id", lambda: rtgym_id)
     screen, recorder = FakeScreen(follow=lambda: game.state["x"]), ControlRecorder(on_respawn=game.respawn)
     env = trackmania.make_trackmania_env(Config(), step_timeout=5.0, allow_non_windows=True)
@@ -1289,7 +669,7 @@ def child_telemetry_fault(monkeypatch: pytest.MonkeyPatch, fault: str, rtgym_id:
 def child_wrong_map(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     block_internet(monkeypatch)
     game = FakeOpenPlanet(spawn=(SPAWN[0], SPAWN[1], SPAWN[2] + 400.0))  # another map's start
-    monkeypatch.setattr(trackmania, "OPENPLANET_PORT", game.port)
+    monkeypatch.setattr(tm_setup, "OPENPLANET_PORT", game.port)
     screen, recorder = FakeScreen(follow=lambda: game.state["x"]), ControlRecorder(on_respawn=game.respawn)
     env = trackmania.make_trackmania_env(Config(), allow_non_windows=True)
     install_fake_game(monkeypatch, game.port, screen, recorder)
@@ -1330,7 +710,7 @@ def child_slow_agent(monkeypatch: pytest.MonkeyPatch, rtgym_id: str) -> dict[str
 
 def child_game_dies(monkeypatch: pytest.MonkeyPatch, rtgym_id: str) -> dict[str, Any]:
     log_path = Path.cwd() / "run" / "trackmania.log"
-    trackmania.route_thread_errors(log_path)  # as the training loop does, with its run folder's log
+    tm_logs.route_thread_errors(log_path)  # as the training loop does, with its run folder's log
     game, screen, recorder = _fake_game(monkeypatch)
     monkeypatch.setattr(trackmania, "_rtgym_id", lambda: rtgym_id)
     env = trackmania.make_trackmania_env(Config(), step_timeout=1.0, allow_non_windows=True)

@@ -771,42 +771,44 @@ CATALOGUE: tuple[Mutation, ...] = (
         "issue 24: a finish flag stuck at 1 paid +100 every episode with race time 0.05 s and chose best.pt",
         (
             (
-                "trackmania.py",
+                "tm_telemetry.py",
                 '            if finished:\n                return "the finish flag is 1 in the first frame',
                 '            if False:\n                return "the finish flag is 1 in the first frame',
             ),
         ),
-        (f"{TM}::test_a_finish_that_cannot_be_real_is_refused_as_it_comes",),
+        ("tests/test_tm_telemetry.py::test_a_finish_that_cannot_be_real_is_refused_as_it_comes",),
     ),
     Mutation(
         "finish_before_the_car_covered_the_track",
         "issue 24: a finish flag that comes mid-track (stuck late in a lap) counted as a race",
-        (("trackmania.py", "            if along < FINISH_MIN_PROGRESS:", "            if along < 0.0:"),),
-        (f"{TM}::test_a_finish_that_cannot_be_real_is_refused_as_it_comes",),
+        (("tm_telemetry.py", "            if along < FINISH_MIN_PROGRESS:", "            if along < 0.0:"),),
+        ("tests/test_tm_telemetry.py::test_a_finish_that_cannot_be_real_is_refused_as_it_comes",),
     ),
     Mutation(
         "moves_checked_against_top_speed_only",
         "issue 24: a 95 m teleport for a few frames paid +9.5: only the 1000 km/h bound was checked",
         (
             (
-                "trackmania.py",
+                "tm_telemetry.py",
                 "        problem = _speed_problem(frame, previous, elapsed, max(abs(frame[0]), abs(previous[0])))",
                 "        problem = None",
             ),
         ),
-        (f"{TM}::test_a_move_the_reported_speed_cannot_make_is_refused",),
+        ("tests/test_tm_telemetry.py::test_a_move_the_reported_speed_cannot_make_is_refused",),
     ),
     Mutation(
         "frozen_position_at_speed_is_accepted",
         "issue 24: the plugin repeating one frame while the car drove trained 2,400 frozen transitions",
         (
             (
-                "trackmania.py",
+                "tm_telemetry.py",
                 "            if now - still_since >= STILL_POSITION_S:",
                 "            if False:",
             ),
         ),
-        (f"{TM}::test_a_position_that_stands_still_at_speed_is_a_frozen_stream_and_condemns_its_frames",),
+        (
+            "tests/test_tm_telemetry.py::test_a_position_that_stands_still_at_speed_is_a_frozen_stream_and_condemns_its_frames",
+        ),
     ),
     Mutation(
         "race_time_from_the_step_count",
@@ -961,8 +963,8 @@ CATALOGUE: tuple[Mutation, ...] = (
     Mutation(
         "set_up_check_passes_another_map",
         "issue 27: --check-trackmania must name a map that is not the reward trajectory's",
-        (("trackmania.py", '        if away > REWARD_CONFIG["MAX_STRAY"]:\n', "        if False:\n"),),
-        (f"{TM}::test_the_set_up_check_names_each_fault_and_what_to_do",),
+        (("tm_setup.py", '        if away > REWARD_CONFIG["MAX_STRAY"]:\n', "        if False:\n"),),
+        ("tests/test_tm_setup.py::test_the_set_up_check_names_each_fault_and_what_to_do",),
     ),
     Mutation(
         "greedy_drive_with_the_noise_on",
