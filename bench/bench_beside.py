@@ -199,8 +199,16 @@ def act_latency_beside(kind: str, seconds: float, seed: int = 0) -> dict[str, An
     rng = np.random.default_rng(seed)
     frames = rng.integers(0, 256, (4, 64, 64), dtype=np.uint8)
     car = np.array([120.0, 3.0, 6000.0], np.float32)
-    spec = LearnerSpec(config.to_dict(), [], tempfile.mkdtemp(prefix="bench-learner-"), 3, False, False, seed,
-                       "cpu", 1, 4)  # fmt: skip
+    spec = LearnerSpec(
+        config.to_dict(),
+        [],
+        tempfile.mkdtemp(prefix="bench-learner-"),
+        resume=False,
+        require_checkpoint=False,
+        seed=seed,
+        device="cpu",
+        threads=1,
+    )
     actor, stop, learned, feed = ActingPolicy.new(config, seed), threading.Event(), [0], None
     if kind == "thread":
         commands: queue.Queue = queue.Queue()
