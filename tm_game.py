@@ -2,13 +2,13 @@
 for tmrl that more than one part reads, and the advice messages end with.
 
 - the errors: `TrackManiaError` and its three kinds (set-up, a game that stopped answering, implausible
-  telemetry), every message one line (`_one_line`);
-- `_InterfaceErrors`: where the checks that run inside rtgym's worker thread (the telemetry guard of
+  telemetry), every message one line (`one_line_message`);
+- `InterfaceErrors`: where the checks that run inside rtgym's worker thread (the telemetry guard of
   tm_telemetry.py, tmrl's interface wrapped by trackmania.py) leave their error for the calling thread, which
   raises it (trackmania.py's watchdog);
 - the game window's size and tmrl's reward settings: tm_setup.py pins them in config.json, the telemetry
   guard and the env read them;
-- `_GAME_CHECKS` and `_INSTALL_HINT`: what to check or install, ending the set-up's and the watchdog's
+- `GAME_CHECKS` and `INSTALL_HINT`: what to check or install, ending the set-up's and the watchdog's
   messages alike.
 
 The lowest of the TrackMania modules: tm_game < tm_telemetry < tm_setup < trackmania (tm_logs stands apart).
@@ -35,13 +35,13 @@ REWARD_CONFIG = {
     "MAX_STRAY": 100.0,
 }
 
-_GAME_CHECKS = (
+GAME_CHECKS = (
     "check that TrackMania is running with a map loaded, that its window is visible, not minimised and in "
     f"windowed mode (tmrl resizes it to {WINDOW_WIDTH}x{WINDOW_HEIGHT}), and that the OpenPlanet plugin "
     "'TMRL Grab Data' is loaded "
     "(F3 > Developer > (Re)load plugin > TMRL Grab Data)"
 )
-_INSTALL_HINT = (
+INSTALL_HINT = (
     "on the Windows PC with TrackMania run `pip install tmrl==0.7.1` then `python -m tmrl --install`, "
     "and load the OpenPlanet plugin 'TMRL Grab Data'"
 )
@@ -66,22 +66,22 @@ class TelemetryError(TrackManiaError):
     """The plugin's telemetry is implausible: a plugin of another version, or a misaligned data stream."""
 
 
-def _one_line(text: str) -> str:
+def one_line_message(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _installed_tmrl_version() -> str:
+def installed_tmrl_version() -> str:
     try:
         return "tmrl " + importlib.metadata.version("tmrl")
     except importlib.metadata.PackageNotFoundError:
         return "the installed tmrl"
 
 
-class _InterfaceErrors:
+class InterfaceErrors:
     """The first exception raised by tmrl's interface inside rtgym's worker thread, or None.
 
     Our own checks in that thread (telemetry, map) record their error here without raising it there: the
-    calling thread raises it (see `_bounded_call`), so rtgym's thread neither dies nor hangs.
+    calling thread raises it (trackmania.py's `_bounded_call`), so rtgym's thread neither dies nor hangs.
     """
 
     def __init__(self) -> None:

@@ -7,12 +7,15 @@ internet when that folder is missing. We check the folder and every value of con
 BEFORE importing tmrl, so a wrong setup ends in one readable line instead of a download or a KeyError. Here:
 - TmrlData and config.json: every key tmrl reads, and the values pinned to rainbow-tm's settings;
 - the reward trajectory tmrl pays along (without it tmrl silently uses a dummy that never pays);
-- the virtual gamepad's driver ViGEmBus (Windows);
+- the virtual gamepad's driver ViGEmBus (Windows), and its error (`vigem_error`, `mentions_vigem`: the env
+  names the driver too when tmrl's gamepad fails mid-run);
 - the OpenPlanet plugin's address and frame layout, and `listen_to_plugin`, which reads its frames (the
   report checks them with tm_telemetry.py's plausibility rules, and the car's place against the trajectory);
 - `import_tmrl_module`, which imports tmrl once the set-up is known good, undoing its side effects.
 
-tmrl is a Windows-only dependency: it is imported lazily, inside functions, never at module import.
+Third of the TrackMania modules (tm_game < tm_telemetry < tm_setup < trackmania): imports tm_config,
+tm_game and tm_telemetry. tmrl is a Windows-only dependency: it is imported lazily, inside functions, never
+at module import.
 
 Windows setup (from tmrl's install guide):
   1. install TrackMania 2020 and Openplanet (it needs the Visual C++ runtime);
@@ -43,18 +46,24 @@ import numpy as np
 
 from tm_config import Config
 from tm_game import (
-    _GAME_CHECKS,
-    _INSTALL_HINT,
+    GAME_CHECKS,
+    INSTALL_HINT,
     REWARD_CONFIG,
     WINDOW_HEIGHT,
     WINDOW_WIDTH,
     GameNotRespondingError,
     TrackManiaError,
     TrackManiaSetupError,
-    _installed_tmrl_version,
-    _one_line,
+    installed_tmrl_version,
+    one_line_message,
 )
-from tm_telemetry import TELEMETRY_FIELDS, _field_problem, _jump_problem, _telemetry_error, _wrong_map_error
+from tm_telemetry import (
+    TELEMETRY_FIELDS,
+    field_problem,
+    implausible_telemetry_error,
+    jump_problem,
+    wrong_map_error,
+)
 
 # --- the OpenPlanet plugin's protocol ------------------------------------------------------------------
 # The "TMRL Grab Data" plugin listens here (tmrl's TM2020OpenPlanetClient connects to the same address)
@@ -195,7 +204,7 @@ def load_tmrl_config(folder: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as error:
-        raise TrackManiaSetupError(_one_line(f"cannot read {path}: {error}")) from error
+        raise TrackManiaSetupError(one_line_message(f"cannot read {path}: {error}")) from error
     except json.JSONDecodeError as error:
         raise TrackManiaSetupError(
             f"{path} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); "
@@ -221,7 +230,7 @@ def load_reward_trajectory(folder: Path) -> np.ndarray:
         with path.open("rb") as file:
             points = np.asarray(pickle.load(file), dtype=np.float64)
     except Exception as error:  # a damaged pickle can raise nearly anything
-        message = _one_line(f"cannot read the reward trajectory {path} ({error}): {record}")
+        message = one_line_message(f"cannot read the reward trajectory {path} ({error}): {record}")
         raise TrackManiaSetupError(message) from error
     if points.ndim != 2 or points.shape[1] != 3 or len(points) < 2:
         raise TrackManiaSetupError(
@@ -269,16 +278,16 @@ _VIGEM_FIX = (
 )
 
 
-def _vigem_error(detail: str) -> TrackManiaSetupError:
+def vigem_error(detail: str) -> TrackManiaSetupError:
     return TrackManiaSetupError(
-        _one_line(
+        one_line_message(
             f"the virtual gamepad driver ViGEmBus is missing or not running ({detail}), so tmrl could not "
             f"move the car: {_VIGEM_FIX}"
         )
     )
 
 
-def _mentions_vigem(error: BaseException) -> bool:
+def mentions_vigem(error: BaseException) -> bool:
     # vgamepad raises Exception("VIGEM_ERROR_BUS_NOT_FOUND") (and other VIGEM_ERROR_* names) when it cannot
     # reach the driver, and AssertionError("The virtual device could not connect to ViGEmBus.").
     return "vigem" in f"{type(error).__name__} {error}".lower()
@@ -293,7 +302,7 @@ def _check_virtual_gamepad() -> None:
     try:
         importlib.import_module("vgamepad")
     except Exception as error:  # VIGEM_ERROR_* as a bare Exception, or OSError when its DLL cannot load
-        raise _vigem_error(f"importing vgamepad raised {type(error).__name__}: {error}") from error
+        raise vigem_error(f"importing vgamepad raised {type(error).__name__}: {error}") from error
 
 
 def _require_windows(allow_non_windows: bool) -> str:
@@ -308,15 +317,15 @@ def _require_windows(allow_non_windows: bool) -> str:
 
 def _require_tmrl() -> str:
     if find_spec("tmrl") is None:
-        raise TrackManiaSetupError(f"tmrl is not installed: {_INSTALL_HINT}")
-    return _installed_tmrl_version()
+        raise TrackManiaSetupError(f"tmrl is not installed: {INSTALL_HINT}")
+    return installed_tmrl_version()
 
 
 def _require_tmrl_data() -> Path:
     folder = tmrl_data_folder()
     if not folder.is_dir():
         # Importing tmrl now would make it download its resources: tell the user to do it knowingly.
-        raise TrackManiaSetupError(f"no TmrlData folder at {folder}: {_INSTALL_HINT}")
+        raise TrackManiaSetupError(f"no TmrlData folder at {folder}: {INSTALL_HINT}")
     return folder
 
 
@@ -363,7 +372,7 @@ def listen_to_plugin(seconds: float, enough: int | None = None) -> list[tuple[fl
     except OSError as error:  # refused, timed out (TimeoutError is an OSError) or reset
         if not connected:
             raise GameNotRespondingError(
-                f"nothing answers on {address} (the OpenPlanet plugin 'TMRL Grab Data'): {_GAME_CHECKS}"
+                f"nothing answers on {address} (the OpenPlanet plugin 'TMRL Grab Data'): {GAME_CHECKS}"
             ) from error
         failure = type(error).__name__  # once connected, the end of the window (a timeout) or a reset
     time.sleep(PLUGIN_RELISTEN_DELAY)
@@ -391,7 +400,7 @@ def check_tmrl_available(config: Config | None = None, *, allow_non_windows: boo
         check_tmrl_setup(config, allow_non_windows=allow_non_windows)
         probe_openplanet()
     except TrackManiaError as error:
-        return _one_line(str(error))
+        return one_line_message(str(error))
     return None
 
 
@@ -412,11 +421,11 @@ def _telemetry_verdict(frames: list[tuple[float, tuple[float, ...]]], seconds: f
     """What the frames say (rate, speed, position), or TelemetryError naming the first impossible one."""
     previous = None
     for arrived, frame in frames:
-        problem = _field_problem(frame)
+        problem = field_problem(frame)
         if problem is None and previous is not None:
-            problem = _jump_problem(frame, previous[1], arrived - previous[0])
+            problem = jump_problem(frame, previous[1], arrived - previous[0])
         if problem is not None:
-            raise _telemetry_error(problem)
+            raise implausible_telemetry_error(problem)
         previous = (arrived, frame)
     last = dict(zip(TELEMETRY_FIELDS, frames[-1][1], strict=True))
     return (
@@ -447,7 +456,7 @@ def setup_report(
         except NotHereError as skipped:
             checks.append(SetupCheck(name, None, str(skipped)))
         except TrackManiaError as error:
-            checks.append(SetupCheck(name, False, _one_line(str(error))))
+            checks.append(SetupCheck(name, False, one_line_message(str(error))))
 
     system = platform.system() or "an unknown system"
 
@@ -488,7 +497,7 @@ def setup_report(
         away = float(np.min(np.linalg.norm(trajectory[0] - np.asarray(position), axis=1)))
         if away > REWARD_CONFIG["MAX_STRAY"]:
             path = reward_trajectory_path(tmrl_data_folder())
-            raise _wrong_map_error(away, REWARD_CONFIG["MAX_STRAY"], path, anywhere=True)
+            raise wrong_map_error(away, REWARD_CONFIG["MAX_STRAY"], path, anywhere=True)
         return (
             f"the car is {away:.1f} m from the reward trajectory (at most {REWARD_CONFIG['MAX_STRAY']:g} m)"
         )
@@ -521,7 +530,7 @@ def import_tmrl_module(name: str) -> Any:
         return importlib.import_module(name)
     except Exception as error:
         raise TrackManiaSetupError(
-            _one_line(f"importing tmrl failed ({type(error).__name__}: {error}); {_INSTALL_HINT}")
+            one_line_message(f"importing tmrl failed ({type(error).__name__}: {error}); {INSTALL_HINT}")
         ) from error
     finally:
         root_logger.removeHandler(guard)

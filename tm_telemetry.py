@@ -3,18 +3,22 @@
 A plugin of another version or a misaligned stream gives garbage observations and episodes that "finish" in a
 few steps; a plugin that stops updating, a stuck finish flag or a teleport give frames whose every value is
 plausible but which cannot all be true. Either would train the agent on lies, silently. Here:
-- the plausibility rules of one frame (`_field_problem`: finite, within the game's physical limits) and of
-  two frames of one episode (`_jump_problem`: no teleport at top speed), with the constants they use; the
+- the plausibility rules of one frame (`field_problem`: finite, within the game's physical limits) and of
+  two frames of one episode (`jump_problem`: no teleport at top speed), with the constants they use; the
   set-up report (tm_setup.py) applies them to the frames it listens to;
 - the consistency rules of an episode (`_speed_problem`, `_stands_still_at_speed`, the finish's rules);
-- `_TelemetryGuard`, which applies all of them inside rtgym's worker thread, replaces a bad frame by the
+- `TelemetryGuard`, which applies all of them inside rtgym's worker thread, replaces a bad frame by the
   last good one and records a `TelemetryError` for the calling thread, and compares the car's spawn with
   the reward trajectory's start at the first reset (a trajectory recorded on another map would pay no
-  reward, forever and silently: `_wrong_map_error`);
-- `_CheckedClient`, tmrl's telemetry client with every frame passed through the guard (trackmania.py
-  plugs it into tmrl's interface).
+  reward, forever and silently: `wrong_map_error`);
+- `CheckedClient`, tmrl's telemetry client with every frame passed through the guard (trackmania.py
+  plugs it into tmrl's interface);
+- the errors the rules end in (`implausible_telemetry_error`, `inconsistent_telemetry_error`,
+  `wrong_map_error`), and the `info` keys under which the guard hands each step's frame and wait to the env
+  (`TELEMETRY_INFO_KEY`, `WAITED_INFO_KEY`).
 
-Imports tm_game only; nothing here imports tmrl.
+Second of the TrackMania modules (tm_game < tm_telemetry < tm_setup < trackmania): imports tm_game only;
+nothing here imports tmrl.
 """
 
 from __future__ import annotations
@@ -29,12 +33,12 @@ import numpy as np
 
 from tm_game import (
     REWARD_CONFIG,
+    InterfaceErrors,
     TelemetryError,
     TrackManiaError,
     TrackManiaSetupError,
-    _installed_tmrl_version,
-    _InterfaceErrors,
-    _one_line,
+    installed_tmrl_version,
+    one_line_message,
 )
 
 # --- telemetry sanity ------------------------------------------------------------------------------------
@@ -87,11 +91,11 @@ FINISH_MIN_TRACK_SHARE = 0.5
 FINISH_MIN_PROGRESS = 0.8
 
 
-def _telemetry_error(detail: str) -> TelemetryError:
+def implausible_telemetry_error(detail: str) -> TelemetryError:
     return TelemetryError(
-        _one_line(
+        one_line_message(
             f"implausible telemetry from the OpenPlanet plugin: {detail}; the plugin 'TMRL Grab Data' is "
-            f"probably of another version than {_installed_tmrl_version()}, or its data stream is "
+            f"probably of another version than {installed_tmrl_version()}, or its data stream is "
             "misaligned: copy "
             r"%USERPROFILE%\TmrlData\resources\Plugins\TMRL_GrabData.op (from `python -m tmrl --install`) "
             r"into %USERPROFILE%\OpenplanetNext\Plugins, reload it (F3 > Developer > (Re)load plugin > "
@@ -108,7 +112,7 @@ def _outside(low: float, high: float, value: float) -> bool:
     return not low - INPUT_TOLERANCE <= value <= high + INPUT_TOLERANCE
 
 
-def _field_problem(frame: tuple[float, ...]) -> str | None:
+def field_problem(frame: tuple[float, ...]) -> str | None:
     """Why one telemetry frame cannot come from the game, or None."""
     if len(frame) != len(TELEMETRY_FIELDS):
         return f"a frame of {len(frame)} values instead of {len(TELEMETRY_FIELDS)}"
@@ -137,7 +141,7 @@ def _field_problem(frame: tuple[float, ...]) -> str | None:
     return None
 
 
-def _jump_problem(frame: tuple[float, ...], previous: tuple[float, ...], elapsed: float) -> str | None:
+def jump_problem(frame: tuple[float, ...], previous: tuple[float, ...], elapsed: float) -> str | None:
     """Why `frame` cannot follow `previous` (same episode, `elapsed` wall-clock seconds later), or None."""
     reach = JUMP_MARGIN * TOP_SPEED_M_S * (max(elapsed, 0.0) + FRAME_AGE_SLACK)
     moved = math.dist(frame[2:5], previous[2:5])
@@ -155,13 +159,13 @@ def _jump_problem(frame: tuple[float, ...], previous: tuple[float, ...], elapsed
     return None
 
 
-_TELEMETRY_INFO_KEY = "_trackmania_telemetry"  # carries the step's frame from the interface to the env
-_WAITED_INFO_KEY = "_trackmania_waited"  # seconds tmrl waited for that frame to arrive from the plugin
+TELEMETRY_INFO_KEY = "_trackmania_telemetry"  # carries the step's frame from the interface to the env
+WAITED_INFO_KEY = "_trackmania_waited"  # seconds tmrl waited for that frame to arrive from the plugin
 
 
-def _inconsistent_telemetry_error(detail: str) -> TelemetryError:
+def inconsistent_telemetry_error(detail: str) -> TelemetryError:
     return TelemetryError(
-        _one_line(
+        one_line_message(
             f"inconsistent telemetry from the OpenPlanet plugin: {detail}; every value is plausible but "
             "together they cannot be true (a paused game, a plugin that stopped updating or repeats a frame, "
             "a stuck finish flag): unpause the game, reload the plugin (F3 > Developer > (Re)load plugin > "
@@ -196,13 +200,13 @@ def _stands_still_at_speed(frame: tuple[float, ...], previous: tuple[float, ...]
     return min(abs(frame[0]), abs(previous[0])) > MOVING_KMH and frame[2:5] == previous[2:5]
 
 
-class _TelemetryGuard:
+class TelemetryGuard:
     """Checks every frame tmrl retrieves from the plugin, inside rtgym's worker thread, without raising there.
 
     A bad frame is recorded in `errors` (the calling thread raises it) and replaced by the last good one, so
     tmrl computes nothing from garbage (a garbage "finished" would pay +100 and respawn the car). After the
     first error every frame is replaced: the env is unusable from then on. Checked: each value alone
-    (`_field_problem`), each frame against the previous one of its episode (no teleport at top speed, no
+    (`field_problem`), each frame against the previous one of its episode (no teleport at top speed, no
     move the reported speed cannot make), every CONSISTENCY_WINDOW_S of an episode (the same, and a position
     that stays put while the car reports driving), and each finish (an edge after a real run: not in the
     episode's first frame, not twice in a row, not before the car drove FINISH_MIN_TRACK_SHARE of the track,
@@ -213,7 +217,7 @@ class _TelemetryGuard:
 
     def __init__(
         self,
-        errors: _InterfaceErrors,
+        errors: InterfaceErrors,
         *,
         trajectory_start: np.ndarray | None = None,
         trajectory_path: Path | None = None,
@@ -257,15 +261,15 @@ class _TelemetryGuard:
         self.race_time = None
         if not self._failed:
             frame = tuple(float(value) for value in data)
-            problem = _field_problem(frame)
+            problem = field_problem(frame)
             if problem is None and self._previous is not None:  # garbage: kilometres between two frames
-                problem = _jump_problem(frame, self._previous[0], now - self._previous[1])
+                problem = jump_problem(frame, self._previous[0], now - self._previous[1])
             if problem is not None:
-                self._fail("reading the telemetry", _telemetry_error(problem))
+                self._fail("reading the telemetry", implausible_telemetry_error(problem))
             else:
                 problem = self._episode_problem(frame, now)
                 if problem is not None:
-                    error = _inconsistent_telemetry_error(problem)
+                    error = inconsistent_telemetry_error(problem)
                     error.condemned_steps = self._still_frames  # 0 unless a repeated position was seen
                     self._fail("checking the telemetry", error)
                 else:
@@ -357,19 +361,19 @@ class _TelemetryGuard:
         self._spawn_checked = True
         away = math.dist(self.latest[2:5], self._trajectory_start)
         if away > self._max_stray:
-            self._fail("checking the map", _wrong_map_error(away, self._max_stray, self._trajectory_path))
+            self._fail("checking the map", wrong_map_error(away, self._max_stray, self._trajectory_path))
 
     def annotate(self, info: Any) -> dict:
         info = dict(info or {})
         if self.latest is not None:
-            info[_TELEMETRY_INFO_KEY] = dict(zip(TELEMETRY_FIELDS, self.latest, strict=True))
-            info[_WAITED_INFO_KEY] = self.latest_waited
+            info[TELEMETRY_INFO_KEY] = dict(zip(TELEMETRY_FIELDS, self.latest, strict=True))
+            info[WAITED_INFO_KEY] = self.latest_waited
         if self.race_time is not None:
             info["race_time"] = self.race_time
         return info
 
 
-def _wrong_map_error(
+def wrong_map_error(
     away: float, max_stray: float, path: Path | None, anywhere: bool = False
 ) -> TrackManiaSetupError:
     """`anywhere`: `away` is the distance to the trajectory's nearest point (the car may be mid-track),
@@ -377,7 +381,7 @@ def _wrong_map_error(
     trajectory = f"the reward trajectory {path}" if path is not None else "the reward trajectory"
     where = "is {:.1f} m from every point of" if anywhere else "starts {:.1f} m from the start of"
     return TrackManiaSetupError(
-        _one_line(
+        one_line_message(
             f"the car {where.format(away)} {trajectory}, farther than MAX_STRAY "
             f"({max_stray:g} m): the map in the game is not the one the trajectory was recorded on, and "
             "no step would pay any reward. Load that map (tmrl's default trajectory is for the map "
@@ -389,10 +393,10 @@ def _wrong_map_error(
     )
 
 
-class _CheckedClient:
+class CheckedClient:
     """tmrl's TM2020OpenPlanetClient, with every retrieve_data() result passed through the telemetry guard."""
 
-    def __init__(self, client: Any, guard: _TelemetryGuard) -> None:
+    def __init__(self, client: Any, guard: TelemetryGuard) -> None:
         self._client = client
         self._guard = guard
 

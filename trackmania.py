@@ -15,9 +15,10 @@ trajectory and drives with a virtual gamepad; rtgym paces it at a fixed 20 Hz in
 - rtgym's "Time-step timed out" warnings (the PC could not keep 20 Hz) are counted per env and never
   printed (the training loop reports the count).
 
-The TrackMania path's other modules, each imported by this one and none importing it: tm_game.py (the errors
-and what all parts share), tm_telemetry.py (the telemetry guard), tm_setup.py (the set-up checks,
-`--check-trackmania`); tm_logs.py routes tmrl's and rtgym's thread errors and logs to a file.
+The top of the TrackMania modules (tm_game < tm_telemetry < tm_setup < trackmania): it imports the others,
+none imports it: tm_game.py (the errors and what all parts share), tm_telemetry.py (the telemetry guard),
+tm_setup.py (the set-up checks, `--check-trackmania`). tm_logs.py stands apart (the training loop imports it):
+it routes tmrl's and rtgym's thread errors and logs to a file.
 tmrl is a Windows-only dependency: it is imported lazily, inside functions, never at module import.
 """
 
@@ -37,32 +38,32 @@ import numpy as np
 
 from tm_config import Config, clip_action
 from tm_game import (
-    _GAME_CHECKS,
+    GAME_CHECKS,
     REWARD_CONFIG,
     GameNotRespondingError,
+    InterfaceErrors,
     TrackManiaError,
     TrackManiaSetupError,
-    _InterfaceErrors,
-    _one_line,
+    one_line_message,
 )
 from tm_setup import (
-    _mentions_vigem,
-    _vigem_error,
     check_tmrl_setup,
     import_tmrl_module,
     load_reward_trajectory,
+    mentions_vigem,
     probe_openplanet,
     reward_trajectory_path,
     tmrl_data_folder,
     trajectory_length_m,
+    vigem_error,
 )
 from tm_telemetry import (
-    _TELEMETRY_INFO_KEY,
-    _WAITED_INFO_KEY,
+    TELEMETRY_INFO_KEY,
     TOP_SPEED_M_S,
-    _CheckedClient,
-    _inconsistent_telemetry_error,
-    _TelemetryGuard,
+    WAITED_INFO_KEY,
+    CheckedClient,
+    TelemetryGuard,
+    inconsistent_telemetry_error,
 )
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class _CheckedWindow:
     64x64 frames as another picture, silently. (The first capture's size is the reference rather than
     WINDOW_WIDTH x WINDOW_HEIGHT, which Windows' display scaling may turn into other pixel counts.)"""
 
-    def __init__(self, window: Any, errors: _InterfaceErrors) -> None:
+    def __init__(self, window: Any, errors: InterfaceErrors) -> None:
         self._window = window
         self._errors = errors
         self.size: tuple[int, int] | None = None  # (width, height) of the first capture
@@ -144,18 +145,18 @@ class _CheckedWindow:
 
 def _guarded_interface(base: type) -> type:
     """tmrl's interface class, unchanged except that its exceptions are also recorded in `errors` and its
-    telemetry passes through a `_TelemetryGuard`."""
+    telemetry passes through a `TelemetryGuard`."""
 
     class GuardedTM2020Interface(base):
         def __init__(
             self,
             *args: Any,
-            errors: _InterfaceErrors,
-            telemetry: _TelemetryGuard | None = None,
+            errors: InterfaceErrors,
+            telemetry: TelemetryGuard | None = None,
             **kwargs: Any,
         ) -> None:
             self._errors = errors
-            self._telemetry = telemetry if telemetry is not None else _TelemetryGuard(errors)
+            self._telemetry = telemetry if telemetry is not None else TelemetryGuard(errors)
             self._telemetry.track_progress = self._trajectory_share
             with errors.recording("creating the interface"):
                 super().__init__(*args, **kwargs)
@@ -174,7 +175,7 @@ def _guarded_interface(base: type) -> type:
         @client.setter
         def client(self, value: Any) -> None:
             self.__dict__["_checked_client"] = (
-                None if value is None else _CheckedClient(value, self._telemetry)
+                None if value is None else CheckedClient(value, self._telemetry)
             )
 
         # The same for the window tmrl captures (initialize_common): every capture's size is checked.
@@ -265,8 +266,8 @@ def make_trackmania_env(
     tm_gym_interfaces = _import_tmrl_interfaces()
     import rtgym  # noqa: F401 - registers rtgym's env ids with gymnasium
 
-    errors = _InterfaceErrors()
-    telemetry = _TelemetryGuard(
+    errors = InterfaceErrors()
+    telemetry = TelemetryGuard(
         errors,
         trajectory_start=trajectory[0],
         trajectory_path=reward_trajectory_path(folder),
@@ -306,18 +307,18 @@ def _interface_failure(first: tuple[str, BaseException], what: str) -> TrackMani
     where, error = first
     if isinstance(error, TrackManiaError):  # our own checks in rtgym's thread: already one clear line
         return error
-    if _mentions_vigem(error):  # vgamepad could not reach its driver: the game is not to blame
-        failure: TrackManiaError = _vigem_error(f"tmrl failed while {where}: {type(error).__name__}: {error}")
+    if mentions_vigem(error):  # vgamepad could not reach its driver: the game is not to blame
+        failure: TrackManiaError = vigem_error(f"tmrl failed while {where}: {type(error).__name__}: {error}")
     else:
-        message = _one_line(f"tmrl failed while {where} ({type(error).__name__}: {error}) during {what}")
-        failure = GameNotRespondingError(f"{message}: {_GAME_CHECKS}")
+        message = one_line_message(
+            f"tmrl failed while {where} ({type(error).__name__}: {error}) during {what}"
+        )
+        failure = GameNotRespondingError(f"{message}: {GAME_CHECKS}")
     failure.__cause__ = error
     return failure
 
 
-def _bounded_call(
-    fn: Callable[[], Any], *, timeout: float, errors: _InterfaceErrors | None, what: str
-) -> Any:
+def _bounded_call(fn: Callable[[], Any], *, timeout: float, errors: InterfaceErrors | None, what: str) -> Any:
     """Run fn() in a daemon thread and wait at most `timeout` s, failing early if tmrl's thread failed.
 
     rtgym waits without a timeout for its worker thread, so a failure there would otherwise block forever.
@@ -341,7 +342,7 @@ def _bounded_call(
             raise _interface_failure(errors.first, what)
         if time.monotonic() >= deadline:
             raise GameNotRespondingError(
-                f"TrackMania did not answer within {timeout:g} s during {what}: {_GAME_CHECKS}"
+                f"TrackMania did not answer within {timeout:g} s during {what}: {GAME_CHECKS}"
             )
     # With rtgym's per-step threads (Windows) a failed capture is not an exception: the next step() just
     # returns the previous observation again.
@@ -437,7 +438,7 @@ class TrackManiaEnv(gymnasium.Wrapper):
         self,
         env: gymnasium.Env,
         *,
-        errors: _InterfaceErrors | None = None,
+        errors: InterfaceErrors | None = None,
         step_timeout: float = DEFAULT_STEP_TIMEOUT,
         reset_timeout: float = DEFAULT_RESET_TIMEOUT,
         max_identical_frames: int = DEFAULT_MAX_IDENTICAL_FRAMES,
@@ -535,8 +536,8 @@ class TrackManiaEnv(gymnasium.Wrapper):
     def _take_telemetry(self, info: Any) -> dict:
         """Move the frame the interface attached to this observation into `last_telemetry`."""
         info = dict(info or {})
-        frame = info.pop(_TELEMETRY_INFO_KEY, None)
-        self._episode_waits.append(float(info.pop(_WAITED_INFO_KEY, 0.0)))
+        frame = info.pop(TELEMETRY_INFO_KEY, None)
+        self._episode_waits.append(float(info.pop(WAITED_INFO_KEY, 0.0)))
         if frame is not None:
             self.last_telemetry = frame
         info["finished"] = bool(frame is not None and frame["finished"])
@@ -566,7 +567,7 @@ class TrackManiaEnv(gymnasium.Wrapper):
             self._stop(
                 GameNotRespondingError(
                     f"the game picture has not changed for {self._identical_frames} steps while the car "
-                    f"reports speed {speed:.1f} km/h (a frozen capture or a paused game): {_GAME_CHECKS}"
+                    f"reports speed {speed:.1f} km/h (a frozen capture or a paused game): {GAME_CHECKS}"
                 ),
                 self._identical_frames - 1,
             )
@@ -577,7 +578,7 @@ class TrackManiaEnv(gymnasium.Wrapper):
         self._frozen_telemetry = self._frozen_telemetry + 1 if repeats else 0
         if self._frozen_telemetry >= FROZEN_TELEMETRY_STEPS:
             self._stop(
-                _inconsistent_telemetry_error(
+                inconsistent_telemetry_error(
                     f"the telemetry repeated one frame bit for bit for {self._frozen_telemetry} steps while "
                     "the game picture moved at every one (the plugin stopped updating)"
                 ),
@@ -599,7 +600,7 @@ class TrackManiaEnv(gymnasium.Wrapper):
                 GameNotRespondingError(
                     f"the game picture has not changed for {now - self._picture_since:.1f} s "
                     f"({self._picture_steps} steps, {self._picture_resets} respawns): the game is paused, "
-                    f"or its window is minimised or covered: {_GAME_CHECKS}"
+                    f"or its window is minimised or covered: {GAME_CHECKS}"
                 ),
                 self._picture_steps - (not reset),
             )

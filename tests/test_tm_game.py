@@ -8,11 +8,11 @@ import pytest
 
 from tm_game import (
     GameNotRespondingError,
+    InterfaceErrors,
     TelemetryError,
     TrackManiaError,
     TrackManiaSetupError,
-    _InterfaceErrors,
-    _one_line,
+    one_line_message,
 )
 
 
@@ -21,11 +21,11 @@ def test_every_kind_of_trackmania_error_is_one_and_condemns_no_step_unless_told(
         error = kind("x")
         assert isinstance(error, TrackManiaError) and isinstance(error, RuntimeError)
         assert error.condemned_steps == 0
-    assert _one_line("tmrl failed\n  Traceback:\tline 1 \n") == "tmrl failed Traceback: line 1"
+    assert one_line_message("tmrl failed\n  Traceback:\tline 1 \n") == "tmrl failed Traceback: line 1"
 
 
 def test_the_first_error_of_the_worker_thread_is_kept_and_still_raised_there() -> None:
-    errors = _InterfaceErrors()
+    errors = InterfaceErrors()
     assert errors.first is None
     first, second = ValueError("first"), KeyError("second")
 

@@ -57,21 +57,21 @@ def _frame(**changes: float) -> tuple[float, ...]:
     ],
 )
 def test_implausible_telemetry_fields_are_named_with_their_value(changes: dict, expected: str) -> None:
-    assert tm_telemetry._field_problem(_frame(**changes)) == expected
+    assert tm_telemetry.field_problem(_frame(**changes)) == expected
 
 
 def test_plausible_telemetry_passes() -> None:
-    assert tm_telemetry._field_problem(GOOD_FRAME) is None
+    assert tm_telemetry.field_problem(GOOD_FRAME) is None
     # Reversing (negative speed along the car), top speed, idle, the last gear, a finish: all real.
     for changes in ({"speed": -40.0}, {"speed": 1000.0}, {"rpm": 0.0, "gear": 0.0}, {"gear": 7.0}):
-        assert tm_telemetry._field_problem(_frame(**changes)) is None, changes
-    assert tm_telemetry._field_problem(_frame(finished=1.0, brake=1.0, steer=1.0, gas=0.0)) is None
-    assert "a frame of 12 values instead of 11" in tm_telemetry._field_problem((*GOOD_FRAME, 0.0))
+        assert tm_telemetry.field_problem(_frame(**changes)) is None, changes
+    assert tm_telemetry.field_problem(_frame(finished=1.0, brake=1.0, steer=1.0, gas=0.0)) is None
+    assert "a frame of 12 values instead of 11" in tm_telemetry.field_problem((*GOOD_FRAME, 0.0))
 
 
 def test_a_teleport_within_an_episode_is_caught_but_not_a_respawn_at_reset() -> None:
-    errors = tm_game._InterfaceErrors()
-    guard = tm_telemetry._TelemetryGuard(errors, trajectory_start=np.array(SPAWN))
+    errors = tm_game.InterfaceErrors()
+    guard = tm_telemetry.TelemetryGuard(errors, trajectory_start=np.array(SPAWN))
     guard.new_episode()
     assert guard.filter(GOOD_FRAME) == GOOD_FRAME
     guard.check_spawn()  # the car starts on the trajectory
@@ -100,8 +100,8 @@ def test_a_teleport_within_an_episode_is_caught_but_not_a_respawn_at_reset() -> 
 
 
 def test_a_distance_jump_is_caught() -> None:
-    errors = tm_game._InterfaceErrors()
-    guard = tm_telemetry._TelemetryGuard(errors)
+    errors = tm_game.InterfaceErrors()
+    guard = tm_telemetry.TelemetryGuard(errors)
     guard.filter(GOOD_FRAME)
     guard.filter(_frame(distance=GOOD_FRAME[1] + 5000.0))
     assert "distance jumped 5000 m in" in str(errors.first[1])
@@ -117,8 +117,8 @@ class Clock:
 
 def _driving_guard(track_length_m: float = 100.0, progress: float = float("nan")) -> tuple[Any, Any, Clock]:
     """A guard at the start of an episode, its clock, and a car at 72 km/h (20 m/s) along x from SPAWN."""
-    errors, clock = tm_game._InterfaceErrors(), Clock()
-    guard = tm_telemetry._TelemetryGuard(errors, track_length_m=track_length_m, clock=clock)
+    errors, clock = tm_game.InterfaceErrors(), Clock()
+    guard = tm_telemetry.TelemetryGuard(errors, track_length_m=track_length_m, clock=clock)
     guard.track_progress = lambda: progress
     guard.new_episode()
     return guard, errors, clock
@@ -246,9 +246,9 @@ def test_a_finish_that_cannot_be_real_is_refused_as_it_comes(setup: str, expecte
 
 # --- the map: the car's spawn against the reward trajectory's start ---------------------------------------
 def test_a_spawn_far_from_the_trajectory_is_a_wrong_map(tmp_path: Path) -> None:
-    errors = tm_game._InterfaceErrors()
+    errors = tm_game.InterfaceErrors()
     path = tmp_path / "reward.pkl"
-    guard = tm_telemetry._TelemetryGuard(
+    guard = tm_telemetry.TelemetryGuard(
         errors, trajectory_start=np.array((0.0, 9.0, 0.0)), trajectory_path=path
     )
     guard.new_episode()
@@ -268,8 +268,8 @@ def test_a_spawn_far_from_the_trajectory_is_a_wrong_map(tmp_path: Path) -> None:
 
 def test_only_the_first_reset_is_compared_with_the_trajectory() -> None:
     # tmrl's respawn may put the car back at a checkpoint rather than the start: later resets are not checked.
-    errors = tm_game._InterfaceErrors()
-    guard = tm_telemetry._TelemetryGuard(errors, trajectory_start=np.array(SPAWN))
+    errors = tm_game.InterfaceErrors()
+    guard = tm_telemetry.TelemetryGuard(errors, trajectory_start=np.array(SPAWN))
     guard.new_episode()
     guard.filter(GOOD_FRAME)
     guard.check_spawn()
