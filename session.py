@@ -32,7 +32,6 @@ from rainbow import resolve_device, unused_gpu_notice
 from run_log import METRICS_FILE, RunLog, truncate_after_step
 from tm_config import Config, ConfigError, describe_departures, epsilon_at, unpinned_keys
 
-EXIT_OK, EXIT_ERROR, EXIT_GAME, EXIT_RED_FLAG, EXIT_NO_GO, EXIT_INTERRUPTED = 0, 1, 3, 4, 5, 130
 MAX_FAILED_SAVES = 3  # checkpoint writes in a row that may fail (disk full, file locked) before stopping
 MAX_ROLLBACKS = 3  # --on-red-flag rollback: then the run stops, as a failure that keeps coming back is real
 
