@@ -46,11 +46,12 @@ import numpy as np
 import torch
 
 from cli import EXIT_INTERRUPTED, EXIT_OK
+from console import StepLatency, StopRequest
 from environment import build_environment, checked_reward, choose_environment, split_observation
 from health import FATAL_FLAGS
 from learner import Actor
 from rainbow import ACTION_VECTORS, resolve_device
-from session import Session, StepLatency, StopRequest, TrainResult
+from session import Session, TrainResult
 from tm_config import Config
 from trackmania import TrackManiaSetupError, import_tmrl_module, load_tmrl_config, tmrl_data_folder
 

@@ -45,19 +45,11 @@ def train(args: argparse.Namespace) -> Any:
     import numpy as np
 
     import environment
+    from console import StepLatency, StopRequest, duration, plural, table
     from learner import LearnerDiedError
     from rainbow import ACTION_VECTORS
-    from session import (
-        RedFlagStopError,
-        Session,
-        StepLatency,
-        StopRequest,
-        TrainingStoppedError,
-        TrainResult,
-        duration,
-        plural,
-        table,
-    )
+    from run_state import race_fields
+    from session import RedFlagStopError, Session, TrainingStoppedError, TrainResult
     from trackmania import GameNotRespondingError, TrackManiaError, route_thread_errors
 
     env_name = environment.choose_environment(args.env, Config().with_assignments(args.overrides))
@@ -275,7 +267,7 @@ def record_demos(args: argparse.Namespace) -> int:
 
     import demos
     import environment
-    from session import StopRequest
+    from console import StopRequest
 
     config = Config().with_assignments(args.overrides)
     env_name = environment.choose_environment(args.env, config)
@@ -361,18 +353,6 @@ def player_inputs(env: Any) -> list[float]:
     """The player's [gas, brake, steer] as the car reports it (the plugin's telemetry)."""
     telemetry = env.last_telemetry
     return [telemetry["gas"], telemetry["brake"], telemetry["steer"]]
-
-
-def race_fields(run: Any) -> dict[str, Any]:
-    import numpy as np
-
-    return {
-        "finishes": run.finishes,
-        "unreliable_finishes": run.unreliable_finishes,
-        "best_race_time": run.best_race_time,
-        "median_race_time": float(np.median(run.race_times)) if run.race_times else None,
-        "time_step_timeouts_total": run.time_step_timeouts,
-    }
 
 
 def save_before_exit(session: Any) -> str:

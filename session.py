@@ -1,5 +1,6 @@
-"""What a training run holds besides its environment: its config and run folder, its learner (inline or in a
-process beside the actor, learner.py), checkpoints, the metrics log, the health monitor and the status line.
+"""The lifecycle of a training run besides its environment: it opens (config, run folder, learner inline or
+in a process beside the actor (learner.py), resume), hands steps and episodes on, checkpoints, handles red
+flags (health.py) and closes. Its console is console.py, its counters and random streams run_state.py.
 
 The single-PC loop (env_tm.py) and the scale-out trainer (distributed.py) each drive one Session, so both
 resume, checkpoint, log and raise red flags the same way. Nothing here steps an environment.
@@ -12,13 +13,8 @@ import collections
 import math
 import os
 import random
-import shutil
-import signal
-import sys
-import threading
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +22,21 @@ import numpy as np
 import torch
 
 from checkpoints import CheckpointStore
+from console import (
+    EPISODE_LINE_SECONDS,
+    Progress,
+    StepLatency,
+    StopRequest,
+    duration,
+    fmt,
+    plural,
+    pretraining_status,
+)
 from health import DIAG_MIN_LEARN_STEPS, FATAL_FLAGS, GAME_FLAGS, HealthMonitor, RedFlag, stale_share
 from learner import LearnerSpec, make_learner, stream_seeds
 from rainbow import resolve_device, unused_gpu_notice
 from run_log import METRICS_FILE, RunLog, truncate_after_step
+from run_state import RunState, actor_streams, restore_actor_streams
 from tm_config import Config, ConfigError, describe_departures, epsilon_at, unpinned_keys
 
 MAX_FAILED_SAVES = 3  # checkpoint writes in a row that may fail (disk full, file locked) before stopping
@@ -42,261 +49,6 @@ class RedFlagStopError(RuntimeError):
 
 class TrainingStoppedError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite learn steps); one line saying why."""
-
-
-def fmt(value: float | None, spec: str = ".3g") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def duration(seconds: float) -> str:
-    """A rough human duration: 45 s, 12 min, 3 h 05 min."""
-    if not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    hours, minutes = divmod(int(seconds // 60), 60)
-    return f"{hours} h" if hours >= 10 else f"{hours} h {minutes:02d} min"
-
-
-def pretraining_status(done: int, total: int, first: int, elapsed: float) -> list[tuple[int, str]]:
-    """The status line's fields while pretraining: learn steps done, their rate and the time left (once
-    a few seconds are measured; `first` is where this sitting started)."""
-    fields = [(0, f"pretraining {done:,}/{total:,} learn steps ({100 * done / total:.0f}%)")]
-    if elapsed >= Progress.RATE_SETTLE and done > first:
-        rate = (done - first) / elapsed
-        fields += [(1, f"{rate:.1f} learn steps/s"), (1, f"ETA {duration((total - done) / rate)}")]
-    return fields
-
-
-def table(title: str, rows: Sequence[tuple[str, str]]) -> str:
-    """A short two-column table: the title, then one indented `label  text` line per row."""
-    width = max((len(label) for label, _ in rows), default=0)
-    return "\n".join([title, *(f"  {label.ljust(width)}  {text}" for label, text in rows)])
-
-
-def plural(count: int, noun: str) -> str:
-    """`1 episode`, `2 episodes`, `3 finishes`."""
-    return f"{count:,} {noun}{'' if count == 1 else 'es' if noun.endswith(('s', 'sh', 'ch', 'x')) else 's'}"
-
-
-def compact(count: int) -> str:
-    """A round count in few characters (10M, 60k), any other one in full (1,234,567)."""
-    for size, suffix in ((1_000_000, "M"), (1_000, "k")):
-        if count >= size and count % size == 0:
-            return f"{count // size:,}{suffix}"
-    return f"{count:,}"
-
-
-def fit_fields(fields: Sequence[tuple[int, str]], width: int) -> str:
-    """The fields joined by " | ", leaving out the least important (highest priority number, the later of
-    equals) until the line fits `width`; the most important one alone is kept whatever its length."""
-    kept = list(fields)
-    while len(kept) > 1 and len(" | ".join(text for _, text in kept)) > width:
-        worst = max(range(len(kept)), key=lambda i: (kept[i][0], i))
-        del kept[worst]
-    return " | ".join(text for _, text in kept)
-
-
-# One line per finished episode, at most one per this many seconds (short episodes then share a line).
-EPISODE_LINE_SECONDS = 2.0
-
-
-# --- the status line --------------------------------------------------------------------------------------
-class Progress:
-    """A live status line: rewritten in place on a terminal (sized to it), one line every 30 s otherwise.
-    Steps/s is measured over the last `RATE_WINDOW` seconds, so it neither starts at a meaningless first
-    figure nor drops at every episode reset; the ETA comes from it."""
-
-    RATE_WINDOW = 30.0
-    RATE_SETTLE = 3.0  # seconds of measurement before a rate is shown
-
-    def __init__(self, total_steps: int) -> None:
-        self.total_steps = total_steps
-        self.interactive = sys.stdout.isatty()
-        self.interval = 1.0 if self.interactive else 30.0
-        self.last_print = 0.0
-        self.restart_rate(0)
-
-    def restart_rate(self, step: int) -> None:
-        """Measure steps/s from here (after a resume or a rollback the step count jumps)."""
-        self.samples: collections.deque[tuple[float, int]] = collections.deque([(time.perf_counter(), step)])
-
-    def rate(self, step: int) -> float | None:
-        """Steps per second over the last RATE_WINDOW seconds; None until RATE_SETTLE seconds are measured."""
-        now = time.perf_counter()
-        if now - self.samples[-1][0] >= 0.5:
-            self.samples.append((now, step))
-        while len(self.samples) > 2 and now - self.samples[1][0] >= self.RATE_WINDOW:
-            self.samples.popleft()
-        start_time, start_step = self.samples[0]
-        if now - start_time < self.RATE_SETTLE:
-            return None
-        return (step - start_step) / (now - start_time)
-
-    def show(self, step: int, fields: str | Sequence[tuple[int, str]], force: bool = False) -> None:
-        """The status line: progress, rate and ETA, then `fields` ((priority, text) pairs, 0 the most
-        important, or one text). On a terminal the line fits its width: the least important fields are
-        left out whole, never cut mid-field."""
-        now = time.perf_counter()
-        if not force and now - self.last_print < self.interval:
-            return
-        self.last_print = now
-        rate = self.rate(step)
-        parts = [(0, f"step {step:,}/{compact(self.total_steps)} ({100 * step / self.total_steps:.1f}%)")]
-        if rate:
-            parts.append((1, f"ETA {duration((self.total_steps - step) / rate)}"))
-        parts.append((1, "-- steps/s" if rate is None else f"{rate:.1f} steps/s"))
-        parts += [(2, fields)] if isinstance(fields, str) else list(fields)
-        if self.interactive:
-            width = max(20, shutil.get_terminal_size((100, 24)).columns - 1)
-            line = fit_fields(parts, width)
-            print("\r" + line[:width].ljust(width), end="", flush=True)
-        else:
-            print(fit_fields(parts, sys.maxsize), flush=True)  # a log file: every field
-
-    def message(self, text: str) -> None:
-        """A permanent line (an event), not overwritten by the status line."""
-        print(("\n" if self.interactive else "") + text, flush=True)
-
-
-# --- stopping ---------------------------------------------------------------------------------------------
-class StopRequest:
-    """Ctrl+C (or a termination request: `kill`, a shutdown, Ctrl+Break on Windows) asks the loop to stop
-    at the end of the current step, never in the middle of a replay or optimizer update, which a
-    checkpoint would then capture half-done. A second request aborts at once."""
-
-    SIGNALS = tuple(
-        getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGBREAK") if hasattr(signal, name)
-    )
-
-    def __init__(
-        self, notice: str = "stopping after this step (Ctrl+C again to abort without saving)"
-    ) -> None:
-        self.requested = False
-        self.notice = notice
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\n" + self.notice, flush=True)
-
-    def install(self) -> None:
-        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-            for number in self.SIGNALS:
-                self._previous[number] = signal.signal(number, self._handle)
-
-    def uninstall(self) -> None:
-        for number, previous in self._previous.items():
-            signal.signal(number, previous)
-        self._previous.clear()
-
-
-# --- the game's view of the agent ------------------------------------------------------------------------
-class StepLatency:
-    """How long the game waits for the agent at each step: the share of the 50 ms time step the agent uses.
-
-    On TrackMania a step slower than the time step is a time-step overrun: the car drives on the previous
-    action meanwhile. It counts everything between two `env.step` calls: acting, handing the transition to
-    the learner (or learning, inline), and any wait for a learner that fell behind.
-    """
-
-    def __init__(self, time_step: float, window: int = 100_000) -> None:
-        self.time_step = time_step
-        self.recent: collections.deque[float] = collections.deque(maxlen=window)
-        self.episode: list[float] = []
-        self.calls = 0
-        self.overruns = 0  # steps slower than the whole time step
-        self.slowest = 0.0
-
-    def add(self, seconds: float) -> None:
-        self.recent.append(seconds)
-        self.episode.append(seconds)
-        self.calls += 1
-        self.overruns += seconds > self.time_step
-        self.slowest = max(self.slowest, seconds)
-
-    def take_episode(self) -> dict[str, Any]:
-        """The episode's figures for its JSONL record; starts the next episode's."""
-        if not self.episode:
-            return {}
-        seconds, self.episode = np.asarray(self.episode), []
-        median, p99 = np.percentile(seconds * 1000, [50, 99])
-        return {
-            "agent_ms_median": round(float(median), 3),
-            "agent_ms_p99": round(float(p99), 3),
-            "agent_ms_max": round(float(seconds.max() * 1000), 3),
-            "time_step_overruns": int((seconds > self.time_step).sum()),
-        }
-
-    def summary(self) -> str:
-        if not self.calls:
-            return "no steps yet"
-        median, p99 = np.percentile(np.asarray(self.recent) * 1000, [50, 99])
-        window = "" if self.calls == len(self.recent) else f" (percentiles of the last {len(self.recent):,})"
-        return (
-            f"agent time per step median {median:.2f} ms, p99 {p99:.2f} ms, max {self.slowest * 1000:.1f} ms "
-            f"over {self.calls:,} steps{window}; "
-            f"{self.overruns:,} over the {self.time_step * 1000:.0f} ms time step"
-        )
-
-
-# --- run state ------------------------------------------------------------------------------------------
-@dataclass
-class RunState:
-    """The actor's counters, kept in every checkpoint beside the learner's agent and replay."""
-
-    step: int = 0  # global environment steps, across resumes
-    episode: int = 0  # completed episodes, across resumes
-    best_interval_reward: float = -math.inf
-    best_race_time: float | None = None  # the fastest reliable finish so far (seconds), None before one
-    race_times: list[float] = field(default_factory=list)  # every reliable finish's time, for the median
-    # Finishes whose race time is not to be trusted (time-step timeouts in the episode): they count as
-    # finishes, never as times (never the best, never best.pt).
-    unreliable_finishes: int = 0
-    time_step_timeouts: int = 0  # rtgym's timed-out time steps, across resumes
-    wandb_run_id: str | None = None
-    last_eval_step: int | None = None  # None: never evaluated
-    interval_rewards: list[float] = field(default_factory=list)  # since the last periodic checkpoint
-    interval_race_times: list[float] = field(default_factory=list)
-
-    KEPT = ("step", "episode", "best_interval_reward", "best_race_time", "race_times", "time_step_timeouts",
-            "wandb_run_id", "last_eval_step", "unreliable_finishes")  # fmt: skip
-
-    @classmethod
-    def from_checkpoint(cls, run: dict[str, Any]) -> RunState:
-        values = {key: run[key] for key in cls.KEPT if key in run}  # older checkpoints lack the newer keys
-        values["race_times"] = [float(t) for t in values.get("race_times", [])]
-        return cls(**values)
-
-    def checkpoint_fields(self) -> dict[str, Any]:
-        values = asdict(self)
-        return {key: values[key] for key in self.KEPT}
-
-    @property
-    def finishes(self) -> int:
-        return len(self.race_times) + self.unreliable_finishes
-
-
-def actor_streams(actor: Any) -> dict[str, Any]:
-    """The random streams of the acting side, saved with each checkpoint."""
-    return {
-        "python_rng": random.getstate(),
-        "numpy_rng": np.random.get_state(),
-        "actor_rng": actor.agent.acting_streams(),
-    }
-
-
-def restore_actor_streams(run: dict[str, Any], actor: Any) -> None:
-    random.setstate(run["python_rng"])
-    np.random.set_state(run["numpy_rng"])
-    streams = run.get("actor_rng")
-    if streams is None:  # a checkpoint from before the learner moved beside the actor: the agent's are it
-        return
-    actor.agent.load_acting_streams(streams)
 
 
 def move_aside(run_dir: Path) -> Path | None:

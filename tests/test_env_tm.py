@@ -19,7 +19,6 @@ import cli
 import env_tm
 import environment
 import rainbow
-import session
 from checkpoints import load_checkpoint
 from rainbow import ACTION_VECTORS
 from run_log import METRICS_FILE as METRICS
@@ -220,28 +219,6 @@ def test_metrics_records_are_valid_json_lines(tmp_path):
     lines = (tmp_path / "j" / "metrics.jsonl").read_text().splitlines()
     kinds = [json.loads(line)["kind"] for line in lines]
     assert kinds[0] == "run" and kinds[-1] == "run" and "episode" in kinds and "step" in kinds
-
-
-def test_step_latency_counts_overruns_and_reports_percentiles():
-    latency = session.StepLatency(time_step=0.05, window=100)
-    assert latency.summary() == "no steps yet" and latency.take_episode() == {}
-    for ms in range(1, 101):  # 1..100 ms: 50 of them over the 50 ms time step
-        latency.add(ms / 1000)
-    assert (latency.calls, latency.overruns, latency.slowest) == (100, 50, 0.1)
-    assert latency.summary() == (
-        "agent time per step median 50.50 ms, p99 99.01 ms, max 100.0 ms over 100 steps; "
-        "50 over the 50 ms time step"
-    )
-    assert latency.take_episode() == {
-        "agent_ms_median": 50.5,
-        "agent_ms_p99": 99.01,
-        "agent_ms_max": 100.0,
-        "time_step_overruns": 50,
-    }
-    latency.add(0.001)  # the window keeps the newest 100 and the episode restarted; the counts keep all
-    assert latency.calls == 101 and len(latency.recent) == 100 and latency.recent[0] == 0.002
-    assert latency.take_episode()["time_step_overruns"] == 0
-    assert "percentiles of the last 100" in latency.summary() and "50 over the 50 ms" in latency.summary()
 
 
 def test_the_loop_counts_a_slow_learn_step_as_the_games_wait(tmp_path, capsys, monkeypatch):
@@ -1053,29 +1030,6 @@ def test_steps_below_where_the_run_stands_is_said_in_one_line(tmp_path, capsys):
     assert "--steps 20 is not beyond step 40, where q stands: nothing to train" in err and "\n" not in err
 
 
-def test_the_status_line_measures_its_rate_over_a_window_and_fits_the_terminal(monkeypatch, capsys):
-    import session
-
-    clock = {"now": 1000.0}
-    monkeypatch.setattr(session.time, "perf_counter", lambda: clock["now"])
-    monkeypatch.setattr(
-        session.shutil, "get_terminal_size", lambda fallback: __import__("os").terminal_size((60, 20))
-    )
-    progress = session.Progress(total_steps=10_000)
-    progress.interactive = True
-    assert progress.rate(0) is None, "no rate before it is measured"
-    progress.show(1, "ep 1", force=True)
-    assert "-- steps/s" in capsys.readouterr().out
-    for second in range(1, 41):  # 20 steps/s for 40 s, with a 3 s pause (a reset) in the middle
-        clock["now"] = 1000.0 + second + (3 if second > 20 else 0)
-        progress.rate(20 * second)
-    rate = progress.rate(800)
-    assert rate == pytest.approx(20 * 30 / 30, rel=0.15), "over the last 30 s, not since the start"
-    progress.show(800, "ep 9 | R 1.0", force=True)
-    line = capsys.readouterr().out.split("\r")[-1]
-    assert len(line) == 59 and "ETA" in line, "sized to the terminal, with an ETA"
-
-
 def test_the_run_ends_with_an_evaluation_even_between_boundaries(tmp_path, capsys):
     # ep_max_length 40: episodes end at 40 and 80; 80 is past 50, the end (90) is not past 100, yet it is
     # evaluated: "at the end of the run" means at the end of the run.
@@ -1125,14 +1079,6 @@ def test_a_run_ends_with_a_short_summary_table_of_what_it_did(tmp_path, capsys):
     assert f"{80 - Config().with_assignments(FAST).batch_size + 1} learn steps; last loss" in rows[2]
     assert rows[3].endswith("no finish in 2 episodes")
     assert "agent time per step median" in rows[4] and "over 80 steps" in rows[4]
-
-
-def test_counts_are_said_in_words_that_agree_with_them():
-    assert [session.plural(n, "episode") for n in (0, 1, 2)] == ["0 episodes", "1 episode", "2 episodes"]
-    assert session.plural(1, "finish") == "1 finish" and session.plural(3, "finish") == "3 finishes"
-    assert (
-        session.plural(1, "CPU thread") == "1 CPU thread" and session.plural(1_234, "step") == "1,234 steps"
-    )
 
 
 def test_wandb_groups_runs_by_their_departures_and_tags_each_one():

@@ -7,7 +7,9 @@ import math
 
 import pytest
 
-from session import Progress, RunState, Session, duration
+from console import Progress
+from run_state import RunState
+from session import Session
 
 
 class BestOnly(Session):
@@ -32,30 +34,6 @@ def test_best_follows_the_mean_reward_until_the_first_finish_then_the_race_time(
     assert session._is_best(), "a faster lap is best"
     run.interval_race_times = [41.0]
     assert not session._is_best(), "a slower lap is not"
-
-
-def test_a_checkpoints_run_state_round_trips_and_older_checkpoints_still_load():
-    run = RunState(step=1200, episode=30, best_race_time=41.5, race_times=[44.0, 41.5], time_step_timeouts=7)
-    again = RunState.from_checkpoint({**run.checkpoint_fields(), "extra": 1})
-    assert again.checkpoint_fields() == run.checkpoint_fields()
-    old = RunState.from_checkpoint({"step": 10, "episode": 1, "best_interval_reward": -math.inf})
-    assert old.race_times == [] and old.best_race_time is None and old.time_step_timeouts == 0
-
-
-@pytest.mark.parametrize(
-    ("seconds", "text"),
-    [
-        (45, "45 s"),
-        (600, "10 min"),
-        (5400, "1 h 30 min"),
-        (7260, "2 h 01 min"),
-        (40_000, "11 h"),
-        (math.inf, "?"),
-        (-1, "?"),
-    ],
-)
-def test_duration_reads_like_a_person_would_say_it(seconds, text):
-    assert duration(seconds) == text
 
 
 # --- the quarantine of steps a game's checks may still condemn (issue 24) ----------------------------------
@@ -194,14 +172,11 @@ def test_a_finish_takes_its_race_time_from_the_clock_and_one_with_timeouts_never
 def status_line(monkeypatch, capsys, columns: int, beside: bool = True) -> str:
     import os
 
-    import session as session_module
-    from session import Progress
+    import console
 
-    monkeypatch.setattr(
-        session_module.shutil, "get_terminal_size", lambda fallback: os.terminal_size((columns, 24))
-    )
+    monkeypatch.setattr(console.shutil, "get_terminal_size", lambda fallback: os.terminal_size((columns, 24)))
     clock = {"now": 1000.0}
-    monkeypatch.setattr(session_module.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(console.time, "perf_counter", lambda: clock["now"])
     session = race_session()
     session.progress = Progress(total_steps=10_000_000)
     session.progress.interactive = True
@@ -242,19 +217,8 @@ def test_the_status_line_fits_the_terminal_by_leaving_out_whole_fields(monkeypat
         assert len(pieces) == len(FIELDS), line
 
 
-def test_fit_fields_drops_the_least_important_first_and_keeps_the_first_whole():
-    from session import fit_fields
-
-    fields = [(0, "aaaa"), (2, "bb"), (1, "cccc"), (2, "dd")]
-    assert fit_fields(fields, 100) == "aaaa | bb | cccc | dd"
-    assert fit_fields(fields, 16) == "aaaa | bb | cccc"  # the later of the two least important goes first
-    assert fit_fields(fields, 11) == "aaaa | cccc"
-    assert fit_fields(fields, 2) == "aaaa"  # the most important field is never cut
-
-
 def test_each_finished_episode_gets_a_line_with_the_mean_of_the_last_ten(monkeypatch, capsys):
     import session as session_module
-    from session import Progress
 
     clock = {"now": 1000.0}
     monkeypatch.setattr(session_module.time, "perf_counter", lambda: clock["now"])
@@ -277,15 +241,3 @@ def test_each_finished_episode_gets_a_line_with_the_mean_of_the_last_ten(monkeyp
     session.end_episode(2.0, 20, False, 0.2)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("episode")]
     assert lines == ["episodes 14-19: return 2.0 in 20 steps | mean of the last 10 13.7"], lines
-
-
-def test_pretraining_shows_its_rate_and_time_left_once_measured():
-    from session import pretraining_status
-
-    assert pretraining_status(10, 2_000, 0, 1.0) == [(0, "pretraining 10/2,000 learn steps (0%)")]
-    fields = pretraining_status(500, 2_000, 100, 10.0)  # 400 learn steps in 10 s: 40/s, 1,500 left
-    assert fields == [
-        (0, "pretraining 500/2,000 learn steps (25%)"),
-        (1, "40.0 learn steps/s"),
-        (1, "ETA 38 s"),
-    ]
