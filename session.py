@@ -86,13 +86,32 @@ class Session:
     """A run besides its environment (module docstring). `learner_mode` is "inline" or "beside"."""
 
     def __init__(self, args: argparse.Namespace, env_name: str, learner_mode: str = "inline") -> None:
+        """Open the run, step by step: its folder and seeds, its learner (resumed or fresh), its counters,
+        its log and console, then say what it is; and start the bookkeeping of this sitting."""
         self.args = args
         requested = Config().with_assignments(args.overrides)
         self.device = resolve_device(args.device)
         diagnosing = getattr(args, "diagnose", None) is not None
+        self._choose_run_folder(requested, env_name, diagnosing)
+        threads = self._seed_and_set_threads(env_name, learner_mode)
+        notes = self._move_aside_unless_resuming(requested, diagnosing)
+        info = self._open_learner(requested, learner_mode, threads, notes)
+        self._check_disk_room(info)
+        notes += self._restore_run(info)
+        self._check_steps_to_train(diagnosing)
+        self._open_log_and_console(env_name)
+        self._announce(env_name, learner_mode, threads, notes)
+        self._start_bookkeeping(info["reward_range"], info["learn_steps"])
+
+    def _choose_run_folder(self, requested: Config, env_name: str, diagnosing: bool) -> None:
+        args = self.args
         self.run_name = args.run_name or default_run_name(env_name, args.seed, args.overrides, diagnosing)
         self.run_dir = Path(args.checkpoint_root or requested.checkpoint_dir) / self.run_name
         self.store = CheckpointStore(self.run_dir, requested.keep_last_n_checkpoints)
+
+    def _seed_and_set_threads(self, env_name: str, learner_mode: str) -> int | None:
+        """Seed the acting side's streams and set its torch threads; returns the learner's threads."""
+        args = self.args
         random.seed(args.seed)
         np.random.seed(args.seed % 2**32)
         torch.manual_seed(args.seed)
@@ -101,21 +120,32 @@ class Session:
             torch.set_num_threads(threads)
         elif learner_mode == "beside":
             torch.set_num_threads(1)  # the actor: one action at a time, the other cores are the learner's
+        return threads
 
-        # Resume (the checkpoint's config, plus explicit --set changes) or start fresh.
+    def _move_aside_unless_resuming(self, requested: Config, diagnosing: bool) -> list[str]:
+        """Resume (the checkpoint's config, plus explicit --set changes) or start fresh; returns the notes to
+        show."""
+        args = self.args
         resume = requested.resume_from_checkpoint if args.resume is None else args.resume
-        resume = resume and requested.checkpoint and not diagnosing  # a diagnosis judges a fresh start
+        self.resume = resume and requested.checkpoint and not diagnosing  # a diagnosis judges a fresh start
         notes: list[str] = []
-        if not resume:
+        if not self.resume:
             moved = move_aside(self.run_dir)
             if moved is not None:
                 why = "a diagnosis starts from scratch" if diagnosing else "--fresh"
                 notes.append(f"{why}: the previous contents of {self.run_dir} were moved to {moved}")
+        return notes
+
+    def _open_learner(
+        self, requested: Config, learner_mode: str, threads: int | None, notes: list[str]
+    ) -> dict[str, Any]:
+        """Start the learner (it loads the checkpoint when resuming); the run's config from here on."""
+        args = self.args
         spec = LearnerSpec(
             config=requested.to_dict(),
             overrides=list(args.overrides),
             run_dir=str(self.run_dir),
-            resume=bool(resume),
+            resume=bool(self.resume),
             require_checkpoint=bool(args.resume),
             seed=args.seed,
             device=str(self.device),
@@ -130,10 +160,13 @@ class Session:
             raise
         self.actor = self.learner.actor
         # The run's settings from here on: the checkpoint's config when resumed, with the --set changes.
-        self.config = config = Config.from_dict(info["config"])
-        self.store.keep_last = config.keep_last_n_checkpoints
-        self.run = RunState()
+        self.config = Config.from_dict(info["config"])
+        self.store.keep_last = self.config.keep_last_n_checkpoints
         notes += info["notes"]
+        return info
+
+    def _check_disk_room(self, info: dict[str, Any]) -> None:
+        config = self.config
         if config.checkpoint:
             # latest, its previous generation, best, the periodic ones kept and the one being written: ask
             # for room for all of them before training, rather than fail a save hours later.
@@ -143,15 +176,23 @@ class Session:
             except BaseException:
                 self.learner.close()
                 raise
-        if info["run"] is not None:
-            self.run = RunState.from_checkpoint(info["run"])
-            restore_actor_streams(info["run"], self.actor)
-            dropped = truncate_after_step(self.run_dir / METRICS_FILE, self.run.step)
-            notes.append(
-                f"resumed {self.run_name} from {Path(info['path']).name}: step {self.run.step:,}, "
-                f"{self.run.episode:,} episodes done"
-                + (f" ({dropped} log records after that step dropped)" if dropped else "")
-            )
+
+    def _restore_run(self, info: dict[str, Any]) -> list[str]:
+        """The run's counters and the acting side's streams: the checkpoint's when resumed, else new ones."""
+        self.run = RunState()
+        if info["run"] is None:
+            return []
+        self.run = RunState.from_checkpoint(info["run"])
+        restore_actor_streams(info["run"], self.actor)
+        dropped = truncate_after_step(self.run_dir / METRICS_FILE, self.run.step)
+        return [
+            f"resumed {self.run_name} from {Path(info['path']).name}: step {self.run.step:,}, "
+            f"{self.run.episode:,} episodes done"
+            + (f" ({dropped} log records after that step dropped)" if dropped else "")
+        ]
+
+    def _check_steps_to_train(self, diagnosing: bool) -> None:
+        args, config = self.args, self.config
         self.total_steps = args.steps if args.steps is not None else config.training_steps
         shortest_diagnosis = DIAG_MIN_LEARN_STEPS + config.batch_size
         if diagnosing and self.total_steps < shortest_diagnosis:
@@ -166,17 +207,24 @@ class Session:
                 f"--steps {self.total_steps:,} is not beyond step {self.run.step:,}, where {self.run_name} "
                 "stands: nothing to train (give a larger --steps to continue it, or --fresh to start over)"
             )
+
+    def _open_log_and_console(self, env_name: str) -> None:
+        args, config = self.args, self.config
         self.log = RunLog(self.run_dir)
         self.progress = Progress(self.total_steps)
         self.progress.restart_rate(self.run.step)
-        unpinned = unpinned_keys(config)
         if not args.no_wandb:
             project = args.wandb_project or config.wandb_project
             departures, entity = config.departures(), getattr(args, "wandb_entity", None)
             self.run.wandb_run_id = self.log.start_wandb(
-                project, self.run_name, self.run.wandb_run_id, config.to_dict(), departures, unpinned,
-                job_type=env_name, entity=entity,
+                project, self.run_name, self.run.wandb_run_id, config.to_dict(), departures,
+                unpinned_keys(config), job_type=env_name, entity=entity,
             )  # fmt: skip
+
+    def _announce(self, env_name: str, learner_mode: str, threads: int | None, notes: list[str]) -> None:
+        """What the run is, on the console and in its start record."""
+        config = self.config
+        unpinned = unpinned_keys(config)
         for note in notes:
             self.progress.message(note)
         where = (
@@ -205,8 +253,12 @@ class Session:
             "run", self.run.step, event="start", env=env_name, device=self.device.type, learner=learner_mode,
             departures=config.departures(), unpinned=unpinned,
         )  # fmt: skip
-        self.reward_range = info["reward_range"]
-        self.learner_steps_at_open = info["learn_steps"]
+
+    def _start_bookkeeping(self, reward_range: Any, learn_steps: int) -> None:
+        """This sitting's bookkeeping: the health monitor, the save and rollback counts, the learner's pace,
+        the episode's policy ages, the status line's returns and the steps held for a verdict."""
+        self.reward_range = reward_range
+        self.learner_steps_at_open = learn_steps
         self.opened = (time.perf_counter(), self.run.step, self.run.episode)  # for the final summary
         self.monitor = self.new_monitor()
         self.failed_saves = 0

@@ -1,26 +1,38 @@
-"""session.py: which checkpoint is best, the run state a checkpoint keeps, how long things take."""
+"""session.py: which checkpoint is best, the steps held for a verdict, race times, the status line; each on a
+Session opened as a run opens it (the embedded track's name, inline, the suite's small network)."""
 
 from __future__ import annotations
 
-import collections
-import math
-
 import pytest
+from conftest import FAST_ASSIGNMENTS
 
+import cli
 from console import Progress
 from run_state import RunState
 from session import Session
 
 
-class BestOnly(Session):
-    """A Session reduced to the run state `_is_best` reads."""
+@pytest.fixture
+def open_session(tmp_path):
+    """Opens Sessions as a run does (each in its own run folder) and closes them after the test; the parts
+    a test replaces (the learner, the log) are put back first."""
+    opened: list[tuple[Session, object, object]] = []
 
-    def __init__(self) -> None:  # noqa: D107 - no run folder, no learner: only the decision
-        self.run = RunState()
+    def open_one() -> Session:
+        args = ["--checkpoint-root", str(tmp_path), "--run-name", f"s{len(opened)}", "--no-wandb"]
+        args += ["--device", "cpu", "--learner", "inline", *sum((["--set", a] for a in FAST_ASSIGNMENTS), [])]
+        session = Session(cli.parse_args(args), "embedded", "inline")
+        opened.append((session, session.learner, session.log))
+        return session
+
+    yield open_one
+    for session, learner, log in opened:
+        session.learner, session.log = learner, log
+        session.close()
 
 
-def test_best_follows_the_mean_reward_until_the_first_finish_then_the_race_time():
-    session = BestOnly()
+def test_best_follows_the_mean_reward_until_the_first_finish_then_the_race_time(open_session):
+    session = open_session()
     run = session.run
     run.interval_rewards = [10.0, 20.0]
     assert session._is_best() and run.best_interval_reward == 15.0
@@ -51,19 +63,9 @@ class Recorder:
         self.calls.append(("step", int(action)))
 
 
-def held_session(verdict_steps: int) -> Session:
-    import collections
-
-    from health import HealthMonitor
-    from tm_config import Config
-
-    session = Session.__new__(Session)  # no run folder, no process: the hand-over alone
-    session.run, session.learner, session.monitor = RunState(), Recorder(), HealthMonitor(Config())
-    session.verdict_steps, session.quarantine, session.quarantined_steps = (
-        verdict_steps,
-        collections.deque(),
-        0,
-    )
+def held_session(open_session, verdict_steps: int) -> Session:
+    session = open_session()
+    session.learner, session.verdict_steps = Recorder(), verdict_steps  # the hand-over alone
     return session
 
 
@@ -81,15 +83,15 @@ def drive(session: Session, episodes: list[int]) -> None:
             )
 
 
-def test_without_checks_every_step_reaches_the_learner_at_once():
-    session = held_session(0)
+def test_without_checks_every_step_reaches_the_learner_at_once(open_session):
+    session = held_session(open_session, 0)
     drive(session, [2, 1])
     assert session.learner.calls == [("episode", 0), ("step", 1), ("step", 2), ("episode", 1), ("step", 3)]
     assert session.run.step == 3 and not session.quarantine
 
 
-def test_held_steps_reach_the_learner_in_order_once_old_enough_or_when_the_run_ends_well():
-    session = held_session(2)
+def test_held_steps_reach_the_learner_in_order_once_old_enough_or_when_the_run_ends_well(open_session):
+    session = held_session(open_session, 2)
     drive(session, [3, 2])
     # 5 steps taken, the newest 2 (and the episode start before them) still held.
     assert session.learner.calls == [("episode", 0), ("step", 1), ("step", 2), ("step", 3)]
@@ -98,27 +100,25 @@ def test_held_steps_reach_the_learner_in_order_once_old_enough_or_when_the_run_e
     assert session.learner.calls[4:] == [("episode", 1), ("step", 4), ("step", 5)] and not session.quarantine
 
 
-def test_a_condemned_lie_is_dropped_with_its_episode_start_and_the_older_held_steps_are_kept():
-    session = held_session(4)
+def test_a_condemned_lie_is_dropped_with_its_episode_start_and_the_older_held_steps_are_kept(open_session):
+    session = held_session(open_session, 4)
     drive(session, [3, 2])  # held: steps 2 and 3, the episode start, steps 4 and 5
     assert session.drop_quarantine(2) == 2  # steps 4 and 5 were the lie
     assert session.learner.calls == [("episode", 0), ("step", 1), ("step", 2), ("step", 3)]
     assert session.run.step == 3 and session.quarantined_steps == 0
-    session = held_session(4)
+    session = held_session(open_session, 4)
     drive(session, [3, 2])
     assert session.drop_quarantine(0) == 0  # a fault caught in the step it began: all held steps are true
     assert [c for c in session.learner.calls if c[0] == "step"] == [("step", n) for n in range(1, 6)]
-    session = held_session(4)
+    session = held_session(open_session, 4)
     drive(session, [3, 2])
     assert session.drop_quarantine(50) == 4  # a longer lie than was held: every held step goes
     assert session.run.step == 1 and session.learner.calls == [("episode", 0), ("step", 1)]
 
 
-def test_a_checkpoint_counts_only_the_steps_handed_to_the_learner():
-    session = held_session(2)
+def test_a_checkpoint_counts_only_the_steps_handed_to_the_learner(open_session):
+    session = held_session(open_session, 2)
     drive(session, [5])
-    session.actor = type("A", (), {"agent": type("G", (), {"acting_streams": lambda self: {}})()})()
-    session.config = __import__("tm_config").Config()
     assert session._checkpoint_run()["step"] == 3 and session.run.step == 5
 
 
@@ -131,21 +131,14 @@ class Log:
         self.records.append({"kind": kind, "step": step, **fields})
 
 
-def race_session() -> Session:
-    from tm_config import Config
-
-    session = held_session(0)
-    session.config, session.log, session.policy_ages = Config(), Log(), []
-    session.actor = type("A", (), {"epsilon": 0.5})()
-    session.last_metrics, session.episode_lag_max, session.episode_wait = {}, 0, 0.0
-    session.recent_returns = collections.deque(maxlen=10)
-    session.last_episode_line, session.unshown_episodes = -math.inf, 0
-    session.progress = Progress(total_steps=1000)
+def race_session(open_session) -> Session:
+    session = held_session(open_session, 0)
+    session.log, session.progress = Log(), Progress(total_steps=1000)
     return session
 
 
-def test_a_finish_takes_its_race_time_from_the_clock_and_one_with_timeouts_never_sets_the_best():
-    session = race_session()
+def test_a_finish_takes_its_race_time_from_the_clock_and_one_with_timeouts_never_sets_the_best(open_session):
+    session = race_session(open_session)
     session.end_episode(100.0, 60, True, 4.0, finished=True, race_time=3.2, timeouts=0)
     record = session.log.records[-1]
     assert record["race_time"] == 3.2 and record["race_time_reliable"] is True  # not 60 x 0.05 = 3.0
@@ -169,15 +162,15 @@ def test_a_finish_takes_its_race_time_from_the_clock_and_one_with_timeouts_never
 
 
 # --- what a person sees on the terminal (issue 27) ----------------------------------------------------------
-def status_line(monkeypatch, capsys, columns: int, beside: bool = True) -> str:
+def status_line(open_session, monkeypatch, capsys, columns: int, beside: bool = True) -> str:
     import os
 
     import console
 
+    session = race_session(open_session)  # opened first: its command line is parsed at the real width
     monkeypatch.setattr(console.shutil, "get_terminal_size", lambda fallback: os.terminal_size((columns, 24)))
     clock = {"now": 1000.0}
     monkeypatch.setattr(console.time, "perf_counter", lambda: clock["now"])
-    session = race_session()
     session.progress = Progress(total_steps=10_000_000)
     session.progress.interactive = True
     session.progress.restart_rate(1_234_480)
@@ -198,8 +191,10 @@ FIELDS = ["step 1,234,567/10M (12.3%)", "ETA ", "steps/s", "ep 1,234", "R10 5.8"
 
 
 @pytest.mark.parametrize("columns", [80, 120, 200])
-def test_the_status_line_fits_the_terminal_by_leaving_out_whole_fields(monkeypatch, capsys, columns):
-    line = status_line(monkeypatch, capsys, columns)
+def test_the_status_line_fits_the_terminal_by_leaving_out_whole_fields(
+    open_session, monkeypatch, capsys, columns
+):
+    line = status_line(open_session, monkeypatch, capsys, columns)
     assert len(line) <= columns - 1, line
     pieces = line.split(" | ")
 
@@ -217,12 +212,12 @@ def test_the_status_line_fits_the_terminal_by_leaving_out_whole_fields(monkeypat
         assert len(pieces) == len(FIELDS), line
 
 
-def test_each_finished_episode_gets_a_line_with_the_mean_of_the_last_ten(monkeypatch, capsys):
+def test_each_finished_episode_gets_a_line_with_the_mean_of_the_last_ten(open_session, monkeypatch, capsys):
     import session as session_module
 
     clock = {"now": 1000.0}
     monkeypatch.setattr(session_module.time, "perf_counter", lambda: clock["now"])
-    session = race_session()
+    session = race_session(open_session)
     session.progress = Progress(total_steps=100_000)
     capsys.readouterr()
     for episode in range(12):
