@@ -48,7 +48,7 @@ import torch
 from cli import EXIT_INTERRUPTED, EXIT_OK
 from console import StepLatency, StopRequest
 from environment import build_environment, checked_reward, choose_environment, split_observation
-from health import FATAL_FLAGS
+from health import FATAL_FLAGS, EpisodeResult
 from learner import Actor
 from rainbow import ACTION_VECTORS, resolve_device
 from session import Session, TrainResult
@@ -592,7 +592,7 @@ class RemoteEpisodes:
             total += reward
         length = len(episode) - 1
         self.steps_by_worker[worker] = self.steps_by_worker.get(worker, 0) + length
-        flags += session.end_episode(total, length, bool(terminated), 0.0, worker=worker)
+        flags += session.end_episode(EpisodeResult(total, length, bool(terminated), 0.0), worker=worker)
         return True, flags
 
 

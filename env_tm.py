@@ -46,6 +46,7 @@ def train(args: argparse.Namespace) -> Any:
 
     import environment
     from console import StepLatency, StopRequest, duration, plural, table
+    from health import EpisodeResult
     from learner import LearnerDiedError
     from rainbow import ACTION_VECTORS
     from run_state import race_fields
@@ -156,15 +157,14 @@ def train(args: argparse.Namespace) -> Any:
                 )
                 announced = True
             if episode_over:
-                flags += session.end_episode(
+                result = EpisodeResult(
                     episode_reward, episode_length, bool(terminated), time.perf_counter() - episode_start,
                     finished=bool(info.get("finished", False)), progress=info.get("progress"),
                     race_time=info.get("race_time"), telemetry_fps=info.get("telemetry_fps"),
                     telemetry_wait_share=info.get("telemetry_wait_share"),
                     timeouts=episode_timeouts, min_finish_seconds=getattr(env, "min_finish_seconds", None),
-                    real_time=real_time,
-                    **step_latency.take_episode(),
                 )  # fmt: skip
+                flags += session.end_episode(result, real_time=real_time, **step_latency.take_episode())
             rolled_back = session.handle(flags) if flags else False
             if episode_over or rolled_back:
                 if stop.requested:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import math
 import os
 import random
@@ -32,7 +33,15 @@ from console import (
     plural,
     pretraining_status,
 )
-from health import DIAG_MIN_LEARN_STEPS, FATAL_FLAGS, GAME_FLAGS, HealthMonitor, RedFlag, stale_share
+from health import (
+    DIAG_MIN_LEARN_STEPS,
+    FATAL_FLAGS,
+    GAME_FLAGS,
+    EpisodeResult,
+    HealthMonitor,
+    RedFlag,
+    stale_share,
+)
 from learner import LearnerSpec, make_learner, stream_seeds
 from rainbow import resolve_device, unused_gpu_notice
 from run_log import METRICS_FILE, RunLog, truncate_after_step
@@ -419,29 +428,16 @@ class Session:
             flags += self.monitor.observe_sources(metrics, step, self.run.episode)
         return flags
 
-    def end_episode(
-        self,
-        reward: float,
-        length: int,
-        terminated: bool,
-        seconds: float,
-        *,
-        finished: bool = False,
-        progress: float | None = None,
-        timeouts: int = 0,
-        min_finish_seconds: float | None = None,
-        real_time: bool = False,
-        race_time: float | None = None,
-        telemetry_fps: float | None = None,
-        telemetry_wait_share: float | None = None,
-        **extra: Any,
-    ) -> list[RedFlag]:
+    def end_episode(self, result: EpisodeResult, *, real_time: bool = False, **extra: Any) -> list[RedFlag]:
         """Log a finished episode with its race result and check it; returns red flags.
 
-        `race_time` is the environment's clock from the start to the finish (TrackMania); without one the
-        steps are the clock (a simulator's steps are exactly `time_step_duration` apart). A finish in an
-        episode with time-step timeouts has an unreliable race time: it counts as a finish, not as a time.
-        `telemetry_fps` and `telemetry_wait_share` say how fast the game delivered its telemetry."""
+        Without the environment's race time the steps are the clock (a simulator's steps are exactly
+        `time_step_duration` apart). A finish in an episode with time-step timeouts has an unreliable race
+        time: it counts as a finish, not as a time. `extra`: more fields for the episode's record."""
+        reward, length, terminated, seconds = result.reward, result.length, result.terminated, result.seconds
+        finished, progress, timeouts = result.finished, result.progress, result.timeouts
+        race_time = result.race_time
+        telemetry_fps, telemetry_wait_share = result.telemetry_fps, result.telemetry_wait_share
         run, config = self.run, self.config
         ages, self.policy_ages = self.policy_ages, []
         run.episode += 1
@@ -479,11 +475,8 @@ class Session:
         self.episode_lag_max, self.episode_wait = 0, 0.0
         self.recent_returns.append(reward)
         self.episode_line(reward, length, race_time, reliable)
-        flags = self.monitor.observe_episode(
-            reward, length, epsilon_at(run.step, config), run.step, run.episode, finished=finished,
-            race_time=race_time, min_finish_seconds=min_finish_seconds, progress=progress, timeouts=timeouts,
-            telemetry_fps=telemetry_fps, telemetry_wait_share=telemetry_wait_share,
-        )  # fmt: skip
+        clocked = dataclasses.replace(result, race_time=race_time)  # the race time as judged above
+        flags = self.monitor.observe_episode(clocked, epsilon_at(run.step, config), run.step, run.episode)
         if real_time:
             flags += self.monitor.observe_policy_ages(ages, run.step, run.episode)
         return flags

@@ -8,6 +8,7 @@ from conftest import FAST_ASSIGNMENTS
 
 import cli
 from console import Progress
+from health import EpisodeResult
 from run_state import RunState
 from session import Session
 
@@ -139,10 +140,12 @@ def race_session(open_session) -> Session:
 
 def test_a_finish_takes_its_race_time_from_the_clock_and_one_with_timeouts_never_sets_the_best(open_session):
     session = race_session(open_session)
-    session.end_episode(100.0, 60, True, 4.0, finished=True, race_time=3.2, timeouts=0)
+    session.end_episode(EpisodeResult(100.0, 60, True, 4.0, finished=True, race_time=3.2, timeouts=0))
     record = session.log.records[-1]
     assert record["race_time"] == 3.2 and record["race_time_reliable"] is True  # not 60 x 0.05 = 3.0
-    session.end_episode(100.0, 30, True, 2.0, finished=True, race_time=1.9, timeouts=4)  # a loaded PC
+    session.end_episode(
+        EpisodeResult(100.0, 30, True, 2.0, finished=True, race_time=1.9, timeouts=4)
+    )  # a loaded PC
     record = session.log.records[-1]
     assert record["race_time"] == 1.9 and record["race_time_reliable"] is False
     run = session.run
@@ -150,12 +153,12 @@ def test_a_finish_takes_its_race_time_from_the_clock_and_one_with_timeouts_never
     assert run.finishes == 2 and record["finish_rate"] == 1.0 and record["best_race_time"] == 3.2
     assert "2 finishes in 2 episodes (100.0%), best 3.20 s" in session.race_summary()
     assert "(1 with time-step timeouts: no reliable race time)" in session.race_summary()
-    session.end_episode(5.0, 40, False, 2.0, finished=False, race_time=None)
+    session.end_episode(EpisodeResult(5.0, 40, False, 2.0, finished=False, race_time=None))
     assert (
         session.log.records[-1]["race_time"] is None and session.log.records[-1]["race_time_reliable"] is None
     )
     # A simulator has no clock of its own: its steps are exactly one time step apart.
-    session.end_episode(100.0, 50, True, 0.5, finished=True)
+    session.end_episode(EpisodeResult(100.0, 50, True, 0.5, finished=True))
     assert session.log.records[-1]["race_time"] == pytest.approx(2.5) and run.best_race_time == 2.5
     again = RunState.from_checkpoint(run.checkpoint_fields())
     assert again.unreliable_finishes == 1 and again.finishes == 3
@@ -222,17 +225,17 @@ def test_each_finished_episode_gets_a_line_with_the_mean_of_the_last_ten(open_se
     capsys.readouterr()
     for episode in range(12):
         clock["now"] += 5.0  # long episodes: one line each
-        session.end_episode(float(episode), 1000, False, 5.0)
+        session.end_episode(EpisodeResult(float(episode), 1000, False, 5.0))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("episode")]
     assert len(lines) == 12
     assert lines[-1] == "episode 12: return 11.0 in 1,000 steps | mean of the last 10 6.5"
     clock["now"] += 3.0
-    session.end_episode(100.0, 60, True, 3.0, finished=True, race_time=3.21, timeouts=2)
+    session.end_episode(EpisodeResult(100.0, 60, True, 3.0, finished=True, race_time=3.21, timeouts=2))
     assert capsys.readouterr().out.strip().endswith("| finished in 3.21 s (timeouts: unreliable)")
     for _ in range(5):  # 5 short episodes within a second: one line for them all
         clock["now"] += 0.2
-        session.end_episode(1.0, 20, False, 0.2)
+        session.end_episode(EpisodeResult(1.0, 20, False, 0.2))
     clock["now"] += 2.0
-    session.end_episode(2.0, 20, False, 0.2)
+    session.end_episode(EpisodeResult(2.0, 20, False, 0.2))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("episode")]
     assert lines == ["episodes 14-19: return 2.0 in 20 steps | mean of the last 10 13.7"], lines
