@@ -26,7 +26,8 @@ def record_demos(args: argparse.Namespace) -> int:
     config = Config().with_assignments(args.overrides)
     env_name = environment.choose_environment(args.env, config)
     raw = config.with_overrides(previous_actions=0)  # files keep the raw car floats; actions come apart
-    driver = "player" if env_name == "trackmania" else args.driver
+    player_drives = environment.environment_class(env_name).player_drives
+    driver = "player" if player_drives else args.driver
     writer = demos.DemoWriter(Path(args.demo_root) / args.record_demos, env_name, driver)
     env = environment.build_environment(env_name, config, args.seed)
     keyboard = demos.KeyboardDriver() if driver == "human" else None
@@ -37,7 +38,7 @@ def record_demos(args: argparse.Namespace) -> int:
     print(
         f"recording {driver} demonstrations on {env_name} into {writer.folder} "
         + (f"({args.demo_episodes} episodes)" if args.demo_episodes else "(Ctrl+C stops)")
-        + ("; drive now: the program sends no control" if env_name == "trackmania" else ""),
+        + ("; drive now: the program sends no control" if player_drives else ""),
         flush=True,
     )
     try:
@@ -46,14 +47,14 @@ def record_demos(args: argparse.Namespace) -> int:
             obs, _ = env.reset(seed=seed)
             frames, car = environment.split_observation(obs, raw)
             stack, cars, inputs, actions, rewards = list(frames), [car], [], [], []
-            telemetry = [player_inputs(env)] if env_name == "trackmania" else None
+            telemetry = [player_inputs(env)] if player_drives else None
             over = terminated = False
             info: dict[str, Any] = {}
             while not over and not stop.requested:
                 if keyboard is not None and keyboard.quit_requested:
                     stop.requested = True  # the window was closed
                     break
-                if env_name == "trackmania":
+                if player_drives:
                     obs, reward, terminated, truncated, info = env.step(None)  # the player drives
                     telemetry.append(player_inputs(env))
                 else:
@@ -75,9 +76,7 @@ def record_demos(args: argparse.Namespace) -> int:
                 actions = list(demos.player_actions(np.asarray(telemetry), steps))
             finished = bool(info.get("finished", False))
             race_time = steps * config.time_step_duration if finished else None
-            place = (
-                {"map": "TrackMania (the map loaded)"} if env_name == "trackmania" else {"track_seed": seed}
-            )
+            place = {"map": "TrackMania (the map loaded)"} if player_drives else {"track_seed": seed}
             episode = demos.DemoEpisode(
                 np.asarray(stack, np.uint8), np.asarray(cars, np.float32), np.asarray(inputs, np.float32),
                 np.asarray(actions, np.uint8), np.asarray(rewards, np.float32), bool(terminated),

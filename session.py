@@ -33,6 +33,7 @@ from console import (
     plural,
     pretraining_status,
 )
+from environment import environment_class
 from health import (
     DIAG_MIN_LEARN_STEPS,
     FATAL_FLAGS,
@@ -85,7 +86,8 @@ def learner_threads(args: argparse.Namespace, env_name: str, mode: str) -> int |
     (the game, or the actor beside the learner), else torch's default."""
     if args.threads:
         return args.threads
-    if env_name == "trackmania" or mode == "beside":
+    environment = environment_class(env_name)
+    if (environment is not None and environment.real_time) or mode == "beside":
         # bench/BENCHMARKS.md: with a busy core (the game), 2 threads on 2 cores made act+learn 1.7x slower.
         return max(1, (os.cpu_count() or 2) - 1)
     return None
