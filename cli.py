@@ -25,7 +25,7 @@ def exit_interrupted() -> None:
 
 
 try:  # numpy loads here: Ctrl+C in the first second of a start must not print its import stack
-    from tm_config import Config, folder_name_problem
+    from tm_config import Config, Runtime, folder_name_problem
 except KeyboardInterrupt:
     exit_interrupted()
 
@@ -48,8 +48,9 @@ examples:
   python compare_runs.py checkpoints/first-try checkpoints/other-run
 
 A run lives in checkpoints/<run-name>/ (default <env>-seed<seed>, plus the --set departures). Started
-again, it resumes from its newest good checkpoint; --resume makes a missing checkpoint an error, --fresh
-moves the old folder aside and starts over. Ctrl+C stops after the current step and saves.
+again, it resumes from its newest good checkpoint, with its config and its --learner, --threads,
+--on-red-flag, --eval-every and --eval-episodes unless given again; --resume makes a missing checkpoint an
+error, --fresh moves the old folder aside and starts over. Ctrl+C stops after the current step and saves.
 """
 
 
@@ -144,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--on-red-flag",
         choices=["warn", "stop", "rollback"],
-        default="warn",
+        default=None,
         help="on a fatal red flag (diverging Q, NaN, dead gradients, frozen game): report it (default), "
         "stop the run, or restore the last checkpoint taken before it and continue",
     )
@@ -162,17 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--eval-every",
         type=step_count,
-        default=0,
+        default=None,
         metavar="STEPS",
         help="evaluate at step 0, at the first episode end past every multiple of STEPS, and at the end "
         "of the run: --eval-episodes episodes driven greedily (no epsilon, no noise, nothing stored or "
         "learned) on held-out tracks (default 0: never)",
     )
-    parser.add_argument("--eval-episodes", type=int, default=5, help="episodes per evaluation (default 5)")
+    parser.add_argument("--eval-episodes", type=int, default=None, help="episodes per evaluation (default 5)")
     parser.add_argument(
         "--learner",
         choices=["beside", "inline"],
-        default="beside",
+        default=None,
         help="beside (default): learn in a process beside the actor, so the game never waits for a learn "
         "step; inline: act and learn in turn in one process (exact reproduction of a recorded run)",
     )
@@ -300,6 +301,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.seed_given = args.seed is not None
     args.seed = 0 if args.seed is None else args.seed
+    # The runtime knobs (tm_config.Runtime): a resumed run keeps its own unless they are given again.
+    args.runtime_given = {key for key in Runtime.GIVEN_BY if getattr(args, key) is not None}
+    for key in Runtime.GIVEN_BY:
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(Runtime(), key))
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     if args.threads is not None and args.threads < 1:

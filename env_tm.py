@@ -54,7 +54,7 @@ def train(args: argparse.Namespace) -> Any:
     from trackmania import GameNotRespondingError, TrackManiaError, route_thread_errors
 
     env_name = environment.choose_environment(args.env, Config().with_assignments(args.overrides))
-    session = Session(args, env_name, args.learner)
+    session = Session(args, env_name)  # beside or inline: the runtime's (--learner, or the run's own)
     config, actor, learner, progress, log = (
         session.config, session.actor, session.learner, session.progress, session.log
     )  # fmt: skip
@@ -81,7 +81,7 @@ def train(args: argparse.Namespace) -> Any:
         return environment.training_seed(args.seed, session.run.episode)
 
     def evaluate_if_due(final: bool = False) -> None:
-        every, run = args.eval_every, session.run
+        every, run = session.runtime.eval_every, session.run
         if not every or run.last_eval_step == run.step:
             return
         due = run.last_eval_step is None or run.step // every > run.last_eval_step // every
@@ -90,8 +90,9 @@ def train(args: argparse.Namespace) -> Any:
         flags = session.absorb(learner.sync())  # the newest weights, for the policy as of this step
         if flags and session.handle(flags):
             return  # rolled back: this step's policy is gone; the evaluation comes when it is due again
-        progress.message(f"evaluating at step {run.step:,}: {plural(args.eval_episodes, 'greedy episode')}")
-        result = environment.evaluate(actor.agent, env, config, args.eval_episodes)
+        episodes = session.runtime.eval_episodes
+        progress.message(f"evaluating at step {run.step:,}: {plural(episodes, 'greedy episode')}")
+        result = environment.evaluate(actor.agent, env, config, episodes)
         progress.restart_rate(run.step)  # the evaluation's minutes are not training's pace
         run.last_eval_step = run.step
         record = result.record()

@@ -45,12 +45,9 @@ from health import (
 )
 from learner import LearnerSpec, make_learner, stream_seeds
 from rainbow import resolve_device, unused_gpu_notice
-from run_log import METRICS_FILE, RunLog, truncate_after_step
+from run_log import METRICS_FILE, RunLog, read_jsonl, truncate_after_step
 from run_state import RunState, actor_streams, restore_actor_streams
-from tm_config import Config, ConfigError, describe_departures, epsilon_at, unpinned_keys
-
-MAX_FAILED_SAVES = 3  # checkpoint writes in a row that may fail (disk full, file locked) before stopping
-MAX_ROLLBACKS = 3  # --on-red-flag rollback: then the run stops, as a failure that keeps coming back is real
+from tm_config import Config, ConfigError, Runtime, describe_departures, epsilon_at, unpinned_keys
 
 
 class RedFlagStopError(RuntimeError):
@@ -59,6 +56,16 @@ class RedFlagStopError(RuntimeError):
 
 class TrainingStoppedError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite learn steps); one line saying why."""
+
+
+def last_recorded_runtime(run_dir: Path) -> Runtime | None:
+    """The runtime of the run's last sitting, from its start record (None: none recorded, or no run)."""
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return None
+    starts = [r for r in read_jsonl(path) if r.get("kind") == "run" and r.get("event") == "start"]
+    recorded = [r["runtime"] for r in starts if isinstance(r.get("runtime"), dict)]
+    return Runtime.from_dict(recorded[-1]) if recorded else None
 
 
 def move_aside(run_dir: Path) -> Path | None:
@@ -81,11 +88,11 @@ class TrainResult:
     config: Config
 
 
-def learner_threads(args: argparse.Namespace, env_name: str, mode: str) -> int | None:
+def learner_threads(runtime: Runtime, env_name: str, mode: str) -> int | None:
     """torch CPU threads of the learner: --threads, else all cores but one when something else needs a core
     (the game, or the actor beside the learner), else torch's default."""
-    if args.threads:
-        return args.threads
+    if runtime.threads:
+        return runtime.threads
     environment = environment_class(env_name)
     if (environment is not None and environment.real_time) or mode == "beside":
         # bench/BENCHMARKS.md: with a busy core (the game), 2 threads on 2 cores made act+learn 1.7x slower.
@@ -94,9 +101,10 @@ def learner_threads(args: argparse.Namespace, env_name: str, mode: str) -> int |
 
 
 class Session:
-    """A run besides its environment (module docstring). `learner_mode` is "inline" or "beside"."""
+    """A run besides its environment (module docstring). `learner_mode` is "inline" or "beside"; None: the
+    runtime's (--learner, or the run's recorded one when it resumes)."""
 
-    def __init__(self, args: argparse.Namespace, env_name: str, learner_mode: str = "inline") -> None:
+    def __init__(self, args: argparse.Namespace, env_name: str, learner_mode: str | None = None) -> None:
         """Open the run, step by step: its folder and seeds, its learner (resumed or fresh), its counters,
         its log and console, then say what it is; and start the bookkeeping of this sitting."""
         self.args = args
@@ -104,10 +112,13 @@ class Session:
         self.device = resolve_device(args.device)
         diagnosing = getattr(args, "diagnose", None) is not None
         self._choose_run_folder(requested, env_name, diagnosing)
-        threads = self._seed_and_set_threads(env_name, learner_mode)
         notes = self._move_aside_unless_resuming(requested, diagnosing)
+        self._choose_runtime(learner_mode)
+        learner_mode = self.runtime.learner
+        threads = self._seed_and_set_threads(env_name, learner_mode)
         info = self._open_learner(requested, learner_mode, threads, notes)
         self._check_disk_room(info)
+        notes += self._resume_runtime(info)
         notes += self._restore_run(info)
         self._check_steps_to_train(diagnosing)
         self._open_log_and_console(env_name)
@@ -120,13 +131,44 @@ class Session:
         self.run_dir = Path(args.checkpoint_root or requested.checkpoint_dir) / self.run_name
         self.store = CheckpointStore(self.run_dir, requested.keep_last_n_checkpoints)
 
+    def _choose_runtime(self, learner_mode: str | None) -> None:
+        """How this sitting runs (tm_config.Runtime): the command line's, or when the run resumes its last
+        sitting's (its start record: the learner's mode and threads are needed before its checkpoint is
+        read), with what the command line gives again. The caller's `learner_mode` overrides both."""
+        self.runtime, self.runtime_notes = self.requested_runtime, []
+        recorded = last_recorded_runtime(self.run_dir) if self.resume else None
+        if recorded is not None:
+            self.runtime, self.runtime_notes = self.requested_runtime.resumed(recorded, self.runtime_given)
+        if learner_mode is not None:
+            self.runtime = dataclasses.replace(self.runtime, learner=learner_mode)
+
+    def _resume_runtime(self, info: dict[str, Any]) -> list[str]:
+        """The resumed checkpoint's runtime, with what the command line gives again (the learner runs in the
+        mode and threads it was opened with); returns one line per knob the command line changes."""
+        saved = (info["run"] or {}).get("runtime")
+        if saved is None:
+            return self.runtime_notes
+        runtime, notes = self.requested_runtime.resumed(Runtime.from_dict(saved), self.runtime_given)
+        opened_with = {"learner": self.runtime.learner, "threads": self.runtime.threads}
+        self.runtime = dataclasses.replace(runtime, **opened_with)
+        return notes
+
+    @property
+    def requested_runtime(self) -> Runtime:
+        return Runtime.from_dict(vars(self.args))  # the command line's: its run options, the rest default
+
+    @property
+    def runtime_given(self) -> set[str]:
+        """The runtime knobs given on the command line (cli.parse_args records them; all, without it)."""
+        return set(getattr(self.args, "runtime_given", Runtime.GIVEN_BY))
+
     def _seed_and_set_threads(self, env_name: str, learner_mode: str) -> int | None:
         """Seed the acting side's streams and set its torch threads; returns the learner's threads."""
         args = self.args
         random.seed(args.seed)
         np.random.seed(args.seed % 2**32)
         torch.manual_seed(args.seed)
-        threads = learner_threads(args, env_name, learner_mode)
+        threads = learner_threads(self.runtime, env_name, learner_mode)
         if learner_mode == "inline" and threads is not None and self.device.type == "cpu":
             torch.set_num_threads(threads)
         elif learner_mode == "beside":
@@ -262,7 +304,7 @@ class Session:
         self.progress.message(self.log.wandb_note)
         self.log.write(
             "run", self.run.step, event="start", env=env_name, device=self.device.type, learner=learner_mode,
-            departures=config.departures(), unpinned=unpinned,
+            departures=config.departures(), unpinned=unpinned, runtime=self.runtime.to_dict(),
         )  # fmt: skip
 
     def _start_bookkeeping(self, reward_range: Any, learn_steps: int) -> None:
@@ -495,6 +537,7 @@ class Session:
             # epsilon is restored from the step; kept for people reading a checkpoint.
             "epsilon": epsilon_at(self.run.step, self.config),
             **actor_streams(self.actor),
+            "runtime": self.runtime.to_dict(),
         }
 
     def _is_best(self) -> bool:
@@ -537,7 +580,7 @@ class Session:
         message = f"{text}; the previous one is intact"
         self.progress.message(message)
         self.log.write("event", self.run.step, level="warning", name="checkpoint_failed", message=message)
-        if self.failed_saves >= MAX_FAILED_SAVES:
+        if self.failed_saves >= self.runtime.max_failed_saves:
             raise TrainingStoppedError(
                 f"{self.failed_saves} checkpoints in a row could not be written to {self.run_dir}: {text}"
             )
@@ -546,9 +589,10 @@ class Session:
     # --- red flags ----------------------------------------------------------------------------------------
     def roll_back(self, flag: RedFlag) -> None:
         """Restore the checkpoint before the flag (an older one at each further rollback)."""
-        if self.rollbacks >= MAX_ROLLBACKS:
+        most = self.runtime.max_rollbacks
+        if self.rollbacks >= most:
             raise RedFlagStopError(
-                f"stopped on red flag {flag.name} at step {flag.step:,} ({MAX_ROLLBACKS} rollbacks already): "
+                f"stopped on red flag {flag.name} at step {flag.step:,} ({most} rollbacks already): "
                 f"{flag.message}"
             )
         before_flag = self.store.periodic(before_step=flag.step) if self.config.checkpoint else []
@@ -581,7 +625,7 @@ class Session:
         )  # fmt: skip
         self.progress.message(
             f"rolled back to {Path(restored['path']).name} (step {self.run.step:,}, episode "
-            f"{self.run.episode:,}); rollback {self.rollbacks} of at most {MAX_ROLLBACKS}"
+            f"{self.run.episode:,}); rollback {self.rollbacks} of at most {self.runtime.max_rollbacks}"
         )
 
     def handle(self, flags: list[RedFlag]) -> bool:
@@ -592,9 +636,9 @@ class Session:
             self.log.write("event", flag.step, **flag.as_event())
             self.log.alert(f"red flag: {flag.name}", flag.message)
             stops = flag.name in FATAL_FLAGS or flag.name in GAME_FLAGS
-            if rolled_back or not stops or self.args.on_red_flag == "warn":
+            if rolled_back or not stops or self.runtime.on_red_flag == "warn":
                 continue
-            if self.args.on_red_flag == "stop":
+            if self.runtime.on_red_flag == "stop":
                 latest = self.store.latest_path
                 kept = (
                     f"last good checkpoint: {latest}" if latest.exists() else "no checkpoint was written yet"

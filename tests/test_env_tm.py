@@ -1063,6 +1063,30 @@ def test_a_resumed_run_keeps_its_checkpoints_settings_not_the_defaults(tmp_path,
     assert len(list(run_dir.glob("ckpt_ep*_step*.pt"))) == 1, sorted(p.name for p in run_dir.iterdir())
 
 
+def test_a_resumed_run_keeps_its_runtime_knobs_and_announces_one_given_again(tmp_path, capsys):
+    """Issue 28: --learner, --on-red-flag, --eval-every and --eval-episodes are recorded in the start record
+    and every checkpoint; a resumed run keeps them unless given again, and says so in one line."""
+    base = ["--env", "embedded", "--checkpoint-root", str(tmp_path), "--run-name", "k", "--no-wandb"]
+    base += sum((["--set", a] for a in FAST), [])
+    knobs = ["--learner", "inline", "--on-red-flag", "stop", "--eval-every", "50", "--eval-episodes", "1"]
+    assert env_tm.main([*base, "--steps", "40", *knobs]) == cli.EXIT_OK
+    assert env_tm.main([*base, "--steps", "80"]) == cli.EXIT_OK  # none of them given again
+    out = capsys.readouterr().out
+    assert "given: the run had" not in out and "learner inline" in out.split("resumed k from")[1]
+    records = read_jsonl(tmp_path / "k" / METRICS)
+    starts = [r for r in records if r["kind"] == "run" and r["event"] == "start"]
+    assert starts[1]["runtime"] == starts[0]["runtime"] and starts[1]["learner"] == "inline"
+    assert starts[0]["runtime"]["on_red_flag"] == "stop" and starts[0]["runtime"]["eval_every"] == 50
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 40, 80], "every 50 steps, resumed too"
+    assert load_checkpoint(tmp_path / "k" / "latest.pt")["runtime"] == starts[0]["runtime"]
+
+    assert env_tm.main([*base, "--steps", "120", "--on-red-flag", "rollback"]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert "--on-red-flag rollback given: the run had stop (kept from its checkpoint when not given)" in out
+    start = [r for r in read_jsonl(tmp_path / "k" / METRICS) if r.get("event") == "start"][-1]
+    assert start["runtime"] == {**starts[0]["runtime"], "on_red_flag": "rollback"}
+
+
 def test_a_run_ends_with_a_short_summary_table_of_what_it_did(tmp_path, capsys):
     assert env_tm.main(health_args(tmp_path, 80)) == cli.EXIT_OK
     out = capsys.readouterr().out.splitlines()
