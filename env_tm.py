@@ -45,11 +45,10 @@ def train(args: argparse.Namespace) -> Any:
     import numpy as np
 
     import environment
-    from console import StepLatency, StopRequest, duration, plural, table
+    from console import StepLatency, StopRequest, duration, table
     from health import EpisodeResult
     from learner import LearnerDiedError
     from rainbow import ACTION_VECTORS
-    from run_state import race_fields
     from session import RedFlagStopError, Session, TrainingStoppedError, TrainResult
     from trackmania import GameNotRespondingError, TrackManiaError, route_thread_errors
 
@@ -80,29 +79,6 @@ def train(args: argparse.Namespace) -> Any:
     def env_seed() -> int:
         return environment.training_seed(args.seed, session.run.episode)
 
-    def evaluate_if_due(final: bool = False) -> None:
-        every, run = session.runtime.eval_every, session.run
-        if not every or run.last_eval_step == run.step:
-            return
-        due = run.last_eval_step is None or run.step // every > run.last_eval_step // every
-        if not (due or final):
-            return
-        flags = session.absorb(learner.sync())  # the newest weights, for the policy as of this step
-        if flags and session.handle(flags):
-            return  # rolled back: this step's policy is gone; the evaluation comes when it is due again
-        episodes = session.runtime.eval_episodes
-        progress.message(f"evaluating at step {run.step:,}: {plural(episodes, 'greedy episode')}")
-        result = environment.evaluate(actor.agent, env, config, episodes)
-        progress.restart_rate(run.step)  # the evaluation's minutes are not training's pace
-        run.last_eval_step = run.step
-        record = result.record()
-        log.write("eval", run.step, **record)
-        progress.message(
-            f"evaluation at step {run.step:,}: return {record['return_mean']:.1f} "
-            f"+- {record['return_std']:.1f} (min {record['return_min']:.1f}, max {record['return_max']:.1f}) "
-            f"over {plural(len(result.returns), 'held-out episode')}, {result.seconds:.0f} s"
-        )
-
     def reset() -> tuple[np.ndarray, np.ndarray]:
         obs, _ = env.reset(seed=env_seed())
         frames, car = environment.split_observation(obs, config)
@@ -117,7 +93,7 @@ def train(args: argparse.Namespace) -> Any:
     try:
         session.pretrain(stop)
         if not stop.requested:
-            evaluate_if_due()
+            session.evaluate_if_due(env)
         progress.restart_rate(session.run.step)  # the pace of training, from its first step
         episode_reward, episode_length, episode_start = 0.0, 0, time.perf_counter()
         env_timeouts = getattr(env, "time_step_timeouts", 0)
@@ -180,61 +156,21 @@ def train(args: argparse.Namespace) -> Any:
                     break
                 if episode_over and not rolled_back and session.checkpoint_due():
                     session.save(is_periodic=True)  # written while the car respawns, not while it drives
-                evaluate_if_due()
+                session.evaluate_if_due(env)
                 episode_reward, episode_length, episode_start = 0.0, 0, time.perf_counter()
                 episode_timeouts = 0
                 frames, car = reset()
                 step_latency.take_episode()  # a rolled-back episode's steps are not an episode's
                 env_timeouts = getattr(env, "time_step_timeouts", 0)
                 observed = time.perf_counter()
-        session.release_quarantine()  # the run ends well: nothing condemned the latest steps
-        if not stop.requested:
-            # The last learn steps' red flags are handled before the end; a rollback here leaves steps to do.
-            flags = session.absorb(learner.sync())
-            if flags and session.handle(flags):
-                saved = session.save(is_periodic=False)
-                left = session.total_steps - session.run.step
-                progress.message(
-                    f"rolled back at the end of the run: {saved}; run the same command again for the "
-                    f"{left:,} steps left"
-                )
-                log.write("run", session.run.step, event="interrupted")
-                return TrainResult(EXIT_INTERRUPTED, session.run_dir, config)
-            evaluate_if_due(final=True)
-        saved = session.save(is_periodic=False, catch_up=not stop.requested)
-        run = session.run
-        if stop.requested:
-            progress.message(f"stopped at step {run.step:,} (on request): {saved}; run again to resume")
-            log.write("run", run.step, event="interrupted")
-            return TrainResult(EXIT_INTERRUPTED, session.run_dir, config)
-        progress.message(f"done: {run.step:,} steps, {plural(run.episode, 'episode')}; {saved}")
-        log.write("run", run.step, event="finished", episodes=run.episode, **race_fields(run))
-        return TrainResult(EXIT_OK, session.run_dir, config)
+        return session.finish(env, stop.requested)
     except (
         GameNotRespondingError,
         TrackManiaError,
         environment.ObservationError,
         TrainingStoppedError,
     ) as error:
-        # Every exit that can save saves first. A fault seen over several steps (a frozen stream) condemns
-        # its first ones, still held back; the bad transition itself was never returned by the environment.
-        if isinstance(error, TrainingStoppedError):
-            session.release_quarantine()
-        else:
-            dropped = session.drop_quarantine(getattr(error, "condemned_steps", 0))
-            if dropped:
-                progress.message(f"the last {plural(dropped, 'step')} before the fault were not stored")
-        saved = save_before_exit(session)
-        kind = type(error).__name__
-        why = {
-            "GameNotRespondingError": "the game stopped answering",
-            "TelemetryError": "the game's telemetry made no sense",
-            "TrackManiaSetupError": "TrackMania is not set up for this run",
-            "ObservationError": "the environment gave an unusable observation",
-            "TrainingStoppedError": "training cannot go on",
-        }.get(kind, f"stopped ({kind})")
-        progress.message(f"{why} at step {session.run.step:,}: {saved}")
-        log.write("run", session.run.step, event="error", error=kind, message=str(error))
+        session.report_fault(error)
         raise
     except (LearnerDiedError, RedFlagStopError) as error:
         # Nothing to save: the learner that holds the state is gone, or the state is what failed. The
@@ -257,16 +193,6 @@ def train(args: argparse.Namespace) -> Any:
             env.close()
             if unroute is not None:
                 unroute()
-
-
-def save_before_exit(session: Any) -> str:
-    """A checkpoint on the way out of an error, if one can be written (it never raises)."""
-    try:
-        return session.save(is_periodic=False, catch_up=False)
-    except Exception as error:  # the learner died, or checkpoints kept failing: the last good one stands
-        return (
-            f"no checkpoint could be written ({' '.join(str(error).split())[:160]}); the last good one stands"
-        )
 
 
 def check_trackmania(args: argparse.Namespace, **options: Any) -> int:

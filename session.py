@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from checkpoints import CheckpointStore
+from cli import EXIT_INTERRUPTED, EXIT_OK
 from console import (
     EPISODE_LINE_SECONDS,
     Progress,
@@ -33,7 +34,7 @@ from console import (
     plural,
     pretraining_status,
 )
-from environment import environment_class
+from environment import environment_class, evaluate
 from health import (
     DIAG_MIN_LEARN_STEPS,
     FATAL_FLAGS,
@@ -46,7 +47,7 @@ from health import (
 from learner import LearnerSpec, make_learner, stream_seeds
 from rainbow import resolve_device, unused_gpu_notice
 from run_log import METRICS_FILE, RunLog, read_jsonl, truncate_after_step
-from run_state import RunState, actor_streams, restore_actor_streams
+from run_state import RunState, actor_streams, race_fields, restore_actor_streams
 from tm_config import Config, ConfigError, Runtime, describe_departures, epsilon_at, unpinned_keys
 
 
@@ -525,6 +526,32 @@ class Session:
             flags += self.monitor.observe_policy_ages(ages, run.step, run.episode)
         return flags
 
+    # --- evaluation ---------------------------------------------------------------------------------------
+    def evaluate_if_due(self, env: Any, final: bool = False) -> None:
+        """--eval-every: at step 0, at the first episode end past every multiple, and at the end of the run
+        (`final`), the agent drives held-out tracks greedily (environment.evaluate); logged and shown."""
+        every, run = self.runtime.eval_every, self.run
+        if not every or run.last_eval_step == run.step:
+            return
+        due = run.last_eval_step is None or run.step // every > run.last_eval_step // every
+        if not (due or final):
+            return
+        flags = self.absorb(self.learner.sync())  # the newest weights, for the policy as of this step
+        if flags and self.handle(flags):
+            return  # rolled back: this step's policy is gone; the evaluation comes when it is due again
+        episodes = self.runtime.eval_episodes
+        self.progress.message(f"evaluating at step {run.step:,}: {plural(episodes, 'greedy episode')}")
+        result = evaluate(self.actor.agent, env, self.config, episodes)
+        self.progress.restart_rate(run.step)  # the evaluation's minutes are not training's pace
+        run.last_eval_step = run.step
+        record = result.record()
+        self.log.write("eval", run.step, **record)
+        self.progress.message(
+            f"evaluation at step {run.step:,}: return {record['return_mean']:.1f} "
+            f"+- {record['return_std']:.1f} (min {record['return_min']:.1f}, max {record['return_max']:.1f}) "
+            f"over {plural(len(result.returns), 'held-out episode')}, {result.seconds:.0f} s"
+        )
+
     # --- checkpoints ------------------------------------------------------------------------------------
     def checkpoint_due(self) -> bool:
         return self.run.episode % self.config.checkpoint_frequency == 0
@@ -585,6 +612,66 @@ class Session:
                 f"{self.failed_saves} checkpoints in a row could not be written to {self.run_dir}: {text}"
             )
         return f"checkpoint failed, the last good one is {self.store.latest_path}"
+
+    def finish(self, env: Any, stopped: bool) -> TrainResult:
+        """The end of a run that was not stopped by a fault: the last red flags, the final evaluation and
+        the exit save; `stopped`: on request (Ctrl+C), then a resumable stop."""
+        self.release_quarantine()  # the run ends well: nothing condemned the latest steps
+        if not stopped:
+            # The last learn steps' red flags are handled before the end; a rollback here leaves steps to do.
+            flags = self.absorb(self.learner.sync())
+            if flags and self.handle(flags):
+                saved = self.save(is_periodic=False)
+                left = self.total_steps - self.run.step
+                self.progress.message(
+                    f"rolled back at the end of the run: {saved}; run the same command again for the "
+                    f"{left:,} steps left"
+                )
+                self.log.write("run", self.run.step, event="interrupted")
+                return TrainResult(EXIT_INTERRUPTED, self.run_dir, self.config)
+            self.evaluate_if_due(env, final=True)
+        saved = self.save(is_periodic=False, catch_up=not stopped)
+        run = self.run
+        if stopped:
+            self.progress.message(f"stopped at step {run.step:,} (on request): {saved}; run again to resume")
+            self.log.write("run", run.step, event="interrupted")
+            return TrainResult(EXIT_INTERRUPTED, self.run_dir, self.config)
+        self.progress.message(f"done: {run.step:,} steps, {plural(run.episode, 'episode')}; {saved}")
+        self.log.write("run", run.step, event="finished", episodes=run.episode, **race_fields(run))
+        return TrainResult(EXIT_OK, self.run_dir, self.config)
+
+    def report_fault(self, error: Exception) -> None:
+        """A fault ends the run (the game, an observation, a run that cannot go on): what was held back and
+        can be trusted is stored, a checkpoint saved if one can be, and the fault said and recorded."""
+        # Every exit that can save saves first. A fault seen over several steps (a frozen stream) condemns
+        # its first ones, still held back; the bad transition itself was never returned by the environment.
+        if isinstance(error, TrainingStoppedError):
+            self.release_quarantine()
+        else:
+            dropped = self.drop_quarantine(getattr(error, "condemned_steps", 0))
+            if dropped:
+                self.progress.message(f"the last {plural(dropped, 'step')} before the fault were not stored")
+        saved = self.save_before_exit()
+        kind = type(error).__name__
+        why = {
+            "GameNotRespondingError": "the game stopped answering",
+            "TelemetryError": "the game's telemetry made no sense",
+            "TrackManiaSetupError": "TrackMania is not set up for this run",
+            "ObservationError": "the environment gave an unusable observation",
+            "TrainingStoppedError": "training cannot go on",
+        }.get(kind, f"stopped ({kind})")
+        self.progress.message(f"{why} at step {self.run.step:,}: {saved}")
+        self.log.write("run", self.run.step, event="error", error=kind, message=str(error))
+
+    def save_before_exit(self) -> str:
+        """A checkpoint on the way out of an error, if one can be written (it never raises)."""
+        try:
+            return self.save(is_periodic=False, catch_up=False)
+        except Exception as error:  # the learner died, or checkpoints kept failing: the last good one stands
+            return (
+                f"no checkpoint could be written ({' '.join(str(error).split())[:160]}); the last good one "
+                "stands"
+            )
 
     # --- red flags ----------------------------------------------------------------------------------------
     def roll_back(self, flag: RedFlag) -> None:
