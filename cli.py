@@ -7,6 +7,7 @@ one-line refusals of a bad command line answer at once; the training modules are
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import sys
 
@@ -382,3 +383,18 @@ def show_config(config: Config) -> str:
             note += f"   sacred: {SACRED_FLAGS[key]} to change"
         lines.append(f"{mark} {key.ljust(width)}  {value!r}{note}")
     return "\n".join(lines)
+
+
+def default_run_name(env_name: str, seed: int, overrides: list[str], diagnosing: bool) -> str:
+    """checkpoints/<this>/: `<env>-seed<seed>`, with the departures in the name when --set is given, so that
+    an experiment never resumes (and changes for good) the run without them, nor one with other ones."""
+    name = f"{env_name}{'-diagnose' if diagnosing else ''}-seed{seed}"
+    if not overrides:
+        return name
+    parts = sorted(
+        "".join(c if c.isalnum() or c in "._=-" else "_" for c in a.replace(" ", "")) for a in overrides
+    )
+    tag = "+".join(parts)
+    if len(tag) > 60:
+        tag = f"{tag[:40]}-{hashlib.sha1('+'.join(parts).encode()).hexdigest()[:8]}"
+    return f"{name}-{tag}".rstrip(". ")  # Windows drops trailing dots and spaces from folder names

@@ -218,3 +218,101 @@ class StepLatency:
             f"over {self.calls:,} steps{window}; "
             f"{self.overruns:,} over the {self.time_step * 1000:.0f} ms time step"
         )
+
+
+# --- the texts of a run's status line and final summary ---------------------------------------------------
+def status_fields(
+    run: Any,
+    recent_returns: Sequence[float],
+    last_metrics: dict[str, float],
+    epsilon: float,
+    current: float | str,
+) -> list[tuple[int, str]]:
+    """The status line's fields of a run (run_state.RunState) by importance (Progress.show): the episode,
+    the mean return of the last 10, `current` (the episode's return so far, or a text), the race, the
+    timeouts, epsilon, the last loss and Q."""
+    last = last_metrics
+    fields = [(0, f"ep {run.episode + 1:,}")]
+    if recent_returns:
+        fields.append((1, f"R10 {np.mean(recent_returns):.1f}"))
+    fields.append((2, current if isinstance(current, str) else f"R {current:.1f}"))
+    if run.best_race_time is not None:
+        fields.append((2, f"best {run.best_race_time:.2f} s"))
+    if run.time_step_timeouts:
+        fields.append((3, f"timeouts {run.time_step_timeouts:,}"))
+    fields.append((3, f"eps {epsilon:.3f}"))
+    fields += [(4, f"loss {fmt(last.get('loss'))}"), (4, f"Q {fmt(last.get('q_mean'))}")]
+    return fields
+
+
+def summary_rows(
+    run: Any,
+    opened: tuple[float, int, int],
+    total_steps: int,
+    recent_returns: Sequence[float],
+    last_metrics: dict[str, float],
+    epsilon: float,
+    latency: StepLatency | None,
+    pace: str | None,
+) -> list[tuple[str, str]]:
+    """A run's final summary as (label, text) rows: what this sitting did (`opened`: its start time, step
+    and episode), the returns, the learning, the races, the game's wait and the learner's `pace`."""
+    started, step0, episode0 = opened
+    seconds = time.perf_counter() - started
+    steps, episodes = run.step - step0, run.episode - episode0
+    rate = steps / max(seconds, 1e-9)
+    rows = [
+        (
+            "steps",
+            f"{steps:,} this sitting ({plural(episodes, 'episode')}) in {duration(seconds)}, "
+            f"{rate:.1f} steps/s; {run.step:,} of {total_steps:,} in all",
+        )
+    ]
+    if recent_returns:
+        text = f"mean of the last {len(recent_returns)} episodes {np.mean(recent_returns):.1f}"
+        if math.isfinite(run.best_interval_reward):
+            text += f"; best mean {run.best_interval_reward:.1f}"
+        rows.append(("returns", text))
+    if last_metrics:
+        metrics, nan = last_metrics, math.nan
+        rows.append(
+            (
+                "learning",
+                f"{int(metrics.get('learn_step', 0)):,} learn steps; last loss "
+                f"{metrics.get('loss', nan):.3g}, Q {metrics.get('q_mean', nan):.3g}; "
+                f"epsilon {epsilon:.3f}",
+            )
+        )
+    races = race_summary(run)
+    if races:
+        rows.append(("races", races.removeprefix("race results: ")))
+    if latency is not None and latency.calls:
+        rows.append(("game's wait", latency.summary()))
+    if pace:
+        rows.append(("learner", pace))
+    if run.time_step_timeouts:
+        rows.append(
+            (
+                "timeouts",
+                f"time-step timeouts: {run.time_step_timeouts:,} over the run (each is a stale "
+                "observation: see README, Troubleshooting)",
+            )
+        )
+    return rows
+
+
+def race_summary(run: Any) -> str | None:
+    """The race results of a run (run_state.RunState) in one line; None before its first episode."""
+    if not run.episode:
+        return None
+    if not run.finishes:
+        return f"race results: no finish in {plural(run.episode, 'episode')}"
+    text = (
+        f"race results: {plural(run.finishes, 'finish')} in {plural(run.episode, 'episode')} "
+        f"({100 * run.finishes / run.episode:.1f}%)"
+    )
+    if run.race_times:
+        text += f", best {run.best_race_time:.2f} s, median {float(np.median(run.race_times)):.2f} s"
+    if run.unreliable_finishes:
+        text += f" ({run.unreliable_finishes:,} with time-step timeouts: no reliable race time)"
+    return text

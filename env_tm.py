@@ -218,7 +218,7 @@ def watch_checkpoint(args: argparse.Namespace) -> int:
 
     import environment
     import watch
-    from session import default_run_name
+    from cli import default_run_name
 
     config = Config().with_assignments(args.overrides)
     env_name = environment.choose_environment(args.env, config)

@@ -1,9 +1,11 @@
-"""The lifecycle of a training run besides its environment: it opens (config, run folder, learner inline or
-in a process beside the actor (learner.py), resume), hands steps and episodes on, checkpoints, handles red
-flags (health.py) and closes. Its console is console.py, its counters and random streams run_state.py.
+"""The lifecycle of a training run besides its environment: it opens (config and runtime, run folder, learner
+inline or in a process beside the actor (learner.py), resume), hands steps and episodes on (holding back the
+ones a game's checks may still condemn), checkpoints, evaluates, handles red flags (health.py), ends and
+closes. Its console is console.py, its counters and random streams run_state.py, its command line cli.py.
 
 The single-PC loop (env_tm.py) and the scale-out trainer (distributed.py) each drive one Session, so both
-resume, checkpoint, log and raise red flags the same way. Nothing here steps an environment.
+resume, checkpoint, log and raise red flags the same way. Nothing here steps an environment. At ~780 lines
+it is one concept, a run's life from open to close, whose steps share the run's state.
 """
 
 from __future__ import annotations
@@ -22,17 +24,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from checkpoints import CheckpointStore
-from cli import EXIT_INTERRUPTED, EXIT_OK
+from checkpoints import CheckpointStore, move_aside
+from cli import EXIT_INTERRUPTED, EXIT_OK, default_run_name
 from console import (
     EPISODE_LINE_SECONDS,
     Progress,
     StepLatency,
     StopRequest,
     duration,
-    fmt,
     plural,
     pretraining_status,
+    status_fields,
+    summary_rows,
 )
 from environment import environment_class, evaluate
 from health import (
@@ -67,19 +70,6 @@ def last_recorded_runtime(run_dir: Path) -> Runtime | None:
     starts = [r for r in read_jsonl(path) if r.get("kind") == "run" and r.get("event") == "start"]
     recorded = [r["runtime"] for r in starts if isinstance(r.get("runtime"), dict)]
     return Runtime.from_dict(recorded[-1]) if recorded else None
-
-
-def move_aside(run_dir: Path) -> Path | None:
-    """A fresh start never mixes a new run into an old run's folder: the old one is renamed, not deleted."""
-    if not run_dir.exists() or not any(run_dir.iterdir()):
-        return None
-    target = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-    suffix = 1
-    while target.exists():
-        target = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}")
-        suffix += 1
-    run_dir.rename(target)
-    return target
 
 
 @dataclass
@@ -745,17 +735,8 @@ class Session:
         """The status line, its fields by importance: at 80 columns it keeps the step, rate, ETA, episode
         and the mean return of the last 10 episodes. `current`: the episode's return so far, or a text
         (the scale-out trainer's workers and backlog)."""
-        last, run = self.last_metrics, self.run
-        fields = [(0, f"ep {run.episode + 1:,}")]
-        if self.recent_returns:
-            fields.append((1, f"R10 {np.mean(self.recent_returns):.1f}"))
-        fields.append((2, current if isinstance(current, str) else f"R {current:.1f}"))
-        if run.best_race_time is not None:
-            fields.append((2, f"best {run.best_race_time:.2f} s"))
-        if run.time_step_timeouts:
-            fields.append((3, f"timeouts {run.time_step_timeouts:,}"))
-        fields.append((3, f"eps {epsilon_at(run.step, self.config):.3f}"))
-        fields += [(4, f"loss {fmt(last.get('loss'))}"), (4, f"Q {fmt(last.get('q_mean'))}")]
+        run, epsilon = self.run, epsilon_at(self.run.step, self.config)
+        fields = status_fields(run, self.recent_returns, self.last_metrics, epsilon, current)
         if self.learner.mode == "beside":
             fields.append((5, f"lag {self.learner.lag}"))
         self.progress.show(run.step, fields)
@@ -780,67 +761,12 @@ class Session:
         self.progress.message(text)
 
     def summary_rows(self, latency: StepLatency | None = None) -> list[tuple[str, str]]:
-        """The run's final summary as (label, text) rows: what this sitting did, the returns, the learning,
-        the races, the game's wait and the learner's pace."""
-        started, step0, episode0 = self.opened
-        run, seconds = self.run, time.perf_counter() - started
-        steps, episodes = run.step - step0, run.episode - episode0
-        rate = steps / max(seconds, 1e-9)
-        rows = [
-            (
-                "steps",
-                f"{steps:,} this sitting ({plural(episodes, 'episode')}) in {duration(seconds)}, "
-                f"{rate:.1f} steps/s; {run.step:,} of {self.total_steps:,} in all",
-            )
-        ]
-        if self.recent_returns:
-            text = f"mean of the last {len(self.recent_returns)} episodes {np.mean(self.recent_returns):.1f}"
-            if math.isfinite(run.best_interval_reward):
-                text += f"; best mean {run.best_interval_reward:.1f}"
-            rows.append(("returns", text))
-        if self.last_metrics:
-            metrics, nan = self.last_metrics, math.nan
-            rows.append(
-                (
-                    "learning",
-                    f"{int(metrics.get('learn_step', 0)):,} learn steps; last loss "
-                    f"{metrics.get('loss', nan):.3g}, Q {metrics.get('q_mean', nan):.3g}; "
-                    f"epsilon {self.actor.epsilon:.3f}",
-                )
-            )
-        races = self.race_summary()
-        if races:
-            rows.append(("races", races.removeprefix("race results: ")))
-        if latency is not None and latency.calls:
-            rows.append(("game's wait", latency.summary()))
-        pace = self.pace_summary()
-        if pace:
-            rows.append(("learner", pace))
-        if run.time_step_timeouts:
-            rows.append(
-                (
-                    "timeouts",
-                    f"time-step timeouts: {run.time_step_timeouts:,} over the run (each is a stale "
-                    "observation: see README, Troubleshooting)",
-                )
-            )
-        return rows
-
-    def race_summary(self) -> str | None:
-        run = self.run
-        if not run.episode:
-            return None
-        if not run.finishes:
-            return f"race results: no finish in {plural(run.episode, 'episode')}"
-        text = (
-            f"race results: {plural(run.finishes, 'finish')} in {plural(run.episode, 'episode')} "
-            f"({100 * run.finishes / run.episode:.1f}%)"
-        )
-        if run.race_times:
-            text += f", best {run.best_race_time:.2f} s, median {float(np.median(run.race_times)):.2f} s"
-        if run.unreliable_finishes:
-            text += f" ({run.unreliable_finishes:,} with time-step timeouts: no reliable race time)"
-        return text
+        """The run's final summary as (label, text) rows (console.summary_rows)."""
+        run, epsilon = self.run, self.actor.epsilon
+        return summary_rows(
+            run, self.opened, self.total_steps, self.recent_returns, self.last_metrics, epsilon, latency,
+            self.pace_summary(),
+        )  # fmt: skip
 
     def close(self) -> None:
         try:
@@ -852,20 +778,3 @@ class Session:
                     "to upload this run to W&B (after `wandb login`), run in order:\n"
                     + "\n".join(f"  {command}" for command in commands)
                 )
-
-
-def default_run_name(env_name: str, seed: int, overrides: list[str], diagnosing: bool) -> str:
-    """checkpoints/<this>/: `<env>-seed<seed>`, with the departures in the name when --set is given, so that
-    an experiment never resumes (and changes for good) the run without them, nor one with other ones."""
-    name = f"{env_name}{'-diagnose' if diagnosing else ''}-seed{seed}"
-    if not overrides:
-        return name
-    parts = sorted(
-        "".join(c if c.isalnum() or c in "._=-" else "_" for c in a.replace(" ", "")) for a in overrides
-    )
-    tag = "+".join(parts)
-    if len(tag) > 60:
-        import hashlib
-
-        tag = f"{tag[:40]}-{hashlib.sha1('+'.join(parts).encode()).hexdigest()[:8]}"
-    return f"{name}-{tag}".rstrip(". ")  # Windows drops trailing dots and spaces from folder names

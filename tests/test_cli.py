@@ -184,3 +184,14 @@ def test_the_exit_codes_are_the_documented_ones():
         cli.EXIT_INTERRUPTED,
     ]
     assert codes == [0, 1, 3, 4, 5, 130]
+
+
+def test_the_default_run_name_names_the_departures():
+    assert cli.default_run_name("embedded", 0, [], False) == "embedded-seed0"
+    assert cli.default_run_name("embedded", 3, ["n_step=3", "batch_size=64"], False) == (
+        "embedded-seed3-batch_size=64+n_step=3"
+    )
+    assert cli.default_run_name("trackmania", 0, [], True) == "trackmania-diagnose-seed0"
+    long = cli.default_run_name("embedded", 0, [f"key{k}=value{k}" for k in range(20)], False)
+    assert len(long) < 80 and cli.run_name_problem(long) is None, "long departures are shortened, stay valid"
+    assert cli.run_name_problem(cli.default_run_name("embedded", 0, ["demos=a,b", "x=1.5."], False)) is None

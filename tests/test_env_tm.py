@@ -995,7 +995,7 @@ def test_training_with_missing_demonstrations_is_one_line(tmp_path, capsys, lear
 
 
 def test_a_run_with_departures_never_continues_the_plain_run(tmp_path, capsys):
-    from session import default_run_name
+    from cli import default_run_name
 
     base = ["--env", "embedded", "--steps", "40", "--checkpoint-root", str(tmp_path), "--no-wandb"]
     base += ["--learner", "inline", *sum((["--set", a] for a in FAST), [])]
@@ -1007,19 +1007,6 @@ def test_a_run_with_departures_never_continues_the_plain_run(tmp_path, capsys):
     assert f"no checkpoint in {experiment}: starting fresh" in capsys.readouterr().out
     assert load_checkpoint(plain / "latest.pt")["config"]["discount_factor"] == 0.997, "left alone"
     assert load_checkpoint(experiment / "latest.pt")["config"]["discount_factor"] == 0.99
-
-
-def test_the_default_run_name_names_the_departures():
-    from session import default_run_name
-
-    assert default_run_name("embedded", 0, [], False) == "embedded-seed0"
-    assert default_run_name("embedded", 3, ["n_step=3", "batch_size=64"], False) == (
-        "embedded-seed3-batch_size=64+n_step=3"
-    )
-    assert default_run_name("trackmania", 0, [], True) == "trackmania-diagnose-seed0"
-    long = default_run_name("embedded", 0, [f"key{k}=value{k}" for k in range(20)], False)
-    assert len(long) < 80 and cli.run_name_problem(long) is None, "long departures are shortened, stay valid"
-    assert cli.run_name_problem(default_run_name("embedded", 0, ["demos=a,b", "x=1.5."], False)) is None
 
 
 def test_steps_below_where_the_run_stands_is_said_in_one_line(tmp_path, capsys):

@@ -7,7 +7,7 @@ import pytest
 from conftest import FAST_ASSIGNMENTS
 
 import cli
-from console import Progress
+from console import Progress, race_summary
 from health import EpisodeResult
 from run_state import RunState
 from session import Session
@@ -151,8 +151,8 @@ def test_a_finish_takes_its_race_time_from_the_clock_and_one_with_timeouts_never
     run = session.run
     assert run.best_race_time == 3.2 and run.race_times == [3.2] and run.interval_race_times == [3.2]
     assert run.finishes == 2 and record["finish_rate"] == 1.0 and record["best_race_time"] == 3.2
-    assert "2 finishes in 2 episodes (100.0%), best 3.20 s" in session.race_summary()
-    assert "(1 with time-step timeouts: no reliable race time)" in session.race_summary()
+    assert "2 finishes in 2 episodes (100.0%), best 3.20 s" in race_summary(session.run)
+    assert "(1 with time-step timeouts: no reliable race time)" in race_summary(session.run)
     session.end_episode(EpisodeResult(5.0, 40, False, 2.0, finished=False, race_time=None))
     assert (
         session.log.records[-1]["race_time"] is None and session.log.records[-1]["race_time_reliable"] is None
