@@ -22,6 +22,8 @@ a kill between the two renames, the same one).
 Resuming tries `latest.pt`, then `latest.previous.pt`, then the periodic checkpoints newest first (each file
 once, even under two names). A `latest.pt` that could not be used is not kept as the previous generation.
 
+A fresh start never mixes into an old run's folder: `move_aside` renames it (<name>.replaced-<time>).
+
 A checkpoint is one `torch.save` dict of tensors and plain Python values (numpy arrays are stored as
 tensors), so it loads with `weights_only=True`: loading never runs code from the file.
 """
@@ -34,6 +36,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -399,3 +402,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"{FORMAT_VERSION}"
         )
     return from_storable({key: value for key, value in raw.items() if key != "format_version"})
+
+
+def move_aside(run_dir: Path) -> Path | None:
+    """A fresh start never mixes a new run into an old run's folder: the old one is renamed, not deleted."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return None
+    target = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    suffix = 1
+    while target.exists():
+        target = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}")
+        suffix += 1
+    run_dir.rename(target)
+    return target

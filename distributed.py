@@ -45,11 +45,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from cli import EXIT_INTERRUPTED, EXIT_OK
+from console import StepLatency, StopRequest
 from environment import build_environment, checked_reward, choose_environment, split_observation
-from health import FATAL_FLAGS
+from health import FATAL_FLAGS, EpisodeResult
 from learner import ActingPolicy
 from rainbow import ACTION_VECTORS, resolve_device
-from session import EXIT_INTERRUPTED, EXIT_OK, Session, StepLatency, StopRequest, TrainResult
+from session import Session, TrainResult
 from tm_config import Config
 from tm_game import TrackManiaSetupError
 from tm_setup import import_tmrl_module, load_tmrl_config, tmrl_data_folder
@@ -592,7 +594,7 @@ class RemoteEpisodes:
             total += reward
         length = len(episode) - 1
         self.steps_by_worker[worker] = self.steps_by_worker.get(worker, 0) + length
-        flags += session.end_episode(total, length, bool(terminated), 0.0, worker=worker)
+        flags += session.end_episode(EpisodeResult(total, length, bool(terminated), 0.0), worker=worker)
         return True, flags
 
 

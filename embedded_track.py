@@ -222,6 +222,7 @@ class EmbeddedTrackEnv(gymnasium.Env):
 
     metadata = {"render_modes": []}
     real_time = False  # a simulator: it waits for the agent, so the actor may wait for the learner
+    player_drives = False  # only through the program (a keyboard or scripted driver's actions)
 
     def __init__(
         self,

@@ -11,369 +11,32 @@ of the global step, which (like the episode count) carries across resumes. By de
 a process beside this one (learner.py), so the game never waits for a learn step; `--learner inline` acts
 and learns in turn, as the reference did.
 
-This file imports only the standard library and tm_config at the top, so `--help` answers at once; the
-training modules (torch among them) are imported when a run starts.
+This file imports only the standard library, cli.py (the command line and the exit codes) and tm_config at
+the top, so `--help` answers at once; the training modules (torch among them) are imported when a run starts.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import sys
 import time
 from typing import Any
 
-EXIT_OK, EXIT_ERROR, EXIT_GAME, EXIT_RED_FLAG, EXIT_NO_GO, EXIT_INTERRUPTED = 0, 1, 3, 4, 5, 130
-
-
-def exit_interrupted() -> None:
-    """Ctrl+C while starting, or a second one while shutting down: one line, no traceback."""
-    print(
-        "interrupted (Ctrl+C): stopped at once. A checkpoint is written whole or not at all: the last one "
-        "reported as saved stands, and a run resumes from it",
-        file=sys.stderr,
-        flush=True,
-    )
-    sys.exit(EXIT_INTERRUPTED)
-
-
-try:  # numpy loads here: Ctrl+C in the first second of a start must not print its import stack
-    from tm_config import Config, ConfigError, check_sacred_assignments, folder_name_problem
-except KeyboardInterrupt:
-    exit_interrupted()
-
-DIAGNOSE_DEFAULT_STEPS = 5_000
-
-EXAMPLES = """\
-examples:
-  python env_tm.py                                   TrackMania if the game answers, else the embedded track
-  python env_tm.py --env embedded --steps 200000 --run-name first-try
-  python env_tm.py --run-name first-try              resumes first-try where its checkpoint stands
-  python env_tm.py --set batch_size=64 --set discount_factor=0.99
-                                                     a departure: its own run folder, recorded as such
-  python env_tm.py --no-wandb --device cpu --seed 3 --threads 1
-  python env_tm.py --diagnose                        5,000-step go/no-go check from scratch
-  python env_tm.py --env embedded --eval-every 10000 --eval-episodes 5
-  python env_tm.py --check-trackmania                 every step of the game's set-up, without training
-  python env_tm.py --env embedded --watch checkpoints/first-try
-                                                     its best.pt drives 5 held-out tracks, in a window
-  python env_tm.py --env embedded --watch checkpoints/first-try/latest.pt --record-video drive.gif
-  python compare_runs.py checkpoints/first-try checkpoints/other-run
-
-A run lives in checkpoints/<run-name>/ (default <env>-seed<seed>, plus the --set departures). Started
-again, it resumes from its newest good checkpoint; --resume makes a missing checkpoint an error, --fresh
-moves the old folder aside and starts over. Ctrl+C stops after the current step and saves.
-"""
-
-
-def run_name_problem(name: str) -> str | None:
-    """Why `name` cannot be a run folder (one plain folder name, valid on Windows too), or None."""
-    return folder_name_problem(name)
-
-
-# --- command line ----------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    pinned = Config()
-    parser = argparse.ArgumentParser(
-        description="Train the Rainbow-IQN agent on TrackMania 2020 (tmrl) or on the embedded track.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--env",
-        choices=["auto", "trackmania", "embedded"],
-        default="auto",
-        help="auto (default): TrackMania when tmrl is installed and the game answers, else the embedded "
-        "track, saying why in one line",
-    )
-    parser.add_argument(
-        "--steps",
-        type=step_count,
-        default=None,
-        help=f"train until this global step (default: training_steps, {pinned.training_steps:,})",
-    )
-    parser.add_argument(
-        "--device", default="auto", help="auto (default: CUDA when torch can use it), cpu or cuda"
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=None,
-        help="seeds the agent, the replay and the tracks (default 0; a scale-out worker: one derived from "
-        "its --worker-name, so that two workers never drive alike)",
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="CPU threads of the learner (default: all cores but one when the game or the actor needs a "
-        "core, else torch's default)",
-    )
-    parser.add_argument(
-        "--run-name",
-        default=None,
-        help="the run's folder under the checkpoints folder, one plain folder name (default: "
-        "<env>-seed<seed>, with the --set departures appended)",
-    )
-    resume = parser.add_mutually_exclusive_group()
-    resume.add_argument(
-        "--resume",
-        dest="resume",
-        action="store_true",
-        default=None,
-        help="resume the run, and fail if it has no checkpoint (without it, a run resumes when it can)",
-    )
-    resume.add_argument(
-        "--fresh",
-        dest="resume",
-        action="store_false",
-        help="start over: an existing run folder is moved aside (<name>.replaced-<time>), never mixed in",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value (repeatable); recorded as a departure from the known-good config",
-    )
-    unpin = parser.add_argument_group(
-        "unpinning (the three sacred invariants of the known-good run; README: The known-good config)"
-    )
-    unpin.add_argument(
-        "--unpin-target-update",
-        action="store_true",
-        help="allow --set target_network_update_frequency=...; the run is marked unpinned",
-    )
-    unpin.add_argument(
-        "--unpin-learning-rate", action="store_true", help="allow --set learning_rate=...; marked unpinned"
-    )
-    unpin.add_argument(
-        "--unpin-epsilon",
-        action="store_true",
-        help="allow --set of epsilon_start, epsilon_end, epsilon_decay_to, epsilon_cutoff; marked unpinned",
-    )
-    parser.add_argument("--no-wandb", action="store_true", help="log to the run's metrics.jsonl only")
-    parser.add_argument(
-        "--on-red-flag",
-        choices=["warn", "stop", "rollback"],
-        default="warn",
-        help="on a fatal red flag (diverging Q, NaN, dead gradients, frozen game): report it (default), "
-        "stop the run, or restore the last checkpoint taken before it and continue",
-    )
-    parser.add_argument(
-        "--diagnose",
-        type=step_count,
-        nargs="?",
-        const=DIAGNOSE_DEFAULT_STEPS,
-        default=None,
-        metavar="N",
-        help=f"go/no-go: train N steps from scratch (default {DIAGNOSE_DEFAULT_STEPS:,}; a few minutes on a "
-        "2-core CPU, the time left is shown once the pace is measured), print a table of health criteria "
-        "and exit 5 on a no-go",
-    )
-    parser.add_argument(
-        "--eval-every",
-        type=step_count,
-        default=0,
-        metavar="STEPS",
-        help="evaluate at step 0, at the first episode end past every multiple of STEPS, and at the end "
-        "of the run: --eval-episodes episodes driven greedily (no epsilon, no noise, nothing stored or "
-        "learned) on held-out tracks (default 0: never)",
-    )
-    parser.add_argument("--eval-episodes", type=int, default=5, help="episodes per evaluation (default 5)")
-    parser.add_argument(
-        "--learner",
-        choices=["beside", "inline"],
-        default="beside",
-        help="beside (default): learn in a process beside the actor, so the game never waits for a learn "
-        "step; inline: act and learn in turn in one process (exact reproduction of a recorded run)",
-    )
-    parser.add_argument("--wandb-project", default=None, help="W&B project (default: rainbow-tm)")
-    parser.add_argument(
-        "--wandb-entity", default=None, help="W&B entity: your user or team (default: your W&B default)"
-    )
-    parser.add_argument(
-        "--show-config",
-        action="store_true",
-        help="print every config key with the value this command would train with (the pin plus --set), "
-        "marking departures and the sacred keys, and exit",
-    )
-    parser.add_argument(
-        "--check-trackmania",
-        action="store_true",
-        help="check every step of the TrackMania set-up (tmrl, TmrlData, config.json, the reward trajectory, "
-        "the gamepad driver, the plugin, its telemetry, the map), one line each, and exit without training",
-    )
-    look = parser.add_argument_group("watching a checkpoint drive (no learning)")
-    look.add_argument(
-        "--watch",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="CHECKPOINT",
-        help="drive --eval-episodes held-out tracks greedily with a checkpoint (a file, or a run folder: its "
-        "best.pt; default: this command's run folder), printing each return; the embedded track in a window",
-    )
-    look.add_argument(
-        "--record-video",
-        metavar="PATH",
-        default=None,
-        help="with --watch on the embedded track: write the drive to PATH (.gif or .mp4) instead of a window",
-    )
-    demo = parser.add_argument_group("demonstrations (your own laps; README: Learn from your own laps)")
-    demo.add_argument(
-        "--record-demos",
-        metavar="NAME",
-        default=None,
-        help="record demonstrations into <demo-root>/NAME instead of training: on TrackMania you drive, on "
-        "the embedded track you drive (--driver human) or a scripted driver does",
-    )
-    demo.add_argument(
-        "--driver",
-        choices=["human", "scripted"],
-        default="human",
-        help="who drives the embedded track when recording (default human: the arrow keys, in a window)",
-    )
-    demo.add_argument(
-        "--demo-episodes",
-        type=int,
-        default=None,
-        metavar="N",
-        help="record N episodes (default: until Ctrl+C)",
-    )
-    demo.add_argument(
-        "--demos",
-        metavar="NAME[,NAME...]",
-        default=None,
-        help="train with these demonstration sets beside the agent's own data (a recorded departure: the "
-        "same as --set demos=...)",
-    )
-    demo.add_argument(
-        "--pretrain-steps",
-        type=int,
-        default=None,
-        metavar="N",
-        help="with --demos: N learn steps on the demonstrations alone before the first environment step",
-    )
-    demo.add_argument(
-        "--demo-root", default="demos", help="the folder of demonstration sets (default: demos)"
-    )
-    scale = parser.add_argument_group(
-        "scale out (several game PCs, one learner; see README: Running across machines)"
-    )
-    scale.add_argument(
-        "--role",
-        choices=["single", "server", "trainer", "worker"],
-        default="single",
-        help="single (default): this PC; server: tmrl's relay; trainer: learns from the workers' "
-        "episodes; worker: drives one game (--env) and sends its episodes",
-    )
-    scale.add_argument(
-        "--server-ip",
-        default="127.0.0.1",
-        help="address of the machine running --role server (default 127.0.0.1)",
-    )
-    scale.add_argument(
-        "--port",
-        type=int,
-        default=55555,
-        help="the relay's TCP port, to open in the firewall (default 55555)",
-    )
-    scale.add_argument(
-        "--password-file",
-        default=None,
-        help="the relay password (default ~/.rainbow-tm/relay-password.txt; the server creates it on its "
-        "first run, copy it to the other machines)",
-    )
-    scale.add_argument("--tls", action="store_true", help="encrypt the relay's traffic with TLS")
-    scale.add_argument(
-        "--tls-dir",
-        default=None,
-        help="folder with certificate.pem (and key.pem on the server); default: tlspyo's credentials folder",
-    )
-    scale.add_argument(
-        "--tls-hostname", default="default", help="the name in the TLS certificate (default: default)"
-    )
-    scale.add_argument(
-        "--make-tls-credentials",
-        action="store_true",
-        help="write key.pem and a self-signed certificate.pem for --tls-hostname into --tls-dir, then exit",
-    )
-    scale.add_argument("--max-workers", type=int, default=None, help="server: refuse workers beyond this")
-    scale.add_argument("--worker-name", default=None, help="worker: its name in logs (default host-pid)")
-    parser.add_argument(
-        "--checkpoint-root", default=None, help="the folder of run folders (default: checkpoints)"
-    )
-    return parser
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.seed_given = args.seed is not None
-    args.seed = 0 if args.seed is None else args.seed
-    if args.steps is not None and args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
-    if not 1 <= args.port <= 65535:
-        parser.error(f"--port must be a TCP port (1-65535), got {args.port}")
-    if args.role != "single" and args.diagnose is not None:
-        parser.error("--diagnose runs on a single PC (--role single)")
-    if args.eval_every < 0:
-        parser.error(f"--eval-every must be >= 0 (0: no evaluation), got {args.eval_every}")
-    if args.eval_episodes < 1:
-        parser.error(f"--eval-episodes must be >= 1, got {args.eval_episodes}")
-    if args.run_name is not None:
-        problem = run_name_problem(args.run_name)
-        if problem is not None:
-            parser.error(f"--run-name {args.run_name!r} {problem}")
-    if args.record_demos is not None:
-        problem = folder_name_problem(args.record_demos)
-        if problem is not None:
-            parser.error(f"--record-demos {args.record_demos!r} {problem}")
-        if args.role != "single" or args.diagnose is not None or args.demos:
-            parser.error("--record-demos records on this PC only, without --role, --diagnose or --demos")
-    if args.record_video is not None and args.watch is None:
-        parser.error("--record-video records a checkpoint driving: give --watch too")
-    if args.watch is not None and (args.role != "single" or args.diagnose is not None or args.record_demos):
-        parser.error("--watch drives on this PC only, without --role, --diagnose or --record-demos")
-    if args.demo_episodes is not None and args.demo_episodes < 1:
-        parser.error(f"--demo-episodes must be >= 1, got {args.demo_episodes}")
-    if args.pretrain_steps is not None and not args.demos:
-        parser.error("--pretrain-steps learns from demonstrations: give them with --demos")
-    # --demos and --pretrain-steps are config values: departures like any --set, recorded as such.
-    if args.demos:
-        args.overrides.append(f"demos={args.demos}")
-    if args.pretrain_steps is not None:
-        args.overrides.append(f"demo_pretrain_steps={args.pretrain_steps}")
-    return args
-
-
-def unpin_flags(args: argparse.Namespace) -> set[str]:
-    """The --unpin-* flags given on the command line."""
-    given = {
-        "--unpin-target-update": args.unpin_target_update,
-        "--unpin-learning-rate": args.unpin_learning_rate,
-        "--unpin-epsilon": args.unpin_epsilon,
-    }
-    return {flag for flag, present in given.items() if present}
-
-
-def step_count(text: str) -> int:
-    """A count of steps as people write it: 60000, 60_000, 60,000 or 6e4 (a whole number)."""
-    cleaned = text.strip().replace("_", "").replace(",", "")
-    try:
-        value = float(cleaned) if any(c in cleaned for c in ".eE") else int(cleaned)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a number of steps (e.g. 60000, 60_000 or 6e4)"
-        ) from None
-    if not math.isfinite(value) or value != int(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of steps")
-    return int(value)
+# cli imports tm_config, which loads numpy: a Ctrl+C meanwhile ends in one line (cli.exit_interrupted).
+from cli import (
+    EXIT_ERROR,
+    EXIT_GAME,
+    EXIT_INTERRUPTED,
+    EXIT_NO_GO,
+    EXIT_OK,
+    EXIT_RED_FLAG,
+    exit_interrupted,
+    parse_args,
+    show_config,
+    unpin_flags,
+)
+from tm_config import Config, ConfigError, check_sacred_assignments
 
 
 # --- the actor loop ------------------------------------------------------------------------------
@@ -383,25 +46,15 @@ def train(args: argparse.Namespace) -> Any:
 
     import environment
     from beside import LearnerDiedError
+    from console import StepLatency, StopRequest, duration, table
+    from health import EpisodeResult
     from rainbow import ACTION_VECTORS
-    from session import EXIT_INTERRUPTED as INTERRUPTED
-    from session import EXIT_OK as OK
-    from session import (
-        RedFlagStopError,
-        Session,
-        StepLatency,
-        StopRequest,
-        TrainingStoppedError,
-        TrainResult,
-        duration,
-        plural,
-        table,
-    )
+    from session import RedFlagStopError, Session, TrainingStoppedError, TrainResult
     from tm_game import GameNotRespondingError, TrackManiaError
     from tm_logs import route_thread_errors
 
     env_name = environment.choose_environment(args.env, Config().with_assignments(args.overrides))
-    session = Session(args, env_name, args.learner)
+    session = Session(args, env_name)  # beside or inline: the runtime's (--learner, or the run's own)
     config, actor, learner, progress, log = (
         session.config, session.actor, session.learner, session.progress, session.log
     )  # fmt: skip
@@ -427,28 +80,6 @@ def train(args: argparse.Namespace) -> Any:
     def env_seed() -> int:
         return environment.training_seed(args.seed, session.run.episode)
 
-    def evaluate_if_due(final: bool = False) -> None:
-        every, run = args.eval_every, session.run
-        if not every or run.last_eval_step == run.step:
-            return
-        due = run.last_eval_step is None or run.step // every > run.last_eval_step // every
-        if not (due or final):
-            return
-        flags = session.absorb(learner.sync())  # the newest weights, for the policy as of this step
-        if flags and session.handle(flags):
-            return  # rolled back: this step's policy is gone; the evaluation comes when it is due again
-        progress.message(f"evaluating at step {run.step:,}: {plural(args.eval_episodes, 'greedy episode')}")
-        result = environment.evaluate(actor.agent, env, config, args.eval_episodes)
-        progress.restart_rate(run.step)  # the evaluation's minutes are not training's pace
-        run.last_eval_step = run.step
-        record = result.record()
-        log.write("eval", run.step, **record)
-        progress.message(
-            f"evaluation at step {run.step:,}: return {record['return_mean']:.1f} "
-            f"+- {record['return_std']:.1f} (min {record['return_min']:.1f}, max {record['return_max']:.1f}) "
-            f"over {plural(len(result.returns), 'held-out episode')}, {result.seconds:.0f} s"
-        )
-
     def reset() -> tuple[np.ndarray, np.ndarray]:
         obs, _ = env.reset(seed=env_seed())
         frames, car = environment.split_observation(obs, config)
@@ -463,7 +94,7 @@ def train(args: argparse.Namespace) -> Any:
     try:
         session.pretrain(stop)
         if not stop.requested:
-            evaluate_if_due()
+            session.evaluate_if_due(env)
         progress.restart_rate(session.run.step)  # the pace of training, from its first step
         episode_reward, episode_length, episode_start = 0.0, 0, time.perf_counter()
         env_timeouts = getattr(env, "time_step_timeouts", 0)
@@ -504,15 +135,14 @@ def train(args: argparse.Namespace) -> Any:
                 )
                 announced = True
             if episode_over:
-                flags += session.end_episode(
+                result = EpisodeResult(
                     episode_reward, episode_length, bool(terminated), time.perf_counter() - episode_start,
                     finished=bool(info.get("finished", False)), progress=info.get("progress"),
                     race_time=info.get("race_time"), telemetry_fps=info.get("telemetry_fps"),
                     telemetry_wait_share=info.get("telemetry_wait_share"),
                     timeouts=episode_timeouts, min_finish_seconds=getattr(env, "min_finish_seconds", None),
-                    real_time=real_time,
-                    **step_latency.take_episode(),
                 )  # fmt: skip
+                flags += session.end_episode(result, real_time=real_time, **step_latency.take_episode())
             rolled_back = session.handle(flags) if flags else False
             if episode_over or rolled_back:
                 if stop.requested:
@@ -527,61 +157,21 @@ def train(args: argparse.Namespace) -> Any:
                     break
                 if episode_over and not rolled_back and session.checkpoint_due():
                     session.save(is_periodic=True)  # written while the car respawns, not while it drives
-                evaluate_if_due()
+                session.evaluate_if_due(env)
                 episode_reward, episode_length, episode_start = 0.0, 0, time.perf_counter()
                 episode_timeouts = 0
                 frames, car = reset()
                 step_latency.take_episode()  # a rolled-back episode's steps are not an episode's
                 env_timeouts = getattr(env, "time_step_timeouts", 0)
                 observed = time.perf_counter()
-        session.release_quarantine()  # the run ends well: nothing condemned the latest steps
-        if not stop.requested:
-            # The last learn steps' red flags are handled before the end; a rollback here leaves steps to do.
-            flags = session.absorb(learner.sync())
-            if flags and session.handle(flags):
-                saved = session.save(is_periodic=False)
-                left = session.total_steps - session.run.step
-                progress.message(
-                    f"rolled back at the end of the run: {saved}; run the same command again for the "
-                    f"{left:,} steps left"
-                )
-                log.write("run", session.run.step, event="interrupted")
-                return TrainResult(INTERRUPTED, session.run_dir, config)
-            evaluate_if_due(final=True)
-        saved = session.save(is_periodic=False, catch_up=not stop.requested)
-        run = session.run
-        if stop.requested:
-            progress.message(f"stopped at step {run.step:,} (on request): {saved}; run again to resume")
-            log.write("run", run.step, event="interrupted")
-            return TrainResult(INTERRUPTED, session.run_dir, config)
-        progress.message(f"done: {run.step:,} steps, {plural(run.episode, 'episode')}; {saved}")
-        log.write("run", run.step, event="finished", episodes=run.episode, **race_fields(run))
-        return TrainResult(OK, session.run_dir, config)
+        return session.finish(env, stop.requested)
     except (
         GameNotRespondingError,
         TrackManiaError,
         environment.ObservationError,
         TrainingStoppedError,
     ) as error:
-        # Every exit that can save saves first. A fault seen over several steps (a frozen stream) condemns
-        # its first ones, still held back; the bad transition itself was never returned by the environment.
-        if isinstance(error, TrainingStoppedError):
-            session.release_quarantine()
-        else:
-            dropped = session.drop_quarantine(getattr(error, "condemned_steps", 0))
-            if dropped:
-                progress.message(f"the last {plural(dropped, 'step')} before the fault were not stored")
-        saved = save_before_exit(session)
-        kind = type(error).__name__
-        why = {
-            "GameNotRespondingError": "the game stopped answering",
-            "TelemetryError": "the game's telemetry made no sense",
-            "TrackManiaSetupError": "TrackMania is not set up for this run",
-            "ObservationError": "the environment gave an unusable observation",
-            "TrainingStoppedError": "training cannot go on",
-        }.get(kind, f"stopped ({kind})")
-        progress.message(f"{why} at step {session.run.step:,}: {saved}")
-        log.write("run", session.run.step, event="error", error=kind, message=str(error))
+        session.report_fault(error)
         raise
     except (LearnerDiedError, RedFlagStopError) as error:
         # Nothing to save: the learner that holds the state is gone, or the state is what failed. The
@@ -604,141 +194,6 @@ def train(args: argparse.Namespace) -> Any:
             env.close()
             if unroute is not None:
                 unroute()
-
-
-# --- recording demonstrations ----------------------------------------------------------------------------
-def record_demos(args: argparse.Namespace) -> int:
-    """Record demonstration episodes (demos.py) until --demo-episodes or Ctrl+C; finished ones are kept."""
-    from pathlib import Path
-
-    import numpy as np
-
-    import demos
-    import environment
-    from session import StopRequest
-
-    config = Config().with_assignments(args.overrides)
-    env_name = environment.choose_environment(args.env, config)
-    raw = config.with_overrides(previous_actions=0)  # files keep the raw car floats; actions come apart
-    driver = "player" if env_name == "trackmania" else args.driver
-    writer = demos.DemoWriter(Path(args.demo_root) / args.record_demos, env_name, driver)
-    env = environment.build_environment(env_name, config, args.seed)
-    keyboard = demos.KeyboardDriver() if driver == "human" else None
-    scripted = demos.ScriptedDriver() if driver == "scripted" else None
-    stop = StopRequest("stopping: the episode being driven is dropped, every finished one is kept")
-    stop.install()
-    recorded, start = 0, len(writer.manifest["episodes"])
-    print(
-        f"recording {driver} demonstrations on {env_name} into {writer.folder} "
-        + (f"({args.demo_episodes} episodes)" if args.demo_episodes else "(Ctrl+C stops)")
-        + ("; drive now: the program sends no control" if env_name == "trackmania" else ""),
-        flush=True,
-    )
-    try:
-        while not stop.requested and (args.demo_episodes is None or recorded < args.demo_episodes):
-            seed = demos.RECORD_SEED_BASE + start + recorded
-            obs, _ = env.reset(seed=seed)
-            frames, car = environment.split_observation(obs, raw)
-            stack, cars, inputs, actions, rewards = list(frames), [car], [], [], []
-            telemetry = [player_inputs(env)] if env_name == "trackmania" else None
-            over = terminated = False
-            info: dict[str, Any] = {}
-            while not over and not stop.requested:
-                if keyboard is not None and keyboard.quit_requested:
-                    stop.requested = True  # the window was closed
-                    break
-                if env_name == "trackmania":
-                    obs, reward, terminated, truncated, info = env.step(None)  # the player drives
-                    telemetry.append(player_inputs(env))
-                else:
-                    action = keyboard.act(env) if keyboard else scripted.act(env)
-                    vector = demos.ACTION_TABLE[action]
-                    obs, reward, terminated, truncated, info = env.step(vector.copy())
-                    actions.append(action)
-                    inputs.append(vector)
-                frames, car = environment.split_observation(obs, raw)
-                stack.append(frames[-1])
-                cars.append(car)
-                rewards.append(environment.checked_reward(reward, len(rewards)))
-                over = bool(terminated or truncated)
-            if not over:
-                break  # stopped mid-episode: it is dropped
-            steps = len(rewards)
-            if telemetry is not None:
-                inputs = telemetry[1:]
-                actions = list(demos.player_actions(np.asarray(telemetry), steps))
-            finished = bool(info.get("finished", False))
-            race_time = steps * config.time_step_duration if finished else None
-            place = (
-                {"map": "TrackMania (the map loaded)"} if env_name == "trackmania" else {"track_seed": seed}
-            )
-            episode = demos.DemoEpisode(
-                np.asarray(stack, np.uint8), np.asarray(cars, np.float32), np.asarray(inputs, np.float32),
-                np.asarray(actions, np.uint8), np.asarray(rewards, np.float32), bool(terminated),
-                not bool(terminated), finished, {"environment": env_name, "race_time": race_time, **place},
-            )  # fmt: skip
-            path = writer.write(episode)
-            recorded += 1
-            print(
-                f"episode {start + recorded}: {steps} steps, return {sum(rewards):.1f}"
-                + (f", finished in {race_time:.2f} s" if finished else "")
-                + f" -> {path}",
-                flush=True,
-            )
-    finally:
-        stop.uninstall()
-        env.close()
-        if keyboard is not None:
-            keyboard.close()
-    print(
-        f"{recorded} episodes recorded into {writer.folder} ({len(writer.manifest['episodes'])} in all)",
-        flush=True,
-    )
-    return EXIT_INTERRUPTED if stop.requested else EXIT_OK
-
-
-def player_inputs(env: Any) -> list[float]:
-    """The player's [gas, brake, steer] as the car reports it (the plugin's telemetry)."""
-    telemetry = env.last_telemetry
-    return [telemetry["gas"], telemetry["brake"], telemetry["steer"]]
-
-
-def race_fields(run: Any) -> dict[str, Any]:
-    import numpy as np
-
-    return {
-        "finishes": run.finishes,
-        "unreliable_finishes": run.unreliable_finishes,
-        "best_race_time": run.best_race_time,
-        "median_race_time": float(np.median(run.race_times)) if run.race_times else None,
-        "time_step_timeouts_total": run.time_step_timeouts,
-    }
-
-
-def save_before_exit(session: Any) -> str:
-    """A checkpoint on the way out of an error, if one can be written (it never raises)."""
-    try:
-        return session.save(is_periodic=False, catch_up=False)
-    except Exception as error:  # the learner died, or checkpoints kept failing: the last good one stands
-        return (
-            f"no checkpoint could be written ({' '.join(str(error).split())[:160]}); the last good one stands"
-        )
-
-
-def show_config(config: Config) -> str:
-    """Every config key with its value, the pinned value where it departs, and the sacred keys marked."""
-    from tm_config import SACRED_FLAGS
-
-    pinned, departures = Config(), config.departures()
-    width = max(len(key) for key in config.to_dict())
-    lines = ["the config this command would train with (tm_config.py; * departs from the known-good pin):"]
-    for key, value in config.to_dict().items():
-        mark = "*" if key in departures else " "
-        note = f"   (known-good {getattr(pinned, key)!r})" if key in departures else ""
-        if key in SACRED_FLAGS:
-            note += f"   sacred: {SACRED_FLAGS[key]} to change"
-        lines.append(f"{mark} {key.ljust(width)}  {value!r}{note}")
-    return "\n".join(lines)
 
 
 def check_trackmania(args: argparse.Namespace, **options: Any) -> int:
@@ -764,7 +219,7 @@ def watch_checkpoint(args: argparse.Namespace) -> int:
 
     import environment
     import watch
-    from session import default_run_name
+    from cli import default_run_name
 
     config = Config().with_assignments(args.overrides)
     env_name = environment.choose_environment(args.env, config)
@@ -806,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
 
         resolve_device(args.device)
         if args.record_demos is not None:
+            from record_demos import record_demos
+
             return record_demos(args)
         if args.watch is not None:
             return watch_checkpoint(args)
@@ -892,5 +349,5 @@ if __name__ == "__main__":
     try:
         code = env_tm.main()
     except KeyboardInterrupt:  # Ctrl+C while starting, or a second one while shutting down
-        env_tm.exit_interrupted()
+        exit_interrupted()
     sys.exit(code)

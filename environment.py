@@ -25,7 +25,10 @@ from rainbow import ACTION_VECTORS, RainbowAgent
 from tm_config import Config
 from tm_game import TrackManiaSetupError
 from tm_setup import check_tmrl_available
-from trackmania import make_trackmania_env  # imports tmrl lazily (Windows-only): importing it costs nothing
+from trackmania import (
+    TrackManiaEnv,
+    make_trackmania_env,
+)  # imports tmrl lazily (Windows-only): importing it costs nothing
 
 # Evaluation tracks: seeds no training episode draws (training seeds are seed * 1_000_003 + episode, below
 # this for --seed < 3,999), the same list for every evaluation so the points of a curve are comparable.
@@ -68,6 +71,19 @@ def choose_environment(choice: str, config: Config, ask: Callable[[str], str] | 
             raise TrackManiaSetupError(f"not started: TrackMania does not answer; {options}")
     print(f"TrackMania not used: {reason}. Training on the embedded track instead.", flush=True)
     return "embedded"
+
+
+def environment_class(name: str) -> type | None:
+    """The class `build_environment(name, ...)` builds: what such an environment is (`real_time`,
+    `player_drives`), known before one is built (a run's threads, who drives a recording). None for a run
+    without an environment of its own (the scale-out trainer)."""
+    if name == "trackmania":
+        return TrackManiaEnv
+    if name == "embedded":
+        from embedded_track import EmbeddedTrackEnv  # gymnasium's Box2D loads when a track is made
+
+        return EmbeddedTrackEnv
+    return None
 
 
 def build_environment(name: str, config: Config, seed: int) -> Any:

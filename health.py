@@ -148,6 +148,29 @@ def _g(value: float | None) -> str:
     return "missing" if value is None else f"{value:.4g}"
 
 
+@dataclass(frozen=True)
+class EpisodeResult:
+    """A finished episode as its environment reported it, for the session's record and the monitor's checks.
+
+    `race_time` is the environment's clock from the start to the finish (TrackMania; None: the steps are the
+    clock), `progress` how far the car got (trajectory points on TrackMania, tiles on the embedded track; None
+    when the env does not say), `min_finish_seconds` the fastest the track can be driven, `timeouts` its
+    timed-out time steps, `telemetry_fps` and `telemetry_wait_share` how fast the game delivered its
+    telemetry."""
+
+    reward: float
+    length: int
+    terminated: bool = False
+    seconds: float = 0.0
+    finished: bool = False
+    race_time: float | None = None
+    min_finish_seconds: float | None = None
+    progress: float | None = None
+    timeouts: int = 0
+    telemetry_fps: float | None = None
+    telemetry_wait_share: float | None = None
+
+
 class HealthMonitor:
     """Watches a training run as it goes; each observe_* returns the flags that fired just now.
 
@@ -444,24 +467,12 @@ class HealthMonitor:
         return fired
 
     def observe_episode(
-        self,
-        reward: float,
-        length: int,
-        epsilon: float,
-        step: int,
-        episode: int,
-        *,
-        finished: bool = False,
-        race_time: float | None = None,
-        min_finish_seconds: float | None = None,
-        progress: float | None = None,
-        timeouts: int = 0,
-        telemetry_fps: float | None = None,
-        telemetry_wait_share: float | None = None,
+        self, result: EpisodeResult, epsilon: float, step: int, episode: int
     ) -> list[RedFlag]:
-        """Every finished episode (`episode` counts it). `progress` is how far the car got (trajectory
-        points on TrackMania, tiles on the embedded track; None when the env does not say),
-        `min_finish_seconds` the fastest the track can be driven, `timeouts` its timed-out time steps."""
+        """Every finished episode (`episode` counts it), acted with `epsilon` up to `step`."""
+        reward, length, finished, race_time = result.reward, result.length, result.finished, result.race_time
+        min_finish_seconds, progress, timeouts = result.min_finish_seconds, result.progress, result.timeouts
+        telemetry_fps, telemetry_wait_share = result.telemetry_fps, result.telemetry_wait_share
         fired: list[RedFlag] = []
         average_length = step / episode if episode else float(length)
         fired += self._observe_demonstrations(reward, step, episode)

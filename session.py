@@ -1,23 +1,22 @@
-"""What a training run holds besides its environment: its config and run folder, its learner (inline or in a
-process beside the actor, learner.py), checkpoints, the metrics log, the health monitor and the status line.
+"""The lifecycle of a training run besides its environment: it opens (config and runtime, run folder, learner
+inline or in a process beside the actor (learner.py), resume), hands steps and episodes on (holding back the
+ones a game's checks may still condemn), checkpoints, evaluates, handles red flags (health.py), ends and
+closes. Its console is console.py, its counters and random streams run_state.py, its command line cli.py.
 
 The single-PC loop (env_tm.py) and the scale-out trainer (distributed.py) each drive one Session, so both
-resume, checkpoint, log and raise red flags the same way. Nothing here steps an environment.
+resume, checkpoint, log and raise red flags the same way. Nothing here steps an environment. At ~780 lines
+it is one concept, a run's life from open to close, whose steps share the run's state.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import math
 import random
-import shutil
-import signal
-import sys
-import threading
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +24,34 @@ import numpy as np
 import torch
 
 from beside import make_driver
-from checkpoints import CheckpointStore
+from checkpoints import CheckpointStore, move_aside
+from cli import EXIT_INTERRUPTED, EXIT_OK, default_run_name
+from console import (
+    EPISODE_LINE_SECONDS,
+    Progress,
+    StepLatency,
+    StopRequest,
+    duration,
+    plural,
+    pretraining_status,
+    status_fields,
+    summary_rows,
+)
 from diagnose import DIAG_MIN_LEARN_STEPS
-from health import FATAL_FLAGS, GAME_FLAGS, HealthMonitor, RedFlag, stale_share
+from environment import environment_class, evaluate
+from health import (
+    FATAL_FLAGS,
+    GAME_FLAGS,
+    EpisodeResult,
+    HealthMonitor,
+    RedFlag,
+    stale_share,
+)
 from learner import LearnerSpec, all_cores_but_one, stream_seeds
 from rainbow import resolve_device, unused_gpu_notice
-from run_log import METRICS_FILE, RunLog, truncate_after_step
-from tm_config import Config, ConfigError, describe_departures, epsilon_at, unpinned_keys
-
-EXIT_OK, EXIT_ERROR, EXIT_GAME, EXIT_RED_FLAG, EXIT_NO_GO, EXIT_INTERRUPTED = 0, 1, 3, 4, 5, 130
-MAX_FAILED_SAVES = 3  # checkpoint writes in a row that may fail (disk full, file locked) before stopping
-MAX_ROLLBACKS = 3  # --on-red-flag rollback: then the run stops, as a failure that keeps coming back is real
+from run_log import METRICS_FILE, RunLog, read_jsonl, truncate_after_step
+from run_state import RunState, actor_streams, race_fields, restore_actor_streams
+from tm_config import Config, ConfigError, Runtime, describe_departures, epsilon_at, unpinned_keys
 
 
 class RedFlagStopError(RuntimeError):
@@ -46,272 +62,14 @@ class TrainingStoppedError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite learn steps); one line saying why."""
 
 
-def fmt(value: float | None, spec: str = ".3g") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def duration(seconds: float) -> str:
-    """A rough human duration: 45 s, 12 min, 3 h 05 min."""
-    if not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    hours, minutes = divmod(int(seconds // 60), 60)
-    return f"{hours} h" if hours >= 10 else f"{hours} h {minutes:02d} min"
-
-
-def pretraining_status(done: int, total: int, first: int, elapsed: float) -> list[tuple[int, str]]:
-    """The status line's fields while pretraining: learn steps done, their rate and the time left (once
-    a few seconds are measured; `first` is where this sitting started)."""
-    fields = [(0, f"pretraining {done:,}/{total:,} learn steps ({100 * done / total:.0f}%)")]
-    if elapsed >= Progress.RATE_SETTLE and done > first:
-        rate = (done - first) / elapsed
-        fields += [(1, f"{rate:.1f} learn steps/s"), (1, f"ETA {duration((total - done) / rate)}")]
-    return fields
-
-
-def table(title: str, rows: Sequence[tuple[str, str]]) -> str:
-    """A short two-column table: the title, then one indented `label  text` line per row."""
-    width = max((len(label) for label, _ in rows), default=0)
-    return "\n".join([title, *(f"  {label.ljust(width)}  {text}" for label, text in rows)])
-
-
-def plural(count: int, noun: str) -> str:
-    """`1 episode`, `2 episodes`, `3 finishes`."""
-    return f"{count:,} {noun}{'' if count == 1 else 'es' if noun.endswith(('s', 'sh', 'ch', 'x')) else 's'}"
-
-
-def compact(count: int) -> str:
-    """A round count in few characters (10M, 60k), any other one in full (1,234,567)."""
-    for size, suffix in ((1_000_000, "M"), (1_000, "k")):
-        if count >= size and count % size == 0:
-            return f"{count // size:,}{suffix}"
-    return f"{count:,}"
-
-
-def fit_fields(fields: Sequence[tuple[int, str]], width: int) -> str:
-    """The fields joined by " | ", leaving out the least important (highest priority number, the later of
-    equals) until the line fits `width`; the most important one alone is kept whatever its length."""
-    kept = list(fields)
-    while len(kept) > 1 and len(" | ".join(text for _, text in kept)) > width:
-        worst = max(range(len(kept)), key=lambda i: (kept[i][0], i))
-        del kept[worst]
-    return " | ".join(text for _, text in kept)
-
-
-# One line per finished episode, at most one per this many seconds (short episodes then share a line).
-EPISODE_LINE_SECONDS = 2.0
-
-
-# --- the status line --------------------------------------------------------------------------------------
-class Progress:
-    """A live status line: rewritten in place on a terminal (sized to it), one line every 30 s otherwise.
-    Steps/s is measured over the last `RATE_WINDOW` seconds, so it neither starts at a meaningless first
-    figure nor drops at every episode reset; the ETA comes from it."""
-
-    RATE_WINDOW = 30.0
-    RATE_SETTLE = 3.0  # seconds of measurement before a rate is shown
-
-    def __init__(self, total_steps: int) -> None:
-        self.total_steps = total_steps
-        self.interactive = sys.stdout.isatty()
-        self.interval = 1.0 if self.interactive else 30.0
-        self.last_print = 0.0
-        self.restart_rate(0)
-
-    def restart_rate(self, step: int) -> None:
-        """Measure steps/s from here (after a resume or a rollback the step count jumps)."""
-        self.samples: collections.deque[tuple[float, int]] = collections.deque([(time.perf_counter(), step)])
-
-    def rate(self, step: int) -> float | None:
-        """Steps per second over the last RATE_WINDOW seconds; None until RATE_SETTLE seconds are measured."""
-        now = time.perf_counter()
-        if now - self.samples[-1][0] >= 0.5:
-            self.samples.append((now, step))
-        while len(self.samples) > 2 and now - self.samples[1][0] >= self.RATE_WINDOW:
-            self.samples.popleft()
-        start_time, start_step = self.samples[0]
-        if now - start_time < self.RATE_SETTLE:
-            return None
-        return (step - start_step) / (now - start_time)
-
-    def show(self, step: int, fields: str | Sequence[tuple[int, str]], force: bool = False) -> None:
-        """The status line: progress, rate and ETA, then `fields` ((priority, text) pairs, 0 the most
-        important, or one text). On a terminal the line fits its width: the least important fields are
-        left out whole, never cut mid-field."""
-        now = time.perf_counter()
-        if not force and now - self.last_print < self.interval:
-            return
-        self.last_print = now
-        rate = self.rate(step)
-        parts = [(0, f"step {step:,}/{compact(self.total_steps)} ({100 * step / self.total_steps:.1f}%)")]
-        if rate:
-            parts.append((1, f"ETA {duration((self.total_steps - step) / rate)}"))
-        parts.append((1, "-- steps/s" if rate is None else f"{rate:.1f} steps/s"))
-        parts += [(2, fields)] if isinstance(fields, str) else list(fields)
-        if self.interactive:
-            width = max(20, shutil.get_terminal_size((100, 24)).columns - 1)
-            line = fit_fields(parts, width)
-            print("\r" + line[:width].ljust(width), end="", flush=True)
-        else:
-            print(fit_fields(parts, sys.maxsize), flush=True)  # a log file: every field
-
-    def message(self, text: str) -> None:
-        """A permanent line (an event), not overwritten by the status line."""
-        print(("\n" if self.interactive else "") + text, flush=True)
-
-
-# --- stopping ---------------------------------------------------------------------------------------------
-class StopRequest:
-    """Ctrl+C (or a termination request: `kill`, a shutdown, Ctrl+Break on Windows) asks the loop to stop
-    at the end of the current step, never in the middle of a replay or optimizer update, which a
-    checkpoint would then capture half-done. A second request aborts at once."""
-
-    SIGNALS = tuple(
-        getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGBREAK") if hasattr(signal, name)
-    )
-
-    def __init__(
-        self, notice: str = "stopping after this step (Ctrl+C again to abort without saving)"
-    ) -> None:
-        self.requested = False
-        self.notice = notice
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\n" + self.notice, flush=True)
-
-    def install(self) -> None:
-        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-            for number in self.SIGNALS:
-                self._previous[number] = signal.signal(number, self._handle)
-
-    def uninstall(self) -> None:
-        for number, previous in self._previous.items():
-            signal.signal(number, previous)
-        self._previous.clear()
-
-
-# --- the game's view of the agent ------------------------------------------------------------------------
-class StepLatency:
-    """How long the game waits for the agent at each step: the share of the 50 ms time step the agent uses.
-
-    On TrackMania a step slower than the time step is a time-step overrun: the car drives on the previous
-    action meanwhile. It counts everything between two `env.step` calls: acting, handing the transition to
-    the learner (or learning, inline), and any wait for a learner that fell behind.
-    """
-
-    def __init__(self, time_step: float, window: int = 100_000) -> None:
-        self.time_step = time_step
-        self.recent: collections.deque[float] = collections.deque(maxlen=window)
-        self.episode: list[float] = []
-        self.calls = 0
-        self.overruns = 0  # steps slower than the whole time step
-        self.slowest = 0.0
-
-    def add(self, seconds: float) -> None:
-        self.recent.append(seconds)
-        self.episode.append(seconds)
-        self.calls += 1
-        self.overruns += seconds > self.time_step
-        self.slowest = max(self.slowest, seconds)
-
-    def take_episode(self) -> dict[str, Any]:
-        """The episode's figures for its JSONL record; starts the next episode's."""
-        if not self.episode:
-            return {}
-        seconds, self.episode = np.asarray(self.episode), []
-        median, p99 = np.percentile(seconds * 1000, [50, 99])
-        return {
-            "agent_ms_median": round(float(median), 3),
-            "agent_ms_p99": round(float(p99), 3),
-            "agent_ms_max": round(float(seconds.max() * 1000), 3),
-            "time_step_overruns": int((seconds > self.time_step).sum()),
-        }
-
-    def summary(self) -> str:
-        if not self.calls:
-            return "no steps yet"
-        median, p99 = np.percentile(np.asarray(self.recent) * 1000, [50, 99])
-        window = "" if self.calls == len(self.recent) else f" (percentiles of the last {len(self.recent):,})"
-        return (
-            f"agent time per step median {median:.2f} ms, p99 {p99:.2f} ms, max {self.slowest * 1000:.1f} ms "
-            f"over {self.calls:,} steps{window}; "
-            f"{self.overruns:,} over the {self.time_step * 1000:.0f} ms time step"
-        )
-
-
-# --- run state ------------------------------------------------------------------------------------------
-@dataclass
-class RunState:
-    """The actor's counters, kept in every checkpoint beside the learner's agent and replay."""
-
-    step: int = 0  # global environment steps, across resumes
-    episode: int = 0  # completed episodes, across resumes
-    best_interval_reward: float = -math.inf
-    best_race_time: float | None = None  # the fastest reliable finish so far (seconds), None before one
-    race_times: list[float] = field(default_factory=list)  # every reliable finish's time, for the median
-    # Finishes whose race time is not to be trusted (time-step timeouts in the episode): they count as
-    # finishes, never as times (never the best, never best.pt).
-    unreliable_finishes: int = 0
-    time_step_timeouts: int = 0  # rtgym's timed-out time steps, across resumes
-    wandb_run_id: str | None = None
-    last_eval_step: int | None = None  # None: never evaluated
-    interval_rewards: list[float] = field(default_factory=list)  # since the last periodic checkpoint
-    interval_race_times: list[float] = field(default_factory=list)
-
-    KEPT = ("step", "episode", "best_interval_reward", "best_race_time", "race_times", "time_step_timeouts",
-            "wandb_run_id", "last_eval_step", "unreliable_finishes")  # fmt: skip
-
-    @classmethod
-    def from_checkpoint(cls, run: dict[str, Any]) -> RunState:
-        values = {key: run[key] for key in cls.KEPT if key in run}  # older checkpoints lack the newer keys
-        values["race_times"] = [float(t) for t in values.get("race_times", [])]
-        return cls(**values)
-
-    def checkpoint_fields(self) -> dict[str, Any]:
-        values = asdict(self)
-        return {key: values[key] for key in self.KEPT}
-
-    @property
-    def finishes(self) -> int:
-        return len(self.race_times) + self.unreliable_finishes
-
-
-def actor_streams(actor: Any) -> dict[str, Any]:
-    """The random streams of the acting side, saved with each checkpoint."""
-    return {
-        "python_rng": random.getstate(),
-        "numpy_rng": np.random.get_state(),
-        "actor_rng": actor.agent.acting_streams(),
-    }
-
-
-def restore_actor_streams(run: dict[str, Any], actor: Any) -> None:
-    random.setstate(run["python_rng"])
-    np.random.set_state(run["numpy_rng"])
-    streams = run.get("actor_rng")
-    if streams is None:  # a checkpoint from before the learner moved beside the actor: the agent's are it
-        return
-    actor.agent.load_acting_streams(streams)
-
-
-def move_aside(run_dir: Path) -> Path | None:
-    """A fresh start never mixes a new run into an old run's folder: the old one is renamed, not deleted."""
-    if not run_dir.exists() or not any(run_dir.iterdir()):
+def last_recorded_runtime(run_dir: Path) -> Runtime | None:
+    """The runtime of the run's last sitting, from its start record (None: none recorded, or no run)."""
+    path = run_dir / METRICS_FILE
+    if not path.exists():
         return None
-    target = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-    suffix = 1
-    while target.exists():
-        target = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}")
-        suffix += 1
-    run_dir.rename(target)
-    return target
+    starts = [r for r in read_jsonl(path) if r.get("kind") == "run" and r.get("event") == "start"]
+    recorded = [r["runtime"] for r in starts if isinstance(r.get("runtime"), dict)]
+    return Runtime.from_dict(recorded[-1]) if recorded else None
 
 
 @dataclass
@@ -321,46 +79,114 @@ class TrainResult:
     config: Config
 
 
-def learner_threads(args: argparse.Namespace, env_name: str) -> int | None:
+def learner_threads(runtime: Runtime, env_name: str) -> int | None:
     """torch CPU threads of the learner: --threads, else all cores but one when the game needs a core, else
     the driver's default (beside the actor: all cores but one, the one left being the actor's)."""
-    if args.threads:
-        return args.threads
-    if env_name == "trackmania":
+    if runtime.threads:
+        return runtime.threads
+    environment = environment_class(env_name)
+    if environment is not None and environment.real_time:
         return all_cores_but_one()
     return None
 
 
 class Session:
-    """A run besides its environment (module docstring). `learner_mode` is "inline" or "beside"."""
+    """A run besides its environment (module docstring). `learner_mode` is "inline" or "beside"; None: the
+    runtime's (--learner, or the run's recorded one when it resumes)."""
 
-    def __init__(self, args: argparse.Namespace, env_name: str, learner_mode: str = "inline") -> None:
+    def __init__(self, args: argparse.Namespace, env_name: str, learner_mode: str | None = None) -> None:
+        """Open the run, step by step: its folder and seeds, its learner (resumed or fresh), its counters,
+        its log and console, then say what it is; and start the bookkeeping of this sitting."""
         self.args = args
         requested = Config().with_assignments(args.overrides)
         self.device = resolve_device(args.device)
         diagnosing = getattr(args, "diagnose", None) is not None
+        self._choose_run_folder(requested, env_name, diagnosing)
+        notes = self._move_aside_unless_resuming(requested, diagnosing)
+        self._choose_runtime(learner_mode)
+        learner_mode = self.runtime.learner
+        threads = self._seed(env_name)
+        info = self._open_learner(requested, learner_mode, threads, notes)
+        self._check_disk_room(info)
+        notes += self._resume_runtime(info)
+        notes += self._restore_run(info)
+        self._check_steps_to_train(diagnosing)
+        self._open_log_and_console(env_name)
+        self._announce(env_name, learner_mode, threads, notes)
+        self._start_bookkeeping(info["reward_range"], info["learn_steps"])
+
+    def _choose_run_folder(self, requested: Config, env_name: str, diagnosing: bool) -> None:
+        args = self.args
         self.run_name = args.run_name or default_run_name(env_name, args.seed, args.overrides, diagnosing)
         self.run_dir = Path(args.checkpoint_root or requested.checkpoint_dir) / self.run_name
         self.store = CheckpointStore(self.run_dir, requested.keep_last_n_checkpoints)
+
+    def _choose_runtime(self, learner_mode: str | None) -> None:
+        """How this sitting runs (tm_config.Runtime): the command line's, or when the run resumes its last
+        sitting's (its start record: the learner's mode and threads are needed before its checkpoint is
+        read), with what the command line gives again. The caller's `learner_mode` overrides both."""
+        self.runtime, self.runtime_notes = self.requested_runtime, []
+        recorded = last_recorded_runtime(self.run_dir) if self.resume else None
+        if recorded is not None:
+            self.runtime, self.runtime_notes = self.requested_runtime.resumed(recorded, self.runtime_given)
+        if learner_mode is not None:
+            self.runtime = dataclasses.replace(self.runtime, learner=learner_mode)
+
+    def _resume_runtime(self, info: dict[str, Any]) -> list[str]:
+        """The resumed checkpoint's runtime, with what the command line gives again (the learner runs in the
+        mode and threads it was opened with); returns one line per knob the command line changes."""
+        saved = (info["run"] or {}).get("runtime")
+        if saved is None:
+            return self.runtime_notes
+        runtime, notes = self.requested_runtime.resumed(Runtime.from_dict(saved), self.runtime_given)
+        opened_with = {"learner": self.runtime.learner, "threads": self.runtime.threads}
+        self.runtime = dataclasses.replace(runtime, **opened_with)
+        return notes
+
+    @property
+    def requested_runtime(self) -> Runtime:
+        return Runtime.from_dict(vars(self.args))  # the command line's: its run options, the rest default
+
+    @property
+    def runtime_given(self) -> set[str]:
+        """The runtime knobs given on the command line (cli.parse_args records them; all, without it)."""
+        return set(getattr(self.args, "runtime_given", Runtime.GIVEN_BY))
+
+    def _seed(self, env_name: str) -> int | None:
+        """Seed the acting side's streams; returns the learner's threads (its driver sets them on opening)."""
+        args = self.args
         random.seed(args.seed)
         np.random.seed(args.seed % 2**32)
         torch.manual_seed(args.seed)
-        threads = learner_threads(args, env_name)  # the driver gives each process its threads when it opens
+        threads = learner_threads(
+            self.runtime, env_name
+        )  # the driver gives each process its threads when it opens
+        return threads
 
-        # Resume (the checkpoint's config, plus explicit --set changes) or start fresh.
+    def _move_aside_unless_resuming(self, requested: Config, diagnosing: bool) -> list[str]:
+        """Resume (the checkpoint's config, plus explicit --set changes) or start fresh; returns the notes to
+        show."""
+        args = self.args
         resume = requested.resume_from_checkpoint if args.resume is None else args.resume
-        resume = resume and requested.checkpoint and not diagnosing  # a diagnosis judges a fresh start
+        self.resume = resume and requested.checkpoint and not diagnosing  # a diagnosis judges a fresh start
         notes: list[str] = []
-        if not resume:
+        if not self.resume:
             moved = move_aside(self.run_dir)
             if moved is not None:
                 why = "a diagnosis starts from scratch" if diagnosing else "--fresh"
                 notes.append(f"{why}: the previous contents of {self.run_dir} were moved to {moved}")
+        return notes
+
+    def _open_learner(
+        self, requested: Config, learner_mode: str, threads: int | None, notes: list[str]
+    ) -> dict[str, Any]:
+        """Start the learner (it loads the checkpoint when resuming); the run's config from here on."""
+        args = self.args
         spec = LearnerSpec(
             config=requested.to_dict(),
             overrides=list(args.overrides),
             run_dir=str(self.run_dir),
-            resume=bool(resume),
+            resume=bool(self.resume),
             require_checkpoint=bool(args.resume),
             seed=args.seed,
             device=str(self.device),
@@ -375,10 +201,13 @@ class Session:
             raise
         self.actor = self.learner.actor
         # The run's settings from here on: the checkpoint's config when resumed, with the --set changes.
-        self.config = config = Config.from_dict(info["config"])
-        self.store.keep_last = config.keep_last_n_checkpoints
-        self.run = RunState()
+        self.config = Config.from_dict(info["config"])
+        self.store.keep_last = self.config.keep_last_n_checkpoints
         notes += info["notes"]
+        return info
+
+    def _check_disk_room(self, info: dict[str, Any]) -> None:
+        config = self.config
         if config.checkpoint:
             # latest, its previous generation, best, the periodic ones kept and the one being written: ask
             # for room for all of them before training, rather than fail a save hours later.
@@ -388,15 +217,23 @@ class Session:
             except BaseException:
                 self.learner.close()
                 raise
-        if info["run"] is not None:
-            self.run = RunState.from_checkpoint(info["run"])
-            restore_actor_streams(info["run"], self.actor)
-            dropped = truncate_after_step(self.run_dir / METRICS_FILE, self.run.step)
-            notes.append(
-                f"resumed {self.run_name} from {Path(info['path']).name}: step {self.run.step:,}, "
-                f"{self.run.episode:,} episodes done"
-                + (f" ({dropped} log records after that step dropped)" if dropped else "")
-            )
+
+    def _restore_run(self, info: dict[str, Any]) -> list[str]:
+        """The run's counters and the acting side's streams: the checkpoint's when resumed, else new ones."""
+        self.run = RunState()
+        if info["run"] is None:
+            return []
+        self.run = RunState.from_checkpoint(info["run"])
+        restore_actor_streams(info["run"], self.actor)
+        dropped = truncate_after_step(self.run_dir / METRICS_FILE, self.run.step)
+        return [
+            f"resumed {self.run_name} from {Path(info['path']).name}: step {self.run.step:,}, "
+            f"{self.run.episode:,} episodes done"
+            + (f" ({dropped} log records after that step dropped)" if dropped else "")
+        ]
+
+    def _check_steps_to_train(self, diagnosing: bool) -> None:
+        args, config = self.args, self.config
         self.total_steps = args.steps if args.steps is not None else config.training_steps
         shortest_diagnosis = DIAG_MIN_LEARN_STEPS + config.batch_size
         if diagnosing and self.total_steps < shortest_diagnosis:
@@ -411,17 +248,24 @@ class Session:
                 f"--steps {self.total_steps:,} is not beyond step {self.run.step:,}, where {self.run_name} "
                 "stands: nothing to train (give a larger --steps to continue it, or --fresh to start over)"
             )
+
+    def _open_log_and_console(self, env_name: str) -> None:
+        args, config = self.args, self.config
         self.log = RunLog(self.run_dir)
         self.progress = Progress(self.total_steps)
         self.progress.restart_rate(self.run.step)
-        unpinned = unpinned_keys(config)
         if not args.no_wandb:
             project = args.wandb_project or config.wandb_project
             departures, entity = config.departures(), getattr(args, "wandb_entity", None)
             self.run.wandb_run_id = self.log.start_wandb(
-                project, self.run_name, self.run.wandb_run_id, config.to_dict(), departures, unpinned,
-                job_type=env_name, entity=entity,
+                project, self.run_name, self.run.wandb_run_id, config.to_dict(), departures,
+                unpinned_keys(config), job_type=env_name, entity=entity,
             )  # fmt: skip
+
+    def _announce(self, env_name: str, learner_mode: str, threads: int | None, notes: list[str]) -> None:
+        """What the run is, on the console and in its start record."""
+        config = self.config
+        unpinned = unpinned_keys(config)
         for note in notes:
             self.progress.message(note)
         where, learner_threads_used = self.learner.placement()
@@ -445,10 +289,14 @@ class Session:
         self.progress.message(self.log.wandb_note)
         self.log.write(
             "run", self.run.step, event="start", env=env_name, device=self.device.type, learner=learner_mode,
-            departures=config.departures(), unpinned=unpinned,
+            departures=config.departures(), unpinned=unpinned, runtime=self.runtime.to_dict(),
         )  # fmt: skip
-        self.reward_range = info["reward_range"]
-        self.learner_steps_at_open = info["learn_steps"]
+
+    def _start_bookkeeping(self, reward_range: Any, learn_steps: int) -> None:
+        """This sitting's bookkeeping: the health monitor, the save and rollback counts, the learner's pace,
+        the episode's policy ages, the status line's returns and the steps held for a verdict."""
+        self.reward_range = reward_range
+        self.learner_steps_at_open = learn_steps
         self.opened = (time.perf_counter(), self.run.step, self.run.episode)  # for the final summary
         self.monitor = self.new_monitor()
         self.failed_saves = 0
@@ -603,29 +451,16 @@ class Session:
             flags += self.monitor.observe_sources(metrics, step, self.run.episode)
         return flags
 
-    def end_episode(
-        self,
-        reward: float,
-        length: int,
-        terminated: bool,
-        seconds: float,
-        *,
-        finished: bool = False,
-        progress: float | None = None,
-        timeouts: int = 0,
-        min_finish_seconds: float | None = None,
-        real_time: bool = False,
-        race_time: float | None = None,
-        telemetry_fps: float | None = None,
-        telemetry_wait_share: float | None = None,
-        **extra: Any,
-    ) -> list[RedFlag]:
+    def end_episode(self, result: EpisodeResult, *, real_time: bool = False, **extra: Any) -> list[RedFlag]:
         """Log a finished episode with its race result and check it; returns red flags.
 
-        `race_time` is the environment's clock from the start to the finish (TrackMania); without one the
-        steps are the clock (a simulator's steps are exactly `time_step_duration` apart). A finish in an
-        episode with time-step timeouts has an unreliable race time: it counts as a finish, not as a time.
-        `telemetry_fps` and `telemetry_wait_share` say how fast the game delivered its telemetry."""
+        Without the environment's race time the steps are the clock (a simulator's steps are exactly
+        `time_step_duration` apart). A finish in an episode with time-step timeouts has an unreliable race
+        time: it counts as a finish, not as a time. `extra`: more fields for the episode's record."""
+        reward, length, terminated, seconds = result.reward, result.length, result.terminated, result.seconds
+        finished, progress, timeouts = result.finished, result.progress, result.timeouts
+        race_time = result.race_time
+        telemetry_fps, telemetry_wait_share = result.telemetry_fps, result.telemetry_wait_share
         run, config = self.run, self.config
         ages, self.policy_ages = self.policy_ages, []
         run.episode += 1
@@ -663,14 +498,37 @@ class Session:
         self.episode_lag_max, self.episode_wait = 0, 0.0
         self.recent_returns.append(reward)
         self.episode_line(reward, length, race_time, reliable)
-        flags = self.monitor.observe_episode(
-            reward, length, epsilon_at(run.step, config), run.step, run.episode, finished=finished,
-            race_time=race_time, min_finish_seconds=min_finish_seconds, progress=progress, timeouts=timeouts,
-            telemetry_fps=telemetry_fps, telemetry_wait_share=telemetry_wait_share,
-        )  # fmt: skip
+        clocked = dataclasses.replace(result, race_time=race_time)  # the race time as judged above
+        flags = self.monitor.observe_episode(clocked, epsilon_at(run.step, config), run.step, run.episode)
         if real_time:
             flags += self.monitor.observe_policy_ages(ages, run.step, run.episode)
         return flags
+
+    # --- evaluation ---------------------------------------------------------------------------------------
+    def evaluate_if_due(self, env: Any, final: bool = False) -> None:
+        """--eval-every: at step 0, at the first episode end past every multiple, and at the end of the run
+        (`final`), the agent drives held-out tracks greedily (environment.evaluate); logged and shown."""
+        every, run = self.runtime.eval_every, self.run
+        if not every or run.last_eval_step == run.step:
+            return
+        due = run.last_eval_step is None or run.step // every > run.last_eval_step // every
+        if not (due or final):
+            return
+        flags = self.absorb(self.learner.sync())  # the newest weights, for the policy as of this step
+        if flags and self.handle(flags):
+            return  # rolled back: this step's policy is gone; the evaluation comes when it is due again
+        episodes = self.runtime.eval_episodes
+        self.progress.message(f"evaluating at step {run.step:,}: {plural(episodes, 'greedy episode')}")
+        result = evaluate(self.actor.agent, env, self.config, episodes)
+        self.progress.restart_rate(run.step)  # the evaluation's minutes are not training's pace
+        run.last_eval_step = run.step
+        record = result.record()
+        self.log.write("eval", run.step, **record)
+        self.progress.message(
+            f"evaluation at step {run.step:,}: return {record['return_mean']:.1f} "
+            f"+- {record['return_std']:.1f} (min {record['return_min']:.1f}, max {record['return_max']:.1f}) "
+            f"over {plural(len(result.returns), 'held-out episode')}, {result.seconds:.0f} s"
+        )
 
     # --- checkpoints ------------------------------------------------------------------------------------
     def checkpoint_due(self) -> bool:
@@ -684,6 +542,7 @@ class Session:
             # epsilon is restored from the step; kept for people reading a checkpoint.
             "epsilon": epsilon_at(self.run.step, self.config),
             **actor_streams(self.actor),
+            "runtime": self.runtime.to_dict(),
         }
 
     def _is_best(self) -> bool:
@@ -726,18 +585,79 @@ class Session:
         message = f"{text}; the previous one is intact"
         self.progress.message(message)
         self.log.write("event", self.run.step, level="warning", name="checkpoint_failed", message=message)
-        if self.failed_saves >= MAX_FAILED_SAVES:
+        if self.failed_saves >= self.runtime.max_failed_saves:
             raise TrainingStoppedError(
                 f"{self.failed_saves} checkpoints in a row could not be written to {self.run_dir}: {text}"
             )
         return f"checkpoint failed, the last good one is {self.store.latest_path}"
 
+    def finish(self, env: Any, stopped: bool) -> TrainResult:
+        """The end of a run that was not stopped by a fault: the last red flags, the final evaluation and
+        the exit save; `stopped`: on request (Ctrl+C), then a resumable stop."""
+        self.release_quarantine()  # the run ends well: nothing condemned the latest steps
+        if not stopped:
+            # The last learn steps' red flags are handled before the end; a rollback here leaves steps to do.
+            flags = self.absorb(self.learner.sync())
+            if flags and self.handle(flags):
+                saved = self.save(is_periodic=False)
+                left = self.total_steps - self.run.step
+                self.progress.message(
+                    f"rolled back at the end of the run: {saved}; run the same command again for the "
+                    f"{left:,} steps left"
+                )
+                self.log.write("run", self.run.step, event="interrupted")
+                return TrainResult(EXIT_INTERRUPTED, self.run_dir, self.config)
+            self.evaluate_if_due(env, final=True)
+        saved = self.save(is_periodic=False, catch_up=not stopped)
+        run = self.run
+        if stopped:
+            self.progress.message(f"stopped at step {run.step:,} (on request): {saved}; run again to resume")
+            self.log.write("run", run.step, event="interrupted")
+            return TrainResult(EXIT_INTERRUPTED, self.run_dir, self.config)
+        self.progress.message(f"done: {run.step:,} steps, {plural(run.episode, 'episode')}; {saved}")
+        self.log.write("run", run.step, event="finished", episodes=run.episode, **race_fields(run))
+        return TrainResult(EXIT_OK, self.run_dir, self.config)
+
+    def report_fault(self, error: Exception) -> None:
+        """A fault ends the run (the game, an observation, a run that cannot go on): what was held back and
+        can be trusted is stored, a checkpoint saved if one can be, and the fault said and recorded."""
+        # Every exit that can save saves first. A fault seen over several steps (a frozen stream) condemns
+        # its first ones, still held back; the bad transition itself was never returned by the environment.
+        if isinstance(error, TrainingStoppedError):
+            self.release_quarantine()
+        else:
+            dropped = self.drop_quarantine(getattr(error, "condemned_steps", 0))
+            if dropped:
+                self.progress.message(f"the last {plural(dropped, 'step')} before the fault were not stored")
+        saved = self.save_before_exit()
+        kind = type(error).__name__
+        why = {
+            "GameNotRespondingError": "the game stopped answering",
+            "TelemetryError": "the game's telemetry made no sense",
+            "TrackManiaSetupError": "TrackMania is not set up for this run",
+            "ObservationError": "the environment gave an unusable observation",
+            "TrainingStoppedError": "training cannot go on",
+        }.get(kind, f"stopped ({kind})")
+        self.progress.message(f"{why} at step {self.run.step:,}: {saved}")
+        self.log.write("run", self.run.step, event="error", error=kind, message=str(error))
+
+    def save_before_exit(self) -> str:
+        """A checkpoint on the way out of an error, if one can be written (it never raises)."""
+        try:
+            return self.save(is_periodic=False, catch_up=False)
+        except Exception as error:  # the learner died, or checkpoints kept failing: the last good one stands
+            return (
+                f"no checkpoint could be written ({' '.join(str(error).split())[:160]}); the last good one "
+                "stands"
+            )
+
     # --- red flags ----------------------------------------------------------------------------------------
     def roll_back(self, flag: RedFlag) -> None:
         """Restore the checkpoint before the flag (an older one at each further rollback)."""
-        if self.rollbacks >= MAX_ROLLBACKS:
+        most = self.runtime.max_rollbacks
+        if self.rollbacks >= most:
             raise RedFlagStopError(
-                f"stopped on red flag {flag.name} at step {flag.step:,} ({MAX_ROLLBACKS} rollbacks already): "
+                f"stopped on red flag {flag.name} at step {flag.step:,} ({most} rollbacks already): "
                 f"{flag.message}"
             )
         before_flag = self.store.periodic(before_step=flag.step) if self.config.checkpoint else []
@@ -770,7 +690,7 @@ class Session:
         )  # fmt: skip
         self.progress.message(
             f"rolled back to {Path(restored['path']).name} (step {self.run.step:,}, episode "
-            f"{self.run.episode:,}); rollback {self.rollbacks} of at most {MAX_ROLLBACKS}"
+            f"{self.run.episode:,}); rollback {self.rollbacks} of at most {self.runtime.max_rollbacks}"
         )
 
     def handle(self, flags: list[RedFlag]) -> bool:
@@ -781,9 +701,9 @@ class Session:
             self.log.write("event", flag.step, **flag.as_event())
             self.log.alert(f"red flag: {flag.name}", flag.message)
             stops = flag.name in FATAL_FLAGS or flag.name in GAME_FLAGS
-            if rolled_back or not stops or self.args.on_red_flag == "warn":
+            if rolled_back or not stops or self.runtime.on_red_flag == "warn":
                 continue
-            if self.args.on_red_flag == "stop":
+            if self.runtime.on_red_flag == "stop":
                 latest = self.store.latest_path
                 kept = (
                     f"last good checkpoint: {latest}" if latest.exists() else "no checkpoint was written yet"
@@ -803,17 +723,8 @@ class Session:
         """The status line, its fields by importance: at 80 columns it keeps the step, rate, ETA, episode
         and the mean return of the last 10 episodes. `current`: the episode's return so far, or a text
         (the scale-out trainer's workers and backlog)."""
-        last, run = self.last_metrics, self.run
-        fields = [(0, f"ep {run.episode + 1:,}")]
-        if self.recent_returns:
-            fields.append((1, f"R10 {np.mean(self.recent_returns):.1f}"))
-        fields.append((2, current if isinstance(current, str) else f"R {current:.1f}"))
-        if run.best_race_time is not None:
-            fields.append((2, f"best {run.best_race_time:.2f} s"))
-        if run.time_step_timeouts:
-            fields.append((3, f"timeouts {run.time_step_timeouts:,}"))
-        fields.append((3, f"eps {epsilon_at(run.step, self.config):.3f}"))
-        fields += [(4, f"loss {fmt(last.get('loss'))}"), (4, f"Q {fmt(last.get('q_mean'))}")]
+        run, epsilon = self.run, epsilon_at(self.run.step, self.config)
+        fields = status_fields(run, self.recent_returns, self.last_metrics, epsilon, current)
         learner_field = self.learner.status_field()
         if learner_field is not None:
             fields.append((5, learner_field))
@@ -839,67 +750,12 @@ class Session:
         self.progress.message(text)
 
     def summary_rows(self, latency: StepLatency | None = None) -> list[tuple[str, str]]:
-        """The run's final summary as (label, text) rows: what this sitting did, the returns, the learning,
-        the races, the game's wait and the learner's pace."""
-        started, step0, episode0 = self.opened
-        run, seconds = self.run, time.perf_counter() - started
-        steps, episodes = run.step - step0, run.episode - episode0
-        rate = steps / max(seconds, 1e-9)
-        rows = [
-            (
-                "steps",
-                f"{steps:,} this sitting ({plural(episodes, 'episode')}) in {duration(seconds)}, "
-                f"{rate:.1f} steps/s; {run.step:,} of {self.total_steps:,} in all",
-            )
-        ]
-        if self.recent_returns:
-            text = f"mean of the last {len(self.recent_returns)} episodes {np.mean(self.recent_returns):.1f}"
-            if math.isfinite(run.best_interval_reward):
-                text += f"; best mean {run.best_interval_reward:.1f}"
-            rows.append(("returns", text))
-        if self.last_metrics:
-            metrics, nan = self.last_metrics, math.nan
-            rows.append(
-                (
-                    "learning",
-                    f"{int(metrics.get('learn_step', 0)):,} learn steps; last loss "
-                    f"{metrics.get('loss', nan):.3g}, Q {metrics.get('q_mean', nan):.3g}; "
-                    f"epsilon {self.actor.epsilon:.3f}",
-                )
-            )
-        races = self.race_summary()
-        if races:
-            rows.append(("races", races.removeprefix("race results: ")))
-        if latency is not None and latency.calls:
-            rows.append(("game's wait", latency.summary()))
-        pace = self.pace_summary()
-        if pace:
-            rows.append(("learner", pace))
-        if run.time_step_timeouts:
-            rows.append(
-                (
-                    "timeouts",
-                    f"time-step timeouts: {run.time_step_timeouts:,} over the run (each is a stale "
-                    "observation: see README, Troubleshooting)",
-                )
-            )
-        return rows
-
-    def race_summary(self) -> str | None:
-        run = self.run
-        if not run.episode:
-            return None
-        if not run.finishes:
-            return f"race results: no finish in {plural(run.episode, 'episode')}"
-        text = (
-            f"race results: {plural(run.finishes, 'finish')} in {plural(run.episode, 'episode')} "
-            f"({100 * run.finishes / run.episode:.1f}%)"
-        )
-        if run.race_times:
-            text += f", best {run.best_race_time:.2f} s, median {float(np.median(run.race_times)):.2f} s"
-        if run.unreliable_finishes:
-            text += f" ({run.unreliable_finishes:,} with time-step timeouts: no reliable race time)"
-        return text
+        """The run's final summary as (label, text) rows (console.summary_rows)."""
+        run, epsilon = self.run, self.actor.epsilon
+        return summary_rows(
+            run, self.opened, self.total_steps, self.recent_returns, self.last_metrics, epsilon, latency,
+            self.pace_summary(),
+        )  # fmt: skip
 
     def close(self) -> None:
         try:
@@ -911,20 +767,3 @@ class Session:
                     "to upload this run to W&B (after `wandb login`), run in order:\n"
                     + "\n".join(f"  {command}" for command in commands)
                 )
-
-
-def default_run_name(env_name: str, seed: int, overrides: list[str], diagnosing: bool) -> str:
-    """checkpoints/<this>/: `<env>-seed<seed>`, with the departures in the name when --set is given, so that
-    an experiment never resumes (and changes for good) the run without them, nor one with other ones."""
-    name = f"{env_name}{'-diagnose' if diagnosing else ''}-seed{seed}"
-    if not overrides:
-        return name
-    parts = sorted(
-        "".join(c if c.isalnum() or c in "._=-" else "_" for c in a.replace(" ", "")) for a in overrides
-    )
-    tag = "+".join(parts)
-    if len(tag) > 60:
-        import hashlib
-
-        tag = f"{tag[:40]}-{hashlib.sha1('+'.join(parts).encode()).hexdigest()[:8]}"
-    return f"{name}-{tag}".rstrip(". ")  # Windows drops trailing dots and spaces from folder names

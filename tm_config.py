@@ -1,7 +1,9 @@
 """The pinned known-good configuration of rainbow-tm (seed 004, commit fdf25b5, W&B run c643zifs).
 
 Every knob of the agent, the replay memory, the training loop and the environments lives here, in one
-readable place. The defaults ARE the known-good run; `tests/test_config_guard.py` fails if one drifts.
+readable place: `Config` for what a run learns (the defaults ARE the known-good run;
+`tests/test_config_guard.py` fails if one drifts), `Runtime` for how it is driven (the learner's mode and
+threads, the red-flag policy, evaluation cadence, the save and rollback limits).
 
 Three invariants are structural, not merely values:
 - the target network is updated by a hard copy every `target_network_update_frequency` learn steps:
@@ -234,6 +236,63 @@ class Config:
     def from_dict(cls, values: dict[str, Any]) -> Config:
         """Rebuild a config saved by `to_dict` (checkpoints); unknown keys raise ConfigError."""
         return cls().with_overrides(**values)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How a run is driven, beside what it learns (Config): the command line's run options and the limits of
+    the run's lifecycle. None of them changes what the agent learns from a given step, so they are no
+    departure from the known-good config; each run records them in its start record and in every
+    checkpoint, and a resumed run keeps its checkpoint's unless one is given again on the command line
+    (session.py announces each such change in one line)."""
+
+    learner: str = "beside"  # --learner: "beside" (a process beside the actor) or "inline"
+    threads: int | None = None  # --threads of the learner (None: session.learner_threads chooses)
+    on_red_flag: str = "warn"  # --on-red-flag: "warn", "stop" or "rollback"
+    eval_every: int = 0  # --eval-every: greedy evaluations every this many steps (0: none)
+    eval_episodes: int = 5  # --eval-episodes per evaluation
+    # Checkpoint writes in a row that may fail (disk full, file locked) before the run stops.
+    max_failed_saves: int = 3
+    # --on-red-flag rollback: then the run stops, as a failure that keeps coming back is real.
+    max_rollbacks: int = 3
+
+    CHOICES = {"learner": ("beside", "inline"), "on_red_flag": ("warn", "stop", "rollback")}
+    GIVEN_BY = {"learner": "--learner", "threads": "--threads", "on_red_flag": "--on-red-flag",
+                "eval_every": "--eval-every", "eval_episodes": "--eval-episodes"}  # fmt: skip
+
+    def __post_init__(self) -> None:
+        for key, choices in self.CHOICES.items():
+            if getattr(self, key) not in choices:
+                raise ConfigError(f"{key}={getattr(self, key)!r} must be one of {', '.join(choices)}")
+        minimums = {
+            "threads": 1, "eval_every": 0, "eval_episodes": 1, "max_failed_saves": 1, "max_rollbacks": 0
+        }  # fmt: skip
+        for key, least in minimums.items():
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < least):
+                raise ConfigError(f"{key}={value!r} must be a whole number >= {least}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Runtime:
+        """Rebuild runtime knobs saved by `to_dict`; a key this version does not know is ignored (a newer
+        checkpoint), a missing one takes its default (an older one)."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+    def resumed(self, recorded: Runtime, given: set[str]) -> tuple[Runtime, list[str]]:
+        """The recorded knobs, with those `given` on the command line taken from this one; returns the
+        runtime and one line per recorded knob the command line changes."""
+        changes = {key: getattr(self, key) for key in given}
+        notes = [
+            f"{self.GIVEN_BY.get(key, key)} {value} given: the run had {getattr(recorded, key)} "
+            "(kept from its checkpoint when not given)"
+            for key, value in changes.items()
+            if value != getattr(recorded, key)
+        ]
+        return dataclasses.replace(recorded, **changes), notes
 
 
 def epsilon_at(step: int, config: Config) -> float:

@@ -426,6 +426,7 @@ class TrackManiaEnv(gymnasium.Wrapper):
     """
 
     real_time = True
+    player_drives = True  # a person can drive the game: recording reads their inputs, sending no control
 
     @property
     def verdict_steps(self) -> int:

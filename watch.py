@@ -21,8 +21,8 @@ import numpy as np
 
 import environment
 from checkpoints import BEST_NAME, CheckpointError, CheckpointStore, load_checkpoint
+from console import plural
 from rainbow import RainbowAgent, resolve_device
-from session import plural
 from tm_config import Config
 
 VIDEO_SUFFIXES = (".gif", ".mp4")

@@ -64,7 +64,7 @@ def main() -> None:
     import fake_game
     from fake_openplanet import write_tmrl_data
 
-    import session
+    import console
 
     step_ms: list[float] = []
     parts: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))
@@ -82,13 +82,13 @@ def main() -> None:
     for label, (module, owner, method) in PARTS.items():
         cls = getattr(importlib.import_module(module), owner)
         setattr(cls, method, timed(label, getattr(cls, method)))
-    real_add = session.StepLatency.add
+    real_add = console.StepLatency.add
 
     def add(self: Any, seconds: float) -> None:
         step_ms.append(seconds * 1000)
         real_add(self, seconds)
 
-    session.StepLatency.add = add
+    console.StepLatency.add = add
     folder = Path(tempfile.mkdtemp(prefix="step-parts-"))
     write_tmrl_data(folder / "home")
     os.environ["HOME"] = os.environ["USERPROFILE"] = str(folder / "home")

@@ -469,3 +469,19 @@ ROTATION_STEPS = {  # a new generation is complete on disk before latest.pt beco
 
 def os_error(code: int) -> None:
     raise OSError(code, os.strerror(code))
+
+
+def test_a_fresh_start_moves_an_old_run_folder_aside_never_deletes_it(tmp_path):
+    from checkpoints import move_aside
+
+    run_dir = tmp_path / "run"
+    assert move_aside(run_dir) is None, "no folder: nothing to move"
+    run_dir.mkdir()
+    assert move_aside(run_dir) is None and run_dir.exists(), "an empty folder is used as it is"
+    (run_dir / "latest.pt").write_bytes(b"old")
+    first = move_aside(run_dir)
+    run_dir.mkdir()
+    (run_dir / "latest.pt").write_bytes(b"newer")
+    second = move_aside(run_dir)
+    assert not run_dir.exists() and first != second and first.name.startswith("run.replaced-")
+    assert (first / "latest.pt").read_bytes() == b"old" and (second / "latest.pt").read_bytes() == b"newer"

@@ -15,10 +15,10 @@ import pytest
 import torch
 from conftest import FAST_ASSIGNMENTS, ROOT
 
+import cli
 import env_tm
 import environment
 import rainbow
-import session
 from checkpoints import load_checkpoint
 from rainbow import ACTION_VECTORS
 from run_log import METRICS_FILE as METRICS
@@ -162,18 +162,8 @@ def test_bad_overrides_fail_with_one_line(tmp_path, capsys, assignment, message)
         + sum((["--set", a] for a in ["max_buffer_size=512", assignment]), [])
     )
     err = capsys.readouterr().err.strip()
-    assert code == env_tm.EXIT_ERROR
+    assert code == cli.EXIT_ERROR
     assert err.startswith("error: ") and message in err and "\n" not in err
-
-
-def test_help_lists_every_option():
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "env_tm.py"), "--help"], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0
-    for option in ["--env", "--steps", "--device", "--seed", "--run-name", "--resume", "--fresh", "--set"]:
-        assert option in result.stdout
-    assert "--no-wandb" in result.stdout
 
 
 def observation(images: np.ndarray) -> tuple:
@@ -225,32 +215,10 @@ def test_metrics_records_are_valid_json_lines(tmp_path):
         ]
         + sum((["--set", a] for a in FAST), [])
     )
-    assert code == env_tm.EXIT_OK
+    assert code == cli.EXIT_OK
     lines = (tmp_path / "j" / "metrics.jsonl").read_text().splitlines()
     kinds = [json.loads(line)["kind"] for line in lines]
     assert kinds[0] == "run" and kinds[-1] == "run" and "episode" in kinds and "step" in kinds
-
-
-def test_step_latency_counts_overruns_and_reports_percentiles():
-    latency = session.StepLatency(time_step=0.05, window=100)
-    assert latency.summary() == "no steps yet" and latency.take_episode() == {}
-    for ms in range(1, 101):  # 1..100 ms: 50 of them over the 50 ms time step
-        latency.add(ms / 1000)
-    assert (latency.calls, latency.overruns, latency.slowest) == (100, 50, 0.1)
-    assert latency.summary() == (
-        "agent time per step median 50.50 ms, p99 99.01 ms, max 100.0 ms over 100 steps; "
-        "50 over the 50 ms time step"
-    )
-    assert latency.take_episode() == {
-        "agent_ms_median": 50.5,
-        "agent_ms_p99": 99.01,
-        "agent_ms_max": 100.0,
-        "time_step_overruns": 50,
-    }
-    latency.add(0.001)  # the window keeps the newest 100 and the episode restarted; the counts keep all
-    assert latency.calls == 101 and len(latency.recent) == 100 and latency.recent[0] == 0.002
-    assert latency.take_episode()["time_step_overruns"] == 0
-    assert "percentiles of the last 100" in latency.summary() and "50 over the 50 ms" in latency.summary()
 
 
 def test_the_loop_counts_a_slow_learn_step_as_the_games_wait(tmp_path, capsys, monkeypatch):
@@ -269,7 +237,7 @@ def test_the_loop_counts_a_slow_learn_step_as_the_games_wait(tmp_path, capsys, m
     args = ["--env", "embedded", "--steps", "80", "--checkpoint-root", str(tmp_path), "--run-name", "t"]
     args += ["--no-wandb", "--learner", "inline", "--set", "time_step_duration=0.2"]
     args += sum((["--set", a] for a in FAST), [])
-    assert env_tm.main(args) == env_tm.EXIT_OK
+    assert env_tm.main(args) == cli.EXIT_OK
     episodes = [r for r in read_jsonl(tmp_path / "t" / METRICS) if r["kind"] == "episode"]
     ends = {r["step"] for r in episodes}
     assert sorted(slow_after_step) == [batch + 2, 40, 55] and 40 in ends and 55 not in ends
@@ -314,7 +282,7 @@ def test_red_flag_is_reported_with_its_evidence_and_training_goes_on_by_default(
     tmp_path, capsys, monkeypatch
 ):
     craft_metrics(monkeypatch, collapse_q_after(100))
-    assert env_tm.main(health_args(tmp_path, 160)) == env_tm.EXIT_OK
+    assert env_tm.main(health_args(tmp_path, 160)) == cli.EXIT_OK
     out = capsys.readouterr().out
     assert out.count("RED FLAG q_negative") == 1, "a flag is raised once, not every step"
     flags = [r for r in read_jsonl(tmp_path / "h" / "metrics.jsonl") if r.get("level") == "red_flag"]
@@ -326,7 +294,7 @@ def test_on_red_flag_stop_ends_the_run_and_keeps_the_good_checkpoint(tmp_path, c
     craft_metrics(monkeypatch, collapse_q_after(150))
     code = env_tm.main(health_args(tmp_path, 400, "--on-red-flag", "stop"))
     err = capsys.readouterr().err.strip()
-    assert code == env_tm.EXIT_RED_FLAG and "\n" not in err
+    assert code == cli.EXIT_RED_FLAG and "\n" not in err
     assert "stopped on red flag q_negative at step 153 (--on-red-flag stop)" in err
     assert load_checkpoint(tmp_path / "h" / "latest.pt")["step"] == 120, "the checkpoint before the flag"
 
@@ -341,7 +309,7 @@ def test_on_red_flag_rollback_restores_the_last_checkpoint_and_continues(tmp_pat
             metrics["grad_norm"] = 1e9  # an exploding gradient: fatal
 
     craft_metrics(monkeypatch, rewrite)
-    assert env_tm.main(health_args(tmp_path, 240, "--on-red-flag", "rollback")) == env_tm.EXIT_OK
+    assert env_tm.main(health_args(tmp_path, 240, "--on-red-flag", "rollback")) == cli.EXIT_OK
     out = capsys.readouterr().out
     assert "RED FLAG grad_norm_exploding" in out
     assert (
@@ -375,7 +343,7 @@ def test_a_rollback_never_returns_to_a_checkpoint_written_after_the_flagged_step
         return metrics
 
     monkeypatch.setattr(learner.LearningEngine, "learn", learn)
-    assert env_tm.main(health_args(tmp_path, 200, "--on-red-flag", "rollback")) == env_tm.EXIT_OK
+    assert env_tm.main(health_args(tmp_path, 200, "--on-red-flag", "rollback")) == cli.EXIT_OK
     out = capsys.readouterr().out
     assert "rolled back to ckpt_ep0000002_step0000000080.pt (step 80, episode 2)" in out, out
 
@@ -385,7 +353,7 @@ def test_ctrl_c_during_pretraining_stops_it_saves_and_the_resumed_run_finishes_i
 ):
     root = tmp_path / "demos"
     record = ["--env", "embedded", "--record-demos", "auto", "--driver", "scripted", "--demo-episodes", "1"]
-    assert env_tm.main([*record, "--demo-root", str(root), "--set", "ep_max_length=30"]) == env_tm.EXIT_OK
+    assert env_tm.main([*record, "--demo-root", str(root), "--set", "ep_max_length=30"]) == cli.EXIT_OK
     original = rainbow.RainbowAgent.train
 
     def train(self):  # Ctrl+C arrives during the 5th pretraining step
@@ -397,13 +365,13 @@ def test_ctrl_c_during_pretraining_stops_it_saves_and_the_resumed_run_finishes_i
     args = ["--env", "embedded", "--steps", "40", "--checkpoint-root", str(tmp_path), "--run-name", "p"]
     args += ["--no-wandb", "--learner", "inline", "--demos", "auto", "--pretrain-steps", "30"]
     args += ["--demo-root", str(root), *sum((["--set", a] for a in FAST), [])]
-    assert env_tm.main(args) == env_tm.EXIT_INTERRUPTED
+    assert env_tm.main(args) == cli.EXIT_INTERRUPTED
     out = capsys.readouterr().out
     assert "pretraining stopped at 5 of 30 learn steps (on request)" in out, out
     assert "stopped at step 0 (on request): saved" in out and "evaluation" not in out
     assert load_checkpoint(tmp_path / "p" / "latest.pt")["agent"]["learn_steps"] == 5
     monkeypatch.setattr(rainbow.RainbowAgent, "train", original)
-    assert env_tm.main(args) == env_tm.EXIT_OK
+    assert env_tm.main(args) == cli.EXIT_OK
     out = capsys.readouterr().out
     assert "pretraining done" in out
     assert load_checkpoint(tmp_path / "p" / "latest.pt")["agent"]["learn_steps"] == 30 + 40 - 4 + 1
@@ -419,7 +387,7 @@ def test_diagnose_says_no_go_on_a_diverging_run(tmp_path, capsys, monkeypatch):
     craft_metrics(monkeypatch, rewrite)
     code = env_tm.main(health_args(tmp_path, 50, "--diagnose", "1004"))  # --diagnose N sets the steps
     out = capsys.readouterr().out
-    assert code == env_tm.EXIT_NO_GO
+    assert code == cli.EXIT_NO_GO
     assert "NO-GO" in out
     failed = {line.split()[1] for line in out.splitlines() if line.startswith("FAIL")}
     assert {"q_not_negative", "loss_not_exploding"} <= failed, out
@@ -428,7 +396,7 @@ def test_diagnose_says_no_go_on_a_diverging_run(tmp_path, capsys, monkeypatch):
 def test_diagnose_refuses_a_run_too_short_to_judge(tmp_path, capsys):
     code = env_tm.main(health_args(tmp_path, 50, "--diagnose", "200"))
     err = capsys.readouterr().err
-    assert code == env_tm.EXIT_ERROR and "--diagnose 200 is too short" in err
+    assert code == cli.EXIT_ERROR and "--diagnose 200 is too short" in err
 
 
 # --- resume semantics ------------------------------------------------------------------------------
@@ -445,7 +413,7 @@ def test_a_simulator_waits_for_the_learner_within_its_small_bound(tmp_path):
     args = ["--env", "embedded", "--steps", "330", "--checkpoint-root", str(tmp_path), "--run-name", "q"]
     args += ["--no-wandb", "--learner", "beside", "--threads", "1"]
     args += ["--set", "max_buffer_size=1024", "--set", "ep_max_length=150", "--set", "log_every_steps=10"]
-    assert env_tm.main(args) == env_tm.EXIT_OK
+    assert env_tm.main(args) == cli.EXIT_OK
     episodes = [r for r in read_jsonl(tmp_path / "q" / METRICS) if r["kind"] == "episode"]
     assert len(episodes) == 2 and all(r["learner_lag_max"] <= 4 for r in episodes), (
         "the actor ran ahead of the learner: " + str([r["learner_lag_max"] for r in episodes])
@@ -456,8 +424,8 @@ def test_a_simulator_waits_for_the_learner_within_its_small_bound(tmp_path):
 
 
 def test_fresh_moves_an_old_run_aside_instead_of_mixing_into_it(tmp_path, capsys):
-    assert run_quietly(tmp_path, 80, "--fresh") == env_tm.EXIT_OK
-    assert run_quietly(tmp_path, 40, "--fresh") == env_tm.EXIT_OK
+    assert run_quietly(tmp_path, 80, "--fresh") == cli.EXIT_OK
+    assert run_quietly(tmp_path, 40, "--fresh") == cli.EXIT_OK
     out = capsys.readouterr().out
     assert f"--fresh: the previous contents of {tmp_path / 'q'} were moved to" in out
     old = [p for p in tmp_path.iterdir() if p.name.startswith("q.replaced-")]
@@ -471,9 +439,9 @@ def test_fresh_moves_an_old_run_aside_instead_of_mixing_into_it(tmp_path, capsys
 
 def test_resume_keeps_the_checkpoints_config_and_applies_only_explicit_changes(tmp_path, capsys):
     first = [*FAST, "target_network_update_frequency=500"]
-    assert run_quietly(tmp_path, 40, "--fresh", "--unpin-target-update", sets=first) == env_tm.EXIT_OK
+    assert run_quietly(tmp_path, 40, "--fresh", "--unpin-target-update", sets=first) == cli.EXIT_OK
     # Resumed without the first run's --set, with a new learning rate (sacred: its flag is needed again).
-    assert run_quietly(tmp_path, 80, "--unpin-learning-rate", sets=["learning_rate=0.0003"]) == env_tm.EXIT_OK
+    assert run_quietly(tmp_path, 80, "--unpin-learning-rate", sets=["learning_rate=0.0003"]) == cli.EXIT_OK
     out = capsys.readouterr().out
     assert "resumed q from latest.pt: step 40, 1 episodes done" in out
     assert "target_network_update_frequency: 500 (known-good 1500)" in out.split("resumed q")[1]
@@ -484,7 +452,7 @@ def test_resume_keeps_the_checkpoints_config_and_applies_only_explicit_changes(t
 
 
 def test_explicit_resume_without_a_checkpoint_is_an_error(tmp_path, capsys):
-    assert run_quietly(tmp_path, 10, "--resume") == env_tm.EXIT_ERROR
+    assert run_quietly(tmp_path, 10, "--resume") == cli.EXIT_ERROR
     err = capsys.readouterr().err.strip()
     assert err == f"error: --resume: no checkpoint in {tmp_path / 'q'} (drop --resume to start fresh)"
 
@@ -538,7 +506,7 @@ def test_evaluation_drives_greedily_on_held_out_tracks_and_leaves_training_untou
 
 def test_eval_every_logs_at_start_at_episode_ends_past_each_boundary_and_at_the_end(tmp_path):
     args = health_args(tmp_path, 70, "--eval-every", "30", "--eval-episodes", "2")
-    assert env_tm.main(args) == env_tm.EXIT_OK
+    assert env_tm.main(args) == cli.EXIT_OK
     metrics = read_jsonl(tmp_path / "h" / METRICS)
     evals = [r for r in metrics if r["kind"] == "eval"]
     # ep_max_length 40: training episodes end at steps 40 and 80; the run ends at 70.
@@ -549,23 +517,9 @@ def test_eval_every_logs_at_start_at_episode_ends_past_each_boundary_and_at_the_
     # Resumed: the evaluation at step 70 is remembered, the next is due past step 90 (at the end, 100).
     resumed = [a for a in args if a != "--fresh"]
     resumed[resumed.index("70")] = "100"
-    assert env_tm.main(resumed) == env_tm.EXIT_OK
+    assert env_tm.main(resumed) == cli.EXIT_OK
     evals = [r for r in read_jsonl(tmp_path / "h" / METRICS) if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 40, 70, 100]
-
-
-@pytest.mark.parametrize(
-    ("option", "message"),
-    [
-        (["--eval-every", "-5"], "--eval-every must be >= 0"),
-        (["--eval-every", "10", "--eval-episodes", "0"], "--eval-episodes must be >= 1"),
-    ],
-)
-def test_bad_evaluation_options_fail_with_one_line(option, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        env_tm.parse_args(option)
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
 
 
 # --- the loop's bookkeeping, step by step ----------------------------------------------------------------
@@ -662,7 +616,7 @@ def run_scripted(
     args = ["--env", "embedded", "--steps", str(steps), "--checkpoint-root", str(tmp_path), "--run-name", "s"]
     args += ["--no-wandb", "--learner", learner, "--unpin-epsilon", "--set", "epsilon_decay_to=40", *extra]
     args += sum((["--set", a] for a in [*FAST, *sets]), [])
-    assert env_tm.main(args) == env_tm.EXIT_OK
+    assert env_tm.main(args) == cli.EXIT_OK
     config = Config().with_assignments([*FAST, "epsilon_decay_to=40", *sets])
     return script, used, config
 
@@ -988,7 +942,7 @@ def test_previous_actions_in_a_state_are_the_ones_before_it_never_the_one_about_
 def test_record_scripted_demonstrations_then_train_with_them_pretrained_and_resume(tmp_path, capsys):
     root = tmp_path / "demos"
     record = ["--env", "embedded", "--record-demos", "auto", "--driver", "scripted", "--demo-episodes", "2"]
-    assert env_tm.main([*record, "--demo-root", str(root), "--set", "ep_max_length=30"]) == env_tm.EXIT_OK
+    assert env_tm.main([*record, "--demo-root", str(root), "--set", "ep_max_length=30"]) == cli.EXIT_OK
     out = capsys.readouterr().out
     assert "2 episodes recorded into" in out and "episode 2: 30 steps" in out
     manifest = json.loads((root / "auto" / "manifest.json").read_text())
@@ -998,7 +952,7 @@ def test_record_scripted_demonstrations_then_train_with_them_pretrained_and_resu
     train = ["--env", "embedded", "--steps", "60", "--checkpoint-root", str(tmp_path), "--run-name", "d"]
     train += ["--no-wandb", "--learner", "inline", "--demos", "auto", "--pretrain-steps", "20"]
     train += ["--demo-root", str(root), *sum((["--set", a] for a in FAST), [])]
-    assert env_tm.main(train) == env_tm.EXIT_OK
+    assert env_tm.main(train) == cli.EXIT_OK
     out = capsys.readouterr().out
     assert "demonstrations: 2 episodes, 60 transitions from auto" in out
     assert "pretraining: 20 learn steps on the demonstrations alone" in out and "demos: 'auto'" in out
@@ -1016,29 +970,14 @@ def test_record_scripted_demonstrations_then_train_with_them_pretrained_and_resu
     for path in (root / "auto").iterdir():
         path.unlink()
     resumed = [a if a != "60" else "90" for a in train]
-    assert env_tm.main(resumed) == env_tm.EXIT_OK
+    assert env_tm.main(resumed) == cli.EXIT_OK
     again = load_checkpoint(tmp_path / "d" / "latest.pt")
     assert np.array_equal(again["replay"]["demos"]["frames"], state["replay"]["demos"]["frames"])
     assert again["agent"]["learn_steps"] == 20 + 90 - 4 + 1, "no second pretraining on a resumed run"
     other = [a if a != "auto" else "other" for a in resumed]
-    assert env_tm.main(other) == env_tm.EXIT_ERROR
+    assert env_tm.main(other) == cli.EXIT_ERROR
     err = capsys.readouterr().err.strip()
     assert "incompatible config: demos='auto' (run: 'other')" in err and "\n" not in err
-
-
-@pytest.mark.parametrize(
-    ("arguments", "message"),
-    [
-        (["--record-demos", "../x"], "--record-demos '../x' contains"),
-        (["--record-demos", "ok", "--demos", "a"], "--record-demos records on this PC only"),
-        (["--pretrain-steps", "5"], "--pretrain-steps learns from demonstrations: give them with --demos"),
-        (["--record-demos", "ok", "--demo-episodes", "0"], "--demo-episodes must be >= 1"),
-    ],
-)
-def test_bad_demonstration_options_are_usage_errors(arguments, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        env_tm.parse_args(arguments)
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("learner", ["inline", "beside"])
@@ -1046,7 +985,7 @@ def test_training_with_missing_demonstrations_is_one_line(tmp_path, capsys, lear
     root = tmp_path / "runs"
     args = ["--env", "embedded", "--steps", "20", "--checkpoint-root", str(root), "--no-wandb"]
     args += ["--learner", learner, "--demos", "nowhere", "--demo-root", str(tmp_path / "demos")]
-    assert env_tm.main(args) == env_tm.EXIT_ERROR
+    assert env_tm.main(args) == cli.EXIT_ERROR
     err = capsys.readouterr().err.strip()
     assert "no demonstrations at" in err and "record some with --record-demos" in err and "\n" not in err
     # A refused start leaves nothing behind: no run folder holding only a learner.log
@@ -1054,37 +993,15 @@ def test_training_with_missing_demonstrations_is_one_line(tmp_path, capsys, lear
 
 
 # --- the first hour: run names, departures, --help, the status line, --steps ----------------------------
-@pytest.mark.parametrize(
-    ("name", "problem"),
-    [
-        ("../tests", "contains '/'"),
-        ("..", "points outside"),
-        ("a/b", "contains '/'"),
-        ("a\\b", "contains '\\\\'"),
-        ("", "is empty"),
-        ("   ", "is empty"),
-        ("con", "is a device name Windows reserves"),
-        ("NUL.txt", "is a device name Windows reserves"),
-        ("run.", "ends with a dot or a space"),
-        ("run ", "ends with a dot or a space"),
-        ("what?", "contains '?'"),
-    ],
-)
-def test_a_run_name_must_be_one_plain_folder_name(name, problem, capsys, tmp_path):
-    with pytest.raises(SystemExit) as exit_info:
-        env_tm.parse_args(["--run-name", name, "--checkpoint-root", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and f"--run-name {name!r} {problem}" in err
-    assert not any(tmp_path.iterdir()), "nothing was created or moved"
 
 
 def test_a_run_with_departures_never_continues_the_plain_run(tmp_path, capsys):
-    from session import default_run_name
+    from cli import default_run_name
 
     base = ["--env", "embedded", "--steps", "40", "--checkpoint-root", str(tmp_path), "--no-wandb"]
     base += ["--learner", "inline", *sum((["--set", a] for a in FAST), [])]
-    assert env_tm.main(base) == env_tm.EXIT_OK
-    assert env_tm.main([*base, "--set", "discount_factor=0.99"]) == env_tm.EXIT_OK
+    assert env_tm.main(base) == cli.EXIT_OK
+    assert env_tm.main([*base, "--set", "discount_factor=0.99"]) == cli.EXIT_OK
     plain = tmp_path / default_run_name("embedded", 0, FAST, False)
     experiment = tmp_path / default_run_name("embedded", 0, [*FAST, "discount_factor=0.99"], False)
     assert plain != experiment and sorted(tmp_path.iterdir()) == sorted([plain, experiment])
@@ -1093,102 +1010,22 @@ def test_a_run_with_departures_never_continues_the_plain_run(tmp_path, capsys):
     assert load_checkpoint(experiment / "latest.pt")["config"]["discount_factor"] == 0.99
 
 
-def test_the_default_run_name_names_the_departures():
-    from session import default_run_name
-
-    assert default_run_name("embedded", 0, [], False) == "embedded-seed0"
-    assert default_run_name("embedded", 3, ["n_step=3", "batch_size=64"], False) == (
-        "embedded-seed3-batch_size=64+n_step=3"
-    )
-    assert default_run_name("trackmania", 0, [], True) == "trackmania-diagnose-seed0"
-    long = default_run_name("embedded", 0, [f"key{k}=value{k}" for k in range(20)], False)
-    assert len(long) < 80 and env_tm.run_name_problem(long) is None, (
-        "long departures are shortened, stay valid"
-    )
-    assert env_tm.run_name_problem(default_run_name("embedded", 0, ["demos=a,b", "x=1.5."], False)) is None
-
-
-def test_help_is_fast_explains_resuming_and_shows_each_default_once():
-    import importlib.util
-
-    modules = "('torch', 'gymnasium', 'wandb')"
-    code = f"import sys, env_tm; print(sorted(m for m in {modules} if m in sys.modules))"
-    started = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
-    )
-    assert result.stdout.strip() == "[]", "importing env_tm must not import torch: --help answers at once"
-    help_text = subprocess.run(
-        [sys.executable, str(ROOT / "env_tm.py"), "--help"], capture_output=True, text=True, timeout=60
-    ).stdout
-    assert time.perf_counter() - started < 30 and importlib.util.find_spec("torch") is not None
-    flat = " ".join(help_text.split())
-    assert "(default: None)" not in flat and "(default: True)" not in flat
-    assert "default 10,000,000" in flat or "10,000,000" in flat, "the real step default is shown"
-    assert "resumes from its newest good checkpoint" in flat and "seeds the agent" in flat
-    assert "examples:" in help_text and "--diagnose" in help_text
-    assert flat.count("(default: auto)") <= 1
-
-
 def test_steps_below_where_the_run_stands_is_said_in_one_line(tmp_path, capsys):
-    assert run_quietly(tmp_path, 40, "--fresh") == env_tm.EXIT_OK
+    assert run_quietly(tmp_path, 40, "--fresh") == cli.EXIT_OK
     capsys.readouterr()
-    assert run_quietly(tmp_path, 20) == env_tm.EXIT_ERROR
+    assert run_quietly(tmp_path, 20) == cli.EXIT_ERROR
     err = capsys.readouterr().err.strip()
     assert "--steps 20 is not beyond step 40, where q stands: nothing to train" in err and "\n" not in err
-
-
-def test_the_status_line_measures_its_rate_over_a_window_and_fits_the_terminal(monkeypatch, capsys):
-    import session
-
-    clock = {"now": 1000.0}
-    monkeypatch.setattr(session.time, "perf_counter", lambda: clock["now"])
-    monkeypatch.setattr(
-        session.shutil, "get_terminal_size", lambda fallback: __import__("os").terminal_size((60, 20))
-    )
-    progress = session.Progress(total_steps=10_000)
-    progress.interactive = True
-    assert progress.rate(0) is None, "no rate before it is measured"
-    progress.show(1, "ep 1", force=True)
-    assert "-- steps/s" in capsys.readouterr().out
-    for second in range(1, 41):  # 20 steps/s for 40 s, with a 3 s pause (a reset) in the middle
-        clock["now"] = 1000.0 + second + (3 if second > 20 else 0)
-        progress.rate(20 * second)
-    rate = progress.rate(800)
-    assert rate == pytest.approx(20 * 30 / 30, rel=0.15), "over the last 30 s, not since the start"
-    progress.show(800, "ep 9 | R 1.0", force=True)
-    line = capsys.readouterr().out.split("\r")[-1]
-    assert len(line) == 59 and "ETA" in line, "sized to the terminal, with an ETA"
 
 
 def test_the_run_ends_with_an_evaluation_even_between_boundaries(tmp_path, capsys):
     # ep_max_length 40: episodes end at 40 and 80; 80 is past 50, the end (90) is not past 100, yet it is
     # evaluated: "at the end of the run" means at the end of the run.
-    assert (
-        env_tm.main(health_args(tmp_path, 90, "--eval-every", "50", "--eval-episodes", "1")) == env_tm.EXIT_OK
-    )
+    assert env_tm.main(health_args(tmp_path, 90, "--eval-every", "50", "--eval-episodes", "1")) == cli.EXIT_OK
     evals = [r["step"] for r in read_jsonl(tmp_path / "h" / METRICS) if r["kind"] == "eval"]
     assert evals == [0, 80, 90]
     out = capsys.readouterr().out
     assert "1 greedy episode" in out and "1 greedy episodes" not in out
-
-
-@pytest.mark.parametrize(
-    ("text", "steps"), [("60000", 60000), ("60_000", 60000), ("60,000", 60000), ("1e6", 10**6)]
-)
-def test_steps_are_read_as_people_write_them(text, steps):
-    assert env_tm.parse_args(["--steps", text]).steps == steps
-    assert env_tm.parse_args(["--eval-every", text]).eval_every == steps
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [("1.5", "'1.5' is not a whole number of steps"), ("ten", "'ten' is not a number of steps (e.g. 60000")],
-)
-def test_a_step_count_that_is_not_one_is_refused_in_one_line(text, message, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        env_tm.parse_args(["--steps", text])
-    assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_a_resumed_run_keeps_its_checkpoints_settings_not_the_defaults(tmp_path, capsys):
@@ -1197,7 +1034,7 @@ def test_a_resumed_run_keeps_its_checkpoints_settings_not_the_defaults(tmp_path,
     import session as session_module
 
     sets = [*FAST, "keep_last_n_checkpoints=1", "actor_refresh_learn_steps=7"]
-    assert run_quietly(tmp_path, 80, sets=sets) == env_tm.EXIT_OK  # 2 episodes of 40 steps
+    assert run_quietly(tmp_path, 80, sets=sets) == cli.EXIT_OK  # 2 episodes of 40 steps
     run_dir = tmp_path / "q"
     seen = {}
     real_init = session_module.Session.__init__
@@ -1208,14 +1045,38 @@ def test_a_resumed_run_keeps_its_checkpoints_settings_not_the_defaults(tmp_path,
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(session_module.Session, "__init__", spy)
-        assert run_quietly(tmp_path, 200) == env_tm.EXIT_OK  # resumed without those --set
+        assert run_quietly(tmp_path, 200) == cli.EXIT_OK  # resumed without those --set
     assert "resumed q from" in capsys.readouterr().out
     assert seen == {"keep": 1, "refresh": 7}
     assert len(list(run_dir.glob("ckpt_ep*_step*.pt"))) == 1, sorted(p.name for p in run_dir.iterdir())
 
 
+def test_a_resumed_run_keeps_its_runtime_knobs_and_announces_one_given_again(tmp_path, capsys):
+    """Issue 28: --learner, --on-red-flag, --eval-every and --eval-episodes are recorded in the start record
+    and every checkpoint; a resumed run keeps them unless given again, and says so in one line."""
+    base = ["--env", "embedded", "--checkpoint-root", str(tmp_path), "--run-name", "k", "--no-wandb"]
+    base += sum((["--set", a] for a in FAST), [])
+    knobs = ["--learner", "inline", "--on-red-flag", "stop", "--eval-every", "50", "--eval-episodes", "1"]
+    assert env_tm.main([*base, "--steps", "40", *knobs]) == cli.EXIT_OK
+    assert env_tm.main([*base, "--steps", "80"]) == cli.EXIT_OK  # none of them given again
+    out = capsys.readouterr().out
+    assert "given: the run had" not in out and "learner inline" in out.split("resumed k from")[1]
+    records = read_jsonl(tmp_path / "k" / METRICS)
+    starts = [r for r in records if r["kind"] == "run" and r["event"] == "start"]
+    assert starts[1]["runtime"] == starts[0]["runtime"] and starts[1]["learner"] == "inline"
+    assert starts[0]["runtime"]["on_red_flag"] == "stop" and starts[0]["runtime"]["eval_every"] == 50
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 40, 80], "every 50 steps, resumed too"
+    assert load_checkpoint(tmp_path / "k" / "latest.pt")["runtime"] == starts[0]["runtime"]
+
+    assert env_tm.main([*base, "--steps", "120", "--on-red-flag", "rollback"]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert "--on-red-flag rollback given: the run had stop (kept from its checkpoint when not given)" in out
+    start = [r for r in read_jsonl(tmp_path / "k" / METRICS) if r.get("event") == "start"][-1]
+    assert start["runtime"] == {**starts[0]["runtime"], "on_red_flag": "rollback"}
+
+
 def test_a_run_ends_with_a_short_summary_table_of_what_it_did(tmp_path, capsys):
-    assert env_tm.main(health_args(tmp_path, 80)) == env_tm.EXIT_OK
+    assert env_tm.main(health_args(tmp_path, 80)) == cli.EXIT_OK
     out = capsys.readouterr().out.splitlines()
     start = out.index("summary of run h")
     rows = out[start + 1 :]
@@ -1232,14 +1093,6 @@ def test_a_run_ends_with_a_short_summary_table_of_what_it_did(tmp_path, capsys):
     assert "agent time per step median" in rows[4] and "over 80 steps" in rows[4]
 
 
-def test_counts_are_said_in_words_that_agree_with_them():
-    assert [session.plural(n, "episode") for n in (0, 1, 2)] == ["0 episodes", "1 episode", "2 episodes"]
-    assert session.plural(1, "finish") == "1 finish" and session.plural(3, "finish") == "3 finishes"
-    assert (
-        session.plural(1, "CPU thread") == "1 CPU thread" and session.plural(1_234, "step") == "1,234 steps"
-    )
-
-
 def test_wandb_groups_runs_by_their_departures_and_tags_each_one():
     from run_log import wandb_grouping
 
@@ -1252,49 +1105,3 @@ def test_wandb_groups_runs_by_their_departures_and_tags_each_one():
         "epsilon_decay_to=30000+n_step=3",
         ["epsilon_decay_to=30000", "n_step=3", "unpinned"],
     )
-
-
-def test_show_config_lists_every_key_marks_departures_and_sacred_keys(capsys):
-    assert env_tm.main(["--show-config", "--set", "n_step=3"]) == env_tm.EXIT_OK
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 1 + len(Config().to_dict())
-    n_step = next(line for line in lines if line.split()[1:2] == ["n_step"])
-    assert n_step.startswith("* ") and n_step.split()[2] == "3" and "(known-good 1)" in n_step
-    target = next(line for line in lines if "target_network_update_frequency" in line)
-    assert target.startswith("  ") and "sacred: --unpin-target-update to change" in target
-
-
-def test_config_mistakes_are_refused_at_once_without_importing_torch(tmp_path):
-    """A bad --set, a repeated one and a --diagnose too short to judge: one line each, before the learner
-    (or even torch) starts, so the answer comes in a fraction of a second."""
-    script = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import env_tm;"
-        "codes = [env_tm.main(a.split()) for a in sys.argv[2:]];"
-        "print(codes, 'torch' in sys.modules)"
-    )
-    cases = ["--set batchsize=64", "--set n_step=3 --set n_step=2", "--diagnose 300"]
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(ROOT), *cases], capture_output=True, text=True, timeout=60
-    )
-    assert result.stdout.strip() == "[1, 1, 1] False", result.stdout + result.stderr
-    errors = result.stderr.strip().splitlines()
-    assert errors == [
-        "error: unknown config key 'batchsize' (did you mean 'batch_size'? `python env_tm.py --show-config` "
-        "lists every key)",
-        "error: --set n_step is given twice (3, then 2): give it once",
-        "error: --diagnose 300 is too short: the go/no-go criteria need at least 1,032 steps "
-        "(1,000 learn steps)",
-    ]
-
-
-def test_show_config_into_a_closed_pipe_ends_quietly():
-    """`python env_tm.py --show-config | head -2`: the reader leaves early; no error about a disk write."""
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "env_tm.py"), "--show-config"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    process.stdout.close()  # as `head` does once it has its lines: here before the first one
-    assert process.wait(timeout=60) == 0
-    assert process.stderr.read() == b""

@@ -80,3 +80,16 @@ def test_an_explicit_choice_never_asks(no_game, monkeypatch):
     assert environment.choose_environment("embedded", Config(), ask=never) == "embedded"
     with pytest.raises(TrackManiaSetupError, match=re.escape(f"--env trackmania: {REASON}")):
         environment.choose_environment("trackmania", Config(), ask=never)
+
+
+def test_what_an_environment_is_is_known_before_one_is_built():
+    """The game runs on without the agent and a person can drive it; the embedded track waits and only the
+    program drives it; a run without an environment (the scale-out trainer) has none."""
+    from embedded_track import EmbeddedTrackEnv
+    from trackmania import TrackManiaEnv
+
+    assert environment.environment_class("trackmania") is TrackManiaEnv
+    assert environment.environment_class("embedded") is EmbeddedTrackEnv
+    assert (TrackManiaEnv.real_time, TrackManiaEnv.player_drives) == (True, True)
+    assert (EmbeddedTrackEnv.real_time, EmbeddedTrackEnv.player_drives) == (False, False)
+    assert environment.environment_class("trainer") is None

@@ -13,11 +13,16 @@ import pytest
 
 import health
 import red_flags
-from health import HealthMonitor, RedFlag
+from health import EpisodeResult, HealthMonitor, RedFlag
 from run_log import RunLog, read_jsonl
 from tm_config import Config, epsilon_at
 
 CONFIG = Config()
+
+
+def observe_episode(monitor, reward, length, epsilon, step, episode, **fields):
+    """HealthMonitor.observe_episode of an episode given by its figures (health.EpisodeResult's fields)."""
+    return monitor.observe_episode(EpisodeResult(reward, length, **fields), epsilon, step, episode)
 
 
 def metrics(i: int = 0, **overrides: Any) -> dict[str, Any]:
@@ -87,8 +92,8 @@ def run_healthy(
             )
             assert monitor.observe_learn_step(m, step, episode) == [], monitor.history
             step += 1
-        flags = monitor.observe_episode(
-            episode_reward, learn_steps_per_episode, epsilon_at(step, CONFIG), step, episode + 1
+        flags = observe_episode(
+            monitor, episode_reward, learn_steps_per_episode, epsilon_at(step, CONFIG), step, episode + 1
         )
         assert flags == [], flags
     return monitor
@@ -240,13 +245,13 @@ def test_observations_frozen() -> None:
 
 def test_early_exploitation() -> None:
     monitor = HealthMonitor(CONFIG)
-    assert monitor.observe_episode(10.0, 100, 0.9, step=10_000, episode=100) == []
-    flag = only(monitor.observe_episode(10.0, 100, 0.45, step=20_000, episode=101), "early_exploitation")
+    assert observe_episode(monitor, 10.0, 100, 0.9, step=10_000, episode=100) == []
+    flag = only(observe_episode(monitor, 10.0, 100, 0.45, step=20_000, episode=101), "early_exploitation")
     assert (flag.step, flag.episode) == (20_000, 101)
     assert "0.450" in flag.message and "10,000" in flag.message and "average 198 steps" in flag.message
-    assert monitor.observe_episode(10.0, 100, 0.44, step=20_100, episode=102) == []  # once
+    assert observe_episode(monitor, 10.0, 100, 0.44, step=20_100, episode=102) == []  # once
     late = HealthMonitor(CONFIG)
-    assert late.observe_episode(10.0, 100, 0.3, step=2_000_000, episode=10_001) == []
+    assert observe_episode(late, 10.0, 100, 0.3, step=2_000_000, episode=10_001) == []
 
 
 def test_reward_decline_fires_once_and_not_on_a_flat_run() -> None:
@@ -255,13 +260,13 @@ def test_reward_decline_fires_once_and_not_on_a_flat_run() -> None:
     fired = []
     for episode in range(1, 701):
         reward = (100.0 if episode <= 200 else 100.0 - 0.15 * (episode - 200)) + rng.normal(0, 15)
-        fired += monitor.observe_episode(reward, 200, 0.9, step=200 * episode, episode=episode)
+        fired += observe_episode(monitor, reward, 200, 0.9, step=200 * episode, episode=episode)
     flag = only(fired, "reward_decline")
     assert 500 <= flag.episode <= 700 and flag.value < 0
     assert "last 500 episodes" in flag.message and "t=" in flag.message and "< first 100" in flag.message
     flat = HealthMonitor(CONFIG)
     for episode in range(1, 3001):
-        assert flat.observe_episode(50 + rng.normal(0, 20), 200, 0.9, 200 * episode, episode) == []
+        assert observe_episode(flat, 50 + rng.normal(0, 20), 200, 0.9, 200 * episode, episode) == []
 
 
 def test_red_flag_event_round_trips_through_the_run_log(tmp_path: Path) -> None:
@@ -316,7 +321,7 @@ def test_demo_dominance_fires_when_demos_carry_the_loss_and_own_returns_stall() 
     for step in range(50):
         fired += monitor.observe_sources({"demo_loss_share": 0.8, "agent_q": 1.0, "demo_q": 1.2}, step, 0)
     for episode in range(1, DEMO_WINDOW_EPISODES + 1):  # flat, noisy own returns
-        fired += monitor.observe_episode(100.0 + (episode % 3), 500, 0.9, 500 * episode, episode)
+        fired += observe_episode(monitor, 100.0 + (episode % 3), 500, 0.9, 500 * episode, episode)
     flag = only(fired, "demo_dominance")
     assert "80% of the loss" in flag.message and "seed 002" in flag.message
     rising = HealthMonitor(Config())
@@ -324,7 +329,7 @@ def test_demo_dominance_fires_when_demos_carry_the_loss_and_own_returns_stall() 
         rising.observe_sources({"demo_loss_share": 0.8, "agent_q": 1.0, "demo_q": 1.2}, step, 0)
     flags = []
     for episode in range(1, DEMO_WINDOW_EPISODES + 1):  # the agent's own returns climb: not dominance
-        flags += rising.observe_episode(10.0 * episode, 500, 0.9, 500 * episode, episode)
+        flags += observe_episode(rising, 10.0 * episode, 500, 0.9, 500 * episode, episode)
     assert not [f for f in flags if f.name == "demo_dominance"]
 
 
@@ -347,18 +352,18 @@ def test_race_flags_no_progress_implausible_finish_and_stale_observations() -> N
     monitor = HealthMonitor(Config(no_progress_streak=3))
     fired = []
     for episode in range(1, 4):
-        fired += monitor.observe_episode(0.0, 81, 0.9, 81 * episode, episode, progress=0)
+        fired += observe_episode(monitor, 0.0, 81, 0.9, 81 * episode, episode, progress=0)
     assert only(fired, "no_progress").value == 3.0
-    fired = monitor.observe_episode(
-        100.0, 2, 0.9, 300, 4, finished=True, race_time=0.1, min_finish_seconds=0.36
+    fired = observe_episode(
+        monitor, 100.0, 2, 0.9, 300, 4, finished=True, race_time=0.1, min_finish_seconds=0.36
     )
     assert (
         "finished in 0.10 s, faster than the track can be driven" in only(fired, "implausible_finish").message
     )
-    fired = monitor.observe_episode(5.0, 100, 0.9, 400, 5, progress=50, timeouts=11)
+    fired = observe_episode(monitor, 5.0, 100, 0.9, 400, 5, progress=50, timeouts=11)
     assert "11 of episode 5's 100 time steps timed out" in only(fired, "stale_observations").message
     race = {"finished": True, "race_time": 5.0, "min_finish_seconds": 0.36}
-    quiet = monitor.observe_episode(5.0, 100, 0.9, 500, 6, progress=50, timeouts=10, **race)
+    quiet = observe_episode(monitor, 5.0, 100, 0.9, 500, 6, progress=50, timeouts=10, **race)
     assert not quiet, "10% is the limit, 5 s is a plausible finish, progress was made"
 
 
@@ -368,16 +373,17 @@ def test_stale_observations_shows_every_stale_episode_at_most_once_a_minute_and_
     shown = []
     for episode in range(1, 13):  # one stale episode every 20 s, the agent too slow
         clock[0] = 20.0 * episode
-        fired = monitor.observe_episode(5.0, 100, 0.9, 100 * episode, episode, progress=50, timeouts=30)
+        fired = observe_episode(monitor, 5.0, 100, 0.9, 100 * episode, episode, progress=50, timeouts=30)
         shown += [(episode, flag) for flag in fired if flag.name == "stale_observations"]
     assert [episode for episode, _ in shown] == [1, 4, 7, 10]  # 0, 60, 120, 180 s later: never more often
     assert "the cause is the agent (it took longer than a time step" in shown[0][1].message
     assert "the game's telemetry kept up" in shown[0][1].message
     # The plugin delivered 10 frames/s and the agent waited for them most of the episode: the game's fault.
     clock[0] += 61.0
-    fired = monitor.observe_episode(
-        5.0, 100, 0.9, 2000, 13, progress=50, timeouts=60, telemetry_fps=10.2, telemetry_wait_share=0.45
-    )
+    fired = observe_episode(
+        monitor, 5.0, 100, 0.9, 2000, 13, progress=50, timeouts=60,
+        telemetry_fps=10.2, telemetry_wait_share=0.45,
+    )  # fmt: skip
     message = only(fired, "stale_observations").message
     assert "60 of episode 13's 100 time steps timed out (60% > 10%)" in message
     assert "the cause is the game: its telemetry came at ~10 frames/s" in message
@@ -390,7 +396,9 @@ def test_sustained_staleness_fires_after_five_mostly_stale_episodes_and_is_a_gam
     monitor = HealthMonitor(Config(), clock=lambda: 0.0)
     names = []
     for episode, timeouts in enumerate([60, 70, 20, 80, 90, 60, 70], start=1):
-        fired = monitor.observe_episode(5.0, 100, 0.9, 100 * episode, episode, progress=50, timeouts=timeouts)
+        fired = observe_episode(
+            monitor, 5.0, 100, 0.9, 100 * episode, episode, progress=50, timeouts=timeouts
+        )
         names.append([flag.name for flag in fired if flag.name == "stale_observations_sustained"])
     # The mean of the last 5 shares: 0.64 at episode 5 (first full window), fired once, not again while on.
     assert names == [[], [], [], [], ["stale_observations_sustained"], [], []]
@@ -400,5 +408,5 @@ def test_sustained_staleness_fires_after_five_mostly_stale_episodes_and_is_a_gam
     assert not health.GAME_FLAGS & health.FATAL_FLAGS  # stop stops on them; rollback never rolls back
     quiet = HealthMonitor(Config(), clock=lambda: 0.0)
     for episode in range(1, 10):  # 40% of every episode: stale, but not most of the data
-        fired = quiet.observe_episode(5.0, 100, 0.9, 100 * episode, episode, progress=50, timeouts=40)
+        fired = observe_episode(quiet, 5.0, 100, 0.9, 100 * episode, episode, progress=50, timeouts=40)
         assert all(flag.name != "stale_observations_sustained" for flag in fired)

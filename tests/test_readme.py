@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import env_tm
+import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -47,7 +47,7 @@ def test_every_troubleshooting_message_is_quoted_as_the_program_prints_it():
 
 
 def test_every_env_tm_option_the_readme_names_exists():
-    names = set(env_tm.build_parser()._option_string_actions)
+    names = set(cli.build_parser()._option_string_actions)
     lines = [line for line in README.splitlines() if "env_tm.py" in line]
     assert len(lines) > 20
     for line in lines:

@@ -14,7 +14,7 @@ import pytest
 
 import red_flags
 from diagnose import diagnose, flags_in_records
-from health import HealthMonitor
+from health import EpisodeResult, HealthMonitor
 from run_checks import FAIL, red_flag_checks
 from run_log import read_jsonl
 from run_records import load_run
@@ -219,7 +219,7 @@ def live_flags(s: dict[str, np.ndarray]) -> set[str]:
         monitor.observe_reward(float(s["min_reward"][i]))
         metrics = {key: float(s[key][i]) for key in LEARN_KEYS} | {"skipped": 0.0}
         monitor.observe_learn_step(metrics, step, episode=i)  # i episodes complete during episode i + 1
-        monitor.observe_episode(float(s["reward"][i]), 10, float(s["epsilon"][i]), step, i + 1)
+        monitor.observe_episode(EpisodeResult(float(s["reward"][i]), 10), float(s["epsilon"][i]), step, i + 1)
     return {flag.name for flag in monitor.history} & SHARED_FLAGS
 
 

@@ -1,24 +1,39 @@
-"""session.py: which checkpoint is best, the run state a checkpoint keeps, how long things take."""
+"""session.py: which checkpoint is best, the steps held for a verdict, race times, the status line; each on a
+Session opened as a run opens it (the embedded track's name, inline, the suite's small network)."""
 
 from __future__ import annotations
 
-import collections
-import math
-
 import pytest
+from conftest import FAST_ASSIGNMENTS
 
-from session import Progress, RunState, Session, duration
-
-
-class BestOnly(Session):
-    """A Session reduced to the run state `_is_best` reads."""
-
-    def __init__(self) -> None:  # noqa: D107 - no run folder, no learner: only the decision
-        self.run = RunState()
+import cli
+from console import Progress, race_summary
+from health import EpisodeResult
+from run_state import RunState
+from session import Session
 
 
-def test_best_follows_the_mean_reward_until_the_first_finish_then_the_race_time():
-    session = BestOnly()
+@pytest.fixture
+def open_session(tmp_path):
+    """Opens Sessions as a run does (each in its own run folder) and closes them after the test; the parts
+    a test replaces (the learner, the log) are put back first."""
+    opened: list[tuple[Session, object, object]] = []
+
+    def open_one() -> Session:
+        args = ["--checkpoint-root", str(tmp_path), "--run-name", f"s{len(opened)}", "--no-wandb"]
+        args += ["--device", "cpu", "--learner", "inline", *sum((["--set", a] for a in FAST_ASSIGNMENTS), [])]
+        session = Session(cli.parse_args(args), "embedded", "inline")
+        opened.append((session, session.learner, session.log))
+        return session
+
+    yield open_one
+    for session, learner, log in opened:
+        session.learner, session.log = learner, log
+        session.close()
+
+
+def test_best_follows_the_mean_reward_until_the_first_finish_then_the_race_time(open_session):
+    session = open_session()
     run = session.run
     run.interval_rewards = [10.0, 20.0]
     assert session._is_best() and run.best_interval_reward == 15.0
@@ -32,30 +47,6 @@ def test_best_follows_the_mean_reward_until_the_first_finish_then_the_race_time(
     assert session._is_best(), "a faster lap is best"
     run.interval_race_times = [41.0]
     assert not session._is_best(), "a slower lap is not"
-
-
-def test_a_checkpoints_run_state_round_trips_and_older_checkpoints_still_load():
-    run = RunState(step=1200, episode=30, best_race_time=41.5, race_times=[44.0, 41.5], time_step_timeouts=7)
-    again = RunState.from_checkpoint({**run.checkpoint_fields(), "extra": 1})
-    assert again.checkpoint_fields() == run.checkpoint_fields()
-    old = RunState.from_checkpoint({"step": 10, "episode": 1, "best_interval_reward": -math.inf})
-    assert old.race_times == [] and old.best_race_time is None and old.time_step_timeouts == 0
-
-
-@pytest.mark.parametrize(
-    ("seconds", "text"),
-    [
-        (45, "45 s"),
-        (600, "10 min"),
-        (5400, "1 h 30 min"),
-        (7260, "2 h 01 min"),
-        (40_000, "11 h"),
-        (math.inf, "?"),
-        (-1, "?"),
-    ],
-)
-def test_duration_reads_like_a_person_would_say_it(seconds, text):
-    assert duration(seconds) == text
 
 
 # --- the quarantine of steps a game's checks may still condemn (issue 24) ----------------------------------
@@ -76,19 +67,9 @@ class Recorder:
         return f"lag {self.lag}" if self.beside else None
 
 
-def held_session(verdict_steps: int) -> Session:
-    import collections
-
-    from health import HealthMonitor
-    from tm_config import Config
-
-    session = Session.__new__(Session)  # no run folder, no process: the hand-over alone
-    session.run, session.learner, session.monitor = RunState(), Recorder(), HealthMonitor(Config())
-    session.verdict_steps, session.quarantine, session.quarantined_steps = (
-        verdict_steps,
-        collections.deque(),
-        0,
-    )
+def held_session(open_session, verdict_steps: int) -> Session:
+    session = open_session()
+    session.learner, session.verdict_steps = Recorder(), verdict_steps  # the hand-over alone
     return session
 
 
@@ -106,15 +87,15 @@ def drive(session: Session, episodes: list[int]) -> None:
             )
 
 
-def test_without_checks_every_step_reaches_the_learner_at_once():
-    session = held_session(0)
+def test_without_checks_every_step_reaches_the_learner_at_once(open_session):
+    session = held_session(open_session, 0)
     drive(session, [2, 1])
     assert session.learner.calls == [("episode", 0), ("step", 1), ("step", 2), ("episode", 1), ("step", 3)]
     assert session.run.step == 3 and not session.quarantine
 
 
-def test_held_steps_reach_the_learner_in_order_once_old_enough_or_when_the_run_ends_well():
-    session = held_session(2)
+def test_held_steps_reach_the_learner_in_order_once_old_enough_or_when_the_run_ends_well(open_session):
+    session = held_session(open_session, 2)
     drive(session, [3, 2])
     # 5 steps taken, the newest 2 (and the episode start before them) still held.
     assert session.learner.calls == [("episode", 0), ("step", 1), ("step", 2), ("step", 3)]
@@ -123,27 +104,25 @@ def test_held_steps_reach_the_learner_in_order_once_old_enough_or_when_the_run_e
     assert session.learner.calls[4:] == [("episode", 1), ("step", 4), ("step", 5)] and not session.quarantine
 
 
-def test_a_condemned_lie_is_dropped_with_its_episode_start_and_the_older_held_steps_are_kept():
-    session = held_session(4)
+def test_a_condemned_lie_is_dropped_with_its_episode_start_and_the_older_held_steps_are_kept(open_session):
+    session = held_session(open_session, 4)
     drive(session, [3, 2])  # held: steps 2 and 3, the episode start, steps 4 and 5
     assert session.drop_quarantine(2) == 2  # steps 4 and 5 were the lie
     assert session.learner.calls == [("episode", 0), ("step", 1), ("step", 2), ("step", 3)]
     assert session.run.step == 3 and session.quarantined_steps == 0
-    session = held_session(4)
+    session = held_session(open_session, 4)
     drive(session, [3, 2])
     assert session.drop_quarantine(0) == 0  # a fault caught in the step it began: all held steps are true
     assert [c for c in session.learner.calls if c[0] == "step"] == [("step", n) for n in range(1, 6)]
-    session = held_session(4)
+    session = held_session(open_session, 4)
     drive(session, [3, 2])
     assert session.drop_quarantine(50) == 4  # a longer lie than was held: every held step goes
     assert session.run.step == 1 and session.learner.calls == [("episode", 0), ("step", 1)]
 
 
-def test_a_checkpoint_counts_only_the_steps_handed_to_the_learner():
-    session = held_session(2)
+def test_a_checkpoint_counts_only_the_steps_handed_to_the_learner(open_session):
+    session = held_session(open_session, 2)
     drive(session, [5])
-    session.actor = type("A", (), {"agent": type("G", (), {"acting_streams": lambda self: {}})()})()
-    session.config = __import__("tm_config").Config()
     assert session._checkpoint_run()["step"] == 3 and session.run.step == 5
 
 
@@ -156,56 +135,48 @@ class Log:
         self.records.append({"kind": kind, "step": step, **fields})
 
 
-def race_session() -> Session:
-    from tm_config import Config
-
-    session = held_session(0)
-    session.config, session.log, session.policy_ages = Config(), Log(), []
-    session.actor = type("A", (), {"epsilon": 0.5})()
-    session.last_metrics, session.episode_lag_max, session.episode_wait = {}, 0, 0.0
-    session.recent_returns = collections.deque(maxlen=10)
-    session.last_episode_line, session.unshown_episodes = -math.inf, 0
-    session.progress = Progress(total_steps=1000)
+def race_session(open_session) -> Session:
+    session = held_session(open_session, 0)
+    session.log, session.progress = Log(), Progress(total_steps=1000)
     return session
 
 
-def test_a_finish_takes_its_race_time_from_the_clock_and_one_with_timeouts_never_sets_the_best():
-    session = race_session()
-    session.end_episode(100.0, 60, True, 4.0, finished=True, race_time=3.2, timeouts=0)
+def test_a_finish_takes_its_race_time_from_the_clock_and_one_with_timeouts_never_sets_the_best(open_session):
+    session = race_session(open_session)
+    session.end_episode(EpisodeResult(100.0, 60, True, 4.0, finished=True, race_time=3.2, timeouts=0))
     record = session.log.records[-1]
     assert record["race_time"] == 3.2 and record["race_time_reliable"] is True  # not 60 x 0.05 = 3.0
-    session.end_episode(100.0, 30, True, 2.0, finished=True, race_time=1.9, timeouts=4)  # a loaded PC
+    session.end_episode(
+        EpisodeResult(100.0, 30, True, 2.0, finished=True, race_time=1.9, timeouts=4)
+    )  # a loaded PC
     record = session.log.records[-1]
     assert record["race_time"] == 1.9 and record["race_time_reliable"] is False
     run = session.run
     assert run.best_race_time == 3.2 and run.race_times == [3.2] and run.interval_race_times == [3.2]
     assert run.finishes == 2 and record["finish_rate"] == 1.0 and record["best_race_time"] == 3.2
-    assert "2 finishes in 2 episodes (100.0%), best 3.20 s" in session.race_summary()
-    assert "(1 with time-step timeouts: no reliable race time)" in session.race_summary()
-    session.end_episode(5.0, 40, False, 2.0, finished=False, race_time=None)
+    assert "2 finishes in 2 episodes (100.0%), best 3.20 s" in race_summary(session.run)
+    assert "(1 with time-step timeouts: no reliable race time)" in race_summary(session.run)
+    session.end_episode(EpisodeResult(5.0, 40, False, 2.0, finished=False, race_time=None))
     assert (
         session.log.records[-1]["race_time"] is None and session.log.records[-1]["race_time_reliable"] is None
     )
     # A simulator has no clock of its own: its steps are exactly one time step apart.
-    session.end_episode(100.0, 50, True, 0.5, finished=True)
+    session.end_episode(EpisodeResult(100.0, 50, True, 0.5, finished=True))
     assert session.log.records[-1]["race_time"] == pytest.approx(2.5) and run.best_race_time == 2.5
     again = RunState.from_checkpoint(run.checkpoint_fields())
     assert again.unreliable_finishes == 1 and again.finishes == 3
 
 
 # --- what a person sees on the terminal (issue 27) ----------------------------------------------------------
-def status_line(monkeypatch, capsys, columns: int, beside: bool = True) -> str:
+def status_line(open_session, monkeypatch, capsys, columns: int, beside: bool = True) -> str:
     import os
 
-    import session as session_module
-    from session import Progress
+    import console
 
-    monkeypatch.setattr(
-        session_module.shutil, "get_terminal_size", lambda fallback: os.terminal_size((columns, 24))
-    )
+    session = race_session(open_session)  # opened first: its command line is parsed at the real width
+    monkeypatch.setattr(console.shutil, "get_terminal_size", lambda fallback: os.terminal_size((columns, 24)))
     clock = {"now": 1000.0}
-    monkeypatch.setattr(session_module.time, "perf_counter", lambda: clock["now"])
-    session = race_session()
+    monkeypatch.setattr(console.time, "perf_counter", lambda: clock["now"])
     session.progress = Progress(total_steps=10_000_000)
     session.progress.interactive = True
     session.progress.restart_rate(1_234_480)
@@ -226,8 +197,10 @@ FIELDS = ["step 1,234,567/10M (12.3%)", "ETA ", "steps/s", "ep 1,234", "R10 5.8"
 
 
 @pytest.mark.parametrize("columns", [80, 120, 200])
-def test_the_status_line_fits_the_terminal_by_leaving_out_whole_fields(monkeypatch, capsys, columns):
-    line = status_line(monkeypatch, capsys, columns)
+def test_the_status_line_fits_the_terminal_by_leaving_out_whole_fields(
+    open_session, monkeypatch, capsys, columns
+):
+    line = status_line(open_session, monkeypatch, capsys, columns)
     assert len(line) <= columns - 1, line
     pieces = line.split(" | ")
 
@@ -245,50 +218,27 @@ def test_the_status_line_fits_the_terminal_by_leaving_out_whole_fields(monkeypat
         assert len(pieces) == len(FIELDS), line
 
 
-def test_fit_fields_drops_the_least_important_first_and_keeps_the_first_whole():
-    from session import fit_fields
-
-    fields = [(0, "aaaa"), (2, "bb"), (1, "cccc"), (2, "dd")]
-    assert fit_fields(fields, 100) == "aaaa | bb | cccc | dd"
-    assert fit_fields(fields, 16) == "aaaa | bb | cccc"  # the later of the two least important goes first
-    assert fit_fields(fields, 11) == "aaaa | cccc"
-    assert fit_fields(fields, 2) == "aaaa"  # the most important field is never cut
-
-
-def test_each_finished_episode_gets_a_line_with_the_mean_of_the_last_ten(monkeypatch, capsys):
+def test_each_finished_episode_gets_a_line_with_the_mean_of_the_last_ten(open_session, monkeypatch, capsys):
     import session as session_module
-    from session import Progress
 
     clock = {"now": 1000.0}
     monkeypatch.setattr(session_module.time, "perf_counter", lambda: clock["now"])
-    session = race_session()
+    session = race_session(open_session)
     session.progress = Progress(total_steps=100_000)
     capsys.readouterr()
     for episode in range(12):
         clock["now"] += 5.0  # long episodes: one line each
-        session.end_episode(float(episode), 1000, False, 5.0)
+        session.end_episode(EpisodeResult(float(episode), 1000, False, 5.0))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("episode")]
     assert len(lines) == 12
     assert lines[-1] == "episode 12: return 11.0 in 1,000 steps | mean of the last 10 6.5"
     clock["now"] += 3.0
-    session.end_episode(100.0, 60, True, 3.0, finished=True, race_time=3.21, timeouts=2)
+    session.end_episode(EpisodeResult(100.0, 60, True, 3.0, finished=True, race_time=3.21, timeouts=2))
     assert capsys.readouterr().out.strip().endswith("| finished in 3.21 s (timeouts: unreliable)")
     for _ in range(5):  # 5 short episodes within a second: one line for them all
         clock["now"] += 0.2
-        session.end_episode(1.0, 20, False, 0.2)
+        session.end_episode(EpisodeResult(1.0, 20, False, 0.2))
     clock["now"] += 2.0
-    session.end_episode(2.0, 20, False, 0.2)
+    session.end_episode(EpisodeResult(2.0, 20, False, 0.2))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("episode")]
     assert lines == ["episodes 14-19: return 2.0 in 20 steps | mean of the last 10 13.7"], lines
-
-
-def test_pretraining_shows_its_rate_and_time_left_once_measured():
-    from session import pretraining_status
-
-    assert pretraining_status(10, 2_000, 0, 1.0) == [(0, "pretraining 10/2,000 learn steps (0%)")]
-    fields = pretraining_status(500, 2_000, 100, 10.0)  # 400 learn steps in 10 s: 40/s, 1,500 left
-    assert fields == [
-        (0, "pretraining 500/2,000 learn steps (25%)"),
-        (1, "40.0 learn steps/s"),
-        (1, "ETA 38 s"),
-    ]

@@ -6,7 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tm_config import ACTIONS, NUMBER_OF_ACTIONS, Config, ConfigError, clip_action, describe_departures
+from tm_config import (
+    ACTIONS,
+    NUMBER_OF_ACTIONS,
+    Config,
+    ConfigError,
+    Runtime,
+    clip_action,
+    describe_departures,
+)
 
 
 def test_assignments_are_converted_to_each_fields_type():
@@ -102,3 +110,23 @@ def test_clip_action_clips_range_and_refuses_broken_actions():
     for broken in ([np.nan, 0.0, 0.0], [0.0, 0.0, np.inf]):
         with pytest.raises(ValueError, match="must be finite"):
             clip_action(broken)
+
+
+def test_runtime_knobs_are_checked_and_round_trip_through_a_checkpoint():
+    runtime = Runtime(learner="inline", threads=2, on_red_flag="rollback", eval_every=1000, eval_episodes=3)
+    assert Runtime.from_dict({**runtime.to_dict(), "from_a_newer_version": 1}) == runtime
+    assert Runtime.from_dict({"on_red_flag": "stop"}) == Runtime(on_red_flag="stop"), "older: defaults"
+    for bad in ({"learner": "beneath"}, {"on_red_flag": "ignore"}, {"eval_episodes": 0}, {"threads": 0}):
+        with pytest.raises(ConfigError):
+            Runtime(**bad)
+
+
+def test_a_resumed_runtime_keeps_the_recorded_knobs_except_those_given_again():
+    recorded = Runtime(learner="inline", on_red_flag="stop", eval_every=500)
+    command_line = Runtime(on_red_flag="rollback", eval_every=500)  # --on-red-flag and --eval-every given
+    runtime, notes = command_line.resumed(recorded, {"on_red_flag", "eval_every"})
+    assert runtime == Runtime(learner="inline", on_red_flag="rollback", eval_every=500)
+    assert notes == [
+        "--on-red-flag rollback given: the run had stop (kept from its checkpoint when not given)"
+    ]
+    assert command_line.resumed(recorded, set()) == (recorded, [])

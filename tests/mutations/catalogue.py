@@ -752,10 +752,10 @@ CATALOGUE: tuple[Mutation, ...] = (
         "issue 26: the CPU actor created a CUDA context at its first checkpoint to save CUDA's random state",
         (
             (
-                "session.py",
+                "run_state.py",
                 '        "actor_rng": actor.agent.acting_streams(),',
-                '        "actor_rng": {**actor.agent.acting_streams(), "cuda": torch.cuda.get_rng_state_all() '
-                "if torch.cuda.is_available() else None},",
+                '        "actor_rng": {**actor.agent.acting_streams(), "cuda": __import__("torch").cuda.'
+                'get_rng_state_all() if __import__("torch").cuda.is_available() else None},',
             ),
         ),
         (f"{LOOP}::test_the_actor_never_initialises_cuda",),
