@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from beside import make_driver
+from beside import EpisodeStart, Step, make_driver
 from checkpoints import CheckpointStore, move_aside
 from cli import EXIT_INTERRUPTED, EXIT_OK, default_run_name
 from console import (
@@ -311,7 +311,7 @@ class Session:
         # Steps an environment's checks may still condemn (TrackManiaEnv.verdict_steps; 0: none) wait here,
         # in order with the episode starts between them, before they are handed to the learner.
         self.verdict_steps = 0
-        self.quarantine: collections.deque[tuple] = collections.deque()
+        self.quarantine: collections.deque[EpisodeStart | Step] = collections.deque()
         self.quarantined_steps = 0
 
     # --- health ----------------------------------------------------------------------------------------
@@ -323,7 +323,7 @@ class Session:
         return monitor
 
     def start_episode(self, frames: np.ndarray, car: np.ndarray) -> None:
-        self._hold(("episode", np.array(frames, copy=True), np.array(car, copy=True)))
+        self._hold(EpisodeStart(np.array(frames, copy=True), np.array(car, copy=True)))
 
     def store_step(
         self,
@@ -337,29 +337,30 @@ class Session:
         """Hand one environment step to the learner (once the environment's checks can no longer condemn
         it) and count it; returns the red flags it raised."""
         self._hold(
-            ("step", action, reward, bool(terminated), bool(truncated), np.array(frames[-1], copy=True),
-             np.array(car, copy=True))
+            Step(action, reward, bool(terminated), bool(truncated), np.array(frames[-1], copy=True),
+                 np.array(car, copy=True))
         )  # fmt: skip
         self.run.step += 1
         self.monitor.observe_reward(reward)
         return self.monitor.observe_frames(frames, self.run.step, self.run.episode, speed=float(car[0]))
 
-    def _hold(self, call: tuple) -> None:
+    def _hold(self, item: EpisodeStart | Step) -> None:
         if not self.verdict_steps:  # nothing can condemn a step: straight to the learner
-            self._hand_over(call)
+            self._hand_over(item)
             return
-        self.quarantine.append(call)
-        self.quarantined_steps += call[0] == "step"
+        self.quarantine.append(item)
+        self.quarantined_steps += isinstance(item, Step)
         while self.quarantined_steps > self.verdict_steps:
-            call = self.quarantine.popleft()
-            self.quarantined_steps -= call[0] == "step"
-            self._hand_over(call)
+            item = self.quarantine.popleft()
+            self.quarantined_steps -= isinstance(item, Step)
+            self._hand_over(item)
 
-    def _hand_over(self, call: tuple) -> None:
-        if call[0] == "episode":
-            self.learner.start_episode(*call[1:])
-        else:
-            self.learner.add(*call[1:])
+    def _hand_over(self, item: EpisodeStart | Step) -> None:
+        match item:
+            case EpisodeStart(frames, car):
+                self.learner.start_episode(frames, car)
+            case Step(action, reward, terminated, truncated, frame, car):
+                self.learner.add(action, reward, terminated, truncated, frame, car)
 
     def release_quarantine(self) -> None:
         """Hand every held step to the learner (the run ends well: nothing condemned them)."""
@@ -372,8 +373,8 @@ class Session:
         older ones to the learner; the step count goes back by as many as were dropped (returned)."""
         kept, dropped = list(self.quarantine), 0
         while kept and dropped < condemned:
-            dropped += kept.pop()[0] == "step"
-        while kept and kept[-1][0] == "episode":  # an episode whose steps were all dropped
+            dropped += isinstance(kept.pop(), Step)
+        while kept and isinstance(kept[-1], EpisodeStart):  # an episode whose steps were all dropped
             kept.pop()
         self.quarantine = collections.deque(kept)
         self.release_quarantine()

@@ -77,8 +77,8 @@ CATALOGUE: tuple[Mutation, ...] = (
         (
             (
                 "session.py",
-                '("step", action, reward, bool(terminated), bool(truncated),',
-                '("step", action, reward, bool(terminated or truncated), bool(truncated),',
+                "Step(action, reward, bool(terminated), bool(truncated),",
+                "Step(action, reward, bool(terminated or truncated), bool(truncated),",
             ),
         ),
         (LOOP_STORES,),
