@@ -223,6 +223,8 @@ class EmbeddedTrackEnv(gymnasium.Env):
     metadata = {"render_modes": []}
     real_time = False  # a simulator: it waits for the agent, so the actor may wait for the learner
     player_drives = False  # only through the program (a keyboard or scripted driver's actions)
+    on_screen = False  # shown only when asked: watch.py draws its frames in a window or a video
+    thread_log = None  # no threads of a library to route
 
     def __init__(
         self,

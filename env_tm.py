@@ -58,7 +58,8 @@ def train(args: argparse.Namespace) -> Any:
     config, actor, learner, progress, log = (
         session.config, session.actor, session.learner, session.progress, session.log
     )  # fmt: skip
-    unroute = route_thread_errors(session.run_dir / "trackmania.log") if env_name == "trackmania" else None
+    thread_log = getattr(environment.environment_class(env_name), "thread_log", None)
+    unroute = route_thread_errors(session.run_dir / thread_log) if thread_log else None
     try:
         env = environment.build_environment(env_name, config, args.seed)
     except BaseException:

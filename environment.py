@@ -75,8 +75,9 @@ def choose_environment(choice: str, config: Config, ask: Callable[[str], str] | 
 
 def environment_class(name: str) -> type | None:
     """The class `build_environment(name, ...)` builds: what such an environment is (`real_time`,
-    `player_drives`), known before one is built (a run's threads, who drives a recording). None for a run
-    without an environment of its own (the scale-out trainer)."""
+    `player_drives`, `on_screen`, `thread_log`), known before one is built (a run's threads, who drives a
+    recording, what a watcher sees, where the game's threads log). None for a run without an environment of
+    its own (the scale-out trainer)."""
     if name == "trackmania":
         return TrackManiaEnv
     if name == "embedded":

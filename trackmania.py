@@ -427,6 +427,8 @@ class TrackManiaEnv(gymnasium.Wrapper):
 
     real_time = True
     player_drives = True  # a person can drive the game: recording reads their inputs, sending no control
+    on_screen = True  # the game shows itself: a watcher looks at its window, nothing is drawn for it
+    thread_log = "trackmania.log"  # in the run folder: tmrl's and rtgym's threads report there (tm_logs)
 
     @property
     def verdict_steps(self) -> int:

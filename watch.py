@@ -138,7 +138,8 @@ def watch(args: argparse.Namespace, env_name: str, run_dir: Path) -> int:
     """Drive the checkpoint's greedy policy; returns the exit code (0)."""
     path = find_checkpoint(Path(args.watch) if args.watch else run_dir)
     agent, config, state = load_agent(path, args.device)
-    if args.record_video and env_name == "trackmania":
+    on_screen = environment.environment_class(env_name).on_screen
+    if args.record_video and on_screen:
         raise WatchError(
             "--record-video records the embedded track: TrackMania is on your screen (record it there)"
         )
@@ -151,7 +152,7 @@ def watch(args: argparse.Namespace, env_name: str, run_dir: Path) -> int:
     env = environment.build_environment(env_name, config, args.seed)
     display = None
     try:
-        if env_name == "embedded":
+        if not on_screen:
             display = (
                 VideoFile(Path(args.record_video), config.time_step_duration)
                 if args.record_video

@@ -92,4 +92,8 @@ def test_what_an_environment_is_is_known_before_one_is_built():
     assert environment.environment_class("embedded") is EmbeddedTrackEnv
     assert (TrackManiaEnv.real_time, TrackManiaEnv.player_drives) == (True, True)
     assert (EmbeddedTrackEnv.real_time, EmbeddedTrackEnv.player_drives) == (False, False)
+    # The game shows itself and its library's threads log to the run's trackmania.log; the embedded track
+    # is drawn only when watched and has no threads to route.
+    assert (TrackManiaEnv.on_screen, TrackManiaEnv.thread_log) == (True, "trackmania.log")
+    assert (EmbeddedTrackEnv.on_screen, EmbeddedTrackEnv.thread_log) == (False, None)
     assert environment.environment_class("trainer") is None
