@@ -60,7 +60,6 @@ DEFAULT_PORT = 55555  # tmrl's default relay port
 HEADER_SIZE = 12  # tlspyo message header; every role must use the same
 TMRL_PLACEHOLDER_PASSWORD = "==>TMRL@UseASecurePasswordHere!<=="  # tmrl's config.json default
 MIN_PASSWORD_LENGTH = 16
-BROADCAST_EVERY_LEARN_STEPS = 100  # the weights are ~1.5 MB: a few broadcasts per second at most
 POLL_SECONDS = 0.02
 
 
@@ -649,7 +648,7 @@ def run_trainer(args: argparse.Namespace) -> TrainResult:
             caught_up = agent.learn_steps >= learn_target()
             paused = backlog() > max_backlog
             if (
-                agent.learn_steps - last_broadcast_step >= BROADCAST_EVERY_LEARN_STEPS
+                agent.learn_steps - last_broadcast_step >= session.runtime.broadcast_every_learn_steps
                 or paused != was_paused
                 or (caught_up and agent.learn_steps != last_broadcast_step)
             ):

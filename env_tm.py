@@ -61,7 +61,7 @@ def train(args: argparse.Namespace) -> Any:
     thread_log = getattr(environment.environment_class(env_name), "thread_log", None)
     unroute = route_thread_errors(session.run_dir / thread_log) if thread_log else None
     try:
-        env = environment.build_environment(env_name, config, args.seed)
+        env = environment.build_environment(env_name, config, args.seed, session.runtime)
     except BaseException:
         if unroute is not None:
             unroute()

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from rainbow import ACTION_VECTORS, RainbowAgent
-from tm_config import Config
+from tm_config import Config, Runtime
 from tm_game import TrackManiaSetupError
 from tm_setup import check_tmrl_available
 from trackmania import (
@@ -87,9 +87,13 @@ def environment_class(name: str) -> type | None:
     return None
 
 
-def build_environment(name: str, config: Config, seed: int) -> Any:
+def build_environment(name: str, config: Config, seed: int, runtime: Runtime | None = None) -> Any:
+    """The environment `name` for `config`; `runtime` has the game's watchdog timeouts (default: Runtime)."""
     if name == "trackmania":
-        return make_trackmania_env(config)
+        runtime = runtime or Runtime()
+        return make_trackmania_env(
+            config, step_timeout=runtime.game_step_timeout_s, reset_timeout=runtime.game_reset_timeout_s
+        )
     from embedded_track import make_embedded_track  # imports gymnasium's Box2D only when used
 
     return make_embedded_track(config, seed=seed)

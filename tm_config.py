@@ -255,6 +255,14 @@ class Runtime:
     max_failed_saves: int = 3
     # --on-red-flag rollback: then the run stops, as a failure that keeps coming back is real.
     max_rollbacks: int = 3
+    # TrackMania's watchdogs: a step normally takes 0.05 s (~0.6 s when the episode ends), a reset waits for
+    # the respawn countdown and may first connect to the game; a call that takes longer is a game that stopped
+    # answering (GameNotRespondingError, with a save).
+    game_step_timeout_s: float = 10.0
+    game_reset_timeout_s: float = 60.0
+    # The scale-out trainer (distributed.py) sends its weights (~1.5 MB) to the workers every this many learn
+    # steps: a few broadcasts per second at most.
+    broadcast_every_learn_steps: int = 100
 
     CHOICES = {"learner": ("beside", "inline"), "on_red_flag": ("warn", "stop", "rollback")}
     GIVEN_BY = {"learner": "--learner", "threads": "--threads", "on_red_flag": "--on-red-flag",
@@ -267,10 +275,15 @@ class Runtime:
         minimums = {
             "threads": 1, "eval_every": 0, "eval_episodes": 1, "max_failed_saves": 1, "max_rollbacks": 0
         }  # fmt: skip
+        minimums["broadcast_every_learn_steps"] = 1
         for key, least in minimums.items():
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value < least):
                 raise ConfigError(f"{key}={value!r} must be a whole number >= {least}")
+        for key in ("game_step_timeout_s", "game_reset_timeout_s"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{key}={value!r} must be a number of seconds > 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -36,7 +36,7 @@ from typing import Any
 import gymnasium
 import numpy as np
 
-from tm_config import Config, clip_action
+from tm_config import Config, Runtime, clip_action
 from tm_game import (
     GAME_CHECKS,
     REWARD_CONFIG,
@@ -77,8 +77,7 @@ OBS_CAPTURE_MARGIN = 0.01
 TIME_STEP_TIMEOUT_FACTOR = 1.0
 
 # --- watchdog defaults ---------------------------------------------------------------------------------
-DEFAULT_STEP_TIMEOUT = 10.0  # seconds; a step normally takes 0.05 s, or ~0.6 s when the episode ends
-DEFAULT_RESET_TIMEOUT = 60.0  # seconds; a reset waits SLEEP_TIME_AT_RESET and may first connect to the game
+# The step and reset timeouts are runtime knobs: tm_config.Runtime (game_step_timeout_s, _reset_timeout_s).
 # The picture must change from one step to the next while the car reports more than MOVING_SPEED km/h
 # (the camera follows it: 0.14 m per step at 10 km/h); 8 unchanged steps (0.4 s at 20 Hz) is a frozen capture.
 DEFAULT_MAX_IDENTICAL_FRAMES = 8
@@ -247,8 +246,8 @@ def make_trackmania_env(
     *,
     gamepad: bool | None = None,
     allow_non_windows: bool = False,
-    step_timeout: float = DEFAULT_STEP_TIMEOUT,
-    reset_timeout: float = DEFAULT_RESET_TIMEOUT,
+    step_timeout: float = Runtime.game_step_timeout_s,
+    reset_timeout: float = Runtime.game_reset_timeout_s,
     max_identical_frames: int = DEFAULT_MAX_IDENTICAL_FRAMES,
 ) -> TrackManiaEnv:
     """The TrackMania env: observations (speed, gear, rpm, images uint8 (4, 64, 64), act1, act2).
@@ -442,8 +441,8 @@ class TrackManiaEnv(gymnasium.Wrapper):
         env: gymnasium.Env,
         *,
         errors: InterfaceErrors | None = None,
-        step_timeout: float = DEFAULT_STEP_TIMEOUT,
-        reset_timeout: float = DEFAULT_RESET_TIMEOUT,
+        step_timeout: float = Runtime.game_step_timeout_s,
+        reset_timeout: float = Runtime.game_reset_timeout_s,
         max_identical_frames: int = DEFAULT_MAX_IDENTICAL_FRAMES,
         track_length_m: float = math.nan,
         pause_seconds: float = PAUSE_SECONDS,

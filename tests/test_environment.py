@@ -8,7 +8,7 @@ import re
 import pytest
 
 import environment
-from tm_config import Config
+from tm_config import Config, Runtime
 from tm_game import TrackManiaSetupError
 
 REASON = "nothing answers on 127.0.0.1:9000 (the OpenPlanet plugin 'TMRL Grab Data')"
@@ -97,3 +97,13 @@ def test_what_an_environment_is_is_known_before_one_is_built():
     assert (TrackManiaEnv.on_screen, TrackManiaEnv.thread_log) == (True, "trackmania.log")
     assert (EmbeddedTrackEnv.on_screen, EmbeddedTrackEnv.thread_log) == (False, None)
     assert environment.environment_class("trainer") is None
+
+
+def test_the_game_is_built_with_the_runtimes_watchdog_timeouts(monkeypatch):
+    """The step and reset timeouts are runtime knobs (tm_config.Runtime): the game gets the run's values."""
+    built = {}
+    monkeypatch.setattr(environment, "make_trackmania_env", lambda config, **options: built.update(options))
+    environment.build_environment("trackmania", Config(), 0, Runtime(game_step_timeout_s=2.5))
+    assert built == {"step_timeout": 2.5, "reset_timeout": Runtime.game_reset_timeout_s}
+    environment.build_environment("trackmania", Config(), 0)
+    assert built == {"step_timeout": 10.0, "reset_timeout": 60.0}

@@ -116,7 +116,12 @@ def test_runtime_knobs_are_checked_and_round_trip_through_a_checkpoint():
     runtime = Runtime(learner="inline", threads=2, on_red_flag="rollback", eval_every=1000, eval_episodes=3)
     assert Runtime.from_dict({**runtime.to_dict(), "from_a_newer_version": 1}) == runtime
     assert Runtime.from_dict({"on_red_flag": "stop"}) == Runtime(on_red_flag="stop"), "older: defaults"
-    for bad in ({"learner": "beneath"}, {"on_red_flag": "ignore"}, {"eval_episodes": 0}, {"threads": 0}):
+    bad_values = (
+        {"learner": "beneath"}, {"on_red_flag": "ignore"}, {"eval_episodes": 0}, {"threads": 0},
+        {"game_step_timeout_s": 0}, {"game_reset_timeout_s": float("nan")},
+        {"broadcast_every_learn_steps": 0},
+    )  # fmt: skip
+    for bad in bad_values:
         with pytest.raises(ConfigError):
             Runtime(**bad)
 
