@@ -17,6 +17,8 @@ non-finite steps) are judged only live, with their thresholds in health.py.
 The thresholds are module constants below, each citing the seed it comes from: seed 004 (the known-good
 config and its red flags), seed 003 (grad norm never recorded, zero-initialised output layer), seed 001
 (Q-values implying impossible returns), seed 000 (a bounded head trained on unbounded targets).
+They are the rules' definitions, not knobs (tm_config.Config and Runtime hold those): a run that moved one
+would raise flags that its go/no-go and every comparison of it, which read these constants, would not.
 """
 
 from __future__ import annotations
