@@ -8,7 +8,7 @@
 The loop, as pinned by the known-good run (seed 004): one learn step per environment step once a batch
 is stored; the target net is a hard copy of the online net every 1500 learn steps; epsilon is a function
 of the global step, which (like the episode count) carries across resumes. By default the learner runs in
-a process beside this one (learner.py), so the game never waits for a learn step; `--learner inline` acts
+a process beside this one (beside.py), so the game never waits for a learn step; `--learner inline` acts
 and learns in turn, as the reference did.
 
 This file imports only the standard library, cli.py (the command line and the exit codes) and tm_config at

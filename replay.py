@@ -1,4 +1,5 @@
-"""Prioritized replay memory with a uint8 frame store (numpy only: no networks, no environments).
+"""Prioritized replay memory with a uint8 frame store (numpy only: no networks, no environments). One concept
+at ~750 lines: the tree, the frame ring, n-step windows and the demonstration part index the same slots.
 
 Two pieces:
 

@@ -141,7 +141,7 @@ class Config:
     time_step_duration: float = 0.05
     ep_max_length: int = 1000  # agent steps before an episode is truncated (not terminal)
 
-    # LEARNING BESIDE ACTING (learner.py): the actor copies the learner's weights every this many learn
+    # LEARNING BESIDE ACTING (beside.py): the actor copies the learner's weights every this many learn
     # steps. Mid-episode it never waits for the learner unless it is `learner_max_lag` steps ahead (a
     # real-time game cannot pause); the learner catches up at each episode's end, while the car respawns.
     # A simulator that can wait (the embedded track) waits whenever the learner is `simulator_max_lag`
