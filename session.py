@@ -1,7 +1,8 @@
 """The lifecycle of a training run besides its environment: it opens (config and runtime, run folder, learner
 inline (learner.py) or in a process beside the actor (beside.py), resume), hands steps and episodes on
 (holding back the ones a game's checks may still condemn), checkpoints, evaluates, handles red flags
-(health.py), ends and closes. Its console is console.py, its counters and random streams run_state.py, its command line cli.py.
+(health.py), ends and closes. Its console is console.py, its counters and random streams run_state.py,
+its command line cli.py.
 
 The single-PC loop (env_tm.py) and the scale-out trainer (distributed.py) each drive one Session, so both
 resume, checkpoint, log and raise red flags the same way. Nothing here steps an environment. At ~780 lines
