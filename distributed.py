@@ -21,6 +21,9 @@ samples and the weights. What is ours:
 - Security: the relay listens on the network. It refuses tmrl's placeholder password and weak ones, makes
   a random one on its first run (stored in a file the user copies to the other machines), supports TLS
   with the user's certificate, and never prints or logs the password.
+
+One concept at ~700 lines: the relay, the trainer and the workers share one wire format, one password rule
+and one broadcast, read in one file.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ loss_spike, head_frozen, early_exploitation, reward_decline) live in red_flags.p
 go/no-go diagnosis (diagnose.py) and the comparison (run_checks.py); the monitor calls them on its rolling
 series. The flags only the live stream can judge (frozen frames, stale policies, the game's timeouts and
 finishes, demonstrations, non-finite steps) are defined here, with their thresholds below.
+
+One concept at ~700 lines: the live monitor and the flags only it can judge, which share its rolling state.
 """
 
 from __future__ import annotations
