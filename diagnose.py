@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 import red_flags
-from health import FATAL_FLAGS, to_float
+from health import FATAL_FLAGS, figure, to_float
 from red_flags import (
     GRAD_EXPLODING_FACTOR,
     LOSS_SMOOTHING_STEPS,
@@ -63,10 +63,6 @@ def _all_finite(pairs: list[tuple[int, float]], what: str) -> tuple[bool, str]:
     if bad:
         return False, f"{len(bad)} of {len(pairs)} non-finite, first {bad[0][1]} at step {bad[0][0]:,}"
     return True, f"all {len(pairs)} finite"
-
-
-def _g(value: float | None) -> str:
-    return "missing" if value is None else f"{value:.4g}"
 
 
 @dataclass(frozen=True)
@@ -285,7 +281,7 @@ def diagnose(records: list[dict[str, Any]], config: Config) -> list[Criterion]:
     add(
         "q_changes",
         alive,
-        f"last q_std {_g(q_std_last)}, {distinct_q} distinct q_mean values in {len(steps)} step records",
+        f"last q_std {figure(q_std_last)}, {distinct_q} distinct q_mean values in {len(steps)} step records",
         "q_std > 0 at the end and q_mean not constant (a dead head: seeds 003, 000)",
     )
 

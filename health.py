@@ -146,7 +146,8 @@ class RedFlag:
         }
 
 
-def _g(value: float | None) -> str:
+def figure(value: float | None) -> str:
+    """A measured value as red-flag messages and the go/no-go table print it."""
     return "missing" if value is None else f"{value:.4g}"
 
 
@@ -326,7 +327,7 @@ class HealthMonitor:
             loss_bad or skipped,
             lambda: RedFlag(
                 "nonfinite_loss",
-                f"non-finite learn step at step {step} (loss={_g(loss)}, grad_norm={_g(grad)}"
+                f"non-finite learn step at step {step} (loss={figure(loss)}, grad_norm={figure(grad)}"
                 f"{', skipped' if skipped else ''}): its gradients were dropped; "
                 f"{self._skipped} such steps so far",
                 loss,
@@ -380,8 +381,8 @@ class HealthMonitor:
             reading is not None and reading.tripped,
             lambda: RedFlag(
                 "grad_norm_exploding",
-                f"pre-clip gradient norm {_g(grad)} > {grad_limit:g} ({GRAD_EXPLODING_FACTOR:g}x the clip "
-                f"norm {cfg.gradient_clip_norm:g}) at step {step}: updates are being cut hard, the loss "
+                f"pre-clip gradient norm {figure(grad)} > {grad_limit:g} ({GRAD_EXPLODING_FACTOR:g}x the "
+                f"clip norm {cfg.gradient_clip_norm:g}) at step {step}: updates are being cut hard, the loss "
                 "surface is blowing up",
                 grad,
                 step,
@@ -398,7 +399,7 @@ class HealthMonitor:
             reading is not None and reading.tripped,
             lambda: RedFlag(
                 "q_negative",
-                f"mean Q {_g(q_mean)} < {floor:g} at step {step} (episode {episode}): "
+                f"mean Q {figure(q_mean)} < {floor:g} at step {step} (episode {episode}): "
                 "Q-values are collapsing (seed 004 red flag; its failed soft-update run went to -40,000)",
                 q_mean,
                 step,
@@ -417,7 +418,7 @@ class HealthMonitor:
             reading is not None and reading.tripped,
             lambda: RedFlag(
                 "q_out_of_bounds",
-                f"|Q| {_g(q_extreme)} > {bound:.4g} = max|r| {self.max_abs_reward:.4g} / (1 - gamma "
+                f"|Q| {figure(q_extreme)} > {bound:.4g} = max|r| {self.max_abs_reward:.4g} / (1 - gamma "
                 f"{gamma:g}) at step {step}: no discounted return can be that large, so the values are "
                 "diverging (seed 001: Q implied returns of 2.4M on a -50..200 reward scale)",
                 q_extreme,
@@ -437,7 +438,7 @@ class HealthMonitor:
             spike is not None and spike.tripped,
             lambda: RedFlag(
                 "loss_spike",
-                f"median loss over the last {LOSS_SMOOTHING_STEPS} learn steps {_g(smoothed)} > "
+                f"median loss over the last {LOSS_SMOOTHING_STEPS} learn steps {figure(smoothed)} > "
                 f"{LOSS_SPIKE_THRESHOLD:g} after episode {LOSS_SPIKE_AFTER_EPISODE} "
                 f"(episode {episode}, step {step}): the seed 004 red flag of a diverging run",
                 smoothed,
@@ -457,8 +458,8 @@ class HealthMonitor:
             frozen is not None and frozen.tripped,
             lambda: RedFlag(
                 "head_frozen",
-                f"Q outputs unchanged for {same_q} learn steps in a row (q_std={_g(q_std)}, "
-                f"q_mean={_g(q_mean)}) at step {step}: a dead head (zero-initialised output layer, seed "
+                f"Q outputs unchanged for {same_q} learn steps in a row (q_std={figure(q_std)}, "
+                f"q_mean={figure(q_mean)}) at step {step}: a dead head (zero-initialised output layer, seed "
                 "003) or a saturated one (bounded output trained on unbounded targets, seed 000)",
                 q_std,
                 step,

@@ -109,7 +109,11 @@ class Session:
         threads = self._seed(env_name)
         info = self._open_learner(requested, learner_mode, threads, notes)
         self._check_disk_room(info)
-        notes += self._resume_runtime(info)
+        try:
+            notes += self._resume_runtime(info)
+        except BaseException:  # a checkpoint's runtime this version refuses: no learner process left behind
+            self.learner.close()
+            raise
         notes += self._restore_run(info)
         self._check_steps_to_train(diagnosing)
         self._open_log_and_console(env_name)
@@ -127,7 +131,10 @@ class Session:
         sitting's (its start record: the learner's mode and threads are needed before its checkpoint is
         read), with what the command line gives again. The caller's `learner_mode` overrides both."""
         self.runtime, self.runtime_notes = self.requested_runtime, []
-        recorded = last_recorded_runtime(self.run_dir) if self.resume else None
+        # Only a run with a checkpoint to resume keeps its sittings' runtime: a run that starts afresh (its
+        # folder holds no checkpoint) is driven as this command line says.
+        resumable = self.resume and next(self.store.candidates(), None) is not None
+        recorded = last_recorded_runtime(self.run_dir) if resumable else None
         if recorded is not None:
             self.runtime, self.runtime_notes = self.requested_runtime.resumed(recorded, self.runtime_given)
         if learner_mode is not None:
@@ -136,11 +143,14 @@ class Session:
     def _resume_runtime(self, info: dict[str, Any]) -> list[str]:
         """The resumed checkpoint's runtime, with what the command line gives again (the learner runs in the
         mode and threads it was opened with); returns one line per knob the command line changes."""
-        saved = (info["run"] or {}).get("runtime")
+        opened_with = {"learner": self.runtime.learner, "threads": self.runtime.threads}
+        if info["run"] is None:  # no good checkpoint after all: a fresh run, as the command line says
+            self.runtime = dataclasses.replace(self.requested_runtime, **opened_with)
+            return []
+        saved = info["run"].get("runtime")
         if saved is None:
             return self.runtime_notes
         runtime, notes = self.requested_runtime.resumed(Runtime.from_dict(saved), self.runtime_given)
-        opened_with = {"learner": self.runtime.learner, "threads": self.runtime.threads}
         self.runtime = dataclasses.replace(runtime, **opened_with)
         return notes
 

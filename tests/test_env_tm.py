@@ -1075,6 +1075,20 @@ def test_a_resumed_run_keeps_its_runtime_knobs_and_announces_one_given_again(tmp
     assert start["runtime"] == {**starts[0]["runtime"], "on_red_flag": "rollback"}
 
 
+def test_a_run_with_no_checkpoint_to_resume_takes_the_command_lines_runtime(tmp_path, capsys):
+    """A sitting that recorded its knobs but never saved (checkpoints off) leaves nothing to resume: the next
+    sitting starts afresh, driven as its own command line says, not by that sitting's start record."""
+    base = ["--env", "embedded", "--checkpoint-root", str(tmp_path), "--run-name", "k", "--no-wandb"]
+    base += sum((["--set", a] for a in FAST), []) + ["--learner", "inline"]
+    unsaved = ["--set", "checkpoint=false", "--on-red-flag", "stop", "--eval-episodes", "2"]
+    assert env_tm.main([*base, "--steps", "40", *unsaved]) == cli.EXIT_OK
+    assert not list((tmp_path / "k").glob("*.pt"))
+    assert env_tm.main([*base, "--steps", "40"]) == cli.EXIT_OK
+    assert "given: the run had" not in capsys.readouterr().out
+    start = [r for r in read_jsonl(tmp_path / "k" / METRICS) if r.get("event") == "start"][-1]
+    assert (start["runtime"]["on_red_flag"], start["runtime"]["eval_episodes"]) == ("warn", 5)
+
+
 def test_a_run_ends_with_a_short_summary_table_of_what_it_did(tmp_path, capsys):
     assert env_tm.main(health_args(tmp_path, 80)) == cli.EXIT_OK
     out = capsys.readouterr().out.splitlines()

@@ -1066,4 +1066,24 @@ CATALOGUE: tuple[Mutation, ...] = (
         ),
         ("tests/test_red_flags.py::test_the_monitor_the_diagnosis_and_the_comparison_agree[q_negative]",),
     ),
+    Mutation(
+        "fresh_run_driven_by_an_unsaved_sittings_knobs",
+        "issue 28 review: a run with no checkpoint took --on-red-flag and the rest from an earlier sitting's "
+        "start record, so a fresh start was silently driven by options nobody gave it",
+        (
+            (
+                "session.py",
+                "        resumable = self.resume and next(self.store.candidates(), None) is not None",
+                "        resumable = self.resume",
+            ),
+            (
+                "session.py",
+                '        if info["run"] is None:  # no good checkpoint after all: a fresh run, as the command line says\n'
+                "            self.runtime = dataclasses.replace(self.requested_runtime, **opened_with)\n"
+                "            return []\n",
+                "",
+            ),
+        ),
+        (f"{LOOP}::test_a_run_with_no_checkpoint_to_resume_takes_the_command_lines_runtime",),
+    ),
 )
