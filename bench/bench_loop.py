@@ -39,7 +39,7 @@ from bench_agent import load_revision  # noqa: E402
 import rainbow  # noqa: E402
 import replay as replay_module  # noqa: E402
 from embedded_track import make_embedded_track  # noqa: E402
-from env_tm import split_observation  # noqa: E402
+from environment import split_observation  # noqa: E402
 from rainbow import ACTION_VECTORS  # noqa: E402
 from tm_config import Config  # noqa: E402
 

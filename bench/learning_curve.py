@@ -7,7 +7,7 @@ The run itself is an ordinary training run with evaluation switched on, for exam
     python bench/learning_curve.py --run-dir checkpoints/curve-seed0 --png bench/learning_curve.png
 
 This script reads the run's metrics.jsonl (its `eval` records: the greedy policy, noise off, on the
-held-out tracks `env_tm.evaluation_seeds`), drives a uniformly random policy over the same 11 actions on
+held-out tracks `environment.evaluation_seeds`), drives a uniformly random policy over the same 11 actions on
 the same tracks with the run's config, prints both, and draws the curve: evaluation returns (mean, and
 min-max over the episodes), the training episodes' returns, the random policy and the goal.
 It works on a run that is still going: the curve then ends at its newest evaluation.
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import write_json  # noqa: E402
 
-from env_tm import drive_episodes, evaluation_seeds  # noqa: E402
+from environment import drive_episodes, evaluation_seeds  # noqa: E402
 from rainbow import ACTION_VECTORS  # noqa: E402
 from run_log import METRICS_FILE, read_jsonl  # noqa: E402
 from tm_config import Config  # noqa: E402

@@ -72,6 +72,34 @@ def long_modules_without_a_reason(folder: Path) -> list[str]:
     return unexplained
 
 
+def missing_names(folder: Path, scripts: list[Path]) -> list[str]:
+    """`from module import name` in `scripts` where `module` is one of `folder`'s and defines no `name`."""
+    defined: dict[str, set[str]] = {}
+    for path in folder.glob("*.py"):
+        names: set[str] = set()
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for target in targets:
+                    parts = target.elts if isinstance(target, ast.Tuple) else [target]
+                    names |= {part.id for part in parts if isinstance(part, ast.Name)}
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        defined[path.stem] = names
+    missing = []
+    for script in scripts:
+        for node in ast.walk(ast.parse(script.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module in defined:
+                missing += [
+                    f"{script.name}: {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name != "*" and a.name not in defined[node.module]
+                ]
+    return missing
+
+
 def test_no_import_circles_among_the_modules():
     assert import_circles(import_graph(ROOT)) == []
 
@@ -82,6 +110,12 @@ def test_no_module_imports_another_modules_private_names():
 
 def test_every_module_over_700_lines_says_why_in_its_docstring():
     assert long_modules_without_a_reason(ROOT) == []
+
+
+def test_every_name_the_bench_and_the_tests_import_from_a_module_is_there():
+    """The bench scripts run by hand, never in CI: a name moved out of a module must not break them unseen."""
+    scripts = sorted(ROOT.glob("bench/*.py")) + sorted(ROOT.glob("tests/*.py")) + sorted(ROOT.glob("*.py"))
+    assert missing_names(ROOT, scripts) == []
 
 
 def test_the_repository_is_flat_with_no_packages():
@@ -101,3 +135,5 @@ def test_each_rule_catches_what_it_forbids(tmp_path):
         '"""Long: one concept, kept whole."""\n' + "x = 1\n" * (LONG_MODULE_LINES + 1), encoding="utf-8"
     )
     assert long_modules_without_a_reason(tmp_path) == []
+    (tmp_path / "script.py").write_text("from low import gone\nfrom high import later\n", encoding="utf-8")
+    assert missing_names(tmp_path, [tmp_path / "script.py"]) == ["script.py: low.gone"]
