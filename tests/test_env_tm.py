@@ -601,7 +601,7 @@ def run_scripted(
     act() and `seen`, when given, a copy of the (frames, car) act() was given."""
     if script is None:
         script = ScriptedTM20([(5, "terminated"), (7, "truncated"), (3, "terminated"), (6, "truncated")])
-    monkeypatch.setattr(environment, "build_environment", lambda name, config, seed: script)
+    monkeypatch.setattr(environment, "build_environment", lambda name, config, seed, runtime=None: script)
     used: list[tuple[int, float]] = []
     original_act = rainbow.RainbowAgent.act
 
