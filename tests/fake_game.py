@@ -91,9 +91,9 @@ def main() -> int:
     real_make = trackmania.make_trackmania_env
 
     def make(config, **kwargs):
-        env = real_make(
-            config, allow_non_windows=True, step_timeout=float(options.get("step_timeout", 2.0)), **kwargs
-        )
+        # The fake game answers in milliseconds: a short step watchdog, whatever the run's runtime gives.
+        kwargs["step_timeout"] = float(options.get("step_timeout", 2.0))
+        env = real_make(config, allow_non_windows=True, **kwargs)
         install_fake_game(patch, game.port, screen, recorder)
         real_step, real_reset, steps, episodes = env.step, env.reset, [0], [0]
         fault_episode = options.get("fault_episode")  # counts steps from that episode's start
