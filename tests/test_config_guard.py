@@ -17,7 +17,6 @@ import pytest
 import torch
 from conftest import FAST_ASSIGNMENTS, fill_replay, small_config
 
-import cli
 import env_tm
 import rainbow
 import tm_config
@@ -260,7 +259,7 @@ SACRED_CASES = [
 def test_a_sacred_key_is_refused_on_the_command_line_without_its_own_flag(assignment, flag, why, capsys):
     code = env_tm.main(["--env", "embedded", "--steps", "10", "--no-wandb", "--set", assignment])
     err = capsys.readouterr().err.strip()
-    assert code == cli.EXIT_ERROR and err.startswith("error: ") and "\n" not in err, (
+    assert code == env_tm.EXIT_ERROR and err.startswith("error: ") and "\n" not in err, (
         f"--set {assignment} without {flag} must end in one line: {why}"
     )
     assert f"add {flag}" in err and "unpinned" in err, f"the refusal must name the flag {flag}: {err}"
@@ -274,7 +273,7 @@ def test_an_unpinned_run_is_marked_in_its_metrics_and_checkpoint(tmp_path, capsy
     args = ["--env", "embedded", "--steps", "8", "--checkpoint-root", str(tmp_path), "--run-name", "u"]
     args += ["--no-wandb", "--unpin-learning-rate", "--set", "learning_rate=0.0003", "--learner", "inline"]
     args += sum((["--set", a] for a in FAST_ASSIGNMENTS), [])
-    assert env_tm.main(args) == cli.EXIT_OK, "with its flag, an unpinned run must train"
+    assert env_tm.main(args) == env_tm.EXIT_OK, "with its flag, an unpinned run must train"
     out = capsys.readouterr().out
     assert "UNPINNED run" in out and "learning_rate" in out, (
         f"the terminal must say unpinned: {CONSTANT_LR_WHY}"
@@ -286,6 +285,6 @@ def test_an_unpinned_run_is_marked_in_its_metrics_and_checkpoint(tmp_path, capsy
     )
     pinned = ["--env", "embedded", "--steps", "8", "--checkpoint-root", str(tmp_path), "--run-name", "p"]
     pinned += ["--no-wandb", "--learner", "inline", *sum((["--set", a] for a in FAST_ASSIGNMENTS), [])]
-    assert env_tm.main(pinned) == cli.EXIT_OK, "a pinned run must train"
+    assert env_tm.main(pinned) == env_tm.EXIT_OK, "a pinned run must train"
     start = next(r for r in read_jsonl(tmp_path / "p" / METRICS_FILE) if r.get("event") == "start")
     assert start["unpinned"] == [], "a run without sacred departures is pinned"
